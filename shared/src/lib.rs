@@ -1,0 +1,26 @@
+//! The contract between RustyBalancer's two planes.
+//!
+//! The agent (`rusty-agent`) builds a [`Table`], validates it with [`validate`] and sends it as
+//! JSON; the data plane (`rusty-lb`) decodes it with [`decode`], validates it with the same
+//! function and only then installs it. Keeping both checks in one place means the two sides can
+//! never disagree about what a good table is.
+//!
+//! - [`table`]: the wire format (serde types, version 1 of the schema).
+//! - [`validate`]: wire table → [`ValidTable`], the domain type the data plane builds from.
+//! - [`schedule`]: the smooth weighted round-robin sequence of one tier.
+//! - [`spill`]: how traffic spills across priority tiers as backends become unhealthy.
+//! - [`limits`]: every size and range limit, in one place.
+
+pub mod error;
+pub mod limits;
+pub mod schedule;
+pub mod spill;
+pub mod table;
+pub mod validate;
+
+pub use error::TableError;
+pub use table::{Backend, Service, Table};
+pub use validate::{
+    check_succession, decode, validate, HostPattern, ValidBackend, ValidService, ValidTable,
+    ValidTier,
+};

@@ -1,0 +1,37 @@
+//! Size and range limits of a table, shared by the agent (before it sends) and the data plane
+//! (before it installs). They bound the memory and CPU one table can cost a data plane.
+
+/// The table schema this build speaks (`"schema"` field; absent means this one).
+pub const SCHEMA: u32 = 1;
+/// Largest accepted JSON document, in bytes.
+pub const MAX_TABLE_BYTES: usize = 1 << 20;
+/// Most backends in one table, over all services.
+pub const MAX_BACKENDS: usize = 10_000;
+/// Most services in one table.
+pub const MAX_SERVICES: usize = 1_000;
+/// Most host patterns per service.
+pub const MAX_HOSTS_PER_SERVICE: usize = 100;
+/// Longest service name or backend id, in bytes.
+pub const MAX_NAME_LEN: usize = 128;
+/// Longest host pattern (a DNS name is at most 253 bytes).
+pub const MAX_HOST_LEN: usize = 253;
+/// Longest path prefix, in bytes.
+pub const MAX_PATH_PREFIX_LEN: usize = 1024;
+/// Backend weight range (inclusive).
+pub const WEIGHT_MIN: u32 = 1;
+pub const WEIGHT_MAX: u32 = 1000;
+/// Backend priority range (inclusive); 0 is the most preferred tier.
+pub const PRIORITY_MAX: u32 = 127;
+/// Longest schedule of one tier: the tier's total weight after dividing by the weights' gcd.
+/// At four bytes per entry this caps a tier's schedule at 4 MiB.
+pub const MAX_SCHEDULE_LEN: u64 = 1 << 20;
+/// Upper bound on the work of building one tier's schedule (length × members), so a hostile
+/// or careless table cannot make an install take more than about a second.
+pub const MAX_SCHEDULE_WORK: u64 = 1 << 30;
+/// Overprovisioning factor range (inclusive), as in Envoy's priority levels.
+pub const OVERPROVISIONING_MIN: f64 = 1.0;
+pub const OVERPROVISIONING_MAX: f64 = 100.0;
+/// Timeouts are between 1 ms and 1 hour.
+pub const TIMEOUT_MS_MAX: u64 = 3_600_000;
+/// Most retries (attempts after the first) per request.
+pub const RETRIES_MAX: u32 = 10;

@@ -1,0 +1,146 @@
+//! The table wire format, schema version 1.
+//!
+//! A table is one JSON document describing every service a data plane routes and the backends
+//! behind it. Unknown fields are rejected everywhere, so every addition to the schema is a named,
+//! documented field with a default that keeps older tables valid. These types only describe the
+//! shape; [`crate::validate`] decides whether the content is acceptable.
+//!
+//! Field reference (defaults in brackets):
+//! - `schema` [1]: the schema version of this document.
+//! - `version`: the table's own version; a data plane only installs a table newer than its own.
+//! - `allow_empty` [false]: set to install a table with no backend at all over one that has some.
+//! - `services[].name`, `hosts` [any host], `path_prefix` ["/"], `backends`.
+//! - `services[].schedule` [computed]: the precomputed round-robin sequence per tier, in
+//!   ascending priority order, as indices into `backends`.
+//! - `services[].overprovisioning` [1.4]: Envoy's factor for spilling traffic across tiers.
+//! - `services[].connect_timeout_ms` [1000], `read_timeout_ms` [60000], `retries` [2],
+//!   `eject_ms` [10000]: upstream policy of the data plane for this service.
+//! - `backends[].id`, `addr` ("ip:port"), `weight` [1] in 1..=1000, `priority` [0], 0 = most
+//!   preferred.
+
+use serde::{Deserialize, Serialize};
+
+/// A whole routing table, as sent by the agent or read from a file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Table {
+    #[serde(default = "default_schema")]
+    pub schema: u32,
+    pub version: u64,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub allow_empty: bool,
+    #[serde(default)]
+    pub services: Vec<Service>,
+}
+
+/// One routable service: which requests it takes and the backends that serve them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    #[serde(default = "default_path_prefix")]
+    pub path_prefix: String,
+    #[serde(default)]
+    pub backends: Vec<Backend>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<Vec<Vec<u32>>>,
+    #[serde(default = "default_overprovisioning")]
+    pub overprovisioning: f64,
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    #[serde(default = "default_read_timeout_ms")]
+    pub read_timeout_ms: u64,
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    #[serde(default = "default_eject_ms")]
+    pub eject_ms: u64,
+}
+
+/// One upstream address of a service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    pub id: String,
+    pub addr: String,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    #[serde(default)]
+    pub priority: u32,
+}
+
+impl Service {
+    /// A service with the schema's defaults, for code that builds tables (the agent, tests).
+    pub fn new(name: impl Into<String>, backends: Vec<Backend>) -> Self {
+        Service {
+            name: name.into(),
+            hosts: Vec::new(),
+            path_prefix: default_path_prefix(),
+            backends,
+            schedule: None,
+            overprovisioning: default_overprovisioning(),
+            connect_timeout_ms: default_connect_timeout_ms(),
+            read_timeout_ms: default_read_timeout_ms(),
+            retries: default_retries(),
+            eject_ms: default_eject_ms(),
+        }
+    }
+}
+
+impl Backend {
+    pub fn new(id: impl Into<String>, addr: impl Into<String>, weight: u32, priority: u32) -> Self {
+        Backend {
+            id: id.into(),
+            addr: addr.into(),
+            weight,
+            priority,
+        }
+    }
+}
+
+impl Table {
+    pub fn new(version: u64, services: Vec<Service>) -> Self {
+        Table {
+            schema: default_schema(),
+            version,
+            allow_empty: false,
+            services,
+        }
+    }
+
+    /// The JSON text of this table, as the agent sends it and the state dir stores it.
+    pub fn to_json(&self) -> String {
+        // Serializing plain structs of strings and numbers cannot fail; NaN cannot occur because
+        // `overprovisioning` is range-checked before any table is installed or sent.
+        serde_json::to_string(self).unwrap_or_else(|_| String::from("{}"))
+    }
+}
+
+fn default_schema() -> u32 {
+    crate::limits::SCHEMA
+}
+fn default_path_prefix() -> String {
+    "/".to_owned()
+}
+fn default_overprovisioning() -> f64 {
+    1.4
+}
+fn default_connect_timeout_ms() -> u64 {
+    1_000
+}
+fn default_read_timeout_ms() -> u64 {
+    60_000
+}
+fn default_retries() -> u32 {
+    2
+}
+fn default_eject_ms() -> u64 {
+    10_000
+}
+fn default_weight() -> u32 {
+    1
+}
+fn is_false(b: &bool) -> bool {
+    !*b
+}
