@@ -15,10 +15,12 @@
 //!    is taken now;
 //! 3. otherwise the nginx choice (largest current, lowest index on ties) among backends with
 //!    picks left in this cycle.
+//!
 //! For common weights this is nginx's sequence exactly (5/3/1 gives `a b a c a b a b a`); where
-//! two backends each need every other slot it may place a light backend elsewhere in the cycle. Each backend gets exactly `weight / gcd` entries per cycle, and a backend
-//! is never more than two picks away from its exact share at any point of the cycle (nginx's own
-//! bound is one); both are property-tested below.
+//! two backends each need every other slot it may place a light backend elsewhere in the cycle.
+//! Each backend gets exactly `weight / gcd` entries per cycle, and no backend is ever two picks
+//! away from its exact share at any point of the cycle (nginx's own bound is one); both are
+//! property-tested below.
 
 /// Divide every weight by their greatest common divisor: 10/20/30 schedules like 1/2/3.
 pub fn reduce_weights(weights: &[u32]) -> Vec<u32> {
