@@ -1,1 +1,202 @@
-fn main() {}
+//! `rusty-echo`: the demo backend. It answers every request with 200, an `x-backend-id` header
+//! and a short body naming its id, and `GET /healthz` with `ok`. It exists so that the README,
+//! the tests and the load tests have a real HTTP server to put behind the balancer without
+//! installing anything; it speaks HTTP/1.1 with keep-alive and reads (and discards) request
+//! bodies of either framing so connections stay reusable.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A tiny HTTP backend for demos and tests.
+#[derive(Debug, Parser)]
+#[command(name = "rusty-echo", version)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:9001")]
+    listen: SocketAddr,
+    /// The id this backend reports in `x-backend-id` and its body.
+    #[arg(long, default_value = "echo")]
+    id: String,
+    /// Wait this long before answering each request (to simulate a slow backend).
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
+}
+
+/// Largest request head we read; more gets a 431.
+const MAX_HEAD: usize = 64 * 1024;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let args = Args::parse();
+    let listener = match TcpListener::bind(args.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("rusty-echo: --listen {}: {e}", args.listen);
+            std::process::exit(2);
+        }
+    };
+    eprintln!("rusty-echo {} listening on {}", args.id, args.listen);
+    let id: Arc<str> = args.id.into();
+    let delay = Duration::from_millis(args.delay_ms);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                if let Ok((stream, _)) = accepted {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(serve(stream, id.clone(), delay));
+                }
+            }
+            _ = term.recv() => return,
+        }
+    }
+}
+
+async fn serve(mut stream: TcpStream, id: Arc<str>, delay: Duration) {
+    let mut buf = Vec::with_capacity(4096);
+    let body = format!("hello from {id}\n");
+    loop {
+        // Read until a whole head is buffered.
+        let (head_len, keep_alive, framing, is_health) = loop {
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut req = httparse::Request::new(&mut headers);
+            match req.parse(&buf) {
+                Ok(httparse::Status::Complete(n)) => {
+                    let framing = match framing_of(req.headers) {
+                        Some(f) => f,
+                        None => return reject(&mut stream, "400 Bad Request").await,
+                    };
+                    let ka = keep_alive_of(req.version, req.headers);
+                    let health = req.method == Some("GET") && req.path == Some("/healthz");
+                    break (n, ka, framing, health);
+                }
+                Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {
+                    if read_more(&mut stream, &mut buf).await == 0 {
+                        return;
+                    }
+                }
+                Ok(httparse::Status::Partial) => {
+                    return reject(&mut stream, "431 Request Header Fields Too Large").await
+                }
+                Err(_) => return reject(&mut stream, "400 Bad Request").await,
+            }
+        };
+        buf.drain(..head_len);
+        if !discard_body(&mut stream, &mut buf, framing).await {
+            return reject(&mut stream, "400 Bad Request").await;
+        }
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let text = if is_health { "ok\n" } else { body.as_str() };
+        let response = format!(
+            "HTTP/1.1 200 OK\r\nx-backend-id: {id}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{}\r\n{text}",
+            text.len(),
+            if keep_alive { "" } else { "connection: close\r\n" },
+        );
+        if stream.write_all(response.as_bytes()).await.is_err() || !keep_alive {
+            return;
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+fn framing_of(headers: &[httparse::Header]) -> Option<Framing> {
+    let mut framing = Framing::None;
+    for h in headers {
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            if !h.value.eq_ignore_ascii_case(b"chunked") {
+                return None;
+            }
+            framing = Framing::Chunked;
+        } else if h.name.eq_ignore_ascii_case("content-length") {
+            let n = std::str::from_utf8(h.value).ok()?.trim().parse().ok()?;
+            if matches!(framing, Framing::Chunked) {
+                return None;
+            }
+            framing = Framing::Length(n);
+        }
+    }
+    Some(framing)
+}
+
+fn keep_alive_of(version: Option<u8>, headers: &[httparse::Header]) -> bool {
+    let conn = headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("connection"))
+        .map(|h| h.value.to_ascii_lowercase());
+    match version {
+        Some(1) => conn.as_deref() != Some(b"close"),
+        _ => conn.as_deref() == Some(b"keep-alive"),
+    }
+}
+
+async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> usize {
+    let mut chunk = [0u8; 8192];
+    match stream.read(&mut chunk).await {
+        Ok(n) => {
+            buf.extend_from_slice(&chunk[..n]);
+            n
+        }
+        Err(_) => 0,
+    }
+}
+
+/// Consume the request body from `buf` and the stream. False on a malformed body.
+async fn discard_body(stream: &mut TcpStream, buf: &mut Vec<u8>, framing: Framing) -> bool {
+    match framing {
+        Framing::None => true,
+        Framing::Length(mut left) => loop {
+            let take = (buf.len() as u64).min(left) as usize;
+            buf.drain(..take);
+            left -= take as u64;
+            if left == 0 {
+                return true;
+            }
+            if read_more(stream, buf).await == 0 {
+                return false;
+            }
+        },
+        Framing::Chunked => loop {
+            let Some(line_end) = buf.windows(2).position(|w| w == b"\r\n") else {
+                if buf.len() > 1024 || read_more(stream, buf).await == 0 {
+                    return false;
+                }
+                continue;
+            };
+            let size_text = std::str::from_utf8(&buf[..line_end]).unwrap_or("");
+            let size_text = size_text.split(';').next().unwrap_or("").trim();
+            let Ok(size) = u64::from_str_radix(size_text, 16) else {
+                return false;
+            };
+            // Wait for the chunk and its CRLF (or, for the last chunk, the final CRLF).
+            let need = line_end as u64 + 2 + size + 2;
+            while (buf.len() as u64) < need {
+                if read_more(stream, buf).await == 0 {
+                    return false;
+                }
+            }
+            buf.drain(..need as usize);
+            if size == 0 {
+                return true;
+            }
+        },
+    }
+}
+
+async fn reject(stream: &mut TcpStream, status: &str) {
+    let response = format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+    let _ = stream.write_all(response.as_bytes()).await;
+}

@@ -1,0 +1,106 @@
+//! The admin listener: `/metrics`, `/healthz` and `/table`. Loopback by default; it exposes the
+//! whole routing table, so binding it elsewhere is an explicit operator choice.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use http::{Method, Response, StatusCode};
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+
+use crate::metrics::LiveState;
+use crate::store::TableStore;
+
+pub struct Admin {
+    store: Arc<TableStore>,
+}
+
+impl Admin {
+    pub fn new(store: Arc<TableStore>) -> Self {
+        Admin { store }
+    }
+
+    /// The response for one admin request (method, path): pure apart from reading the store.
+    pub fn answer(&self, method: &Method, path: &str) -> (StatusCode, &'static str, Vec<u8>) {
+        const TEXT: &str = "text/plain; charset=utf-8";
+        if method != Method::GET && method != Method::HEAD {
+            return (StatusCode::METHOD_NOT_ALLOWED, TEXT, b"only GET\n".to_vec());
+        }
+        let snap = self.store.current();
+        match path {
+            "/metrics" => {
+                let ejected = snap
+                    .as_ref()
+                    .map(|s| {
+                        s.services
+                            .iter()
+                            .flat_map(|svc| {
+                                svc.backends.iter().enumerate().map(move |(i, b)| {
+                                    (&*svc.name, &*b.id, svc.ejected_now(i as u32))
+                                })
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let live = LiveState {
+                    table_version: snap.as_ref().map(|s| s.version),
+                    ejected,
+                };
+                let body = self.store.registry.render(&live);
+                (
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4",
+                    body.into_bytes(),
+                )
+            }
+            "/healthz" => match &snap {
+                Some(s) => (
+                    StatusCode::OK,
+                    TEXT,
+                    format!("ok: table version {}\n", s.version).into_bytes(),
+                ),
+                None => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    TEXT,
+                    b"no table installed yet\n".to_vec(),
+                ),
+            },
+            "/table" => match &snap {
+                Some(s) => (
+                    StatusCode::OK,
+                    "application/json",
+                    s.table.to_json().into_bytes(),
+                ),
+                None => (
+                    StatusCode::NOT_FOUND,
+                    TEXT,
+                    b"no table installed yet\n".to_vec(),
+                ),
+            },
+            _ => (
+                StatusCode::NOT_FOUND,
+                TEXT,
+                b"not found: try /metrics, /healthz or /table\n".to_vec(),
+            ),
+        }
+    }
+}
+
+#[async_trait]
+impl ServeHttp for Admin {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let req = session.req_header();
+        let (status, content_type, body) = self.answer(&req.method, req.uri.path());
+        let body = if req.method == Method::HEAD {
+            Vec::new()
+        } else {
+            body
+        };
+        Response::builder()
+            .status(status)
+            .header(http::header::CONTENT_TYPE, content_type)
+            .header(http::header::CONTENT_LENGTH, body.len())
+            .body(body)
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,50 @@
+//! Command-line flags of `rusty-lb`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// RustyBalancer's data plane: an HTTP reverse proxy that routes by a table from a file or from
+/// `rusty-agent`.
+#[derive(Debug, Parser)]
+#[command(name = "rusty-lb", version)]
+pub struct Args {
+    /// Address the proxy listens on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Address of the admin listener (/metrics, /healthz, /table). Keep it on loopback unless
+    /// something else must scrape it.
+    #[arg(long, default_value = "127.0.0.1:9100")]
+    pub admin: SocketAddr,
+
+    /// Serve the table in this JSON file; SIGHUP reloads it.
+    #[arg(long, value_name = "FILE", conflicts_with = "agent")]
+    pub table: Option<PathBuf>,
+
+    /// Subscribe to the agent's table stream, e.g. ws://127.0.0.1:7070/v1/tables.
+    #[arg(long, value_name = "URL", requires = "token_file")]
+    pub agent: Option<String>,
+
+    /// File holding the bearer token for --agent.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// Directory where every applied table is saved and from which the last one is served at
+    /// start, before any other source answers.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Worker threads of the proxy (default: one per CPU).
+    #[arg(long)]
+    pub threads: Option<usize>,
+
+    /// Seconds in-flight requests get to finish after SIGTERM.
+    #[arg(long, default_value_t = 10)]
+    pub grace_period: u64,
+
+    /// Log filter (tracing's env-filter syntax); RUST_LOG overrides it.
+    #[arg(long, default_value = "info")]
+    pub log: String,
+}

@@ -1,0 +1,354 @@
+//! The request path: our [`ProxyHttp`] implementation on top of Pingora.
+//!
+//! Per request this does, in order: one snapshot load and route lookup (`request_filter`), one
+//! pick per attempt (`upstream_peer`), the forwarding headers (`upstream_request_filter`) and the
+//! metrics (`logging`). Everything it needs was resolved when the table was installed: routes,
+//! schedules, a ready-made peer per backend and the metric handles. Failed connects eject the
+//! backend locally and retry on another; other upstream failures retry only idempotent requests
+//! that have not received a response byte, so a POST that may have reached a backend is never
+//! sent twice.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::modules::http::HttpModules;
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorSource, ErrorType};
+
+use crate::metrics::UpstreamError;
+use crate::snapshot::{ServiceState, Snapshot};
+use crate::store::TableStore;
+
+/// Attempts per request: the first plus at most `RETRIES_MAX` retries.
+const MAX_TRIES: usize = rusty_shared::limits::RETRIES_MAX as usize + 1;
+
+pub struct Proxy {
+    store: Arc<TableStore>,
+    /// Requests in flight in this process, for graceful shutdown.
+    active: Arc<AtomicI64>,
+    request_ids: RequestIds,
+}
+
+impl Proxy {
+    pub fn new(store: Arc<TableStore>, active: Arc<AtomicI64>) -> Self {
+        Proxy {
+            store,
+            active,
+            request_ids: RequestIds::new(),
+        }
+    }
+}
+
+/// What one request carries between the phases.
+pub struct Ctx {
+    snapshot: Option<Arc<Snapshot>>,
+    service: u32,
+    routed: bool,
+    backend: Option<u32>,
+    tried: [u32; MAX_TRIES],
+    tries: usize,
+    start: Option<Instant>,
+    response_started: bool,
+}
+
+impl Ctx {
+    fn service(&self) -> Option<&ServiceState> {
+        let snap = self.snapshot.as_ref()?;
+        self.routed.then(|| &snap.services[self.service as usize])
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Proxy {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            snapshot: None,
+            service: 0,
+            routed: false,
+            backend: None,
+            tried: [0; MAX_TRIES],
+            tries: 0,
+            start: None,
+            response_started: false,
+        }
+    }
+
+    /// No compression or other downstream modules: nothing to run per request.
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let Some(snapshot) = self.store.current() else {
+            respond(session, 503, b"no routing table installed yet\n").await?;
+            return Ok(true);
+        };
+        let req = session.req_header();
+        let host = match req.headers.get(HOST) {
+            Some(h) => h.as_bytes(),
+            None => req
+                .uri
+                .authority()
+                .map_or(&b""[..], |a| a.as_str().as_bytes()),
+        };
+        let route = snapshot.router.route(host, req.uri.path().as_bytes());
+        ctx.snapshot = Some(snapshot);
+        match route {
+            None => {
+                respond(session, 404, b"no route matched\n").await?;
+                Ok(true)
+            }
+            Some(service) => {
+                ctx.service = service;
+                ctx.routed = true;
+                ctx.start = Some(Instant::now());
+                if let Some(s) = ctx.service() {
+                    s.counters.inflight_add(1);
+                }
+                self.active.fetch_add(1, Relaxed);
+                Ok(false)
+            }
+        }
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let svc = ctx
+            .service()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no service routed"))?;
+        let tried = &ctx.tried[..ctx.tries];
+        let budget_left = ctx.tries <= svc.retries as usize && ctx.tries < MAX_TRIES;
+        match svc.pick(tried).filter(|_| budget_left) {
+            Some(i) => {
+                let peer = Box::new(svc.backends[i as usize].peer.clone());
+                ctx.tried[ctx.tries] = i;
+                ctx.tries += 1;
+                ctx.backend = Some(i);
+                Ok(peer)
+            }
+            None => Err(Error::explain(
+                ErrorType::HTTPStatus(503),
+                "no backend available",
+            )),
+        }
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        _ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let Some(ip) = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip())
+        {
+            let xff = forwarded_for(upstream.headers.get("x-forwarded-for"), ip);
+            upstream.insert_header("x-forwarded-for", xff)?;
+        }
+        upstream.insert_header("x-forwarded-proto", "http")?;
+        if !upstream.headers.contains_key("x-request-id") {
+            upstream.insert_header("x-request-id", self.request_ids.next())?;
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        _upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        ctx.response_started = true;
+        Ok(())
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if let (Some(svc), Some(i)) = (ctx.service(), ctx.backend) {
+            let kind = match e.etype() {
+                ErrorType::ConnectRefused => UpstreamError::ConnectRefused,
+                ErrorType::ConnectTimedout => UpstreamError::ConnectTimeout,
+                _ => UpstreamError::ConnectOther,
+            };
+            svc.backends[i as usize].counters.count_error(kind);
+            svc.eject(i);
+            // Nothing was sent: any method may go to another backend.
+            e.set_retry(ctx.tries <= svc.retries as usize);
+        }
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        _peer: &HttpPeer,
+        session: &mut Session,
+        mut e: Box<Error>,
+        ctx: &mut Ctx,
+        _client_reused: bool,
+    ) -> Box<Error> {
+        if let (Some(svc), Some(i)) = (ctx.service(), ctx.backend) {
+            let kind = match e.etype() {
+                ErrorType::ReadTimedout | ErrorType::WriteTimedout => UpstreamError::ReadTimeout,
+                ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError => {
+                    UpstreamError::Closed
+                }
+                _ => UpstreamError::Other,
+            };
+            svc.backends[i as usize].counters.count_error(kind);
+            let safe = session.req_header().method.is_idempotent()
+                && !ctx.response_started
+                && !session.as_ref().retry_buffer_truncated();
+            e.set_retry(safe && ctx.tries <= svc.retries as usize);
+        }
+        e
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, _ctx: &mut Ctx) -> FailToProxy {
+        let code = match e.etype() {
+            ErrorType::HTTPStatus(code) => *code,
+            // Every attempt failed to connect: no backend could take the request (Envoy and
+            // HAProxy answer 503 here too).
+            ErrorType::ConnectRefused
+            | ErrorType::ConnectTimedout
+            | ErrorType::ConnectNoRoute
+            | ErrorType::ConnectError => 503,
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout
+                if e.esource() == &ErrorSource::Upstream =>
+            {
+                504
+            }
+            _ => match e.esource() {
+                ErrorSource::Upstream => 502,
+                ErrorSource::Downstream => match e.etype() {
+                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                    _ => 400,
+                },
+                ErrorSource::Internal | ErrorSource::Unset => 500,
+            },
+        };
+        if code > 0 {
+            let body: &'static [u8] = match code {
+                502 => b"bad gateway: the backend failed to answer\n",
+                503 => b"service unavailable: no backend available\n",
+                504 => b"gateway timeout: the backend did not answer in time\n",
+                _ => b"",
+            };
+            // The connection may be unusable (a half-read body); the error path closes it.
+            let _ = session
+                .respond_error_with_body(code, Bytes::from_static(body))
+                .await;
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        let code = match session.response_written() {
+            Some(r) => r.status.as_u16(),
+            // Nothing was answered: the client went away (nginx's 499) or we failed.
+            None if e.is_some_and(|e| e.esource() == &ErrorSource::Downstream) => 499,
+            None => 502,
+        };
+        let Some(snap) = ctx.snapshot.as_ref() else {
+            self.store.registry.unrouted().count_response(code);
+            return;
+        };
+        let Some(svc) = ctx.service() else {
+            snap.unrouted.count_response(code);
+            return;
+        };
+        match ctx.backend {
+            Some(i) => svc.backends[i as usize].counters.count_response(code),
+            None => svc.no_backend.count_response(code),
+        }
+        if let Some(start) = ctx.start {
+            svc.counters.observe(start.elapsed().as_nanos() as u64);
+        }
+        svc.counters.inflight_add(-1);
+        self.active.fetch_sub(1, Relaxed);
+    }
+}
+
+/// A short response written by the proxy itself, keeping the connection alive.
+async fn respond(session: &mut Session, code: u16, body: &'static [u8]) -> Result<()> {
+    let mut resp = ResponseHeader::build(code, Some(3))?;
+    resp.insert_header(CONTENT_TYPE, "text/plain; charset=utf-8")?;
+    resp.insert_header(CONTENT_LENGTH, body.len())?;
+    session.write_response_header(Box::new(resp), false).await?;
+    session
+        .write_response_body(Some(Bytes::from_static(body)), true)
+        .await
+}
+
+/// `X-Forwarded-For`: the client's chain so far, then the client (nginx's
+/// `$proxy_add_x_forwarded_for`).
+fn forwarded_for(existing: Option<&http::HeaderValue>, client: IpAddr) -> String {
+    match existing
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+    {
+        Some(chain) => format!("{chain}, {client}"),
+        None => client.to_string(),
+    }
+}
+
+/// Request ids unique per process run: a random-ish prefix fixed at start and a counter.
+struct RequestIds {
+    prefix: u32,
+    counter: AtomicU64,
+}
+
+impl RequestIds {
+    fn new() -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        RequestIds {
+            prefix: nanos ^ std::process::id().rotate_left(16),
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    fn next(&self) -> String {
+        let n = self.counter.fetch_add(1, Relaxed);
+        format!("{:08x}-{:016x}", self.prefix, n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_for_appends_the_client_to_an_existing_chain() {
+        let ip: IpAddr = "10.0.0.7".parse().unwrap();
+        assert_eq!(forwarded_for(None, ip), "10.0.0.7");
+        let chain = http::HeaderValue::from_static("1.2.3.4");
+        assert_eq!(forwarded_for(Some(&chain), ip), "1.2.3.4, 10.0.0.7");
+    }
+
+    #[test]
+    fn request_ids_are_unique() {
+        let ids = RequestIds::new();
+        let a = ids.next();
+        let b = ids.next();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 8 + 1 + 16);
+    }
+}

@@ -1,0 +1,203 @@
+//! Which service a request belongs to, from its host and path.
+//!
+//! Host first, then path, as nginx (`server_name`, then `location`) and Envoy (virtual host,
+//! then route) do: the most specific host pattern that matches wins (exact name, then the longest
+//! `*.suffix`, then services that name no host), and among the services of that host the longest
+//! path prefix that matches. There is no fall-through to a less specific host when no prefix
+//! matches: that is a 404, as in both of them. Prefixes are plain byte prefixes (`/api` matches
+//! `/apiary`), like nginx's prefix locations and Envoy's `prefix`.
+//!
+//! Built once per table; a lookup is one hash probe for the host (two for a wildcard match),
+//! a short scan of prefixes, and no allocation.
+
+use std::collections::HashMap;
+
+use rusty_shared::{HostPattern, ValidService};
+
+/// Routes of one host level, longest prefix first.
+#[derive(Debug, Default)]
+struct Prefixes(Vec<(Box<[u8]>, u32)>);
+
+impl Prefixes {
+    fn add(&mut self, prefix: &str, service: u32) {
+        self.0.push((prefix.as_bytes().into(), service));
+        self.0.sort_by_key(|p| std::cmp::Reverse(p.0.len()));
+    }
+    fn find(&self, path: &[u8]) -> Option<u32> {
+        self.0
+            .iter()
+            .find(|(p, _)| path.starts_with(p))
+            .map(|(_, s)| *s)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Router {
+    exact: HashMap<Box<str>, Prefixes>,
+    /// Wildcard suffixes (".example.com"), longest first.
+    suffixes: Vec<(Box<str>, Prefixes)>,
+    any: Option<Prefixes>,
+}
+
+/// Longest host we look at; a longer Host header cannot match any valid pattern.
+const MAX_HOST: usize = 253 + 2;
+
+impl Router {
+    pub fn new(services: &[ValidService]) -> Self {
+        let mut r = Router::default();
+        for (i, svc) in services.iter().enumerate() {
+            let i = i as u32;
+            if svc.hosts.is_empty() {
+                r.any
+                    .get_or_insert_with(Prefixes::default)
+                    .add(&svc.path_prefix, i);
+            }
+            for h in &svc.hosts {
+                match h {
+                    HostPattern::Exact(name) => r
+                        .exact
+                        .entry(name.as_str().into())
+                        .or_default()
+                        .add(&svc.path_prefix, i),
+                    HostPattern::Suffix(suffix) => {
+                        match r.suffixes.iter_mut().find(|(s, _)| **s == **suffix) {
+                            Some((_, p)) => p.add(&svc.path_prefix, i),
+                            None => {
+                                let mut p = Prefixes::default();
+                                p.add(&svc.path_prefix, i);
+                                r.suffixes.push((suffix.as_str().into(), p));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        r.suffixes.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
+        r
+    }
+
+    /// The index of the service for this request, if any. `host` is the Host header (or the
+    /// URI authority) as sent: any case, maybe with a port or a trailing dot.
+    pub fn route(&self, host: &[u8], path: &[u8]) -> Option<u32> {
+        let mut buf = [0u8; MAX_HOST];
+        let level = normalize_host(host, &mut buf).and_then(|h| self.host_level(h));
+        match level {
+            Some(p) => p.find(path),
+            None => self.any.as_ref()?.find(path),
+        }
+    }
+
+    fn host_level(&self, host: &str) -> Option<&Prefixes> {
+        if let Some(p) = self.exact.get(host) {
+            return Some(p);
+        }
+        self.suffixes
+            .iter()
+            .find(|(suffix, _)| host.len() > suffix.len() && host.ends_with(&**suffix))
+            .map(|(_, p)| p)
+    }
+}
+
+/// Lower-case the host and strip its port and trailing dot, into `buf` (no allocation).
+/// `None` for hosts that cannot match any pattern (too long, not ASCII).
+fn normalize_host<'b>(host: &[u8], buf: &'b mut [u8; MAX_HOST]) -> Option<&'b str> {
+    let name = if host.first() == Some(&b'[') {
+        // [v6]:port → [v6]
+        let end = host.iter().position(|&b| b == b']')?;
+        &host[..=end]
+    } else {
+        match host.iter().rposition(|&b| b == b':') {
+            Some(colon) => &host[..colon],
+            None => host,
+        }
+    };
+    let name = name.strip_suffix(b".").unwrap_or(name);
+    if name.len() > MAX_HOST || !name.is_ascii() {
+        return None;
+    }
+    let out = &mut buf[..name.len()];
+    for (o, &b) in out.iter_mut().zip(name) {
+        *o = b.to_ascii_lowercase();
+    }
+    std::str::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rusty_shared::{validate, Service, Table};
+
+    fn router(spec: &[(&str, &[&str], &str)]) -> Router {
+        let services = spec
+            .iter()
+            .map(|(name, hosts, prefix)| {
+                let mut s = Service::new(*name, vec![]);
+                s.hosts = hosts.iter().map(|h| h.to_string()).collect();
+                s.path_prefix = prefix.to_string();
+                s
+            })
+            .collect();
+        let v = validate(Table::new(1, services)).unwrap();
+        Router::new(&v.services)
+    }
+
+    #[test]
+    fn exact_host_beats_wildcard_beats_any() {
+        let r = router(&[
+            ("any", &[], "/"),
+            ("wild", &["*.example.com"], "/"),
+            ("exact", &["api.example.com"], "/"),
+        ]);
+        assert_eq!(r.route(b"api.example.com", b"/x"), Some(2));
+        assert_eq!(r.route(b"www.example.com", b"/x"), Some(1));
+        assert_eq!(r.route(b"a.b.example.com", b"/x"), Some(1));
+        assert_eq!(r.route(b"example.com", b"/x"), Some(0));
+        assert_eq!(r.route(b"other.org", b"/x"), Some(0));
+    }
+
+    #[test]
+    fn longest_prefix_wins_within_a_host() {
+        let r = router(&[
+            ("root", &["localhost"], "/"),
+            ("api", &["localhost"], "/api"),
+            ("v2", &["localhost"], "/api/v2"),
+        ]);
+        assert_eq!(r.route(b"localhost", b"/"), Some(0));
+        assert_eq!(r.route(b"localhost", b"/api/v1/users"), Some(1));
+        assert_eq!(r.route(b"localhost", b"/api/v2/users"), Some(2));
+        assert_eq!(r.route(b"localhost", b"/apiary"), Some(1));
+    }
+
+    #[test]
+    fn no_fallthrough_to_a_less_specific_host() {
+        let r = router(&[("api", &["localhost"], "/api"), ("any", &[], "/")]);
+        assert_eq!(r.route(b"localhost", b"/api"), Some(0));
+        assert_eq!(r.route(b"localhost", b"/"), None);
+        assert_eq!(r.route(b"elsewhere", b"/"), Some(1));
+    }
+
+    #[test]
+    fn host_case_port_and_trailing_dot_are_ignored() {
+        let r = router(&[("web", &["localhost", "[::1]"], "/")]);
+        assert_eq!(r.route(b"LocalHost:8080", b"/"), Some(0));
+        assert_eq!(r.route(b"localhost.", b"/"), Some(0));
+        assert_eq!(r.route(b"[::1]:8080", b"/"), Some(0));
+        assert_eq!(r.route(b"nothere", b"/"), None);
+    }
+
+    #[test]
+    fn without_a_host_only_any_host_services_match() {
+        let r = router(&[("web", &["localhost"], "/"), ("any", &[], "/any")]);
+        assert_eq!(r.route(b"", b"/any/x"), Some(1));
+        assert_eq!(r.route(b"", b"/"), None);
+        assert_eq!(r.route("h\u{e9}".as_bytes(), b"/any"), Some(1));
+    }
+
+    #[test]
+    fn wildcard_needs_a_label_before_the_suffix() {
+        let r = router(&[("wild", &["*.example.com"], "/")]);
+        assert_eq!(r.route(b"x.example.com", b"/"), Some(0));
+        assert_eq!(r.route(b".example.com", b"/"), None);
+        assert_eq!(r.route(b"badexample.com", b"/"), None);
+    }
+}

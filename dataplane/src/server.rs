@@ -1,0 +1,167 @@
+//! Startup and shutdown of the data plane.
+//!
+//! Startup order matters: the state dir and the table file are loaded *before* any listener
+//! accepts, so a restarted data plane serves its last good table from the first connection even
+//! with the agent down. Shutdown on SIGTERM: Pingora stops accepting and tells keep-alive clients
+//! to close; [`Drain`] then ends the process as soon as no request is in flight, bounded by the
+//! grace period, instead of always sleeping the whole period.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use async_trait::async_trait;
+use pingora::apps::http_app::ServeHttp;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{Server, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
+use tracing::info;
+
+use crate::admin::Admin;
+use crate::cli::Args;
+use crate::metrics::Registry;
+use crate::proxy::Proxy;
+use crate::source::{agent::AgentSource, file::FileSource};
+use crate::state::StateDir;
+use crate::store::TableStore;
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.table.is_none() && args.agent.is_none() && args.state_dir.is_none() {
+        bail!("no table source: give --table FILE, --agent URL (with --token-file) or --state-dir DIR");
+    }
+    for (flag, addr) in [("--listen", args.listen), ("--admin", args.admin)] {
+        check_bindable(flag, addr)?;
+    }
+    if !args.admin.ip().is_loopback() {
+        tracing::warn!(admin = %args.admin,
+            "the admin listener is not on loopback: /table exposes every backend address");
+    }
+
+    let state = match &args.state_dir {
+        Some(dir) => Some(
+            StateDir::open(dir)
+                .with_context(|| format!("--state-dir {}: cannot use it", dir.display()))?,
+        ),
+        None => None,
+    };
+    let store = Arc::new(TableStore::new(Arc::new(Registry::default()), state));
+    if let Some(v) = store.restore() {
+        info!(version = v, "serving the table saved in the state dir");
+    }
+    let file_source = match &args.table {
+        Some(path) => {
+            let source = FileSource::new(path.clone(), store.clone());
+            source.load().context("--table")?;
+            Some(source)
+        }
+        None => None,
+    };
+    let agent_source = match (&args.agent, &args.token_file) {
+        (Some(url), Some(token_file)) => {
+            let token = std::fs::read_to_string(token_file)
+                .with_context(|| format!("--token-file {}", token_file.display()))?
+                .trim()
+                .to_owned();
+            if token.is_empty() {
+                bail!("--token-file {}: the file is empty", token_file.display());
+            }
+            Some(AgentSource::new(url.clone(), token, store.clone()))
+        }
+        _ => None,
+    };
+
+    let conf = ServerConf {
+        threads: args
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        grace_period_seconds: Some(args.grace_period),
+        graceful_shutdown_timeout_seconds: Some(1),
+        max_retries: rusty_shared::limits::RETRIES_MAX as usize + 1,
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
+    server.bootstrap();
+
+    let active = Arc::new(AtomicI64::new(0));
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        Proxy::new(store.clone(), active.clone()),
+        "proxy",
+    );
+    proxy.add_tcp(&args.listen.to_string());
+    server.add_service(proxy);
+
+    let mut admin = Service::new("admin".to_owned(), AdminApp(Admin::new(store.clone())));
+    admin.add_tcp(&args.admin.to_string());
+    server.add_service(admin);
+
+    if let Some(source) = file_source {
+        server.add_service(background_service("table file", source));
+    }
+    if let Some(source) = agent_source {
+        server.add_service(background_service("agent subscription", source));
+    }
+    server.add_service(background_service(
+        "drain",
+        Drain {
+            active,
+            grace: Duration::from_secs(args.grace_period),
+        },
+    ));
+    info!(listen = %args.listen, admin = %args.admin, "rusty-lb starting");
+    server.run_forever()
+}
+
+/// Fail with the flag's name now rather than with a Pingora panic later.
+fn check_bindable(flag: &str, addr: SocketAddr) -> anyhow::Result<()> {
+    TcpListener::bind(addr)
+        .map(drop)
+        .with_context(|| format!("{flag} {addr}: cannot listen there"))
+}
+
+/// The admin app, wrapped so Pingora's `ServeHttp` blanket service applies.
+struct AdminApp(Admin);
+
+#[async_trait]
+impl ServeHttp for AdminApp {
+    async fn response(
+        &self,
+        session: &mut pingora::protocols::http::ServerSession,
+    ) -> http::Response<Vec<u8>> {
+        self.0.response(session).await
+    }
+}
+
+/// Ends the process once a graceful shutdown has no request left in flight.
+struct Drain {
+    active: Arc<AtomicI64>,
+    grace: Duration,
+}
+
+#[async_trait]
+impl BackgroundService for Drain {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        if shutdown.changed().await.is_err() {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + self.grace;
+        let mut idle_polls = 0;
+        while tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            // Two quiet polls in a row: the last response has been written and logged.
+            idle_polls = if self.active.load(Relaxed) <= 0 {
+                idle_polls + 1
+            } else {
+                0
+            };
+            if idle_polls >= 2 {
+                info!("graceful shutdown: no request in flight, exiting");
+                std::process::exit(0);
+            }
+        }
+        info!("graceful shutdown: grace period over");
+    }
+}

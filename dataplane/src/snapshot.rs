@@ -1,0 +1,154 @@
+//! The installed table, in the shape the request path reads it.
+//!
+//! A [`Snapshot`] is built once per table from a validated table: the router, each service's
+//! tiers and schedules, a ready-made upstream peer per backend and the metric handles of every
+//! series the table can produce. It is immutable apart from atomics (round-robin counters and
+//! local ejection deadlines) and is swapped in whole with `arc-swap`, so a request sees either the
+//! old table or the new one, never a mix. Ejections live in the snapshot on purpose: a new table
+//! starts with every backend it lists in good standing.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use pingora::upstreams::peer::HttpPeer;
+use rusty_shared::{Table, ValidTable};
+
+use crate::metrics::{BackendCounters, Registry, ServiceCounters};
+use crate::router::Router;
+use crate::select::Spill;
+
+/// How long an idle pooled upstream connection is kept (nginx's upstream keepalive_timeout).
+const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
+
+pub struct Snapshot {
+    pub version: u64,
+    /// The table as received, for `GET /table` and the state dir.
+    pub table: Table,
+    pub backend_count: usize,
+    pub router: Router,
+    pub services: Box<[ServiceState]>,
+    /// Counters for requests no service matched.
+    pub unrouted: Arc<BackendCounters>,
+}
+
+pub struct ServiceState {
+    pub name: Arc<str>,
+    pub backends: Box<[BackendState]>,
+    /// Non-empty tiers, most preferred first.
+    pub tiers: Box<[TierState]>,
+    pub overprovisioning_pct: u32,
+    pub retries: u32,
+    pub eject_for_ms: u64,
+    /// Current tier loads given local ejections; replaced only when ejections change.
+    pub(crate) spill: ArcSwap<Spill>,
+    /// Drives the choice of tier when traffic is split across tiers.
+    pub(crate) tier_turn: AtomicU64,
+    pub counters: Arc<ServiceCounters>,
+    /// Requests of this service answered without a backend (none available).
+    pub no_backend: Arc<BackendCounters>,
+}
+
+pub struct BackendState {
+    pub id: Arc<str>,
+    pub peer: HttpPeer,
+    pub weight: u32,
+    pub tier: u32,
+    /// `clock::now_ms()` until which the backend is skipped; 0 when in good standing.
+    pub(crate) ejected_until_ms: AtomicU64,
+    pub counters: Arc<BackendCounters>,
+}
+
+pub struct TierState {
+    pub priority: u32,
+    pub schedule: Box<[u32]>,
+    /// The tier's backends, each once (for scans that must not loop over a long schedule).
+    pub members: Box<[u32]>,
+    pub total_weight: u64,
+    /// Position in `schedule`: one relaxed `fetch_add` per pick.
+    pub(crate) next: AtomicUsize,
+}
+
+impl Snapshot {
+    pub fn build(valid: ValidTable, registry: &Registry) -> Snapshot {
+        let keep: Vec<(&str, Vec<&str>)> = valid
+            .services
+            .iter()
+            .map(|s| {
+                (
+                    s.name.as_str(),
+                    s.backends.iter().map(|b| b.id.as_str()).collect(),
+                )
+            })
+            .collect();
+        let handles = registry.handles_for(&keep);
+        let router = Router::new(&valid.services);
+        let services = valid
+            .services
+            .iter()
+            .zip(handles)
+            .map(|(s, h)| {
+                let backends: Box<[BackendState]> = s
+                    .backends
+                    .iter()
+                    .zip(h.backends)
+                    .map(|(b, counters)| {
+                        let mut peer = HttpPeer::new(b.addr, false, String::new());
+                        peer.options.connection_timeout = Some(s.connect_timeout);
+                        peer.options.total_connection_timeout = Some(s.connect_timeout);
+                        peer.options.read_timeout = Some(s.read_timeout);
+                        peer.options.idle_timeout = Some(UPSTREAM_IDLE);
+                        BackendState {
+                            id: b.id.as_str().into(),
+                            peer,
+                            weight: b.weight,
+                            tier: 0,
+                            ejected_until_ms: AtomicU64::new(0),
+                            counters,
+                        }
+                    })
+                    .collect();
+                let mut backends = backends;
+                let tiers: Box<[TierState]> = s
+                    .tiers
+                    .iter()
+                    .enumerate()
+                    .map(|(t, tier)| {
+                        for &m in &tier.members {
+                            backends[m as usize].tier = t as u32;
+                        }
+                        TierState {
+                            priority: tier.priority,
+                            schedule: tier.schedule.clone().into(),
+                            members: tier.members.clone().into(),
+                            total_weight: tier.total_weight,
+                            next: AtomicUsize::new(0),
+                        }
+                    })
+                    .collect();
+                let spill = Spill::all_healthy(tiers.len());
+                ServiceState {
+                    name: s.name.as_str().into(),
+                    backends,
+                    tiers,
+                    overprovisioning_pct: s.overprovisioning_pct,
+                    retries: s.retries,
+                    eject_for_ms: s.eject_for.as_millis() as u64,
+                    spill: ArcSwap::from_pointee(spill),
+                    tier_turn: AtomicU64::new(0),
+                    counters: h.service,
+                    no_backend: h.no_backend,
+                }
+            })
+            .collect();
+        Snapshot {
+            version: valid.table.version,
+            table: valid.table,
+            backend_count: valid.backend_count,
+            router,
+            services,
+            unrouted: registry.unrouted(),
+        }
+    }
+}

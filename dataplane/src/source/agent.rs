@@ -1,0 +1,145 @@
+//! The agent subscription: a one-directional WebSocket from `rusty-agent`.
+//!
+//! Every text frame is a whole table. The data plane sends nothing but control frames (pings to
+//! detect a dead agent, and pongs), so neither side ever waits on the other. When the agent is
+//! unreachable the installed table keeps serving and we reconnect with capped, jittered
+//! exponential backoff. Frames are capped at the table size limit so a broken or hostile peer
+//! cannot make us buffer more.
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures_util::{SinkExt, StreamExt};
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tracing::{info, warn};
+
+use crate::store::TableStore;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const PING_EVERY: Duration = Duration::from_secs(5);
+/// No frame at all (pongs included) for this long: the agent is gone.
+const DEAD_AFTER: Duration = Duration::from_secs(15);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Room for the WebSocket framing around the largest table.
+const MAX_MESSAGE: usize = rusty_shared::limits::MAX_TABLE_BYTES + 1024;
+
+pub struct AgentSource {
+    url: String,
+    token: String,
+    store: Arc<TableStore>,
+}
+
+impl AgentSource {
+    pub fn new(url: String, token: String, store: Arc<TableStore>) -> Self {
+        AgentSource { url, token, store }
+    }
+
+    /// One connection, until it fails or the agent closes it. Returns how it ended.
+    async fn session(&self) -> Result<&'static str, String> {
+        let mut request = self
+            .url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| format!("bad agent URL {}: {e}", self.url))?;
+        let auth = format!("Bearer {}", self.token)
+            .parse()
+            .map_err(|_| "the token contains bytes not allowed in a header".to_owned())?;
+        request.headers_mut().insert("authorization", auth);
+        let config = WebSocketConfig {
+            max_message_size: Some(MAX_MESSAGE),
+            max_frame_size: Some(MAX_MESSAGE),
+            ..WebSocketConfig::default()
+        };
+        let connect = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
+        let (ws, _) = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+            .await
+            .map_err(|_| "connect timed out".to_owned())?
+            .map_err(|e| e.to_string())?;
+        info!(url = %self.url, "subscribed to the agent");
+        let (mut tx, mut rx) = ws.split();
+        let mut ping = tokio::time::interval(PING_EVERY);
+        let mut last_heard = Instant::now();
+        loop {
+            tokio::select! {
+                frame = rx.next() => {
+                    last_heard = Instant::now();
+                    match frame {
+                        Some(Ok(Message::Text(table))) => {
+                            // Installed or refused inside; either way we keep listening.
+                            let _ = self.store.offer(table.as_bytes(), "agent");
+                        }
+                        Some(Ok(Message::Binary(_))) => {
+                            warn!("agent sent a binary frame; tables are text frames, ignored");
+                        }
+                        Some(Ok(Message::Close(_))) | None => return Ok("agent closed the connection"),
+                        Some(Ok(_)) => {} // ping/pong: tungstenite answers pings itself
+                        Some(Err(e)) => return Err(e.to_string()),
+                    }
+                }
+                _ = ping.tick() => {
+                    if last_heard.elapsed() > DEAD_AFTER {
+                        return Err(format!("no frame from the agent for {DEAD_AFTER:?}"));
+                    }
+                    tx.send(Message::Ping(Vec::new())).await.map_err(|e| e.to_string())?;
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for AgentSource {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let started = Instant::now();
+            let ended = tokio::select! {
+                r = self.session() => r,
+                _ = shutdown.changed() => return,
+            };
+            match ended {
+                Ok(why) => info!(url = %self.url, why, "agent subscription ended; reconnecting"),
+                Err(e) => warn!(url = %self.url, error = %e,
+                    "agent unreachable; serving the installed table and retrying"),
+            }
+            // A connection that lived a while was healthy: start the backoff over.
+            if started.elapsed() > BACKOFF_MAX {
+                backoff = BACKOFF_MIN;
+            }
+            let wait = jitter(backoff);
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+/// Between half and all of `d`, so many data planes do not reconnect in lockstep.
+fn jitter(d: Duration) -> Duration {
+    let random = RandomState::new().build_hasher().finish();
+    let half = d / 2;
+    half + Duration::from_nanos(random % (half.as_nanos() as u64).max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_between_half_and_all() {
+        for _ in 0..100 {
+            let j = jitter(Duration::from_secs(2));
+            assert!(j >= Duration::from_secs(1) && j <= Duration::from_secs(2));
+        }
+    }
+}

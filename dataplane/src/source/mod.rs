@@ -1,0 +1,10 @@
+//! Where tables come from. Each source feeds bytes to [`crate::store::TableStore::offer`] and
+//! never waits for the request path; the store decides what gets installed.
+//!
+//! - [`file`]: a JSON file, loaded at start and again on SIGHUP.
+//! - [`agent`]: a WebSocket subscription to `rusty-agent`.
+//!
+//! (The state dir is not a source of its own: the store restores from it once, at start.)
+
+pub mod agent;
+pub mod file;
