@@ -1,1 +1,424 @@
+//! Test support for end-to-end tests: real processes on loopback, a tiny blocking HTTP client,
+//! and cleanup that happens even when a test panics (every child is killed on drop).
+//!
+//! The binaries are the workspace's own debug builds (`target/debug/rusty-lb`, `rusty-echo`);
+//! `scripts/test.sh` builds them before the tests run.
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of a workspace binary next to the test executable's target dir.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/debug/deps/<test> → target/debug/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` (scripts/test.sh does) first",
+        path.display()
+    );
+    path
+}
+
+/// A free loopback port (bound and released; good enough on a test machine).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A child process killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, program: &Path, args: &[String]) -> Proc {
+        let child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(if std::env::var_os("E2E_VERBOSE").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        Proc {
+            child,
+            name: name.to_owned(),
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "kill -{sig} {} failed", self.name);
+    }
+
+    /// Wait for the process to exit, up to `limit`; its exit code if it did.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `rusty-echo` on a fresh port.
+pub struct Echo {
+    pub proc: Proc,
+    pub port: u16,
+    pub id: String,
+}
+
+impl Echo {
+    pub fn start(id: &str) -> Echo {
+        Echo::start_with(id, &[])
+    }
+
+    pub fn start_with(id: &str, extra: &[&str]) -> Echo {
+        let port = free_port();
+        let mut args = vec![
+            "--listen".to_owned(),
+            format!("127.0.0.1:{port}"),
+            "--id".to_owned(),
+            id.to_owned(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let proc = Proc::spawn(id, &bin("rusty-echo"), &args);
+        wait_for_port(port, Duration::from_secs(10));
+        Echo {
+            proc,
+            port,
+            id: id.to_owned(),
+        }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+/// A `rusty-lb` with fresh proxy and admin ports.
+pub struct Lb {
+    pub proc: Proc,
+    pub port: u16,
+    pub admin: u16,
+}
+
+impl Lb {
+    /// Start with these extra flags and wait until the admin listener answers.
+    pub fn start(extra: &[String]) -> Lb {
+        let port = free_port();
+        let admin = free_port();
+        let mut args = vec![
+            "--listen".to_owned(),
+            format!("127.0.0.1:{port}"),
+            "--admin".to_owned(),
+            format!("127.0.0.1:{admin}"),
+            "--threads".to_owned(),
+            "2".to_owned(),
+            "--grace-period".to_owned(),
+            "5".to_owned(),
+        ];
+        args.extend(extra.iter().cloned());
+        let proc = Proc::spawn("rusty-lb", &bin("rusty-lb"), &args);
+        wait_for_port(admin, Duration::from_secs(20));
+        wait_for_port(port, Duration::from_secs(20));
+        Lb { proc, port, admin }
+    }
+
+    pub fn get(&self, host: &str, path: &str) -> Response {
+        get(self.port, host, path)
+    }
+
+    pub fn admin_get(&self, path: &str) -> Response {
+        get(self.admin, "localhost", path)
+    }
+
+    /// The value of one metric series (exact name with labels), 0 when absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        let text = self.admin_get("/metrics").body;
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    pub fn table_version(&self) -> Option<u64> {
+        let r = self.admin_get("/table");
+        if r.status != 200 {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_str(&r.body).ok()?;
+        v["version"].as_u64()
+    }
+
+    /// Wait until the installed table has `version`.
+    pub fn wait_version(&self, version: u64, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if self.table_version() == Some(version) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "table version {version} not installed within {limit:?} (have {:?})",
+            self.table_version()
+        );
+    }
+}
+
+pub fn wait_for_port(port: u16, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("nothing listens on 127.0.0.1:{port} after {limit:?}");
+}
+
+/// One HTTP response, as read by [`Client`].
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn backend(&self) -> Option<&str> {
+        self.header("x-backend-id")
+    }
+}
+
+/// A keep-alive HTTP/1.1 client for responses with Content-Length, enough for our servers.
+pub struct Client {
+    port: u16,
+    conn: Option<BufReader<TcpStream>>,
+}
+
+impl Client {
+    pub fn new(port: u16) -> Client {
+        Client { port, conn: None }
+    }
+
+    /// One request on the kept-alive connection (reconnecting when the server closed it).
+    pub fn request(&mut self, head: &str) -> std::io::Result<Response> {
+        if self.conn.is_none() {
+            let s = TcpStream::connect(("127.0.0.1", self.port))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.set_nodelay(true)?;
+            self.conn = Some(BufReader::new(s));
+        }
+        let conn = self.conn.as_mut().expect("connected above");
+        conn.get_mut().write_all(head.as_bytes())?;
+        let r = read_response(conn);
+        let close = match &r {
+            Ok(resp) => resp
+                .header("connection")
+                .is_some_and(|v| v.eq_ignore_ascii_case("close")),
+            Err(_) => true,
+        };
+        if close {
+            self.conn = None;
+        }
+        r
+    }
+
+    pub fn get(&mut self, host: &str, path: &str) -> std::io::Result<Response> {
+        self.request(&format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n"))
+    }
+}
+
+fn read_response(conn: &mut BufReader<TcpStream>) -> std::io::Result<Response> {
+    let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_owned());
+    let mut line = String::new();
+    if conn.read_line(&mut line)? == 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "connection closed before a response",
+        ));
+    }
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("bad status line"))?;
+    let mut headers = Vec::new();
+    loop {
+        line.clear();
+        conn.read_line(&mut line)?;
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        let (k, v) = l.split_once(':').ok_or_else(|| bad("bad header"))?;
+        headers.push((k.trim().to_owned(), v.trim().to_owned()));
+    }
+    let len: usize = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; len];
+    conn.read_exact(&mut body)?;
+    Ok(Response {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+/// One request on a fresh connection.
+pub fn get(port: u16, host: &str, path: &str) -> Response {
+    Client::new(port)
+        .request(&format!(
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        ))
+        .unwrap_or_else(|e| panic!("GET {path} via port {port}: {e}"))
+}
+
+/// A table JSON for one service `web` (any host) with these (id, addr, weight, priority).
+pub fn table(version: u64, backends: &[(&str, &str, u32, u32)]) -> String {
+    let backends: Vec<serde_json::Value> = backends
+        .iter()
+        .map(|(id, addr, w, p)| serde_json::json!({"id": id, "addr": addr, "weight": w, "priority": p}))
+        .collect();
+    serde_json::json!({"version": version, "services": [{"name": "web", "backends": backends}]})
+        .to_string()
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let p =
+            std::env::temp_dir().join(format!("rusty-e2e-{tag}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Write `text` to `path` atomically (so a SIGHUP never reads half a file).
+pub fn write_atomic(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).expect("write table");
+    std::fs::rename(&tmp, path).expect("rename table");
+}
+
+/// A bounded background load: `threads` keep-alive clients sending GETs until stopped (or until
+/// the hard limit passes), recording every outcome.
+pub struct LoadLoop {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    workers: Vec<std::thread::JoinHandle<LoadReport>>,
+}
+
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    pub ok: u64,
+    /// Non-200 statuses and I/O errors, as text.
+    pub failures: Vec<String>,
+    pub by_backend: std::collections::BTreeMap<String, u64>,
+}
+
+impl LoadLoop {
+    pub fn start(port: u16, host: &str, threads: usize, hard_limit: Duration) -> LoadLoop {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let workers = (0..threads)
+            .map(|_| {
+                let stop = stop.clone();
+                let host = host.to_owned();
+                std::thread::spawn(move || {
+                    let mut report = LoadReport::default();
+                    let mut client = Client::new(port);
+                    let deadline = Instant::now() + hard_limit;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                        && Instant::now() < deadline
+                    {
+                        match client.get(&host, "/") {
+                            Ok(r) if r.status == 200 => {
+                                report.ok += 1;
+                                let b = r.backend().unwrap_or("?").to_owned();
+                                *report.by_backend.entry(b).or_default() += 1;
+                            }
+                            Ok(r) => report.failures.push(format!(
+                                "status {}: {}",
+                                r.status,
+                                r.body.trim()
+                            )),
+                            Err(e) => report.failures.push(format!("error: {e}")),
+                        }
+                    }
+                    report
+                })
+            })
+            .collect();
+        LoadLoop { stop, workers }
+    }
+
+    pub fn finish(self) -> LoadReport {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut total = LoadReport::default();
+        for w in self.workers {
+            let r = w.join().expect("load worker panicked");
+            total.ok += r.ok;
+            total.failures.extend(r.failures);
+            for (k, v) in r.by_backend {
+                *total.by_backend.entry(k).or_default() += v;
+            }
+        }
+        total
+    }
+}

@@ -25,6 +25,9 @@ struct Args {
     /// Wait this long before answering each request (to simulate a slow backend).
     #[arg(long, default_value_t = 0)]
     delay_ms: u64,
+    /// Append the request head to the body (to see what a proxy forwarded).
+    #[arg(long)]
+    echo_headers: bool,
 }
 
 /// Largest request head we read; more gets a 431.
@@ -50,7 +53,7 @@ async fn main() {
             accepted = listener.accept() => {
                 if let Ok((stream, _)) = accepted {
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(serve(stream, id.clone(), delay));
+                    tokio::spawn(serve(stream, id.clone(), delay, args.echo_headers));
                 }
             }
             _ = term.recv() => return,
@@ -58,7 +61,7 @@ async fn main() {
     }
 }
 
-async fn serve(mut stream: TcpStream, id: Arc<str>, delay: Duration) {
+async fn serve(mut stream: TcpStream, id: Arc<str>, delay: Duration, echo_headers: bool) {
     let mut buf = Vec::with_capacity(4096);
     let body = format!("hello from {id}\n");
     loop {
@@ -87,6 +90,7 @@ async fn serve(mut stream: TcpStream, id: Arc<str>, delay: Duration) {
                 Err(_) => return reject(&mut stream, "400 Bad Request").await,
             }
         };
+        let head = echo_headers.then(|| String::from_utf8_lossy(&buf[..head_len]).into_owned());
         buf.drain(..head_len);
         if !discard_body(&mut stream, &mut buf, framing).await {
             return reject(&mut stream, "400 Bad Request").await;
@@ -94,7 +98,15 @@ async fn serve(mut stream: TcpStream, id: Arc<str>, delay: Duration) {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
-        let text = if is_health { "ok\n" } else { body.as_str() };
+        let echoed;
+        let text = match (&head, is_health) {
+            (_, true) => "ok\n",
+            (Some(head), false) => {
+                echoed = format!("{body}{head}");
+                echoed.as_str()
+            }
+            (None, false) => body.as_str(),
+        };
         let response = format!(
             "HTTP/1.1 200 OK\r\nx-backend-id: {id}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{}\r\n{text}",
             text.len(),
