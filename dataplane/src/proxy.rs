@@ -146,19 +146,11 @@ impl ProxyHttp for Proxy {
         upstream: &mut RequestHeader,
         _ctx: &mut Ctx,
     ) -> Result<()> {
-        if let Some(ip) = session
+        let client = session
             .client_addr()
             .and_then(|a| a.as_inet())
-            .map(|a| a.ip())
-        {
-            let xff = forwarded_for(upstream.headers.get("x-forwarded-for"), ip);
-            upstream.insert_header("x-forwarded-for", xff)?;
-        }
-        upstream.insert_header("x-forwarded-proto", "http")?;
-        if !upstream.headers.contains_key("x-request-id") {
-            upstream.insert_header("x-request-id", self.request_ids.next())?;
-        }
-        Ok(())
+            .map(|a| a.ip());
+        add_forwarding_headers(upstream, client, &self.request_ids)
     }
 
     async fn upstream_response_filter(
@@ -296,6 +288,23 @@ async fn respond(session: &mut Session, code: u16, body: &'static [u8]) -> Resul
         .await
 }
 
+/// `X-Forwarded-For`, `X-Forwarded-Proto`, and an `X-Request-Id` when the client sent none.
+pub fn add_forwarding_headers(
+    upstream: &mut RequestHeader,
+    client: Option<IpAddr>,
+    ids: &RequestIds,
+) -> Result<()> {
+    if let Some(ip) = client {
+        let xff = forwarded_for(upstream.headers.get("x-forwarded-for"), ip);
+        upstream.insert_header("x-forwarded-for", xff)?;
+    }
+    upstream.insert_header("x-forwarded-proto", "http")?;
+    if !upstream.headers.contains_key("x-request-id") {
+        upstream.insert_header("x-request-id", ids.next())?;
+    }
+    Ok(())
+}
+
 /// `X-Forwarded-For`: the client's chain so far, then the client (nginx's
 /// `$proxy_add_x_forwarded_for`).
 fn forwarded_for(existing: Option<&http::HeaderValue>, client: IpAddr) -> String {
@@ -309,13 +318,19 @@ fn forwarded_for(existing: Option<&http::HeaderValue>, client: IpAddr) -> String
 }
 
 /// Request ids unique per process run: a random-ish prefix fixed at start and a counter.
-struct RequestIds {
+pub struct RequestIds {
     prefix: u32,
     counter: AtomicU64,
 }
 
+impl Default for RequestIds {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl RequestIds {
-    fn new() -> Self {
+    pub fn new() -> Self {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
@@ -325,7 +340,7 @@ impl RequestIds {
         }
     }
 
-    fn next(&self) -> String {
+    pub fn next(&self) -> String {
         let n = self.counter.fetch_add(1, Relaxed);
         format!("{:08x}-{:016x}", self.prefix, n)
     }

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Install what building and testing RustyBalancer needs on a fresh Debian machine:
+# cmake (Pingora's libz-ng-sys builds zlib-ng with it) and cargo-nextest if it is missing.
+set -euo pipefail
+
+need_apt=()
+command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+if ((${#need_apt[@]})); then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+if ! cargo nextest --version >/dev/null 2>&1; then
+  cargo install --locked cargo-nextest
+fi
