@@ -303,4 +303,22 @@ mod tests {
         assert_eq!(counts(s, 100), vec![100, 0]);
         assert!(!s.spill.load().any_ejected);
     }
+
+    #[test]
+    fn a_new_table_resets_ejections_of_the_backends_it_lists_again() {
+        let registry = Registry::default();
+        let table = |v| {
+            let backends = vec![
+                Backend::new("a", "127.0.0.1:9000", 1, 0),
+                Backend::new("b", "127.0.0.1:9001", 1, 0),
+            ];
+            validate(Table::new(v, vec![Service::new("web", backends)])).unwrap()
+        };
+        let old = Snapshot::build(table(1), &registry);
+        old.services[0].eject(0);
+        assert!(old.services[0].ejected_now(0));
+        let new = Snapshot::build(table(2), &registry);
+        assert!(!new.services[0].ejected_now(0));
+        assert_eq!(counts(&new.services[0], 10), vec![5, 5]);
+    }
 }

@@ -9,7 +9,9 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use rusty_e2e::*;
 use tokio::sync::watch;
-use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response as WsResponse};
+use tokio_tungstenite::tungstenite::handshake::server::{
+    ErrorResponse, Request, Response as WsResponse,
+};
 use tokio_tungstenite::tungstenite::Message;
 
 #[derive(Default, Debug)]
@@ -33,7 +35,9 @@ fn stand_in_agent(
             .build()
             .unwrap();
         rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+                .await
+                .unwrap();
             let mut stop_accept = stop.clone();
             loop {
                 let (stream, _) = tokio::select! {
@@ -45,7 +49,9 @@ fn stand_in_agent(
                 let mut stop = stop.clone();
                 tokio::spawn(async move {
                     let seen_hdr = seen.clone();
-                    let check = move |req: &Request, resp: WsResponse| -> Result<WsResponse, ErrorResponse> {
+                    let check = move |req: &Request,
+                                      resp: WsResponse|
+                          -> Result<WsResponse, ErrorResponse> {
                         let auth = req
                             .headers()
                             .get("authorization")
@@ -122,15 +128,22 @@ fn tables_arrive_over_the_websocket_and_survive_the_agent_going_away() {
     lb.wait_version(1, Duration::from_secs(10));
     assert_eq!(lb.get("localhost", "/").backend(), Some("web-a"));
 
-    tables_tx.send(table(2, &[("web-b", &b.addr(), 1, 0)])).unwrap();
+    tables_tx
+        .send(table(2, &[("web-b", &b.addr(), 1, 0)]))
+        .unwrap();
     lb.wait_version(2, Duration::from_secs(5));
     assert_eq!(lb.get("localhost", "/").backend(), Some("web-b"));
 
     // A bad table over the channel is refused; the good one keeps serving.
-    tables_tx.send(r#"{"version": 3, "services": [{"name": "web", "nope": 1}]}"#.into()).unwrap();
+    tables_tx
+        .send(r#"{"version": 3, "services": [{"name": "web", "nope": 1}]}"#.into())
+        .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while lb.metric(r#"rustybalancer_table_updates_total{result="rejected"}"#) < 1.0 {
-        assert!(std::time::Instant::now() < deadline, "bad table never judged");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bad table never judged"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(lb.table_version(), Some(2));
@@ -157,8 +170,14 @@ fn tables_arrive_over_the_websocket_and_survive_the_agent_going_away() {
 
     let seen = seen.lock().unwrap();
     assert!(seen.connections >= 2, "{seen:?}");
-    assert!(seen.authorizations.iter().all(|a| a == "Bearer s3cret"), "{seen:?}");
-    assert_eq!(seen.data_frames_from_plane, 0, "the data plane must only receive");
+    assert!(
+        seen.authorizations.iter().all(|a| a == "Bearer s3cret"),
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen.data_frames_from_plane, 0,
+        "the data plane must only receive"
+    );
 }
 
 #[test]
