@@ -3,6 +3,9 @@
 //! bearer token, sends the current table on connect and each new one after, and records what the
 //! data plane sent back (it must be control frames only).
 
+// tungstenite fixes the handshake callback's signature, with its large error type.
+#![allow(clippy::result_large_err)]
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
