@@ -102,6 +102,26 @@ fn stand_in_agent(
     })
 }
 
+/// A `rusty-lb` subscribed to the stand-in agent on `port` with `token` (and a state dir if asked).
+fn subscribed_lb(dir: &TempDir, port: u16, token: &str, state_dir: bool) -> Lb {
+    wait_for_port(port, Duration::from_secs(5));
+    let token_file = dir.path("token");
+    std::fs::write(&token_file, token).unwrap();
+    let mut args = vec![
+        "--agent".into(),
+        format!("ws://127.0.0.1:{port}/v1/tables"),
+        "--token-file".into(),
+        token_file.display().to_string(),
+    ];
+    if state_dir {
+        args.extend([
+            "--state-dir".into(),
+            dir.path("state").display().to_string(),
+        ]);
+    }
+    Lb::start(&args)
+}
+
 fn http_status_401() -> tokio_tungstenite::tungstenite::http::StatusCode {
     tokio_tungstenite::tungstenite::http::StatusCode::UNAUTHORIZED
 }
@@ -111,23 +131,12 @@ fn tables_arrive_over_the_websocket_and_survive_the_agent_going_away() {
     let a = Echo::start("web-a");
     let b = Echo::start("web-b");
     let dir = TempDir::new("agent");
-    let token_file = dir.path("token");
-    std::fs::write(&token_file, "s3cret\n").unwrap();
     let port = free_port();
     let (tables_tx, tables_rx) = watch::channel(table(1, &[("web-a", &a.addr(), 1, 0)]));
     let (stop_tx, stop_rx) = watch::channel(false);
     let seen = Arc::new(Mutex::new(Seen::default()));
     let agent = stand_in_agent(port, "s3cret", tables_rx, stop_rx, seen.clone());
-    wait_for_port(port, Duration::from_secs(5));
-
-    let lb = Lb::start(&[
-        "--agent".into(),
-        format!("ws://127.0.0.1:{port}/v1/tables"),
-        "--token-file".into(),
-        token_file.display().to_string(),
-        "--state-dir".into(),
-        dir.path("state").display().to_string(),
-    ]);
+    let lb = subscribed_lb(&dir, port, "s3cret\n", true);
     lb.wait_version(1, Duration::from_secs(10));
     assert_eq!(lb.get("localhost", "/").backend(), Some("web-a"));
 
@@ -186,20 +195,12 @@ fn tables_arrive_over_the_websocket_and_survive_the_agent_going_away() {
 #[test]
 fn a_wrong_token_is_refused_and_nothing_is_installed() {
     let dir = TempDir::new("agent-token");
-    let token_file = dir.path("token");
-    std::fs::write(&token_file, "wrong").unwrap();
     let port = free_port();
     let (_tables_tx, tables_rx) = watch::channel(table(1, &[("x", "127.0.0.1:1", 1, 0)]));
     let (stop_tx, stop_rx) = watch::channel(false);
     let seen = Arc::new(Mutex::new(Seen::default()));
     let agent = stand_in_agent(port, "right", tables_rx, stop_rx, seen.clone());
-    wait_for_port(port, Duration::from_secs(5));
-    let lb = Lb::start(&[
-        "--agent".into(),
-        format!("ws://127.0.0.1:{port}/v1/tables"),
-        "--token-file".into(),
-        token_file.display().to_string(),
-    ]);
+    let lb = subscribed_lb(&dir, port, "wrong", false);
     // It keeps trying (with backoff) and never gets a table.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while seen.lock().unwrap().authorizations.len() < 2 {
