@@ -173,6 +173,23 @@ impl Lb {
             .unwrap_or(0.0)
     }
 
+    /// Wait until a series reaches `value`. Requests are counted when Pingora logs them, just
+    /// after the response is written, so a client may read its response a moment before.
+    pub fn wait_metric(&self, series: &str, value: f64, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let got = self.metric(series);
+            if got == value {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{series} is {got}, expected {value}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn table_version(&self) -> Option<u64> {
         let r = self.admin_get("/table");
         if r.status != 200 {

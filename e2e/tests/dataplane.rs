@@ -54,9 +54,10 @@ fn nine_hundred_requests_split_exactly_500_300_100_and_the_spare_gets_none() {
     assert_eq!(counts.get("web-spare"), None);
     // web-a holds 5 of 9 slots, so once per cycle it must follow itself; nobody else ever does.
     assert_eq!(repeats, 100 - 1);
-    assert_eq!(
-        lb.metric(r#"rustybalancer_requests_total{service="web",backend="web-a",code="200"}"#),
-        500.0
+    lb.wait_metric(
+        r#"rustybalancer_requests_total{service="web",backend="web-a",code="200"}"#,
+        500.0,
+        Duration::from_secs(5),
     );
 }
 
@@ -312,9 +313,10 @@ fn requests_carry_forwarding_headers_and_unrouted_ones_get_404() {
         assert_eq!(r.status, 404, "{host}{path}");
         assert_eq!(r.body, "no route matched\n");
     }
-    assert_eq!(
-        lb.metric(r#"rustybalancer_requests_total{service="",backend="",code="404"}"#),
-        2.0
+    lb.wait_metric(
+        r#"rustybalancer_requests_total{service="",backend="",code="404"}"#,
+        2.0,
+        Duration::from_secs(5),
     );
     let table: serde_json::Value = serde_json::from_str(&lb.admin_get("/table").body).unwrap();
     assert_eq!(table["version"], 1);
