@@ -123,9 +123,14 @@ impl ProxyHttp for Proxy {
         let svc = ctx
             .service()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no service routed"))?;
-        let tried = &ctx.tried[..ctx.tries];
+        // Out of attempts: answer without advancing any round-robin counter.
         let budget_left = ctx.tries <= svc.retries as usize && ctx.tries < MAX_TRIES;
-        match svc.pick(tried).filter(|_| budget_left) {
+        let pick = if budget_left {
+            svc.pick(&ctx.tried[..ctx.tries])
+        } else {
+            None
+        };
+        match pick {
             Some(i) => {
                 let peer = Box::new(svc.backends[i as usize].peer.clone());
                 ctx.tried[ctx.tries] = i;

@@ -89,7 +89,7 @@ impl Snapshot {
             .iter()
             .zip(handles)
             .map(|(s, h)| {
-                let backends: Box<[BackendState]> = s
+                let mut backends: Box<[BackendState]> = s
                     .backends
                     .iter()
                     .zip(h.backends)
@@ -109,7 +109,6 @@ impl Snapshot {
                         }
                     })
                     .collect();
-                let mut backends = backends;
                 let tiers: Box<[TierState]> = s
                     .tiers
                     .iter()
