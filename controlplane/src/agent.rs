@@ -1,0 +1,92 @@
+//! `rusty-agent run`: wire the parts together and own the shutdown.
+//!
+//! Shutdown is explicit: SIGTERM or SIGINT flips one `watch` flag; the listener stops accepting,
+//! subscriber sessions send a close frame, and the core stops every instance (each gets its stop
+//! grace) before the process exits.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use crate::auth::Token;
+use crate::core::Core;
+use crate::metrics::Metrics;
+use crate::publish::Publisher;
+use crate::runtime::fixed::StaticRuntime;
+use crate::runtime::process::ProcessRuntime;
+use crate::runtime::Runtime;
+use crate::server::{self, Shared};
+use crate::spec::{Config, RuntimeKind};
+
+pub async fn run(config: Config) -> Result<()> {
+    let agent = &config.agent;
+    let (token, token_path) =
+        Token::load_or_generate(agent.token_file.as_deref(), &agent.state_dir)?;
+    let publisher = Publisher::open(&agent.state_dir)
+        .with_context(|| format!("agent.state_dir {}", agent.state_dir.display()))?;
+    let listener = TcpListener::bind(agent.listen)
+        .await
+        .with_context(|| format!("agent.listen: cannot listen on {}", agent.listen))?;
+    if !agent.listen.ip().is_loopback() {
+        warn!(listen = %agent.listen, "the admin API and table stream listen beyond loopback; the token is all that guards them");
+    }
+
+    let (runtime_tx, runtime_rx) = mpsc::unbounded_channel();
+    let statics = config
+        .services
+        .iter()
+        .filter(|s| s.runtime == RuntimeKind::Static)
+        .map(|s| (s.name.clone(), s.addresses.clone()))
+        .collect();
+    let mut runtimes: HashMap<RuntimeKind, Arc<dyn Runtime>> = HashMap::new();
+    runtimes.insert(
+        RuntimeKind::Process,
+        Arc::new(ProcessRuntime::new(agent.instance_host, runtime_tx)),
+    );
+    runtimes.insert(RuntimeKind::Static, Arc::new(StaticRuntime::new(statics)));
+
+    let metrics = Arc::new(Metrics::default());
+    let feed = publisher.subscribe();
+    let core = Core::new(
+        config.services.clone(),
+        runtimes,
+        publisher,
+        metrics.clone(),
+    );
+    let (commands_tx, commands_rx) = mpsc::channel(64);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    let shared = Arc::new(Shared {
+        token,
+        commands: commands_tx,
+        feed,
+        metrics,
+        shutdown: shutdown_rx.clone(),
+    });
+    info!(
+        listen = %agent.listen,
+        token_file = %token_path.display(),
+        services = config.services.len(),
+        "agent up: tables at ws://{}/v1/tables",
+        agent.listen
+    );
+    let server = tokio::spawn(server::serve(listener, shared));
+    let core = tokio::spawn(core.run(commands_rx, runtime_rx, shutdown_rx));
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: stopping"),
+        _ = int.recv() => info!("SIGINT: stopping"),
+    }
+    let _ = shutdown_tx.send(true);
+    let _ = server.await;
+    let _ = core.await;
+    info!("agent stopped");
+    Ok(())
+}

@@ -1,0 +1,292 @@
+//! The CLI's side of the admin API: a one-request-per-connection HTTP client and the commands
+//! that follow an operation until it is done, printing each change.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::de::DeserializeOwned;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::api::{DeployAccepted, DeployRequest, ErrorBody, ScaleRequest, ServiceStatus, Status};
+use crate::auth::Token;
+use crate::cli::{AgentArgs, WaitArgs};
+
+const POLL: Duration = Duration::from_millis(200);
+
+pub struct Client {
+    addr: String,
+    token: Token,
+}
+
+impl Client {
+    pub fn new(args: &AgentArgs) -> Result<Client> {
+        let token = Token::read(&args.token_file).with_context(|| {
+            "the CLI needs the agent's token: pass --token-file (or RUSTY_AGENT_TOKEN_FILE)"
+                .to_string()
+        })?;
+        Ok(Client {
+            addr: args.agent.clone(),
+            token,
+        })
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<String>,
+    ) -> Result<T> {
+        let mut stream =
+            tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(&self.addr))
+                .await
+                .map_err(|_| anyhow!("agent at {} did not answer within 5s", self.addr))?
+                .with_context(|| {
+                    format!(
+                        "cannot reach the agent at {} (is it running? see --agent)",
+                        self.addr
+                    )
+                })?;
+        let body = body.unwrap_or_default();
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            self.addr,
+            self.token.as_str(),
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body.as_bytes()).await?;
+        let mut raw = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut raw))
+            .await
+            .map_err(|_| anyhow!("the agent did not finish its answer"))??;
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut resp = httparse::Response::new(&mut headers);
+        let start = match resp.parse(&raw)? {
+            httparse::Status::Complete(n) => n,
+            httparse::Status::Partial => bail!("truncated answer from the agent"),
+        };
+        let code = resp.code.unwrap_or(0);
+        let text = &raw[start..];
+        if !(200..300).contains(&code) {
+            let msg = serde_json::from_slice::<ErrorBody>(text)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(text).trim().to_owned());
+            bail!("agent answered {code}: {msg}");
+        }
+        serde_json::from_slice(text).context("unexpected answer from the agent")
+    }
+
+    pub async fn status(&self) -> Result<Status> {
+        self.call("GET", "/v1/status", None).await
+    }
+
+    async fn service(&self, name: &str) -> Result<ServiceStatus> {
+        self.status()
+            .await?
+            .services
+            .into_iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| anyhow!("no service {name:?}"))
+    }
+}
+
+pub async fn status(args: &AgentArgs, json: bool) -> Result<()> {
+    let st = Client::new(args)?.status().await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+        return Ok(());
+    }
+    println!(
+        "table version {}   subscribers {}",
+        st.table_version
+            .map_or("(none yet)".to_owned(), |v| v.to_string()),
+        st.subscribers
+    );
+    for s in &st.services {
+        println!();
+        println!(
+            "{}  ({}, generation {})  desired {}  live {}  in table {}",
+            s.name, s.runtime, s.generation, s.replicas, s.live, s.healthy
+        );
+        if s.runtime == "process" {
+            println!("  runs: {} {}", s.command, s.args.join(" "));
+        }
+        if let Some(d) = &s.deploy {
+            println!(
+                "  last deploy: generation {} from {}: {} after {:.1}s{}",
+                d.generation,
+                d.from,
+                d.state,
+                d.elapsed_ms as f64 / 1000.0,
+                d.reason
+                    .as_ref()
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default()
+            );
+        }
+        println!(
+            "  {:<16} {:>4} {:<22} {:<9} {:<9} {:>8} {:>8}  last error",
+            "INSTANCE", "GEN", "ADDRESS", "PHASE", "HEALTH", "RESTARTS", "PID"
+        );
+        for i in &s.instances {
+            println!(
+                "  {:<16} {:>4} {:<22} {:<9} {:<9} {:>8} {:>8}  {}",
+                i.id,
+                i.generation,
+                i.addr.as_deref().unwrap_or("-"),
+                i.phase,
+                if i.in_table {
+                    "in table"
+                } else if i.healthy {
+                    "healthy"
+                } else {
+                    "down"
+                },
+                i.restarts,
+                i.pid.map_or("-".to_owned(), |p| p.to_string()),
+                i.last_error.as_deref().unwrap_or("")
+            );
+        }
+    }
+    Ok(())
+}
+
+fn line(s: &ServiceStatus) -> String {
+    let mut by_gen: BTreeMap<u64, (usize, usize)> = BTreeMap::new();
+    for i in &s.instances {
+        let e = by_gen.entry(i.generation).or_default();
+        e.0 += 1;
+        e.1 += usize::from(i.in_table);
+    }
+    let gens: Vec<String> = by_gen
+        .iter()
+        .map(|(g, (n, t))| format!("gen {g}: {n} instances, {t} in table"))
+        .collect();
+    format!("{}: desired {}, {}", s.name, s.replicas, gens.join("; "))
+}
+
+pub async fn scale(service: &str, replicas: u32, args: &AgentArgs, wait: &WaitArgs) -> Result<()> {
+    let client = Client::new(args)?;
+    let body = serde_json::to_string(&ScaleRequest { replicas })?;
+    let _: ScaleRequest = client
+        .call("POST", &format!("/v1/services/{service}/scale"), Some(body))
+        .await?;
+    println!("{service}: scaling to {replicas}");
+    if wait.no_wait {
+        return Ok(());
+    }
+    let deadline = Instant::now() + Duration::from_secs(wait.timeout);
+    let started = Instant::now();
+    let mut last = String::new();
+    loop {
+        let s = client.service(service).await?;
+        let l = line(&s);
+        if l != last {
+            println!("  {l}");
+            last = l;
+        }
+        let settled = s.instances.len() == replicas as usize
+            && s.instances
+                .iter()
+                .all(|i| i.in_table && i.generation == s.generation);
+        if settled {
+            println!(
+                "{service}: {replicas} instances in the table after {:.1}s",
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{service}: not settled after {}s (the agent keeps working on it; see `rusty-agent status`)", wait.timeout);
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+pub async fn deploy(
+    service: &str,
+    request: DeployRequest,
+    args: &AgentArgs,
+    wait: &WaitArgs,
+) -> Result<()> {
+    let client = Client::new(args)?;
+    let body = serde_json::to_string(&request)?;
+    let accepted: DeployAccepted = client
+        .call(
+            "POST",
+            &format!("/v1/services/{service}/deploy"),
+            Some(body),
+        )
+        .await?;
+    let generation = accepted.generation;
+    println!("{service}: deploying generation {generation}");
+    if wait.no_wait {
+        return Ok(());
+    }
+    let deadline = Instant::now() + Duration::from_secs(wait.timeout);
+    let mut last = String::new();
+    loop {
+        let s = client.service(service).await?;
+        let l = line(&s);
+        if l != last {
+            println!("  {l}");
+            last = l;
+        }
+        if let Some(d) = s.deploy.as_ref().filter(|d| d.generation == generation) {
+            let secs = d.elapsed_ms as f64 / 1000.0;
+            match d.state.as_str() {
+                "succeeded" => {
+                    println!("{service}: generation {generation} serves all traffic ({secs:.1}s)");
+                    return Ok(());
+                }
+                "failed" => bail!(
+                    "{service}: deploy of generation {generation} failed after {secs:.1}s, generation {} keeps serving: {}",
+                    s.generation,
+                    d.reason.as_deref().unwrap_or("no reason given")
+                ),
+                _ => {}
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{service}: deploy still in progress after {}s (see `rusty-agent status`)",
+                wait.timeout
+            );
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+pub async fn drain(instance: &str, args: &AgentArgs) -> Result<()> {
+    let (service, _) = instance
+        .rsplit_once('-')
+        .ok_or_else(|| anyhow!("{instance:?} is not an instance id like web-3"))?;
+    let client = Client::new(args)?;
+    let _: serde_json::Value = client
+        .call(
+            "POST",
+            &format!("/v1/services/{service}/instances/{instance}/drain"),
+            Some(String::new()),
+        )
+        .await?;
+    println!("{instance}: draining; a replacement is starting");
+    Ok(())
+}
+
+/// `--set-env K=V` pairs → a map, naming the bad one.
+pub fn parse_env(pairs: &[String]) -> Result<Option<BTreeMap<String, String>>> {
+    if pairs.is_empty() {
+        return Ok(None);
+    }
+    let mut env = BTreeMap::new();
+    for p in pairs {
+        let (k, v) = p
+            .split_once('=')
+            .filter(|(k, _)| !k.is_empty())
+            .ok_or_else(|| anyhow!("--set-env {p:?}: write KEY=VALUE"))?;
+        env.insert(k.to_owned(), v.to_owned());
+    }
+    Ok(Some(env))
+}

@@ -1,0 +1,385 @@
+//! The agent's configuration file: TOML, read once at start (and by `rusty-agent check`).
+//!
+//! Loading has three steps, each with its own kind of error:
+//! 1. parse the TOML text (syntax errors carry line and column);
+//! 2. lay `[env.<name>]` over the base, table by table, if an environment was chosen;
+//! 3. deserialize into the raw types below, which reject unknown keys, then [`validate`] them
+//!    into the domain types of [`crate::spec`]. Every error names the key it is about, and
+//!    validation reports all problems at once rather than the first.
+//!
+//! Services are a table keyed by name (`[services.web]`), not an array, so an overlay can change
+//! one field of one service: `[env.development.services.web] replicas = 1`.
+
+pub mod duration;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use duration::Dur;
+pub use validate::validate;
+
+use crate::spec::Config;
+
+/// The whole file after the overlay, as written (defaults filled in).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub agent: RawAgent,
+    #[serde(default)]
+    pub services: BTreeMap<String, RawService>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAgent {
+    /// Where the admin API and the table WebSocket listen. Loopback unless you mean it.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Where the agent keeps its state (the last table version, a generated token).
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// File holding the bearer token; without it the agent generates one in `state_dir/token`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// Refuse to start without `token_file` (production: no generated tokens).
+    #[serde(default)]
+    pub require_token_file: bool,
+    /// Log filter (tracing env-filter syntax); RUST_LOG overrides it.
+    #[serde(default = "default_log")]
+    pub log: String,
+    /// The address process instances bind to and are reached at.
+    #[serde(default = "default_instance_host")]
+    pub instance_host: String,
+}
+
+impl Default for RawAgent {
+    fn default() -> Self {
+        RawAgent {
+            listen: default_listen(),
+            state_dir: default_state_dir(),
+            token_file: None,
+            require_token_file: false,
+            log: default_log(),
+            instance_host: default_instance_host(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeName {
+    Process,
+    Static,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawService {
+    /// Host names this service answers (`*.example.com` allowed); empty means any host.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default = "default_path_prefix")]
+    pub path_prefix: String,
+    #[serde(default = "default_runtime")]
+    pub runtime: RuntimeName,
+    /// `process`: the program; `{port}`, `{host}` and `{instance}` are replaced in `args`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// `static`: the fixed backend addresses (ip:port).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
+    /// `process`: how many instances (default 1); `static`: the number of addresses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u32>,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    #[serde(default)]
+    pub priority: u32,
+    /// How long an instance gets between SIGTERM and SIGKILL.
+    #[serde(default = "default_stop_grace")]
+    pub stop_grace: Dur,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<Dur>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_timeout: Option<Dur>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overprovisioning: Option<f64>,
+    /// How long a data plane stops using a backend whose connection failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eject: Option<Dur>,
+    #[serde(default)]
+    pub health: RawHealth,
+    #[serde(default)]
+    pub rollout: RawRollout,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    Http,
+    Tcp,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    /// `http`: GET `path`, any 2xx or 3xx passes; `tcp`: a connection that opens passes.
+    #[serde(default = "default_check")]
+    pub kind: CheckKind,
+    #[serde(default = "default_health_path")]
+    pub path: String,
+    #[serde(default = "default_interval")]
+    pub interval: Dur,
+    #[serde(default = "default_check_timeout")]
+    pub timeout: Dur,
+    /// Passing checks in a row before an instance enters the table.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    /// Failing checks in a row before it leaves the table.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+}
+
+impl Default for RawHealth {
+    fn default() -> Self {
+        RawHealth {
+            kind: default_check(),
+            path: default_health_path(),
+            interval: default_interval(),
+            timeout: default_check_timeout(),
+            rise: default_rise(),
+            fall: default_fall(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRollout {
+    /// New instances started at once above `replicas` during a deploy.
+    #[serde(default = "default_surge")]
+    pub surge: u32,
+    /// Time between taking an instance out of the table and stopping it.
+    #[serde(default = "default_drain")]
+    pub drain: Dur,
+    /// A new instance that is not healthy this long after it started fails the deploy.
+    #[serde(default = "default_healthy_timeout")]
+    pub healthy_timeout: Dur,
+}
+
+impl Default for RawRollout {
+    fn default() -> Self {
+        RawRollout {
+            surge: default_surge(),
+            drain: default_drain(),
+            healthy_timeout: default_healthy_timeout(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:7070".into()
+}
+fn default_state_dir() -> PathBuf {
+    ".rusty/agent".into()
+}
+fn default_log() -> String {
+    "info".into()
+}
+fn default_instance_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_path_prefix() -> String {
+    "/".into()
+}
+fn default_runtime() -> RuntimeName {
+    RuntimeName::Process
+}
+fn default_weight() -> u32 {
+    1
+}
+fn default_stop_grace() -> Dur {
+    Dur::ms(5_000)
+}
+fn default_check() -> CheckKind {
+    CheckKind::Http
+}
+fn default_health_path() -> String {
+    "/healthz".into()
+}
+fn default_interval() -> Dur {
+    Dur::ms(1_000)
+}
+fn default_check_timeout() -> Dur {
+    Dur::ms(1_000)
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_fall() -> u32 {
+    3
+}
+fn default_surge() -> u32 {
+    1
+}
+fn default_drain() -> Dur {
+    Dur::ms(2_000)
+}
+fn default_healthy_timeout() -> Dur {
+    Dur::ms(30_000)
+}
+
+/// One problem with one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyError {
+    /// Dotted path of the key, e.g. `services.web.health.rise`.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for KeyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Why a config could not be loaded. Displayed one problem per line, each starting with the file.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("{file}: not valid TOML: {message}")]
+    Syntax { file: String, message: String },
+    #[error(
+        "{file}: --env {env}: there is no [env.{env}] table (environments in this file: {known})"
+    )]
+    NoSuchEnv {
+        file: String,
+        env: String,
+        known: String,
+    },
+    #[error("{}", .errors.iter().map(|e| format!("{}: {e}", .file)).collect::<Vec<_>>().join("\n"))]
+    Invalid { file: String, errors: Vec<KeyError> },
+}
+
+/// A loaded config: the effective raw form (for `check` to print) and the validated domain form.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub raw: RawConfig,
+    pub config: Config,
+    /// Environments the file defines, for `check` to validate them all.
+    pub environments: Vec<String>,
+}
+
+/// Read, overlay and validate `path`.
+pub fn load(path: &Path, env: Option<&str>) -> Result<Loaded, LoadError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+        file: file.clone(),
+        source,
+    })?;
+    let base_dir = path.parent().unwrap_or(Path::new("")).to_path_buf();
+    load_str(&text, &file, &base_dir, env)
+}
+
+/// [`load`] for text already in memory; `base_dir` resolves relative command paths.
+pub fn load_str(
+    text: &str,
+    file: &str,
+    base_dir: &Path,
+    env: Option<&str>,
+) -> Result<Loaded, LoadError> {
+    let mut doc: toml::Table = toml::from_str(text).map_err(|e| LoadError::Syntax {
+        file: file.to_owned(),
+        message: e.to_string().trim_end().replace('\n', "\n  "),
+    })?;
+    let envs = match doc.remove("env") {
+        None => toml::Table::new(),
+        Some(toml::Value::Table(t)) => t,
+        Some(_) => {
+            return Err(invalid(
+                file,
+                "env",
+                "must be a table of environments, e.g. [env.production]",
+            ));
+        }
+    };
+    let environments: Vec<String> = envs.keys().cloned().collect();
+    if let Some(name) = env {
+        match envs.get(name) {
+            Some(toml::Value::Table(overlay)) => merge(&mut doc, overlay),
+            Some(_) => return Err(invalid(file, &format!("env.{name}"), "must be a table")),
+            None => {
+                return Err(LoadError::NoSuchEnv {
+                    file: file.to_owned(),
+                    env: name.to_owned(),
+                    known: if environments.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        environments.join(", ")
+                    },
+                })
+            }
+        }
+    }
+    let raw: RawConfig =
+        serde_path_to_error::deserialize(toml::Value::Table(doc)).map_err(|e| {
+            let key = e.path().to_string();
+            let key = if key == "." {
+                "(top level)".to_owned()
+            } else {
+                key
+            };
+            invalid(file, &key, &e.into_inner().to_string())
+        })?;
+    let config = validate(&raw, base_dir).map_err(|errors| LoadError::Invalid {
+        file: file.to_owned(),
+        errors,
+    })?;
+    Ok(Loaded {
+        raw,
+        config,
+        environments,
+    })
+}
+
+fn invalid(file: &str, key: &str, message: &str) -> LoadError {
+    LoadError::Invalid {
+        file: file.to_owned(),
+        errors: vec![KeyError {
+            key: key.to_owned(),
+            message: message.trim().to_owned(),
+        }],
+    }
+}
+
+/// Lay `overlay` over `base`: tables merge key by key, anything else is replaced.
+fn merge(base: &mut toml::Table, overlay: &toml::Table) {
+    for (k, v) in overlay {
+        match (base.get_mut(k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            _ => {
+                base.insert(k.clone(), v.clone());
+            }
+        }
+    }
+}
+
+/// The effective configuration as TOML, for `rusty-agent check`.
+pub fn render(raw: &RawConfig) -> String {
+    toml::to_string_pretty(raw).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+}

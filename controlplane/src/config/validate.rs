@@ -1,0 +1,313 @@
+//! Raw config → [`Config`]: every rule a config must meet, each failure tied to its key.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use rusty_shared::limits;
+use rusty_shared::table::{Backend, Service, Table};
+
+use super::{CheckKind, KeyError, RawConfig, RawService, RuntimeName};
+use crate::spec::{
+    AgentSettings, Config, HealthSpec, Probe, RolloutPolicy, RunSpec, RuntimeKind, ServiceSpec,
+    MAX_REPLICAS,
+};
+
+struct Errors(Vec<KeyError>);
+
+impl Errors {
+    fn add(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.0.push(KeyError {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+}
+
+/// Check everything and return the domain config, or every problem found.
+pub fn validate(raw: &RawConfig, base_dir: &Path) -> Result<Config, Vec<KeyError>> {
+    let mut errs = Errors(Vec::new());
+    let a = &raw.agent;
+    let listen = a
+        .listen
+        .parse::<SocketAddr>()
+        .map_err(|_| {
+            errs.add(
+                "agent.listen",
+                format!("{:?} is not an ip:port address", a.listen),
+            )
+        })
+        .ok();
+    let instance_host = a
+        .instance_host
+        .parse::<IpAddr>()
+        .map_err(|_| {
+            errs.add(
+                "agent.instance_host",
+                format!("{:?} is not an IP address", a.instance_host),
+            )
+        })
+        .ok();
+    if a.require_token_file && a.token_file.is_none() {
+        errs.add(
+            "agent.token_file",
+            "required here (agent.require_token_file = true): name a file holding the token",
+        );
+    }
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&a.log) {
+        errs.add("agent.log", format!("{:?} is not a log filter: {e}", a.log));
+    }
+    if raw.services.is_empty() {
+        errs.add(
+            "services",
+            "no service is defined: add at least one [services.<name>]",
+        );
+    }
+    let mut services = Vec::new();
+    for (name, s) in &raw.services {
+        if let Some(spec) = service(name, s, base_dir, &mut errs) {
+            services.push(spec);
+        }
+    }
+    if errs.0.is_empty() {
+        check_routes(&services, &mut errs);
+    }
+    match (listen, instance_host) {
+        (Some(listen), Some(instance_host)) if errs.0.is_empty() => Ok(Config {
+            agent: AgentSettings {
+                listen,
+                state_dir: base_dir_join(base_dir, &a.state_dir),
+                token_file: a.token_file.as_ref().map(|f| base_dir_join(base_dir, f)),
+                log: a.log.clone(),
+                instance_host,
+            },
+            services,
+        }),
+        _ => Err(errs.0),
+    }
+}
+
+fn base_dir_join(base: &Path, p: &Path) -> std::path::PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+fn service(name: &str, s: &RawService, base_dir: &Path, errs: &mut Errors) -> Option<ServiceSpec> {
+    let before = errs.0.len();
+    let key = |field: &str| format!("services.{name}.{field}");
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
+    {
+        errs.add(
+            format!("services.{name}"),
+            "a service name is 1 to 64 ASCII letters, digits, - or _",
+        );
+    }
+    if !(limits::WEIGHT_MIN..=limits::WEIGHT_MAX).contains(&s.weight) {
+        errs.add(
+            key("weight"),
+            format!("{} is out of range 1..=1000", s.weight),
+        );
+    }
+    if s.priority > limits::PRIORITY_MAX {
+        errs.add(
+            key("priority"),
+            format!("{} is out of range 0..=127 (0 is preferred)", s.priority),
+        );
+    }
+    let mut command = String::new();
+    let mut addresses = Vec::new();
+    let replicas;
+    match s.runtime {
+        RuntimeName::Process => {
+            match s.command.as_deref().map(str::trim) {
+                None | Some("") => errs.add(
+                    key("command"),
+                    "required with runtime = \"process\": the program to run for each instance",
+                ),
+                Some(c) => command = resolve_command(c, base_dir),
+            }
+            if !s.addresses.is_empty() {
+                errs.add(key("addresses"), "only for runtime = \"static\"; a process service gets its addresses from its instances");
+            }
+            replicas = s.replicas.unwrap_or(1);
+            if replicas > MAX_REPLICAS {
+                errs.add(
+                    key("replicas"),
+                    format!("{replicas} is over the limit of {MAX_REPLICAS}"),
+                );
+            }
+        }
+        RuntimeName::Static => {
+            if s.command.is_some() || !s.args.is_empty() || !s.env.is_empty() {
+                errs.add(
+                    key("command"),
+                    "command, args and env are only for runtime = \"process\"",
+                );
+            }
+            if s.addresses.is_empty() {
+                errs.add(
+                    key("addresses"),
+                    "required with runtime = \"static\": at least one ip:port",
+                );
+            }
+            for (i, a) in s.addresses.iter().enumerate() {
+                match a.parse::<SocketAddr>() {
+                    Ok(addr) if addresses.contains(&addr) => errs.add(
+                        format!("{}[{i}]", key("addresses")),
+                        format!("{a} is listed twice"),
+                    ),
+                    Ok(addr) => addresses.push(addr),
+                    Err(_) => errs.add(
+                        format!("{}[{i}]", key("addresses")),
+                        format!("{a:?} is not an ip:port address"),
+                    ),
+                }
+            }
+            replicas = s.addresses.len() as u32;
+            if s.replicas.is_some_and(|r| r != replicas) {
+                errs.add(
+                    key("replicas"),
+                    "a static service has one instance per address; leave replicas out",
+                );
+            }
+        }
+    }
+    for (k, v) in &s.env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+            errs.add(
+                format!("{}.{k}", key("env")),
+                "not a valid environment variable",
+            );
+        }
+    }
+
+    let h = &s.health;
+    let probe = match h.kind {
+        CheckKind::Http => {
+            if !h.path.starts_with('/') || h.path.bytes().any(|b| b <= b' ' || b == 0x7f) {
+                errs.add(
+                    key("health.path"),
+                    format!(
+                        "{:?} must start with / and contain no spaces or control bytes",
+                        h.path
+                    ),
+                );
+            }
+            Probe::Http {
+                path: h.path.clone(),
+            }
+        }
+        CheckKind::Tcp => Probe::Tcp,
+    };
+    if h.interval.0 < Duration::from_millis(10) {
+        errs.add(key("health.interval"), "must be at least 10ms");
+    }
+    if h.timeout.0 < Duration::from_millis(1) {
+        errs.add(key("health.timeout"), "must be at least 1ms");
+    }
+    for (field, v) in [("health.rise", h.rise), ("health.fall", h.fall)] {
+        if !(1..=100).contains(&v) {
+            errs.add(key(field), format!("{v} is out of range 1..=100"));
+        }
+    }
+    let r = &s.rollout;
+    if !(1..=MAX_REPLICAS).contains(&r.surge) {
+        errs.add(
+            key("rollout.surge"),
+            format!("{} is out of range 1..={MAX_REPLICAS}", r.surge),
+        );
+    }
+    let fastest = h.interval.0 * h.rise.saturating_sub(1);
+    if r.healthy_timeout.0 <= fastest {
+        errs.add(
+            key("rollout.healthy_timeout"),
+            format!(
+                "{} is too short: an instance needs at least health.interval x (health.rise - 1) = {}ms to become healthy",
+                r.healthy_timeout,
+                fastest.as_millis()
+            ),
+        );
+    }
+    let mut route = Service::new(name, Vec::new());
+    route.hosts = s.hosts.clone();
+    route.path_prefix = s.path_prefix.clone();
+    let ms = |d: &Option<super::Dur>, default: u64| d.map_or(default, |d| d.0.as_millis() as u64);
+    route.connect_timeout_ms = ms(&s.connect_timeout, route.connect_timeout_ms);
+    route.read_timeout_ms = ms(&s.read_timeout, route.read_timeout_ms);
+    route.eject_ms = ms(&s.eject, route.eject_ms);
+    route.retries = s.retries.unwrap_or(route.retries);
+    route.overprovisioning = s.overprovisioning.unwrap_or(route.overprovisioning);
+    // The route's own ranges (timeouts, retries, hosts, prefix) are the table's: check them with
+    // the same code the data plane runs, on a one-backend trial table.
+    let mut trial = route.clone();
+    trial.backends = vec![Backend::new("trial", "127.0.0.1:1", 1, 0)];
+    if let Err(e) = rusty_shared::validate(Table::new(1, vec![trial])) {
+        errs.add(format!("services.{name}"), e.to_string());
+    }
+    if errs.0.len() != before {
+        return None;
+    }
+    Some(ServiceSpec {
+        name: name.to_owned(),
+        route,
+        runtime: match s.runtime {
+            RuntimeName::Process => RuntimeKind::Process,
+            RuntimeName::Static => RuntimeKind::Static,
+        },
+        run: RunSpec {
+            command,
+            args: s.args.clone(),
+            env: s.env.clone(),
+            weight: s.weight,
+            priority: s.priority,
+        },
+        addresses,
+        replicas,
+        stop_grace: s.stop_grace.0,
+        health: HealthSpec {
+            probe,
+            interval: h.interval.0,
+            timeout: h.timeout.0,
+            rise: h.rise,
+            fall: h.fall,
+        },
+        rollout: RolloutPolicy {
+            surge: r.surge,
+            drain: r.drain.0,
+            healthy_timeout: r.healthy_timeout.0,
+        },
+    })
+}
+
+/// A command with a `/` in it is a path; a relative one is taken from the config file's
+/// directory, as Compose does, so a config works from any working directory.
+fn resolve_command(command: &str, base_dir: &Path) -> String {
+    let p = Path::new(command);
+    if command.contains('/') && p.is_relative() && !base_dir.as_os_str().is_empty() {
+        base_dir.join(p).display().to_string()
+    } else {
+        command.to_owned()
+    }
+}
+
+/// Two services that claim the same host and path prefix: the table would be refused.
+fn check_routes(services: &[ServiceSpec], errs: &mut Errors) {
+    let trial: Vec<Service> = services
+        .iter()
+        .map(|s| {
+            let mut t = s.route.clone();
+            t.backends = vec![Backend::new("trial", "127.0.0.1:1", 1, 0)];
+            t
+        })
+        .collect();
+    if let Err(e) = rusty_shared::validate(Table::new(1, trial)) {
+        errs.add("services", e.to_string());
+    }
+}

@@ -1,0 +1,544 @@
+//! The core: one task that owns every service's state. Admin requests, runtime events and health
+//! results arrive as messages; after each batch it reconciles every service, carries out the
+//! actions (starts and stops run in tasks of their own and report back, so a slow runtime never
+//! stalls the loop), and publishes a table if the healthy set changed.
+//!
+//! Bursts coalesce here first (a batch of events gives one table) and again in the `watch`
+//! channel the subscribers read.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::{AbortHandle, JoinSet};
+use tracing::{debug, error, info, warn};
+
+use crate::api::{DeployRequest, DeployStatus, InstanceStatus, ServiceStatus, Status};
+use crate::health;
+use crate::metrics::Metrics;
+use crate::publish::{self, Publisher};
+use crate::reconcile::{Action, InstanceRef, Outcome, Phase, Refusal, ServiceState};
+use crate::runtime::{InstanceSpec, Runtime, RuntimeEvent};
+use crate::spec::{RunSpec, RuntimeKind, ServiceSpec};
+
+/// How long the first table waits for every service to have a healthy instance. Until then a
+/// restarted agent would publish a table missing the services that are still rising.
+const FIRST_TABLE_WAIT: Duration = Duration::from_secs(10);
+/// Reconcile at least this often, whatever happens.
+const TICK: Duration = Duration::from_secs(1);
+
+/// Requests from the admin API.
+pub enum Command {
+    Status(oneshot::Sender<Status>),
+    Scale {
+        service: String,
+        replicas: u32,
+        reply: oneshot::Sender<Result<(), ApiError>>,
+    },
+    Deploy {
+        service: String,
+        request: DeployRequest,
+        reply: oneshot::Sender<Result<u64, ApiError>>,
+    },
+    Drain {
+        service: String,
+        seq: u64,
+        reply: oneshot::Sender<Result<(), ApiError>>,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("no service {0:?}")]
+    NoService(String),
+    #[error("{0}")]
+    Refused(#[from] Refusal),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// What the core's own tasks report back.
+enum Event {
+    Started {
+        instance: InstanceRef,
+        result: Result<SocketAddr, String>,
+    },
+    Stopped {
+        instance: InstanceRef,
+    },
+    Probe {
+        instance: InstanceRef,
+        result: Result<(), String>,
+    },
+}
+
+pub struct Core {
+    services: BTreeMap<String, ServiceState>,
+    runtimes: HashMap<RuntimeKind, Arc<dyn Runtime>>,
+    probes: HashMap<InstanceRef, AbortHandle>,
+    publisher: Publisher,
+    metrics: Arc<Metrics>,
+    events_tx: mpsc::UnboundedSender<Event>,
+    events_rx: Option<mpsc::UnboundedReceiver<Event>>,
+    started_at: Instant,
+    /// Set once the first table went out.
+    published: bool,
+}
+
+impl Core {
+    pub fn new(
+        specs: Vec<ServiceSpec>,
+        runtimes: HashMap<RuntimeKind, Arc<dyn Runtime>>,
+        publisher: Publisher,
+        metrics: Arc<Metrics>,
+    ) -> Core {
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        Core {
+            services: specs
+                .into_iter()
+                .map(|s| (s.name.clone(), ServiceState::new(s)))
+                .collect(),
+            runtimes,
+            probes: HashMap::new(),
+            publisher,
+            metrics,
+            events_tx,
+            events_rx: Some(events_rx),
+            started_at: Instant::now(),
+            published: false,
+        }
+    }
+
+    /// Run until `shutdown` flips, then stop every instance and return.
+    pub async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut runtime_events: mpsc::UnboundedReceiver<RuntimeEvent>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let Some(mut events_rx) = self.events_rx.take() else {
+            return;
+        };
+        loop {
+            self.step();
+            let wake = self
+                .services
+                .values()
+                .filter_map(ServiceState::next_deadline)
+                .min()
+                .map_or(TICK, |t| {
+                    t.saturating_duration_since(Instant::now()).min(TICK)
+                });
+            tokio::select! {
+                Some(cmd) = commands.recv() => self.command(cmd).await,
+                Some(ev) = events_rx.recv() => {
+                    self.event(ev);
+                    while let Ok(ev) = events_rx.try_recv() {
+                        self.event(ev);
+                    }
+                }
+                Some(ev) = runtime_events.recv() => self.runtime_event(ev),
+                _ = tokio::time::sleep(wake) => {}
+                _ = shutdown.changed() => break,
+            }
+        }
+        self.stop_everything().await;
+    }
+
+    /// Reconcile, act, publish.
+    fn step(&mut self) {
+        let now = Instant::now();
+        let mut actions = Vec::new();
+        for s in self.services.values_mut() {
+            actions.extend(s.reconcile(now));
+            let finished: Vec<Outcome> = s.finished_deploys.drain(..).collect();
+            for outcome in finished {
+                let (label, detail) = match &outcome {
+                    Outcome::Succeeded => ("succeeded", String::new()),
+                    Outcome::Failed { reason } => ("failed", reason.clone()),
+                    Outcome::InProgress => continue,
+                };
+                self.metrics.deploy(s.name(), label);
+                match label {
+                    "succeeded" => info!(
+                        service = s.name(),
+                        generation = s.generation,
+                        "deploy succeeded"
+                    ),
+                    _ => warn!(
+                        service = s.name(),
+                        "deploy failed, generation {} serves: {detail}", s.generation
+                    ),
+                }
+            }
+        }
+        for a in actions {
+            self.act(a);
+        }
+        self.publish();
+    }
+
+    fn act(&mut self, action: Action) {
+        match action {
+            Action::Start {
+                instance,
+                generation,
+                run,
+            } => {
+                let Some(runtime) = self.runtime_of(&instance.service) else {
+                    return;
+                };
+                debug!(%instance, generation, "starting");
+                let tx = self.events_tx.clone();
+                tokio::spawn(async move {
+                    let spec = InstanceSpec {
+                        instance: instance.clone(),
+                        generation,
+                        run,
+                    };
+                    let result = runtime.start(spec).await.map_err(|e| e.to_string());
+                    let _ = tx.send(Event::Started { instance, result });
+                });
+            }
+            Action::Stop { instance, grace } => {
+                if let Some(p) = self.probes.remove(&instance) {
+                    p.abort();
+                }
+                let Some(runtime) = self.runtime_of(&instance.service) else {
+                    return;
+                };
+                info!(%instance, "stopping");
+                let tx = self.events_tx.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = runtime.stop(&instance, grace).await {
+                        warn!(%instance, "stop: {e}");
+                    }
+                    let _ = tx.send(Event::Stopped { instance });
+                });
+            }
+        }
+    }
+
+    fn runtime_of(&self, service: &str) -> Option<Arc<dyn Runtime>> {
+        let kind = self.services.get(service)?.spec.runtime;
+        self.runtimes.get(&kind).cloned()
+    }
+
+    fn publish(&mut self) {
+        let ready = self.published
+            || self.started_at.elapsed() >= FIRST_TABLE_WAIT
+            || self
+                .services
+                .values()
+                .all(|s| s.replicas == 0 || s.instances.values().any(|i| i.in_table()));
+        if !ready {
+            return;
+        }
+        let states: Vec<&ServiceState> = self.services.values().collect();
+        let table = publish::build(&states);
+        match self.publisher.offer(table) {
+            Ok(Some(version)) => {
+                self.published = true;
+                self.metrics
+                    .tables_published
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let summary: Vec<String> = self
+                    .services
+                    .values()
+                    .map(|s| format!("{}={}", s.name(), s.backends().len()))
+                    .collect();
+                info!(version, backends = %summary.join(" "), "table published");
+            }
+            Ok(None) => {}
+            Err(e) => error!("not publishing: {e}"),
+        }
+    }
+
+    fn event(&mut self, ev: Event) {
+        let now = Instant::now();
+        match ev {
+            Event::Started { instance, result } => {
+                let Some(s) = self.services.get_mut(&instance.service) else {
+                    return;
+                };
+                match result {
+                    Ok(addr) => {
+                        let still_wanted = s
+                            .instances
+                            .get(&instance.seq)
+                            .is_some_and(|i| i.phase == Phase::Starting);
+                        s.started(instance.seq, addr);
+                        if still_wanted {
+                            self.spawn_probe(instance, addr);
+                        }
+                    }
+                    Err(e) => {
+                        warn!(%instance, "could not start: {e}");
+                        s.start_failed(instance.seq, &e, now);
+                    }
+                }
+            }
+            Event::Stopped { instance } => {
+                if let Some(s) = self.services.get_mut(&instance.service) {
+                    s.stopped(instance.seq);
+                }
+            }
+            Event::Probe { instance, result } => {
+                let Some(s) = self.services.get_mut(&instance.service) else {
+                    return;
+                };
+                self.metrics.check(&instance.service, result.is_ok());
+                let ok = result.is_ok();
+                if s.probed(instance.seq, ok, result.err()) {
+                    if ok {
+                        info!(%instance, "healthy: joins the table");
+                    } else {
+                        let why = s
+                            .instances
+                            .get(&instance.seq)
+                            .and_then(|i| i.last_error.clone());
+                        warn!(%instance, "unhealthy: leaves the table ({})", why.unwrap_or_default());
+                    }
+                }
+            }
+        }
+    }
+
+    fn runtime_event(&mut self, ev: RuntimeEvent) {
+        match ev {
+            RuntimeEvent::Exited { instance, detail } => {
+                self.metrics.restart(&instance.service);
+                if let Some(s) = self.services.get_mut(&instance.service) {
+                    if s.exited(instance.seq, detail) {
+                        warn!(%instance, "exited: out of the table until it is healthy again");
+                    }
+                }
+            }
+            RuntimeEvent::Restarted { instance } => debug!(%instance, "restarted"),
+        }
+    }
+
+    fn spawn_probe(&mut self, instance: InstanceRef, addr: SocketAddr) {
+        let Some(s) = self.services.get(&instance.service) else {
+            return;
+        };
+        let spec = s.spec.health.clone();
+        let tx = self.events_tx.clone();
+        let key = instance.clone();
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(spec.interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let result = health::probe(addr, &spec.probe, spec.timeout).await;
+                if tx
+                    .send(Event::Probe {
+                        instance: instance.clone(),
+                        result,
+                    })
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        if let Some(old) = self.probes.insert(key, task.abort_handle()) {
+            old.abort();
+        }
+    }
+
+    async fn command(&mut self, cmd: Command) {
+        let now = Instant::now();
+        match cmd {
+            Command::Status(reply) => {
+                let status = self.status().await;
+                let _ = reply.send(status);
+            }
+            Command::Scale {
+                service,
+                replicas,
+                reply,
+            } => {
+                let r = match self.services.get_mut(&service) {
+                    None => Err(ApiError::NoService(service)),
+                    Some(s) => s.scale(replicas).map_err(ApiError::from).inspect(|_| {
+                        info!(service = s.name(), replicas, "scale requested");
+                    }),
+                };
+                let _ = reply.send(r);
+            }
+            Command::Deploy {
+                service,
+                request,
+                reply,
+            } => {
+                let r = match self.services.get_mut(&service) {
+                    None => Err(ApiError::NoService(service)),
+                    Some(s) => match merge_run(s.current_run(), request) {
+                        Err(e) => Err(e),
+                        Ok(run) => {
+                            let shown = format!("{} {}", run.command, run.args.join(" "));
+                            s.deploy(run, now).map_err(ApiError::from).inspect(|g| {
+                                info!(service = s.name(), generation = g, command = %shown, "deploy started");
+                            })
+                        }
+                    },
+                };
+                let _ = reply.send(r);
+            }
+            Command::Drain {
+                service,
+                seq,
+                reply,
+            } => {
+                let r = match self.services.get_mut(&service) {
+                    None => Err(ApiError::NoService(service)),
+                    Some(s) => s.drain(seq, now).map_err(ApiError::from),
+                };
+                let _ = reply.send(r);
+            }
+        }
+    }
+
+    async fn status(&self) -> Status {
+        let mut pids = HashMap::new();
+        for r in self.runtimes.values() {
+            for info in r.list().await {
+                if let Some(pid) = info.pid {
+                    pids.insert(info.id, pid);
+                }
+            }
+        }
+        let now = Instant::now();
+        Status {
+            table_version: self.publisher.current().map(|p| p.version),
+            subscribers: self
+                .metrics
+                .subscribers
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .max(0) as usize,
+            services: self
+                .services
+                .values()
+                .map(|s| {
+                    let run = s.current_run();
+                    ServiceStatus {
+                        name: s.name().to_owned(),
+                        runtime: s.spec.runtime.name().to_owned(),
+                        generation: s.generation,
+                        replicas: s.replicas,
+                        live: s
+                            .instances
+                            .values()
+                            .filter(|i| matches!(i.phase, Phase::Starting | Phase::Running))
+                            .count(),
+                        healthy: s.instances.values().filter(|i| i.in_table()).count(),
+                        command: run.command.clone(),
+                        args: run.args.clone(),
+                        deploy: s.deploy.as_ref().map(|d| {
+                            let (state, reason) = match &d.outcome {
+                                Outcome::InProgress => ("in_progress", None),
+                                Outcome::Succeeded => ("succeeded", None),
+                                Outcome::Failed { reason } => ("failed", Some(reason.clone())),
+                            };
+                            DeployStatus {
+                                generation: d.generation,
+                                from: d.from,
+                                state: state.to_owned(),
+                                reason,
+                                elapsed_ms: d
+                                    .finished
+                                    .unwrap_or(now)
+                                    .duration_since(d.started)
+                                    .as_millis() as u64,
+                            }
+                        }),
+                        instances: s
+                            .instances
+                            .values()
+                            .map(|i| {
+                                let id = format!("{}-{}", s.name(), i.seq);
+                                InstanceStatus {
+                                    pid: pids.get(&id).copied(),
+                                    id,
+                                    generation: i.generation,
+                                    addr: i.addr.map(|a| a.to_string()),
+                                    phase: serde_json::to_value(i.phase)
+                                        .ok()
+                                        .and_then(|v| v.as_str().map(str::to_owned))
+                                        .unwrap_or_default(),
+                                    healthy: i.health.is_up(),
+                                    in_table: i.in_table(),
+                                    restarts: i.restarts,
+                                    last_error: i.last_error.clone(),
+                                }
+                            })
+                            .collect(),
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Shutdown: every instance gets its stop (SIGTERM, grace, SIGKILL), all at once.
+    async fn stop_everything(mut self) {
+        for (_, p) in self.probes.drain() {
+            p.abort();
+        }
+        let mut stops = JoinSet::new();
+        for s in self.services.values() {
+            let Some(runtime) = self.runtimes.get(&s.spec.runtime).cloned() else {
+                continue;
+            };
+            for i in s.instances.values() {
+                let instance = InstanceRef {
+                    service: s.name().to_owned(),
+                    seq: i.seq,
+                };
+                let (runtime, grace) = (runtime.clone(), s.spec.stop_grace);
+                stops.spawn(async move {
+                    let _ = runtime.stop(&instance, grace).await;
+                });
+            }
+        }
+        info!("stopping {} instances", stops.len());
+        while stops.join_next().await.is_some() {}
+        self.publisher.close();
+    }
+}
+
+/// A deploy request over the current run spec: what it gives replaces, what it omits stays.
+fn merge_run(current: &RunSpec, req: DeployRequest) -> Result<RunSpec, ApiError> {
+    let mut run = current.clone();
+    if let Some(c) = req.command {
+        if c.trim().is_empty() {
+            return Err(ApiError::Invalid("command: must not be empty".into()));
+        }
+        run.command = c;
+    }
+    if let Some(a) = req.args {
+        run.args = a;
+    }
+    if let Some(e) = req.env {
+        run.env = e;
+    }
+    if let Some(w) = req.weight {
+        if !(rusty_shared::limits::WEIGHT_MIN..=rusty_shared::limits::WEIGHT_MAX).contains(&w) {
+            return Err(ApiError::Invalid(format!(
+                "weight: {w} is out of range 1..=1000"
+            )));
+        }
+        run.weight = w;
+    }
+    if let Some(p) = req.priority {
+        if p > rusty_shared::limits::PRIORITY_MAX {
+            return Err(ApiError::Invalid(format!(
+                "priority: {p} is out of range 0..=127"
+            )));
+        }
+        run.priority = p;
+    }
+    Ok(run)
+}

@@ -1,0 +1,175 @@
+//! Health: the rise/fall rule (pure) and the probes that feed it (HTTP GET or TCP connect).
+//!
+//! An instance enters the table after `rise` passing checks in a row and leaves it after `fall`
+//! failing checks in a row, as in HAProxy. A process that exits is taken down at once, without
+//! waiting for `fall` failures: the runtime saw it die, there is nothing to confirm.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::spec::Probe;
+
+/// Rise/fall counting for one instance.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tracker {
+    up: bool,
+    ever_up: bool,
+    passes: u32,
+    fails: u32,
+}
+
+impl Tracker {
+    pub fn is_up(&self) -> bool {
+        self.up
+    }
+
+    /// Has this instance ever passed `rise` checks? (A deploy waits for exactly this.)
+    pub fn ever_up(&self) -> bool {
+        self.ever_up
+    }
+
+    /// Count one check; true when the instance changed between up and down.
+    pub fn record(&mut self, ok: bool, rise: u32, fall: u32) -> bool {
+        if ok {
+            self.fails = 0;
+            self.passes = self.passes.saturating_add(1);
+            if !self.up && self.passes >= rise {
+                self.up = true;
+                self.ever_up = true;
+                return true;
+            }
+        } else {
+            self.passes = 0;
+            self.fails = self.fails.saturating_add(1);
+            if self.up && self.fails >= fall {
+                self.up = false;
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Down now (the process exited); it must rise again. True if it was up.
+    pub fn force_down(&mut self) -> bool {
+        let was = self.up;
+        self.up = false;
+        self.passes = 0;
+        self.fails = 0;
+        was
+    }
+}
+
+/// Largest response head a health check reads.
+const MAX_HEAD: usize = 8 * 1024;
+
+/// One check against `addr`. `Err` carries why it failed, for the log.
+pub async fn probe(addr: SocketAddr, probe: &Probe, timeout: Duration) -> Result<(), String> {
+    match tokio::time::timeout(timeout, probe_inner(addr, probe)).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no answer within {}ms", timeout.as_millis())),
+    }
+}
+
+async fn probe_inner(addr: SocketAddr, probe: &Probe) -> Result<(), String> {
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let Probe::Http { path } = probe else {
+        return Ok(());
+    };
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: rusty-agent-health\r\nConnection: close\r\n\r\n"
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    let mut buf = Vec::with_capacity(512);
+    loop {
+        let mut chunk = [0u8; 1024];
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            return Err("connection closed before a response".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut resp = httparse::Response::new(&mut headers);
+        match resp.parse(&buf) {
+            Ok(httparse::Status::Complete(_)) | Ok(httparse::Status::Partial)
+                if resp.code.is_some() =>
+            {
+                let code = resp.code.unwrap_or(0);
+                return if (200..400).contains(&code) {
+                    Ok(())
+                } else {
+                    Err(format!("status {code}"))
+                };
+            }
+            Ok(_) if buf.len() < MAX_HEAD => continue,
+            Ok(_) => return Err("response head too large".into()),
+            Err(e) => return Err(format!("bad response: {e}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rises_after_rise_passes_in_a_row_and_falls_after_fall_failures() {
+        let mut t = Tracker::default();
+        assert!(!t.record(true, 3, 2));
+        assert!(!t.record(false, 3, 2), "a failure resets the rise count");
+        assert!(!t.record(true, 3, 2));
+        assert!(!t.record(true, 3, 2));
+        assert!(t.record(true, 3, 2), "third pass in a row");
+        assert!(t.is_up() && t.ever_up());
+        assert!(!t.record(false, 3, 2));
+        assert!(!t.record(true, 3, 2), "a pass resets the fall count");
+        assert!(!t.record(false, 3, 2));
+        assert!(t.record(false, 3, 2));
+        assert!(!t.is_up() && t.ever_up());
+    }
+
+    #[test]
+    fn forced_down_must_rise_again() {
+        let mut t = Tracker::default();
+        t.record(true, 1, 1);
+        assert!(t.force_down());
+        assert!(!t.is_up());
+        assert!(!t.force_down());
+        assert!(t.record(true, 1, 1));
+    }
+
+    #[tokio::test]
+    async fn probes_fail_on_refused_connections_and_bad_statuses() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            for status in ["200 OK", "503 Service Unavailable", "302 Found"] {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await.unwrap();
+                let resp = format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
+                s.write_all(resp.as_bytes()).await.unwrap();
+            }
+        });
+        let http = Probe::Http {
+            path: "/healthz".into(),
+        };
+        let t = Duration::from_secs(2);
+        assert_eq!(probe(addr, &http, t).await, Ok(()));
+        assert_eq!(probe(addr, &http, t).await, Err("status 503".into()));
+        assert_eq!(probe(addr, &http, t).await, Ok(()), "3xx passes");
+        server.await.unwrap();
+        let e = probe(addr, &Probe::Tcp, t).await.unwrap_err();
+        assert!(e.starts_with("connect"), "{e}");
+    }
+}

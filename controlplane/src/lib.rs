@@ -1,0 +1,31 @@
+//! `rusty-agent`: RustyBalancer's deployment agent.
+//!
+//! The agent owns the desired state of every service, makes the actual state match it, health
+//! checks every instance and pushes round-robin-with-priorities tables to the data planes over a
+//! one-way WebSocket.
+//!
+//! Layout, from pure logic to I/O:
+//! - [`config`] reads and validates the TOML file into the domain types of [`spec`];
+//! - [`reconcile`] decides what to start, drain and stop (no I/O, fake clock in tests), using the
+//!   rise/fall rule of [`health`];
+//! - [`publish`] turns healthy instances into versioned tables;
+//! - [`runtime`] runs instances (local processes, static addresses) behind one trait;
+//! - [`core`] is the single task that owns the state and drives the others;
+//! - [`server`] is the listener: admin API, metrics, and the table stream;
+//! - [`client`] and [`cli`] are the command line.
+
+pub mod agent;
+pub mod api;
+pub mod auth;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod core;
+pub mod health;
+pub mod metrics;
+pub mod publish;
+pub mod reconcile;
+pub mod runtime;
+pub mod server;
+pub mod spec;
+pub mod state;

@@ -1,0 +1,134 @@
+//! The agent's Prometheus metrics. Nothing here is on a hot path (a few events per second), so a
+//! mutex around labelled counters is the simple and sufficient choice. Gauges that describe the
+//! current state (instances by state) are computed from a status snapshot at scrape time.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::api::Status;
+
+#[derive(Default)]
+pub struct Metrics {
+    checks: Mutex<BTreeMap<(String, &'static str), u64>>,
+    deploys: Mutex<BTreeMap<(String, &'static str), u64>>,
+    restarts: Mutex<BTreeMap<String, u64>>,
+    pub tables_published: AtomicU64,
+    pub table_frames_sent: AtomicU64,
+    pub subscribers: AtomicI64,
+    pub subscribers_refused: AtomicU64,
+}
+
+fn bump(map: &Mutex<BTreeMap<(String, &'static str), u64>>, service: &str, label: &'static str) {
+    let mut m = map.lock().unwrap_or_else(|p| p.into_inner());
+    *m.entry((service.to_owned(), label)).or_default() += 1;
+}
+
+impl Metrics {
+    pub fn check(&self, service: &str, ok: bool) {
+        bump(&self.checks, service, if ok { "pass" } else { "fail" });
+    }
+
+    pub fn deploy(&self, service: &str, outcome: &'static str) {
+        bump(&self.deploys, service, outcome);
+    }
+
+    pub fn restart(&self, service: &str) {
+        let mut m = self.restarts.lock().unwrap_or_else(|p| p.into_inner());
+        *m.entry(service.to_owned()).or_default() += 1;
+    }
+
+    /// The text exposition format, with the state gauges taken from `status`.
+    pub fn render(&self, status: &Status) -> String {
+        let mut out = String::with_capacity(2048);
+        out.push_str("# HELP rusty_agent_instances Instances by service and state.\n# TYPE rusty_agent_instances gauge\n");
+        for s in &status.services {
+            let mut by_state: BTreeMap<&str, u64> =
+                ["starting", "healthy", "unhealthy", "draining", "stopping"]
+                    .into_iter()
+                    .map(|k| (k, 0))
+                    .collect();
+            for i in &s.instances {
+                let state = match i.phase.as_str() {
+                    "running" if i.in_table => "healthy",
+                    "running" => "unhealthy",
+                    other => other,
+                };
+                *by_state.entry(state).or_default() += 1;
+            }
+            for (state, n) in by_state {
+                let _ = writeln!(
+                    out,
+                    "rusty_agent_instances{{service=\"{}\",state=\"{state}\"}} {n}",
+                    s.name
+                );
+            }
+        }
+        out.push_str("# HELP rusty_agent_desired_replicas Desired instances by service.\n# TYPE rusty_agent_desired_replicas gauge\n");
+        for s in &status.services {
+            let _ = writeln!(
+                out,
+                "rusty_agent_desired_replicas{{service=\"{}\"}} {}",
+                s.name, s.replicas
+            );
+        }
+        out.push_str("# HELP rusty_agent_health_checks_total Health checks by service and result.\n# TYPE rusty_agent_health_checks_total counter\n");
+        for ((svc, result), n) in self.checks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = writeln!(
+                out,
+                "rusty_agent_health_checks_total{{service=\"{svc}\",result=\"{result}\"}} {n}"
+            );
+        }
+        out.push_str("# HELP rusty_agent_instance_restarts_total Instances restarted after they exited on their own.\n# TYPE rusty_agent_instance_restarts_total counter\n");
+        for (svc, n) in self
+            .restarts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "rusty_agent_instance_restarts_total{{service=\"{svc}\"}} {n}"
+            );
+        }
+        out.push_str("# HELP rusty_agent_deploys_total Finished deploys by service and outcome.\n# TYPE rusty_agent_deploys_total counter\n");
+        for ((svc, outcome), n) in self
+            .deploys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "rusty_agent_deploys_total{{service=\"{svc}\",outcome=\"{outcome}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP rusty_agent_table_version Version of the last published table.\n# TYPE rusty_agent_table_version gauge\nrusty_agent_table_version {}",
+            status.table_version.unwrap_or(0)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP rusty_agent_tables_published_total Table versions published.\n# TYPE rusty_agent_tables_published_total counter\nrusty_agent_tables_published_total {}",
+            self.tables_published.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP rusty_agent_table_pushes_total Tables sent to subscribers (one per subscriber and version it received).\n# TYPE rusty_agent_table_pushes_total counter\nrusty_agent_table_pushes_total {}",
+            self.table_frames_sent.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP rusty_agent_subscribers Data planes subscribed to the table stream.\n# TYPE rusty_agent_subscribers gauge\nrusty_agent_subscribers {}",
+            self.subscribers.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP rusty_agent_subscribers_refused_total Table stream requests refused (bad or missing token).\n# TYPE rusty_agent_subscribers_refused_total counter\nrusty_agent_subscribers_refused_total {}",
+            self.subscribers_refused.load(Ordering::Relaxed)
+        );
+        out
+    }
+}

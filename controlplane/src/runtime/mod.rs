@@ -1,0 +1,79 @@
+//! Runtimes: where instances actually run. The core asks a runtime to start or stop an
+//! instance and hears back through [`RuntimeEvent`]s when one exits on its own; everything
+//! else about an instance (health, table membership, rollout) is the core's business.
+//!
+//! - [`process`]: local child processes, supervised and restarted with backoff.
+//! - [`fixed`]: the `static` runtime, fixed addresses the agent only health-checks.
+//!
+//! The Docker runtime plugs into the same trait.
+
+pub mod fixed;
+pub mod process;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::reconcile::InstanceRef;
+use crate::spec::RunSpec;
+
+/// What the runtime needs to start one instance.
+#[derive(Debug, Clone)]
+pub struct InstanceSpec {
+    pub instance: InstanceRef,
+    pub generation: u64,
+    pub run: Arc<RunSpec>,
+}
+
+/// What a runtime knows about one of its instances, for `status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct InstanceInfo {
+    pub id: String,
+    pub addr: SocketAddr,
+    /// OS process id, where there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+}
+
+/// Things that happen to instances without the core asking.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuntimeEvent {
+    /// It stopped by itself (crash, exit); the runtime will try again after a backoff.
+    Exited {
+        instance: InstanceRef,
+        detail: String,
+    },
+    /// It runs again after an exit.
+    Restarted { instance: InstanceRef },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("cannot start {command:?}: {source}")]
+    Spawn {
+        command: String,
+        source: std::io::Error,
+    },
+    #[error("no free port for the instance: {0}")]
+    Port(std::io::Error),
+    #[error("every static address of {0} is already in use")]
+    NoAddress(String),
+    #[error("unknown instance {0}")]
+    Unknown(String),
+}
+
+/// The seam between the agent and whatever runs instances.
+#[async_trait]
+pub trait Runtime: Send + Sync {
+    /// Start one instance; returns the address the data planes reach it at.
+    async fn start(&self, spec: InstanceSpec) -> Result<SocketAddr, RuntimeError>;
+
+    /// Stop it: a polite signal, then a forced one after `grace`. Returns once it is gone.
+    async fn stop(&self, instance: &InstanceRef, grace: Duration) -> Result<(), RuntimeError>;
+
+    /// Every instance this runtime currently has.
+    async fn list(&self) -> Vec<InstanceInfo>;
+}

@@ -1,0 +1,93 @@
+//! The agent's domain types: a validated configuration. Everything downstream of
+//! [`crate::config::validate`] trusts these values and never re-checks them.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub agent: AgentSettings,
+    pub services: Vec<ServiceSpec>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentSettings {
+    pub listen: SocketAddr,
+    pub state_dir: PathBuf,
+    pub token_file: Option<PathBuf>,
+    pub log: String,
+    pub instance_host: IpAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    Process,
+    Static,
+}
+
+impl RuntimeKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            RuntimeKind::Process => "process",
+            RuntimeKind::Static => "static",
+        }
+    }
+}
+
+/// What one version of a service runs: everything a deploy may change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunSpec {
+    pub command: String,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub weight: u32,
+    pub priority: u32,
+}
+
+/// How instances are checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    Http { path: String },
+    Tcp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthSpec {
+    pub probe: Probe,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutPolicy {
+    pub surge: u32,
+    pub drain: Duration,
+    pub healthy_timeout: Duration,
+}
+
+/// The route and proxy settings of a service as they go into every table, backends left empty.
+pub type RouteTemplate = rusty_shared::table::Service;
+
+#[derive(Debug, Clone)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub route: RouteTemplate,
+    pub runtime: RuntimeKind,
+    pub run: RunSpec,
+    /// `static` only: the fixed backend addresses.
+    pub addresses: Vec<SocketAddr>,
+    pub replicas: u32,
+    pub stop_grace: Duration,
+    pub health: HealthSpec,
+    pub rollout: RolloutPolicy,
+}
+
+/// Most instances one service may ask for.
+pub const MAX_REPLICAS: u32 = 1_000;
