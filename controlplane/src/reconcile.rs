@@ -531,3 +531,7 @@ impl ServiceState {
             .collect()
     }
 }
+
+#[cfg(test)]
+#[path = "reconcile_tests.rs"]
+mod tests;

@@ -344,7 +344,14 @@ pub fn load_str(
             } else {
                 key
             };
-            invalid(file, &key, &e.into_inner().to_string())
+            // toml's own message may end with "in `key`"; the path says that already.
+            let message = e.into_inner().to_string();
+            let message = message
+                .split("\nin `")
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            invalid(file, &key, &message)
         })?;
     let config = validate(&raw, base_dir).map_err(|errors| LoadError::Invalid {
         file: file.to_owned(),
@@ -383,3 +390,6 @@ fn merge(base: &mut toml::Table, overlay: &toml::Table) {
 pub fn render(raw: &RawConfig) -> String {
     toml::to_string_pretty(raw).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,225 @@
+//! Config errors must name the file and the key; overlays must change only what they name.
+
+use std::path::Path;
+
+use super::*;
+
+const BASE: &str = r#"
+[agent]
+listen = "127.0.0.1:7070"
+
+[services.web]
+hosts = ["example.com"]
+command = "./app"
+args = ["--port", "{port}"]
+replicas = 3
+
+[services.api]
+runtime = "static"
+path_prefix = "/api"
+addresses = ["127.0.0.1:9001", "127.0.0.1:9002"]
+
+[env.development.services.web]
+replicas = 1
+
+[env.development.agent]
+log = "debug"
+
+[env.production.agent]
+token_file = "/run/secrets/token"
+require_token_file = true
+"#;
+
+fn load(text: &str, env: Option<&str>) -> Result<Loaded, LoadError> {
+    load_str(text, "agent.toml", Path::new("/etc/rusty"), env)
+}
+
+fn errors(text: &str) -> String {
+    load(text, None).unwrap_err().to_string()
+}
+
+#[test]
+fn a_valid_config_loads_with_defaults_filled_in() {
+    let l = load(BASE, None).unwrap();
+    let c = &l.config;
+    assert_eq!(c.services.len(), 2);
+    let web = c.services.iter().find(|s| s.name == "web").unwrap();
+    assert_eq!(web.replicas, 3);
+    assert_eq!(
+        web.run.command, "/etc/rusty/./app",
+        "relative paths are the config's"
+    );
+    assert_eq!(web.health.rise, 2);
+    assert_eq!(web.rollout.surge, 1);
+    let api = c.services.iter().find(|s| s.name == "api").unwrap();
+    assert_eq!(api.replicas, 2, "one per address");
+    assert_eq!(api.route.path_prefix, "/api");
+    assert_eq!(l.environments, vec!["development", "production"]);
+    assert_eq!(c.agent.state_dir, Path::new("/etc/rusty/.rusty/agent"));
+}
+
+#[test]
+fn an_overlay_changes_only_what_it_names() {
+    let base = load(BASE, None).unwrap().config;
+    let dev = load(BASE, Some("development")).unwrap().config;
+    let web = |c: &Config| c.services.iter().find(|s| s.name == "web").unwrap().clone();
+    assert_eq!(web(&dev).replicas, 1);
+    assert_eq!(web(&dev).run.args, web(&base).run.args, "args untouched");
+    assert_eq!(dev.agent.log, "debug");
+    assert_eq!(base.agent.log, "info");
+    let prod = load(BASE, Some("production")).unwrap().config;
+    assert_eq!(
+        prod.agent.token_file.as_deref(),
+        Some(Path::new("/run/secrets/token"))
+    );
+}
+
+#[test]
+fn an_unknown_environment_lists_the_known_ones() {
+    let e = load(BASE, Some("staging")).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "agent.toml: --env staging: there is no [env.staging] table (environments in this file: development, production)"
+    );
+}
+
+#[test]
+fn unknown_keys_are_named_with_their_path() {
+    let e = errors("[services.web]\ncommand = \"x\"\nreplica = 2\n");
+    assert!(
+        e.starts_with("agent.toml: services.web.replica: unknown field `replica`, expected one of"),
+        "{e}"
+    );
+    let e = errors("[services.web]\ncommand = \"x\"\n[services.web.health]\nris = 2\n");
+    assert!(
+        e.starts_with("agent.toml: services.web.health.ris: unknown field `ris`"),
+        "{e}"
+    );
+    let e = errors("[agnet]\n");
+    assert!(
+        e.starts_with("agent.toml: agnet: unknown field `agnet`"),
+        "{e}"
+    );
+    assert!(!e.contains("\nin `"), "{e}");
+}
+
+#[test]
+fn wrong_types_and_bad_durations_are_named_with_their_path() {
+    let e = errors("[services.web]\ncommand = \"x\"\nreplicas = \"two\"\n");
+    assert!(
+        e.starts_with("agent.toml: services.web.replicas: invalid type"),
+        "{e}"
+    );
+    let e = errors("[services.web]\ncommand = \"x\"\n[services.web.health]\ninterval = \"5\"\n");
+    assert!(
+        e.starts_with("agent.toml: services.web.health.interval: invalid duration \"5\""),
+        "{e}"
+    );
+}
+
+#[test]
+fn syntax_errors_give_the_line() {
+    let e = errors("[services.web]\ncommand = \n");
+    assert!(e.starts_with("agent.toml: not valid TOML"), "{e}");
+    assert!(e.contains("line 2"), "{e}");
+}
+
+#[test]
+fn every_rule_broken_is_reported_with_its_key() {
+    let e = errors(
+        r#"
+[agent]
+listen = "localhost:7070"
+require_token_file = true
+
+[services.web]
+weight = 0
+priority = 500
+[services.web.health]
+rise = 0
+path = "healthz"
+[services.web.rollout]
+surge = 0
+
+[services.api]
+runtime = "static"
+addresses = ["127.0.0.1:9001", "nowhere", "127.0.0.1:9001"]
+command = "x"
+"#,
+    );
+    for expected in [
+        "agent.toml: agent.listen: \"localhost:7070\" is not an ip:port address",
+        "agent.toml: agent.token_file: required here",
+        "agent.toml: services.web.command: required with runtime = \"process\"",
+        "agent.toml: services.web.weight: 0 is out of range 1..=1000",
+        "agent.toml: services.web.priority: 500 is out of range",
+        "agent.toml: services.web.health.rise: 0 is out of range 1..=100",
+        "agent.toml: services.web.health.path: \"healthz\" must start with /",
+        "agent.toml: services.web.rollout.surge: 0 is out of range",
+        "agent.toml: services.api.addresses[1]: \"nowhere\" is not an ip:port address",
+        "agent.toml: services.api.addresses[2]: 127.0.0.1:9001 is listed twice",
+        "agent.toml: services.api.command: command, args and env are only for runtime = \"process\"",
+    ] {
+        assert!(e.contains(expected), "missing {expected:?} in:\n{e}");
+    }
+}
+
+#[test]
+fn services_that_claim_the_same_route_are_refused() {
+    let e = errors(
+        "[services.a]\ncommand = \"x\"\nhosts = [\"h\"]\n[services.b]\ncommand = \"y\"\nhosts = [\"h\"]\n",
+    );
+    assert!(e.starts_with("agent.toml: services: "), "{e}");
+    assert!(e.contains("\"a\"") && e.contains("\"b\""), "{e}");
+}
+
+#[test]
+fn a_healthy_timeout_shorter_than_rising_is_refused() {
+    let e = errors(
+        "[services.web]\ncommand = \"x\"\n[services.web.health]\ninterval = \"2s\"\nrise = 3\n[services.web.rollout]\nhealthy_timeout = \"3s\"\n",
+    );
+    assert!(
+        e.contains("services.web.rollout.healthy_timeout: 3s is too short"),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_overlay_error_is_named_by_the_merged_key() {
+    let text = format!("{BASE}\n[env.slim.services.web.health]\nfall = 0\n");
+    assert!(load(&text, None).is_ok());
+    let e = load(&text, Some("slim")).unwrap_err().to_string();
+    assert!(
+        e.contains("agent.toml: services.web.health.fall: 0 is out of range"),
+        "{e}"
+    );
+}
+
+#[test]
+fn the_effective_config_renders_and_reads_back_the_same() {
+    let l = load(BASE, Some("development")).unwrap();
+    let text = render(&l.raw);
+    let again = load(&text, None).unwrap();
+    assert_eq!(render(&again.raw), text);
+}
+
+#[test]
+fn the_shipped_examples_are_valid_in_every_environment() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        let base = super::load(&path, None).unwrap_or_else(|e| panic!("{e}"));
+        for env in &base.environments {
+            super::load(&path, Some(env)).unwrap_or_else(|e| panic!("--env {env}: {e}"));
+            checked += 1;
+        }
+    }
+    assert!(
+        checked >= 3,
+        "examples cover production, development and slim"
+    );
+}
