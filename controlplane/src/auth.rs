@@ -21,27 +21,27 @@ impl std::fmt::Debug for Token {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
-    #[error("cannot read the token file {path}: {source}")]
+    #[error("cannot read the token file {path}: {cause}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("the token file {0} is empty")]
     Empty(PathBuf),
     #[error("the token in {0} has bytes that cannot go in an HTTP header")]
     Unprintable(PathBuf),
-    #[error("cannot create the token file {path}: {source}")]
+    #[error("cannot create the token file {path}: {cause}")]
     Create {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
 impl Token {
     pub fn read(path: &Path) -> Result<Token, TokenError> {
-        let text = std::fs::read_to_string(path).map_err(|source| TokenError::Read {
+        let text = std::fs::read_to_string(path).map_err(|cause| TokenError::Read {
             path: path.to_path_buf(),
-            source,
+            cause,
         })?;
         let t = text.trim();
         if t.is_empty() {
@@ -65,9 +65,9 @@ impl Token {
         if path.exists() {
             return Token::read(&path).map(|t| (t, path));
         }
-        let create = |source| TokenError::Create {
+        let create = |cause| TokenError::Create {
             path: path.clone(),
-            source,
+            cause,
         };
         std::fs::create_dir_all(state_dir).map_err(create)?;
         let mut raw = [0u8; 24];

@@ -439,3 +439,214 @@ impl LoadLoop {
         total
     }
 }
+
+/// A `rusty-agent` on a fresh port, with its config, token and state in a scratch directory.
+pub struct Agent {
+    pub proc: Proc,
+    pub port: u16,
+    pub config: PathBuf,
+    pub token_file: PathBuf,
+    pub dir: TempDir,
+}
+
+/// `[services.web]` run by the agent as `rusty-echo` processes that answer with `{tag}{instance}`,
+/// with quick health checks and drains so tests stay short.
+pub fn echo_service(name: &str, replicas: u32, tag: &str) -> String {
+    format!(
+        r#"
+[services.{name}]
+command = "{echo}"
+args = ["--listen", "{{host}}:{{port}}", "--id", "{tag}{{instance}}"]
+replicas = {replicas}
+
+[services.{name}.health]
+interval = "100ms"
+timeout = "1s"
+rise = 2
+fall = 3
+
+[services.{name}.rollout]
+drain = "500ms"
+healthy_timeout = "5s"
+"#,
+        echo = bin("rusty-echo").display()
+    )
+}
+
+impl Agent {
+    /// Start an agent with these `[services.*]` tables and wait until its listener answers.
+    pub fn start(tag: &str, services: &str) -> Agent {
+        let dir = TempDir::new(tag);
+        let port = free_port();
+        let token_file = dir.path("token");
+        std::fs::write(&token_file, format!("token-{tag}-{}\n", std::process::id()))
+            .expect("write token");
+        let config = dir.path("agent.toml");
+        let text = format!(
+            "[agent]\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"{}\"\ntoken_file = \"{}\"\nlog = \"info\"\n{services}",
+            dir.path("state").display(),
+            token_file.display()
+        );
+        std::fs::write(&config, text).expect("write agent config");
+        let proc = Agent::spawn(&config);
+        wait_for_port(port, Duration::from_secs(20));
+        Agent {
+            proc,
+            port,
+            config,
+            token_file,
+            dir,
+        }
+    }
+
+    fn spawn(config: &Path) -> Proc {
+        Proc::spawn(
+            "rusty-agent",
+            &bin("rusty-agent"),
+            &[
+                "run".to_owned(),
+                "--config".to_owned(),
+                config.display().to_string(),
+            ],
+        )
+    }
+
+    /// SIGKILL the agent and start it again with the same config and state.
+    pub fn kill_and_restart(&mut self) {
+        self.kill();
+        self.proc = Agent::spawn(&self.config);
+        wait_for_port(self.port, Duration::from_secs(20));
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.proc.child.kill();
+        let _ = self.proc.child.wait();
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://127.0.0.1:{}/v1/tables", self.port)
+    }
+
+    /// A data plane subscribed to this agent.
+    pub fn lb(&self) -> Lb {
+        Lb::start(&[
+            "--agent".to_owned(),
+            self.ws_url(),
+            "--token-file".to_owned(),
+            self.token_file.display().to_string(),
+        ])
+    }
+
+    /// Run the CLI against this agent; returns (success, stdout + stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String) {
+        // The connection flags go right after the subcommand: `deploy` takes everything after
+        // `--` as the new command line.
+        let (sub, rest) = args.split_first().expect("a subcommand");
+        let out = Command::new(bin("rusty-agent"))
+            .arg(sub)
+            .arg("--agent")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--token-file")
+            .arg(&self.token_file)
+            .args(rest)
+            .output()
+            .expect("run rusty-agent CLI");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
+    /// `GET path` on the agent's listener with the right token.
+    pub fn api_get(&self, path: &str) -> Response {
+        let token = std::fs::read_to_string(&self.token_file).expect("token");
+        Client::new(self.port)
+            .request(&format!(
+                "GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+                token.trim()
+            ))
+            .unwrap_or_else(|e| panic!("GET {path} on the agent: {e}"))
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let r = self.api_get("/v1/status");
+        assert_eq!(r.status, 200, "status: {}", r.body);
+        serde_json::from_str(&r.body).expect("status JSON")
+    }
+
+    /// The status of one service.
+    pub fn service(&self, name: &str) -> serde_json::Value {
+        self.status()["services"]
+            .as_array()
+            .and_then(|a| a.iter().find(|s| s["name"] == name).cloned())
+            .unwrap_or_else(|| panic!("no service {name} in the agent's status"))
+    }
+
+    /// Wait until `check` holds for the status; panics with `what` and the last status.
+    pub fn wait_until(
+        &self,
+        what: &str,
+        limit: Duration,
+        check: impl Fn(&serde_json::Value) -> bool,
+    ) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let st = self.status();
+            if check(&st) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not within {limit:?}; status: {st:#}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Wait until `name` has exactly `n` instances, all in the table.
+    pub fn wait_serving(&self, name: &str, n: usize, limit: Duration) {
+        self.wait_until(&format!("{name} serving on {n} instances"), limit, |st| {
+            st["services"].as_array().into_iter().flatten().any(|s| {
+                s["name"] == name
+                    && s["instances"]
+                        .as_array()
+                        .is_some_and(|i| i.len() == n && i.iter().all(|i| i["in_table"] == true))
+            })
+        });
+    }
+}
+
+/// Wait until the data plane's table has `n` backends for its first service.
+pub fn wait_backends(lb: &Lb, n: usize, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let r = lb.admin_get("/table");
+        let count = serde_json::from_str::<serde_json::Value>(&r.body)
+            .ok()
+            .and_then(|v| v["services"][0]["backends"].as_array().map(|b| b.len()));
+        if count == Some(n) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "data plane has {count:?} backends, expected {n}, within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Which backends answer `n` sequential requests.
+pub fn backends_seen(port: u16, host: &str, n: usize) -> std::collections::BTreeMap<String, usize> {
+    let mut client = Client::new(port);
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..n {
+        let r = client.get(host, "/").expect("request");
+        assert_eq!(r.status, 200, "{}", r.body);
+        *seen
+            .entry(r.backend().unwrap_or("?").to_owned())
+            .or_default() += 1;
+    }
+    seen
+}

@@ -1,0 +1,399 @@
+//! The agent end to end: real `rusty-agent`, `rusty-lb` and `rusty-echo` processes on loopback,
+//! with a bounded load loop through the data plane while the agent scales, replaces and rolls
+//! instances. Every test asserts zero failed requests where the issue promises it.
+
+use std::time::{Duration, Instant};
+
+use rusty_e2e::*;
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+fn instance<'a>(svc: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
+    svc["instances"]
+        .as_array()
+        .and_then(|a| a.iter().find(|i| i["id"] == id))
+        .unwrap_or_else(|| panic!("no instance {id}: {svc:#}"))
+}
+
+fn pid_alive(pid: i64) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+#[test]
+fn scaling_2_to_5_to_1_moves_traffic_with_no_failed_requests() {
+    let agent = Agent::start("scale", &echo_service("web", 2, ""));
+    let lb = agent.lb();
+    wait_backends(&lb, 2, LIMIT);
+    let load = LoadLoop::start(lb.port, "localhost", 2, Duration::from_secs(60));
+
+    let (ok, out) = agent.cli(&["scale", "web", "5"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("web: 5 instances in the table"), "{out}");
+    wait_backends(&lb, 5, LIMIT);
+    let seen = backends_seen(lb.port, "localhost", 50);
+    assert_eq!(seen.len(), 5, "traffic reaches all five: {seen:?}");
+    // The load loop shares the round robin, so this client's share is close to even, not exact.
+    assert!(
+        seen.values().all(|n| *n >= 4),
+        "round robin over equal weights: {seen:?}"
+    );
+
+    let (ok, out) = agent.cli(&["scale", "web", "1"]);
+    assert!(ok, "{out}");
+    wait_backends(&lb, 1, LIMIT);
+    // The drained instances stop after their drain time; traffic keeps flowing meanwhile.
+    agent.wait_until("four instances stopped", LIMIT, |st| {
+        st["services"][0]["instances"]
+            .as_array()
+            .is_some_and(|i| i.len() == 1)
+    });
+    let seen = backends_seen(lb.port, "localhost", 20);
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let report = load.finish();
+    assert!(report.ok > 100, "the load loop ran: {report:?}");
+    assert!(
+        report.failures.is_empty(),
+        "failed requests: {:?}",
+        report.failures
+    );
+}
+
+#[test]
+fn a_killed_instance_is_restarted_with_no_failed_requests() {
+    let agent = Agent::start("kill", &echo_service("web", 3, ""));
+    let lb = agent.lb();
+    wait_backends(&lb, 3, LIMIT);
+    let load = LoadLoop::start(lb.port, "localhost", 2, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(300));
+
+    let svc = agent.service("web");
+    let victim = instance(&svc, "web-2");
+    let pid = victim["pid"].as_i64().expect("a pid");
+    let killed = Instant::now();
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status();
+    assert!(status.is_ok_and(|s| s.success()), "kill -KILL {pid}");
+    agent.wait_until("web-2 restarted and back in the table", LIMIT, |st| {
+        let i = instance(&st["services"][0], "web-2");
+        i["restarts"].as_u64() >= Some(1) && i["in_table"] == true && i["pid"].as_i64() != Some(pid)
+    });
+    let replaced = killed.elapsed();
+    wait_backends(&lb, 3, LIMIT);
+    std::thread::sleep(Duration::from_millis(300));
+    let report = load.finish();
+    eprintln!("kill → back in the table: {} ms", replaced.as_millis());
+    assert!(
+        report.failures.is_empty(),
+        "failed requests: {:?}",
+        report.failures
+    );
+    assert!(
+        report.by_backend.get("web-2").is_some_and(|n| *n > 0),
+        "{report:?}"
+    );
+    let seen = backends_seen(lb.port, "localhost", 30);
+    assert_eq!(seen.len(), 3, "web-2 serves again: {seen:?}");
+}
+
+#[test]
+fn a_rolling_deploy_moves_all_traffic_to_v2_with_no_failed_requests() {
+    let agent = Agent::start("deploy", &echo_service("web", 3, "v1-"));
+    let lb = agent.lb();
+    wait_backends(&lb, 3, LIMIT);
+    let load = LoadLoop::start(lb.port, "localhost", 2, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(300));
+
+    let echo = bin("rusty-echo").display().to_string();
+    let started = Instant::now();
+    let (ok, out) = agent.cli(&[
+        "deploy",
+        "web",
+        "--",
+        &echo,
+        "--listen",
+        "{host}:{port}",
+        "--id",
+        "v2-{instance}",
+    ]);
+    let took = started.elapsed();
+    assert!(ok, "{out}");
+    assert!(out.contains("generation 2 serves all traffic"), "{out}");
+    eprintln!(
+        "deploy start → all traffic on v2: {} ms\n{out}",
+        took.as_millis()
+    );
+
+    let seen = backends_seen(lb.port, "localhost", 30);
+    assert!(
+        seen.keys().all(|b| b.starts_with("v2-")),
+        "only v2 answers: {seen:?}"
+    );
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    // The v1 instances are stopped once drained.
+    agent.wait_until("v1 instances stopped", LIMIT, |st| {
+        st["services"][0]["instances"]
+            .as_array()
+            .is_some_and(|i| i.len() == 3 && i.iter().all(|i| i["generation"] == 2))
+    });
+    let report = load.finish();
+    assert!(
+        report.failures.is_empty(),
+        "failed requests: {:?}",
+        report.failures
+    );
+    assert!(
+        report.by_backend.keys().any(|b| b.starts_with("v1-")),
+        "{report:?}"
+    );
+    assert!(
+        report.by_backend.keys().any(|b| b.starts_with("v2-")),
+        "{report:?}"
+    );
+}
+
+#[test]
+fn a_deploy_that_never_becomes_healthy_leaves_v1_serving() {
+    let agent = Agent::start("baddeploy", &echo_service("web", 2, "v1-"));
+    let lb = agent.lb();
+    wait_backends(&lb, 2, LIMIT);
+    let load = LoadLoop::start(lb.port, "localhost", 2, Duration::from_secs(60));
+
+    // A process that runs but never listens: it can never pass its health check.
+    let (ok, out) = agent.cli(&["deploy", "web", "--", "/bin/sleep", "600"]);
+    assert!(!ok, "the CLI reports the failure: {out}");
+    assert!(out.contains("deploy of generation 2 failed"), "{out}");
+    assert!(
+        out.contains("did not become healthy within 5000ms"),
+        "{out}"
+    );
+    assert!(out.contains("generation 1 keeps serving"), "{out}");
+
+    let svc = agent.service("web");
+    assert_eq!(svc["generation"], 1, "{svc:#}");
+    assert_eq!(svc["deploy"]["state"], "failed", "{svc:#}");
+    agent.wait_until("the failed instance stopped", LIMIT, |st| {
+        st["services"][0]["instances"]
+            .as_array()
+            .is_some_and(|i| i.len() == 2 && i.iter().all(|i| i["generation"] == 1))
+    });
+    let seen = backends_seen(lb.port, "localhost", 20);
+    assert!(seen.keys().all(|b| b.starts_with("v1-")), "{seen:?}");
+    let report = load.finish();
+    assert!(
+        report.failures.is_empty(),
+        "failed requests: {:?}",
+        report.failures
+    );
+    let metrics = agent.api_get("/metrics").body;
+    assert!(
+        metrics.contains("rusty_agent_deploys_total{service=\"web\",outcome=\"failed\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn the_data_plane_keeps_serving_while_the_agent_is_down_then_takes_a_newer_table() {
+    // Static backends: they are not the agent's children, so they live through its death.
+    let a = Echo::start("static-a");
+    let b = Echo::start("static-b");
+    let services = format!(
+        "[services.web]\nruntime = \"static\"\naddresses = [\"{}\", \"{}\"]\n[services.web.health]\ninterval = \"100ms\"\nrise = 2\n",
+        a.addr(),
+        b.addr()
+    );
+    let mut agent = Agent::start("restart", &services);
+    let lb = agent.lb();
+    wait_backends(&lb, 2, LIMIT);
+    let first = lb.table_version().expect("a table");
+    let load = LoadLoop::start(lb.port, "localhost", 2, Duration::from_secs(60));
+
+    agent.kill();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(lb.table_version(), Some(first), "the last good table stays");
+    let restarted = Instant::now();
+    agent.kill_and_restart();
+    let deadline = Instant::now() + LIMIT;
+    let newer = loop {
+        match lb.table_version() {
+            Some(v) if v > first => break v,
+            _ => assert!(
+                Instant::now() < deadline,
+                "no newer table after the restart"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    eprintln!(
+        "agent restart → data plane on version {newer} (was {first}) after {} ms",
+        restarted.elapsed().as_millis()
+    );
+    wait_backends(&lb, 2, LIMIT);
+    let report = load.finish();
+    assert!(report.ok > 100, "{report:?}");
+    assert!(
+        report.failures.is_empty(),
+        "failed requests: {:?}",
+        report.failures
+    );
+    assert_eq!(report.by_backend.len(), 2, "{report:?}");
+}
+
+#[test]
+fn a_wrong_token_is_refused_on_the_table_stream_and_the_api() {
+    let agent = Agent::start("token", &echo_service("web", 1, ""));
+    let raw = |auth: &str| {
+        Client::new(agent.port)
+            .request(&format!(
+                "GET /v1/tables HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{auth}\r\n"
+            ))
+            .expect("request")
+    };
+    assert_eq!(raw("Authorization: Bearer wrong\r\n").status, 401);
+    assert_eq!(raw("").status, 401);
+    let token = std::fs::read_to_string(&agent.token_file).unwrap();
+    let r = raw(&format!("Authorization: Bearer {}\r\n", token.trim()));
+    assert_eq!(r.status, 101, "the right token is let through");
+
+    // The API too.
+    let r = Client::new(agent.port)
+        .request("GET /v1/status HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer nope\r\n\r\n")
+        .unwrap();
+    assert_eq!(r.status, 401);
+    let metrics = agent.api_get("/metrics").body;
+    assert!(
+        metrics.contains("rusty_agent_subscribers_refused_total 2"),
+        "{metrics}"
+    );
+
+    // A data plane with a wrong token gets no table.
+    let dir = TempDir::new("wrongtoken");
+    let wrong = dir.path("token");
+    std::fs::write(&wrong, "not-the-token\n").unwrap();
+    let lb = Lb::start(&[
+        "--agent".to_owned(),
+        agent.ws_url(),
+        "--token-file".to_owned(),
+        wrong.display().to_string(),
+    ]);
+    agent.wait_until("the agent published its table", LIMIT, |st| {
+        st["table_version"].is_u64()
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(lb.table_version(), None, "nothing installed");
+    assert_eq!(lb.get("localhost", "/").status, 503);
+}
+
+#[test]
+fn bad_api_requests_get_clear_4xx_answers() {
+    let agent = Agent::start("api4xx", &echo_service("web", 1, ""));
+    let token = std::fs::read_to_string(&agent.token_file).unwrap();
+    let post = |path: &str, body: &str| {
+        Client::new(agent.port)
+            .request(&format!(
+                "POST {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\n\r\n{body}",
+                token.trim(),
+                body.len()
+            ))
+            .expect("request")
+    };
+    let r = post("/v1/services/nope/scale", r#"{"replicas": 2}"#);
+    assert_eq!(
+        (r.status, r.body.contains("no service \\\"nope\\\"")),
+        (404, true),
+        "{}",
+        r.body
+    );
+    let r = post("/v1/services/web/scale", r#"{"replicas": "two"}"#);
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("bad JSON body"), "{}", r.body);
+    let r = post("/v1/services/web/scale", r#"{"replicas": 2, "extra": 1}"#);
+    assert_eq!(r.status, 400, "{}", r.body);
+    let r = post("/v1/services/web/deploy", r#"{"weight": 0}"#);
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("weight"), "{}", r.body);
+    let r = post("/v1/services/web/instances/web-99/drain", "");
+    assert_eq!(r.status, 404, "{}", r.body);
+    let r = post("/v1/status", "");
+    assert_eq!(r.status, 405, "{}", r.body);
+}
+
+#[test]
+fn instances_never_outlive_the_agent() {
+    let mut agent = Agent::start("orphans", &echo_service("web", 2, ""));
+    agent.wait_serving("web", 2, LIMIT);
+    let pids: Vec<i64> = agent.service("web")["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["pid"].as_i64().expect("pid"))
+        .collect();
+    assert!(pids.iter().all(|p| pid_alive(*p)));
+    agent.kill(); // SIGKILL: no chance to clean up; the kernel's parent-death signal does it
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pids.iter().any(|p| pid_alive(*p)) {
+        assert!(
+            Instant::now() < deadline,
+            "instances {pids:?} outlived a killed agent"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // SIGTERM: the agent stops its instances itself and exits.
+    agent.kill_and_restart();
+    agent.wait_serving("web", 2, LIMIT);
+    let pids: Vec<i64> = agent.service("web")["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["pid"].as_i64().expect("pid"))
+        .collect();
+    agent.proc.signal("TERM");
+    let code = agent.proc.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "clean exit after SIGTERM");
+    assert!(
+        pids.iter().all(|p| !pid_alive(*p)),
+        "instances {pids:?} left behind"
+    );
+}
+
+#[test]
+fn check_validates_configs_like_nginx_t() {
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/agent.toml");
+    for env in ["production", "development", "slim"] {
+        let out = std::process::Command::new(bin("rusty-agent"))
+            .args(["check", "--config"])
+            .arg(&examples)
+            .args(["--env", env])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{env}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("[services.web]"), "{stdout}");
+    }
+    let dir = TempDir::new("check");
+    let bad = dir.path("bad.toml");
+    std::fs::write(
+        &bad,
+        "[services.web]\ncommand = \"x\"\n[services.web.health]\nrise = 0\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin("rusty-agent"))
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.toml: services.web.health.rise: 0 is out of range"),
+        "{err}"
+    );
+}
