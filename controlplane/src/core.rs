@@ -465,10 +465,16 @@ impl Core {
                                     id,
                                     generation: i.generation,
                                     addr: i.addr.map(|a| a.to_string()),
-                                    phase: serde_json::to_value(i.phase)
-                                        .ok()
-                                        .and_then(|v| v.as_str().map(str::to_owned))
-                                        .unwrap_or_default(),
+                                    // Running but never healthy yet is still starting, to
+                                    // an operator: it has not served a request.
+                                    phase: match i.phase {
+                                        Phase::Starting => "starting",
+                                        Phase::Running if !i.health.ever_up() => "starting",
+                                        Phase::Running => "running",
+                                        Phase::Draining => "draining",
+                                        Phase::Stopping => "stopping",
+                                    }
+                                    .to_owned(),
                                     healthy: i.health.is_up(),
                                     in_table: i.in_table(),
                                     restarts: i.restarts,

@@ -1,7 +1,7 @@
 //! Test support for end-to-end tests: real processes on loopback, a tiny blocking HTTP client,
 //! and cleanup that happens even when a test panics (every child is killed on drop).
 //!
-//! The binaries are the workspace's own debug builds (`target/debug/rusty-lb`, `rusty-echo`);
+//! The binaries are the workspace's own debug builds (`target/debug/rusty-lb`, `rusty-agent`, `rusty-echo`);
 //! `scripts/test.sh` builds them before the tests run.
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -1,5 +1,6 @@
 //! `rusty-lb --agent`: a real WebSocket subscription. The agent side is a minimal stand-in
-//! server written here with tokio-tungstenite (the real agent is its own issue): it checks the
+//! server written here with tokio-tungstenite, so the data plane's side is tested on its own (the
+//! real agent is tested end to end in `agent.rs`): it checks the
 //! bearer token, sends the current table on connect and each new one after, and records what the
 //! data plane sent back (it must be control frames only).
 
