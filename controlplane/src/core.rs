@@ -272,6 +272,16 @@ impl Core {
                         s.started(instance.seq, addr);
                         if still_wanted {
                             self.spawn_probe(instance, addr);
+                        } else if !s.instances.contains_key(&instance.seq) {
+                            // Given up on (a failed deploy, a scale-down) while the runtime was
+                            // still starting it: the stop found nothing then, so stop it now.
+                            let grace = s.spec.stop_grace;
+                            if let Some(runtime) = self.runtime_of(&instance.service) {
+                                info!(%instance, "started after it was given up; stopping");
+                                tokio::spawn(async move {
+                                    let _ = runtime.stop(&instance, grace).await;
+                                });
+                            }
                         }
                     }
                     Err(e) => {

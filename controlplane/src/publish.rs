@@ -131,3 +131,106 @@ pub enum PublishError {
     #[error("cannot save the table version: {0}")]
     State(std::io::Error),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rusty_shared::table::Service;
+
+    fn dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("rusty-publish-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    fn table(weights: &[u32]) -> Table {
+        let backends = weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| Backend::new(format!("web-{i}"), format!("127.0.0.1:{}", 9000 + i), *w, 0))
+            .collect();
+        Table::new(0, vec![Service::new("web", backends)])
+    }
+
+    #[test]
+    fn only_changes_make_versions_and_versions_grow_across_restarts() {
+        let d = dir("versions");
+        let mut p = Publisher::open(&d).unwrap();
+        let v1 = p.offer(table(&[1, 1])).unwrap().expect("first table");
+        assert_eq!(p.offer(table(&[1, 1])).unwrap(), None, "same table, no version");
+        let v2 = p.offer(table(&[1, 2])).unwrap().expect("weights changed");
+        assert!(v2 > v1);
+        drop(p);
+        let mut again = Publisher::open(&d).unwrap();
+        let v3 = again.offer(table(&[1, 2])).unwrap().expect("a restarted agent publishes");
+        assert!(v3 > v2, "{v3} > {v2}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn published_tables_carry_schedules_the_data_plane_accepts() {
+        let d = dir("schedule");
+        let mut p = Publisher::open(&d).unwrap();
+        p.offer(table(&[5, 3, 1])).unwrap();
+        let published = p.current().unwrap();
+        let decoded = rusty_shared::validate::decode(published.json.as_bytes()).unwrap();
+        assert_eq!(
+            decoded.services[0].schedule,
+            Some(vec![vec![0, 1, 0, 2, 0, 1, 0, 1, 0]]),
+            "nginx's 5/3/1 sequence"
+        );
+        rusty_shared::validate(decoded).expect("the data plane's validation accepts it");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_subscriber_that_was_away_sees_only_the_newest_table() {
+        let d = dir("coalesce");
+        let mut p = Publisher::open(&d).unwrap();
+        let mut feed = p.subscribe();
+        let mut last = 0;
+        for w in 1..=20 {
+            last = p.offer(table(&[1, w])).unwrap().unwrap();
+        }
+        assert!(feed.has_changed().unwrap());
+        let seen = feed.borrow_and_update().clone().unwrap();
+        assert_eq!(seen.version, last, "the newest, not the first of a backlog");
+        assert!(!feed.has_changed().unwrap(), "and nothing queued behind it");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn an_empty_table_is_allowed_only_when_nothing_is_meant_to_run() {
+        let spec = |replicas| crate::spec::ServiceSpec {
+            name: "web".into(),
+            route: Service::new("web", Vec::new()),
+            runtime: crate::spec::RuntimeKind::Process,
+            run: crate::spec::RunSpec {
+                command: "x".into(),
+                args: vec![],
+                env: Default::default(),
+                weight: 1,
+                priority: 0,
+            },
+            addresses: vec![],
+            replicas,
+            stop_grace: std::time::Duration::from_secs(1),
+            health: crate::spec::HealthSpec {
+                probe: crate::spec::Probe::Tcp,
+                interval: std::time::Duration::from_secs(1),
+                timeout: std::time::Duration::from_secs(1),
+                rise: 1,
+                fall: 1,
+            },
+            rollout: crate::spec::RolloutPolicy {
+                surge: 1,
+                drain: std::time::Duration::from_secs(1),
+                healthy_timeout: std::time::Duration::from_secs(5),
+            },
+        };
+        let down = ServiceState::new(spec(2));
+        assert!(!build(&[&down]).allow_empty, "nothing healthy is not 'nothing wanted'");
+        let zero = ServiceState::new(spec(0));
+        assert!(build(&[&zero]).allow_empty);
+    }
+}

@@ -397,3 +397,37 @@ fn check_validates_configs_like_nginx_t() {
         "{err}"
     );
 }
+
+#[test]
+fn two_data_planes_follow_the_agent_while_a_third_subscriber_never_reads() {
+    let agent = Agent::start("fanout", &echo_service("web", 1, ""));
+    let lb1 = agent.lb();
+    let lb2 = agent.lb();
+    // A subscriber that completes the handshake and then never reads a byte.
+    let token = std::fs::read_to_string(&agent.token_file).unwrap();
+    let mut stalled = std::net::TcpStream::connect(("127.0.0.1", agent.port)).unwrap();
+    std::io::Write::write_all(
+        &mut stalled,
+        format!(
+            "GET /v1/tables HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {}\r\n\r\n",
+            token.trim()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    agent.wait_until("three subscribers", LIMIT, |st| st["subscribers"] == 3);
+
+    // A burst of changes, each accepted without waiting: the planes end on the last one.
+    for n in [4, 2, 5, 3] {
+        let (ok, out) = agent.cli(&["scale", "web", &n.to_string(), "--no-wait"]);
+        assert!(ok, "{out}");
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    agent.wait_serving("web", 3, LIMIT);
+    wait_backends(&lb1, 3, LIMIT);
+    wait_backends(&lb2, 3, LIMIT);
+    let v = agent.status()["table_version"].as_u64();
+    assert_eq!(lb1.table_version(), v);
+    assert_eq!(lb2.table_version(), v);
+    drop(stalled);
+}
