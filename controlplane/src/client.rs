@@ -177,8 +177,31 @@ pub async fn scale(service: &str, replicas: u32, args: &AgentArgs, wait: &WaitAr
     if wait.no_wait {
         return Ok(());
     }
-    let deadline = Instant::now() + Duration::from_secs(wait.timeout);
     let started = Instant::now();
+    follow(&client, service, wait, |s| {
+        let settled = s.instances.len() == replicas as usize
+            && s.instances
+                .iter()
+                .all(|i| i.in_table && i.generation == s.generation);
+        settled.then(|| {
+            println!(
+                "{service}: {replicas} instances in the table after {:.1}s",
+                started.elapsed().as_secs_f64()
+            );
+            Ok(())
+        })
+    })
+    .await
+}
+
+/// Print each change of `service` until `done` gives an outcome or the wait runs out.
+async fn follow(
+    client: &Client,
+    service: &str,
+    wait: &WaitArgs,
+    mut done: impl FnMut(&ServiceStatus) -> Option<Result<()>>,
+) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(wait.timeout);
     let mut last = String::new();
     loop {
         let s = client.service(service).await?;
@@ -187,19 +210,14 @@ pub async fn scale(service: &str, replicas: u32, args: &AgentArgs, wait: &WaitAr
             println!("  {l}");
             last = l;
         }
-        let settled = s.instances.len() == replicas as usize
-            && s.instances
-                .iter()
-                .all(|i| i.in_table && i.generation == s.generation);
-        if settled {
-            println!(
-                "{service}: {replicas} instances in the table after {:.1}s",
-                started.elapsed().as_secs_f64()
-            );
-            return Ok(());
+        if let Some(outcome) = done(&s) {
+            return outcome;
         }
         if Instant::now() > deadline {
-            bail!("{service}: not settled after {}s (the agent keeps working on it; see `rusty-agent status`)", wait.timeout);
+            bail!(
+                "{service}: not finished after {}s (the agent keeps working on it; see `rusty-agent status`)",
+                wait.timeout
+            );
         }
         tokio::time::sleep(POLL).await;
     }
@@ -225,38 +243,23 @@ pub async fn deploy(
     if wait.no_wait {
         return Ok(());
     }
-    let deadline = Instant::now() + Duration::from_secs(wait.timeout);
-    let mut last = String::new();
-    loop {
-        let s = client.service(service).await?;
-        let l = line(&s);
-        if l != last {
-            println!("  {l}");
-            last = l;
-        }
-        if let Some(d) = s.deploy.as_ref().filter(|d| d.generation == generation) {
-            let secs = d.elapsed_ms as f64 / 1000.0;
-            match d.state.as_str() {
-                "succeeded" => {
-                    println!("{service}: generation {generation} serves all traffic ({secs:.1}s)");
-                    return Ok(());
-                }
-                "failed" => bail!(
-                    "{service}: deploy of generation {generation} failed after {secs:.1}s, generation {} keeps serving: {}",
-                    s.generation,
-                    d.reason.as_deref().unwrap_or("no reason given")
-                ),
-                _ => {}
+    follow(&client, service, wait, |s| {
+        let d = s.deploy.as_ref().filter(|d| d.generation == generation)?;
+        let secs = d.elapsed_ms as f64 / 1000.0;
+        match d.state.as_str() {
+            "succeeded" => {
+                println!("{service}: generation {generation} serves all traffic ({secs:.1}s)");
+                Some(Ok(()))
             }
+            "failed" => Some(Err(anyhow!(
+                "{service}: deploy of generation {generation} failed after {secs:.1}s, generation {} keeps serving: {}",
+                s.generation,
+                d.reason.as_deref().unwrap_or("no reason given")
+            ))),
+            _ => None,
         }
-        if Instant::now() > deadline {
-            bail!(
-                "{service}: deploy still in progress after {}s (see `rusty-agent status`)",
-                wait.timeout
-            );
-        }
-        tokio::time::sleep(POLL).await;
-    }
+    })
+    .await
 }
 
 pub async fn drain(instance: &str, args: &AgentArgs) -> Result<()> {

@@ -147,7 +147,9 @@ mod tests {
         let backends = weights
             .iter()
             .enumerate()
-            .map(|(i, w)| Backend::new(format!("web-{i}"), format!("127.0.0.1:{}", 9000 + i), *w, 0))
+            .map(|(i, w)| {
+                Backend::new(format!("web-{i}"), format!("127.0.0.1:{}", 9000 + i), *w, 0)
+            })
             .collect();
         Table::new(0, vec![Service::new("web", backends)])
     }
@@ -157,12 +159,19 @@ mod tests {
         let d = dir("versions");
         let mut p = Publisher::open(&d).unwrap();
         let v1 = p.offer(table(&[1, 1])).unwrap().expect("first table");
-        assert_eq!(p.offer(table(&[1, 1])).unwrap(), None, "same table, no version");
+        assert_eq!(
+            p.offer(table(&[1, 1])).unwrap(),
+            None,
+            "same table, no version"
+        );
         let v2 = p.offer(table(&[1, 2])).unwrap().expect("weights changed");
         assert!(v2 > v1);
         drop(p);
         let mut again = Publisher::open(&d).unwrap();
-        let v3 = again.offer(table(&[1, 2])).unwrap().expect("a restarted agent publishes");
+        let v3 = again
+            .offer(table(&[1, 2]))
+            .unwrap()
+            .expect("a restarted agent publishes");
         assert!(v3 > v2, "{v3} > {v2}");
         std::fs::remove_dir_all(&d).unwrap();
     }
@@ -229,7 +238,10 @@ mod tests {
             },
         };
         let down = ServiceState::new(spec(2));
-        assert!(!build(&[&down]).allow_empty, "nothing healthy is not 'nothing wanted'");
+        assert!(
+            !build(&[&down]).allow_empty,
+            "nothing healthy is not 'nothing wanted'"
+        );
         let zero = ServiceState::new(spec(0));
         assert!(build(&[&zero]).allow_empty);
     }

@@ -22,12 +22,29 @@ fn pid_alive(pid: i64) -> bool {
             .contains(") Z ")
 }
 
+/// An agent running `services`, a data plane on it serving `backends` backends, and a bounded
+/// load loop through that data plane.
+fn stack_under_load(tag: &str, services: &str, backends: usize) -> (Agent, Lb, LoadLoop) {
+    let agent = Agent::start(tag, services);
+    let lb = agent.lb();
+    wait_backends(&lb, backends, LIMIT);
+    let load = LoadLoop::start(lb.port, "localhost", 2, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(300));
+    (agent, lb, load)
+}
+
+fn assert_no_failures(report: &LoadReport) {
+    assert!(report.ok > 100, "the load loop ran: {report:?}");
+    assert!(
+        report.failures.is_empty(),
+        "failed requests: {:?}",
+        report.failures
+    );
+}
+
 #[test]
 fn scaling_2_to_5_to_1_moves_traffic_with_no_failed_requests() {
-    let agent = Agent::start("scale", &echo_service("web", 2, ""));
-    let lb = agent.lb();
-    wait_backends(&lb, 2, LIMIT);
-    let load = LoadLoop::start(lb.port, "localhost", 2, Duration::from_secs(60));
+    let (agent, lb, load) = stack_under_load("scale", &echo_service("web", 2, ""), 2);
 
     let (ok, out) = agent.cli(&["scale", "web", "5"]);
     assert!(ok, "{out}");
@@ -53,21 +70,12 @@ fn scaling_2_to_5_to_1_moves_traffic_with_no_failed_requests() {
     let seen = backends_seen(lb.port, "localhost", 20);
     assert_eq!(seen.len(), 1, "{seen:?}");
     let report = load.finish();
-    assert!(report.ok > 100, "the load loop ran: {report:?}");
-    assert!(
-        report.failures.is_empty(),
-        "failed requests: {:?}",
-        report.failures
-    );
+    assert_no_failures(&report);
 }
 
 #[test]
 fn a_killed_instance_is_restarted_with_no_failed_requests() {
-    let agent = Agent::start("kill", &echo_service("web", 3, ""));
-    let lb = agent.lb();
-    wait_backends(&lb, 3, LIMIT);
-    let load = LoadLoop::start(lb.port, "localhost", 2, Duration::from_secs(60));
-    std::thread::sleep(Duration::from_millis(300));
+    let (agent, lb, load) = stack_under_load("kill", &echo_service("web", 3, ""), 3);
 
     let svc = agent.service("web");
     let victim = instance(&svc, "web-2");
@@ -86,11 +94,7 @@ fn a_killed_instance_is_restarted_with_no_failed_requests() {
     std::thread::sleep(Duration::from_millis(300));
     let report = load.finish();
     eprintln!("kill → back in the table: {} ms", replaced.as_millis());
-    assert!(
-        report.failures.is_empty(),
-        "failed requests: {:?}",
-        report.failures
-    );
+    assert_no_failures(&report);
     assert!(
         report.by_backend.get("web-2").is_some_and(|n| *n > 0),
         "{report:?}"
@@ -101,11 +105,7 @@ fn a_killed_instance_is_restarted_with_no_failed_requests() {
 
 #[test]
 fn a_rolling_deploy_moves_all_traffic_to_v2_with_no_failed_requests() {
-    let agent = Agent::start("deploy", &echo_service("web", 3, "v1-"));
-    let lb = agent.lb();
-    wait_backends(&lb, 3, LIMIT);
-    let load = LoadLoop::start(lb.port, "localhost", 2, Duration::from_secs(60));
-    std::thread::sleep(Duration::from_millis(300));
+    let (agent, lb, load) = stack_under_load("deploy", &echo_service("web", 3, "v1-"), 3);
 
     let echo = bin("rusty-echo").display().to_string();
     let started = Instant::now();
@@ -140,11 +140,7 @@ fn a_rolling_deploy_moves_all_traffic_to_v2_with_no_failed_requests() {
             .is_some_and(|i| i.len() == 3 && i.iter().all(|i| i["generation"] == 2))
     });
     let report = load.finish();
-    assert!(
-        report.failures.is_empty(),
-        "failed requests: {:?}",
-        report.failures
-    );
+    assert_no_failures(&report);
     assert!(
         report.by_backend.keys().any(|b| b.starts_with("v1-")),
         "{report:?}"
@@ -157,10 +153,7 @@ fn a_rolling_deploy_moves_all_traffic_to_v2_with_no_failed_requests() {
 
 #[test]
 fn a_deploy_that_never_becomes_healthy_leaves_v1_serving() {
-    let agent = Agent::start("baddeploy", &echo_service("web", 2, "v1-"));
-    let lb = agent.lb();
-    wait_backends(&lb, 2, LIMIT);
-    let load = LoadLoop::start(lb.port, "localhost", 2, Duration::from_secs(60));
+    let (agent, lb, load) = stack_under_load("baddeploy", &echo_service("web", 2, "v1-"), 2);
 
     // A process that runs but never listens: it can never pass its health check.
     let (ok, out) = agent.cli(&["deploy", "web", "--", "/bin/sleep", "600"]);
@@ -183,11 +176,7 @@ fn a_deploy_that_never_becomes_healthy_leaves_v1_serving() {
     let seen = backends_seen(lb.port, "localhost", 20);
     assert!(seen.keys().all(|b| b.starts_with("v1-")), "{seen:?}");
     let report = load.finish();
-    assert!(
-        report.failures.is_empty(),
-        "failed requests: {:?}",
-        report.failures
-    );
+    assert_no_failures(&report);
     let metrics = agent.api_get("/metrics").body;
     assert!(
         metrics.contains("rusty_agent_deploys_total{service=\"web\",outcome=\"failed\"} 1"),
@@ -233,12 +222,7 @@ fn the_data_plane_keeps_serving_while_the_agent_is_down_then_takes_a_newer_table
     );
     wait_backends(&lb, 2, LIMIT);
     let report = load.finish();
-    assert!(report.ok > 100, "{report:?}");
-    assert!(
-        report.failures.is_empty(),
-        "failed requests: {:?}",
-        report.failures
-    );
+    assert_no_failures(&report);
     assert_eq!(report.by_backend.len(), 2, "{report:?}");
 }
 
@@ -321,16 +305,20 @@ fn bad_api_requests_get_clear_4xx_answers() {
     assert_eq!(r.status, 405, "{}", r.body);
 }
 
-#[test]
-fn instances_never_outlive_the_agent() {
-    let mut agent = Agent::start("orphans", &echo_service("web", 2, ""));
-    agent.wait_serving("web", 2, LIMIT);
-    let pids: Vec<i64> = agent.service("web")["instances"]
+fn instance_pids(agent: &Agent) -> Vec<i64> {
+    agent.service("web")["instances"]
         .as_array()
         .unwrap()
         .iter()
         .map(|i| i["pid"].as_i64().expect("pid"))
-        .collect();
+        .collect()
+}
+
+#[test]
+fn instances_never_outlive_the_agent() {
+    let mut agent = Agent::start("orphans", &echo_service("web", 2, ""));
+    agent.wait_serving("web", 2, LIMIT);
+    let pids = instance_pids(&agent);
     assert!(pids.iter().all(|p| pid_alive(*p)));
     agent.kill(); // SIGKILL: no chance to clean up; the kernel's parent-death signal does it
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -345,12 +333,7 @@ fn instances_never_outlive_the_agent() {
     // SIGTERM: the agent stops its instances itself and exits.
     agent.kill_and_restart();
     agent.wait_serving("web", 2, LIMIT);
-    let pids: Vec<i64> = agent.service("web")["instances"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["pid"].as_i64().expect("pid"))
-        .collect();
+    let pids = instance_pids(&agent);
     agent.proc.signal("TERM");
     let code = agent.proc.wait_exit(Duration::from_secs(10));
     assert_eq!(code, Some(0), "clean exit after SIGTERM");
