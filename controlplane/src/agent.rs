@@ -17,9 +17,10 @@ use crate::auth::Token;
 use crate::core::Core;
 use crate::metrics::Metrics;
 use crate::publish::Publisher;
+use crate::runtime::docker::{self, DockerRuntime};
 use crate::runtime::fixed::StaticRuntime;
 use crate::runtime::process::ProcessRuntime;
-use crate::runtime::Runtime;
+use crate::runtime::{Runtime, RuntimeEvent};
 use crate::server::{self, Shared};
 use crate::spec::{Config, RuntimeKind};
 
@@ -37,6 +38,7 @@ pub async fn run(config: Config) -> Result<()> {
     }
 
     let (runtime_tx, runtime_rx) = mpsc::unbounded_channel();
+    let runtime_tx_docker = runtime_tx.clone();
     let statics = config
         .services
         .iter()
@@ -49,6 +51,9 @@ pub async fn run(config: Config) -> Result<()> {
         Arc::new(ProcessRuntime::new(agent.instance_host, runtime_tx)),
     );
     runtimes.insert(RuntimeKind::Static, Arc::new(StaticRuntime::new(statics)));
+    if let Some(docker) = docker_runtime(&config, runtime_tx_docker).await? {
+        runtimes.insert(RuntimeKind::Docker, docker);
+    }
 
     let metrics = Arc::new(Metrics::default());
     let feed = publisher.subscribe();
@@ -89,4 +94,35 @@ pub async fn run(config: Config) -> Result<()> {
     let _ = core.await;
     info!("agent stopped");
     Ok(())
+}
+
+/// The Docker runtime, when a service runs containers or discovery is on. An engine that does
+/// not answer, or an image or network the config names that does not exist, stops the start
+/// here with a message that says which.
+async fn docker_runtime(
+    config: &Config,
+    events: mpsc::UnboundedSender<RuntimeEvent>,
+) -> Result<Option<Arc<dyn Runtime>>> {
+    let services: Vec<_> = config
+        .services
+        .iter()
+        .filter(|s| s.runtime == RuntimeKind::Docker)
+        .filter_map(|s| {
+            s.container
+                .clone()
+                .map(|c| (s.name.clone(), s.run.image.clone(), c))
+        })
+        .collect();
+    let discover = config.docker.as_ref().is_some_and(|d| d.discover);
+    if services.is_empty() && !discover {
+        return Ok(None);
+    }
+    let endpoint = docker::endpoint(config.docker.as_ref());
+    let engine = docker::connect(&endpoint).await?;
+    docker::preflight(&engine, &services).await?;
+    info!(%endpoint, discover, "Docker engine connected");
+    let placements = services.into_iter().map(|(n, _, c)| (n, c)).collect();
+    let runtime = DockerRuntime::new(engine, events, placements, config.docker.as_ref());
+    runtime.watch();
+    Ok(Some(runtime))
 }

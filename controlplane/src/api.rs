@@ -25,6 +25,8 @@ pub struct ServiceStatus {
     /// Instances in the table.
     pub healthy: usize,
     pub command: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub image: String,
     pub args: Vec<String>,
     pub deploy: Option<DeployStatus>,
     pub instances: Vec<InstanceStatus>,
@@ -52,6 +54,8 @@ pub struct InstanceStatus {
     pub healthy: bool,
     pub in_table: bool,
     pub restarts: u32,
+    /// False for containers found by label discovery.
+    pub managed: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -70,6 +74,9 @@ pub struct ScaleRequest {
 pub struct DeployRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<String>,
+    /// `docker` services: the new image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub args: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -40,8 +40,12 @@ pub enum Cmd {
     /// Roll a service to a new version and follow until it succeeds or fails.
     ///
     /// Example: rusty-agent deploy web -- ./rusty-echo --listen 127.0.0.1:{port} --id v2-{instance}
+    ///          rusty-agent deploy app --image demo:v2
     Deploy {
         service: String,
+        /// New image (docker services); arguments after `--` then replace its CMD.
+        #[arg(long)]
+        image: Option<String>,
         /// New weight of the new instances.
         #[arg(long)]
         weight: Option<u32>,

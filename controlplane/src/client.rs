@@ -110,8 +110,10 @@ pub async fn status(args: &AgentArgs, json: bool) -> Result<()> {
             "{}  ({}, generation {})  desired {}  live {}  in table {}",
             s.name, s.runtime, s.generation, s.replicas, s.live, s.healthy
         );
-        if s.runtime == "process" {
-            println!("  runs: {} {}", s.command, s.args.join(" "));
+        match s.runtime.as_str() {
+            "process" => println!("  runs: {} {}", s.command, s.args.join(" ")),
+            "docker" => println!("  image: {} {}", s.image, s.args.join(" ")),
+            _ => {}
         }
         if let Some(d) = &s.deploy {
             println!(

@@ -121,6 +121,7 @@ impl Core {
         let Some(mut events_rx) = self.events_rx.take() else {
             return;
         };
+        self.adopt().await;
         loop {
             self.step();
             let wake = self
@@ -327,6 +328,51 @@ impl Core {
                 }
             }
             RuntimeEvent::Restarted { instance } => debug!(%instance, "restarted"),
+            RuntimeEvent::Moved { instance, addr } => {
+                if let Some(s) = self.services.get_mut(&instance.service) {
+                    s.moved(instance.seq, addr);
+                    self.spawn_probe(instance, addr);
+                }
+            }
+            RuntimeEvent::Discovered {
+                service,
+                container,
+                addr,
+                weight,
+                priority,
+            } => {
+                let Some(s) = self.services.get_mut(&service) else {
+                    warn!(
+                        service,
+                        container,
+                        "a container is labelled for a service the config does not have; ignored"
+                    );
+                    return;
+                };
+                let weight = weight.clamp(
+                    rusty_shared::limits::WEIGHT_MIN,
+                    rusty_shared::limits::WEIGHT_MAX,
+                );
+                let priority = priority.min(rusty_shared::limits::PRIORITY_MAX);
+                let seq = s.discovered(container, addr, weight, priority, Instant::now());
+                let instance = InstanceRef { service, seq };
+                self.spawn_probe(instance, addr);
+            }
+            RuntimeEvent::Vanished { service, container } => {
+                if let Some(seq) = self
+                    .services
+                    .get_mut(&service)
+                    .and_then(|s| s.vanished(&container))
+                {
+                    info!(
+                        service,
+                        container, "discovered container gone: out of the table"
+                    );
+                    if let Some(p) = self.probes.remove(&InstanceRef { service, seq }) {
+                        p.abort();
+                    }
+                }
+            }
         }
     }
 
@@ -386,7 +432,7 @@ impl Core {
             } => {
                 let r = match self.services.get_mut(&service) {
                     None => Err(ApiError::NoService(service)),
-                    Some(s) => match merge_run(s.current_run(), request) {
+                    Some(s) => match merge_run(s.spec.runtime, s.current_run(), request) {
                         Err(e) => Err(e),
                         Ok(run) => {
                             let shown = format!("{} {}", run.command, run.args.join(" "));
@@ -439,13 +485,10 @@ impl Core {
                         runtime: s.spec.runtime.name().to_owned(),
                         generation: s.generation,
                         replicas: s.replicas,
-                        live: s
-                            .instances
-                            .values()
-                            .filter(|i| matches!(i.phase, Phase::Starting | Phase::Running))
-                            .count(),
+                        live: s.instances.values().filter(|i| i.live()).count(),
                         healthy: s.instances.values().filter(|i| i.in_table()).count(),
                         command: run.command.clone(),
+                        image: run.image.clone(),
                         args: run.args.clone(),
                         deploy: s.deploy.as_ref().map(|d| {
                             let (state, reason) = match &d.outcome {
@@ -488,6 +531,7 @@ impl Core {
                                     healthy: i.health.is_up(),
                                     in_table: i.in_table(),
                                     restarts: i.restarts,
+                                    managed: i.managed,
                                     last_error: i.last_error.clone(),
                                 }
                             })
@@ -495,6 +539,20 @@ impl Core {
                     }
                 })
                 .collect(),
+        }
+    }
+
+    /// Take over what the runtimes report still running from an earlier agent.
+    async fn adopt(&mut self) {
+        let now = Instant::now();
+        for runtime in self.runtimes.values().cloned().collect::<Vec<_>>() {
+            for a in runtime.adopt().await {
+                let Some(s) = self.services.get_mut(&a.instance.service) else {
+                    continue;
+                };
+                s.adopt(a.instance.seq, a.addr, a.run, now);
+                self.spawn_probe(a.instance, a.addr);
+            }
         }
     }
 
@@ -508,7 +566,14 @@ impl Core {
             let Some(runtime) = self.runtimes.get(&s.spec.runtime).cloned() else {
                 continue;
             };
-            for i in s.instances.values() {
+            if runtime.keeps_instances_on_exit() {
+                info!(
+                    service = s.name(),
+                    "leaving its containers running for the next agent"
+                );
+                continue;
+            }
+            for i in s.instances.values().filter(|i| i.managed) {
                 let instance = InstanceRef {
                     service: s.name().to_owned(),
                     seq: i.seq,
@@ -526,8 +591,30 @@ impl Core {
 }
 
 /// A deploy request over the current run spec: what it gives replaces, what it omits stays.
-fn merge_run(current: &RunSpec, req: DeployRequest) -> Result<RunSpec, ApiError> {
+fn merge_run(
+    kind: RuntimeKind,
+    current: &RunSpec,
+    req: DeployRequest,
+) -> Result<RunSpec, ApiError> {
     let mut run = current.clone();
+    match (kind, &req.command, &req.image) {
+        (RuntimeKind::Docker, Some(_), _) => return Err(ApiError::Invalid(
+            "command: a docker service runs its image; deploy a new image (args replace its CMD)"
+                .into(),
+        )),
+        (RuntimeKind::Process, _, Some(_)) => {
+            return Err(ApiError::Invalid(
+                "image: only for docker services; deploy a command".into(),
+            ))
+        }
+        _ => {}
+    }
+    if let Some(i) = req.image {
+        if i.trim().is_empty() {
+            return Err(ApiError::Invalid("image: must not be empty".into()));
+        }
+        run.image = i;
+    }
     if let Some(c) = req.command {
         if c.trim().is_empty() {
             return Err(ApiError::Invalid("command: must not be empty".into()));

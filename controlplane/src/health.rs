@@ -52,6 +52,15 @@ impl Tracker {
         false
     }
 
+    /// Up without checks: an instance adopted from an earlier agent was serving; it stays in
+    /// the table unless `fall` checks fail.
+    pub fn assume_up(&mut self) {
+        self.up = true;
+        self.ever_up = true;
+        self.passes = 0;
+        self.fails = 0;
+    }
+
     /// Down now (the process exited); it must rise again. True if it was up.
     pub fn force_down(&mut self) -> bool {
         let was = self.up;

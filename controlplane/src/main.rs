@@ -89,6 +89,7 @@ fn main() -> ExitCode {
                     } => client::scale(&service, replicas, &agent, &wait).await,
                     Cmd::Deploy {
                         service,
+                        image,
                         weight,
                         priority,
                         set_env,
@@ -96,13 +97,19 @@ fn main() -> ExitCode {
                         agent,
                         wait,
                     } => {
+                        let docker = image.is_some();
                         let mut request = DeployRequest {
+                            image,
                             weight,
                             priority,
                             env: client::parse_env(&set_env)?,
                             ..DeployRequest::default()
                         };
-                        if let Some((program, args)) = command.split_first() {
+                        if docker {
+                            if !command.is_empty() {
+                                request.args = Some(command);
+                            }
+                        } else if let Some((program, args)) = command.split_first() {
                             request.command = Some(program.clone());
                             request.args = Some(args.to_vec());
                         }

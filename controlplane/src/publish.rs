@@ -216,12 +216,14 @@ mod tests {
             runtime: crate::spec::RuntimeKind::Process,
             run: crate::spec::RunSpec {
                 command: "x".into(),
+                image: String::new(),
                 args: vec![],
                 env: Default::default(),
                 weight: 1,
                 priority: 0,
             },
             addresses: vec![],
+            container: None,
             replicas,
             stop_grace: std::time::Duration::from_secs(1),
             health: crate::spec::HealthSpec {

@@ -65,6 +65,11 @@ pub struct Instance {
     pub restarts: u32,
     /// The last thing that went wrong with it (exit status, failed check), for `status`.
     pub last_error: Option<String>,
+    /// False for containers found by label discovery: they serve while healthy, but the agent
+    /// never counts, starts, drains or stops them.
+    pub managed: bool,
+    /// Discovered only: the container id.
+    pub external: Option<String>,
 }
 
 impl Instance {
@@ -73,8 +78,9 @@ impl Instance {
         self.phase == Phase::Running && self.health.is_up()
     }
 
-    fn live(&self) -> bool {
-        matches!(self.phase, Phase::Starting | Phase::Running)
+    /// Managed and not leaving: counts towards `replicas`.
+    pub fn live(&self) -> bool {
+        self.managed && matches!(self.phase, Phase::Starting | Phase::Running)
     }
 }
 
@@ -121,6 +127,8 @@ pub enum Refusal {
     NoInstance(String),
     #[error("instance {0} is already leaving")]
     AlreadyLeaving(String),
+    #[error("instance {0} was discovered, not started by the agent: stop its container instead")]
+    NotManaged(String),
 }
 
 /// Delay before starting instances again after the runtime failed to start one.
@@ -226,6 +234,9 @@ impl ServiceState {
             .instances
             .get_mut(&seq)
             .ok_or(Refusal::NoInstance(name.clone()))?;
+        if !i.managed {
+            return Err(Refusal::NotManaged(name));
+        }
         if !i.live() {
             return Err(Refusal::AlreadyLeaving(name));
         }
@@ -310,6 +321,102 @@ impl ServiceState {
         d.finished = Some(now);
         self.generation = d.from;
         self.finished_deploys.push(d.outcome.clone());
+    }
+
+    /// A running instance left by an earlier agent (the runtime found it). It counts as current
+    /// when it runs what the current generation runs, else as outdated and is rolled away.
+    pub fn adopt(&mut self, seq: u64, addr: SocketAddr, run: RunSpec, now: Instant) {
+        let generation = if &run == self.current_run().as_ref() {
+            self.generation
+        } else {
+            self.runs.entry(0).or_insert_with(|| Arc::new(run.clone()));
+            0
+        };
+        let run = self.runs[&generation].clone();
+        self.next_seq = self.next_seq.max(seq + 1);
+        let mut instance = self.running_instance(seq, generation, run, addr, now, true, None);
+        instance.health.assume_up();
+        self.instances.insert(seq, instance);
+    }
+
+    /// A container labelled for this service appeared; returns its seq (for health checks).
+    pub fn discovered(
+        &mut self,
+        container: String,
+        addr: SocketAddr,
+        weight: u32,
+        priority: u32,
+        now: Instant,
+    ) -> u64 {
+        if let Some(i) = self
+            .instances
+            .values_mut()
+            .find(|i| i.external.as_deref() == Some(&container))
+        {
+            i.addr = Some(addr);
+            return i.seq;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let run = Arc::new(RunSpec {
+            command: String::new(),
+            image: String::new(),
+            args: Vec::new(),
+            env: Default::default(),
+            weight,
+            priority,
+        });
+        self.instances.insert(
+            seq,
+            self.running_instance(seq, 0, run, addr, now, false, Some(container)),
+        );
+        seq
+    }
+
+    /// A discovered container is gone; returns its seq.
+    pub fn vanished(&mut self, container: &str) -> Option<u64> {
+        let seq = self
+            .instances
+            .values()
+            .find(|i| !i.managed && i.external.as_deref() == Some(container))?
+            .seq;
+        self.instances.remove(&seq);
+        Some(seq)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn running_instance(
+        &self,
+        seq: u64,
+        generation: u64,
+        run: Arc<RunSpec>,
+        addr: SocketAddr,
+        now: Instant,
+        managed: bool,
+        external: Option<String>,
+    ) -> Instance {
+        Instance {
+            seq,
+            generation,
+            run,
+            addr: Some(addr),
+            created: now,
+            phase: Phase::Running,
+            drain_until: None,
+            health: Tracker::default(),
+            restarts: 0,
+            last_error: None,
+            managed,
+            external,
+        }
+    }
+
+    /// The runtime replaced the instance (a new container): new address, must rise again.
+    pub fn moved(&mut self, seq: u64, addr: SocketAddr) {
+        if let Some(i) = self.instances.get_mut(&seq) {
+            i.addr = Some(addr);
+            i.health.force_down();
+        }
     }
 
     // ----- decisions ------------------------------------------------------------------------
@@ -411,7 +518,7 @@ impl ServiceState {
         let mut outdated_serving: Vec<u64> = self
             .instances
             .values()
-            .filter(|i| i.in_table() && i.generation != generation)
+            .filter(|i| i.managed && i.in_table() && i.generation != generation)
             .map(|i| i.seq)
             .collect();
         let keep = (self.replicas as usize).saturating_sub(serving_current);
@@ -486,6 +593,8 @@ impl ServiceState {
                 health: Tracker::default(),
                 restarts: 0,
                 last_error: None,
+                managed: true,
+                external: None,
             },
         );
         Action::Start {

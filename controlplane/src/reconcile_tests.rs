@@ -16,6 +16,7 @@ fn spec(replicas: u32, surge: u32) -> ServiceSpec {
         runtime: RuntimeKind::Process,
         run: run("v1"),
         addresses: Vec::new(),
+        container: None,
         replicas,
         stop_grace: Duration::from_secs(1),
         health: HealthSpec {
@@ -36,6 +37,7 @@ fn spec(replicas: u32, surge: u32) -> ServiceSpec {
 fn run(tag: &str) -> RunSpec {
     RunSpec {
         command: "app".into(),
+        image: String::new(),
         args: vec![tag.into()],
         env: BTreeMap::new(),
         weight: 1,
@@ -358,4 +360,63 @@ proptest! {
         prop_assert_eq!(sim.serving_generation(2), replicas as usize);
         prop_assert_eq!(sim.s.instances.len(), replicas as usize);
     }
+}
+
+#[test]
+fn adopted_instances_of_the_current_spec_count_and_others_are_rolled_away() {
+    let mut sim = Sim::new(spec(2, 1));
+    sim.s.adopt(7, addr(7), run("v1"), sim.now);
+    sim.s.adopt(9, addr(9), run("old"), sim.now);
+    assert_eq!(sim.s.instances[&7].generation, 1, "same spec: current");
+    assert_eq!(sim.s.instances[&9].generation, 0, "other spec: outdated");
+    let a = sim.step();
+    assert_eq!(
+        starts(&a),
+        1,
+        "one more current instance, none for the adopted current one"
+    );
+    let Action::Start { instance, .. } = &a[0] else {
+        panic!("{a:?}")
+    };
+    assert_eq!(instance.seq, 10, "no seq of an adopted instance is reused");
+    sim.pass_all();
+    for _ in 0..5 {
+        sim.step();
+        sim.advance(Duration::from_secs(1));
+    }
+    assert_eq!(sim.serving(), vec![7, 10]);
+    assert_eq!(sim.stopped, vec![9], "the outdated one drained and stopped");
+}
+
+#[test]
+fn discovered_containers_serve_but_are_never_counted_or_stopped() {
+    let mut sim = Sim::steady(1, 1);
+    let seq = sim.s.discovered("c0ffee".into(), addr(50), 3, 0, sim.now);
+    assert_eq!(
+        sim.s.discovered("c0ffee".into(), addr(51), 3, 0, sim.now),
+        seq,
+        "same container, same instance"
+    );
+    assert!(sim.s.probed(seq, true, None));
+    assert_eq!(sim.serving(), vec![1, seq]);
+    let backends = sim.s.backends();
+    assert!(
+        backends.iter().any(|b| b.1 == addr(51) && b.2 == 3),
+        "{backends:?}"
+    );
+    sim.s.scale(0).unwrap();
+    sim.step();
+    sim.advance(Duration::from_secs(3));
+    sim.step();
+    assert_eq!(
+        sim.serving(),
+        vec![seq],
+        "scaling to 0 leaves the discovered one"
+    );
+    assert!(matches!(
+        sim.s.drain(seq, sim.now),
+        Err(Refusal::NotManaged(_))
+    ));
+    assert_eq!(sim.s.vanished("c0ffee"), Some(seq));
+    assert!(sim.serving().is_empty());
 }

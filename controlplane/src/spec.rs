@@ -11,7 +11,16 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone)]
 pub struct Config {
     pub agent: AgentSettings,
+    pub docker: Option<DockerSettings>,
     pub services: Vec<ServiceSpec>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DockerSettings {
+    /// `None`: `DOCKER_HOST`, else the default socket.
+    pub host: Option<String>,
+    pub discover: bool,
+    pub keep_on_exit: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -28,6 +37,8 @@ pub struct AgentSettings {
 pub enum RuntimeKind {
     Process,
     Static,
+    Docker,
+    Discovered,
 }
 
 impl RuntimeKind {
@@ -35,6 +46,8 @@ impl RuntimeKind {
         match self {
             RuntimeKind::Process => "process",
             RuntimeKind::Static => "static",
+            RuntimeKind::Docker => "docker",
+            RuntimeKind::Discovered => "discovered",
         }
     }
 }
@@ -42,7 +55,11 @@ impl RuntimeKind {
 /// What one version of a service runs: everything a deploy may change.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunSpec {
+    /// `process`: the program. Empty for other runtimes.
     pub command: String,
+    /// `docker`: the image. Empty for other runtimes.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub image: String,
     pub args: Vec<String>,
     pub env: BTreeMap<String, String>,
     pub weight: u32,
@@ -83,6 +100,8 @@ pub struct ServiceSpec {
     pub run: RunSpec,
     /// `static` only: the fixed backend addresses.
     pub addresses: Vec<SocketAddr>,
+    /// `docker` only: where containers listen and which network they join.
+    pub container: Option<ContainerPlacement>,
     pub replicas: u32,
     pub stop_grace: Duration,
     pub health: HealthSpec,
@@ -91,3 +110,10 @@ pub struct ServiceSpec {
 
 /// Most instances one service may ask for.
 pub const MAX_REPLICAS: u32 = 1_000;
+
+/// Where a service's containers listen and are reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerPlacement {
+    pub port: u16,
+    pub network: String,
+}

@@ -30,8 +30,26 @@ use crate::spec::Config;
 pub struct RawConfig {
     #[serde(default)]
     pub agent: RawAgent,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker: Option<RawDocker>,
     #[serde(default)]
     pub services: BTreeMap<String, RawService>,
+}
+
+/// The Docker engine, for `runtime = "docker"` services and label discovery.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDocker {
+    /// Engine address, `unix:///var/run/docker.sock` style; default: `DOCKER_HOST`, else that socket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Containers labelled `rustybalancer.service=NAME` join that service's table while they run.
+    #[serde(default)]
+    pub discover: bool,
+    /// Leave managed containers running when the agent stops, for the next agent to adopt. By
+    /// default a stopping agent drains and removes them, so `compose down` leaves nothing behind.
+    #[serde(default)]
+    pub keep_on_exit: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -75,6 +93,9 @@ impl Default for RawAgent {
 pub enum RuntimeName {
     Process,
     Static,
+    Docker,
+    /// No instances of its own: only containers found by label discovery.
+    Discovered,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -94,6 +115,15 @@ pub struct RawService {
     pub args: Vec<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// `docker`: the image each instance runs (`args` replace its CMD when given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// `docker`: the port the container listens on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// `docker`: the network containers join and are reached on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
     /// `static`: the fixed backend addresses (ip:port).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<String>,

@@ -9,8 +9,8 @@ use rusty_shared::table::{Backend, Service, Table};
 
 use super::{CheckKind, KeyError, RawConfig, RawService, RuntimeName};
 use crate::spec::{
-    AgentSettings, Config, HealthSpec, Probe, RolloutPolicy, RunSpec, RuntimeKind, ServiceSpec,
-    MAX_REPLICAS,
+    AgentSettings, Config, ContainerPlacement, DockerSettings, HealthSpec, Probe, RolloutPolicy,
+    RunSpec, RuntimeKind, ServiceSpec, MAX_REPLICAS,
 };
 
 struct Errors(Vec<KeyError>);
@@ -72,6 +72,17 @@ pub fn validate(raw: &RawConfig, base_dir: &Path) -> Result<Config, Vec<KeyError
     if errs.0.is_empty() {
         check_routes(&services, &mut errs);
     }
+    if let Some(host) = raw.docker.as_ref().and_then(|d| d.host.as_deref()) {
+        if !host.starts_with("unix://")
+            && !host.starts_with("tcp://")
+            && !host.starts_with("http://")
+        {
+            errs.add(
+                "docker.host",
+                format!("{host:?}: write unix:///path/to/docker.sock or tcp://host:port"),
+            );
+        }
+    }
     match (listen, instance_host) {
         (Some(listen), Some(instance_host)) if errs.0.is_empty() => Ok(Config {
             agent: AgentSettings {
@@ -81,6 +92,11 @@ pub fn validate(raw: &RawConfig, base_dir: &Path) -> Result<Config, Vec<KeyError
                 log: a.log.clone(),
                 instance_host,
             },
+            docker: raw.docker.as_ref().map(|d| DockerSettings {
+                host: d.host.clone(),
+                discover: d.discover,
+                keep_on_exit: d.keep_on_exit,
+            }),
             services,
         }),
         _ => Err(errs.0),
@@ -123,8 +139,71 @@ fn service(name: &str, s: &RawService, base_dir: &Path, errs: &mut Errors) -> Op
     }
     let mut command = String::new();
     let mut addresses = Vec::new();
+    let mut image = String::new();
+    let mut container = None;
     let replicas;
+    let docker_only = [
+        ("image", s.image.is_some()),
+        ("port", s.port.is_some()),
+        ("network", s.network.is_some()),
+    ];
+    if s.runtime != RuntimeName::Docker {
+        for (field, set) in docker_only {
+            if set {
+                errs.add(key(field), "only for runtime = \"docker\"");
+            }
+        }
+    }
     match s.runtime {
+        RuntimeName::Docker => {
+            if s.command.is_some() {
+                errs.add(
+                    key("command"),
+                    "not for runtime = \"docker\": the image says what runs (args replace its CMD)",
+                );
+            }
+            if !s.addresses.is_empty() {
+                errs.add(key("addresses"), "only for runtime = \"static\"");
+            }
+            match s.image.as_deref().map(str::trim) {
+                None | Some("") => errs.add(key("image"), "required with runtime = \"docker\": the image each instance runs, e.g. \"app:v1\""),
+                Some(i) => image = i.to_owned(),
+            }
+            match (s.port, s.network.as_deref()) {
+                (Some(0), _) => errs.add(key("port"), "must be 1..=65535"),
+                (None, _) => errs.add(key("port"), "required with runtime = \"docker\": the port the container listens on"),
+                (_, None | Some("")) => errs.add(key("network"), "required with runtime = \"docker\": the Docker network its containers join (the data plane must be able to reach it)"),
+                (Some(port), Some(network)) => {
+                    container = Some(ContainerPlacement {
+                        port,
+                        network: network.to_owned(),
+                    })
+                }
+            }
+            replicas = s.replicas.unwrap_or(1);
+            if replicas > MAX_REPLICAS {
+                errs.add(
+                    key("replicas"),
+                    format!("{replicas} is over the limit of {MAX_REPLICAS}"),
+                );
+            }
+        }
+        RuntimeName::Discovered => {
+            if s.command.is_some()
+                || !s.args.is_empty()
+                || !s.env.is_empty()
+                || !s.addresses.is_empty()
+            {
+                errs.add(key("runtime"), "a discovered service runs nothing: its backends are containers labelled rustybalancer.service; leave out command, args, env and addresses");
+            }
+            if s.replicas.is_some_and(|r| r != 0) {
+                errs.add(
+                    key("replicas"),
+                    "a discovered service has no instances of its own",
+                );
+            }
+            replicas = 0;
+        }
         RuntimeName::Process => {
             match s.command.as_deref().map(str::trim) {
                 None | Some("") => errs.add(
@@ -260,15 +339,19 @@ fn service(name: &str, s: &RawService, base_dir: &Path, errs: &mut Errors) -> Op
         runtime: match s.runtime {
             RuntimeName::Process => RuntimeKind::Process,
             RuntimeName::Static => RuntimeKind::Static,
+            RuntimeName::Docker => RuntimeKind::Docker,
+            RuntimeName::Discovered => RuntimeKind::Discovered,
         },
         run: RunSpec {
             command,
+            image,
             args: s.args.clone(),
             env: s.env.clone(),
             weight: s.weight,
             priority: s.priority,
         },
         addresses,
+        container,
         replicas,
         stop_grace: s.stop_grace.0,
         health: HealthSpec {

@@ -5,8 +5,9 @@
 //! - [`process`]: local child processes, supervised and restarted with backoff.
 //! - [`fixed`]: the `static` runtime, fixed addresses the agent only health-checks.
 //!
-//! The Docker runtime plugs into the same trait.
+//! - [`docker`]: containers through the Docker Engine API, plus discovery of labelled containers.
 
+pub mod docker;
 pub mod fixed;
 pub mod process;
 
@@ -48,6 +49,29 @@ pub enum RuntimeEvent {
     },
     /// It runs again after an exit.
     Restarted { instance: InstanceRef },
+    /// It runs again after an exit, at a new address (a replacement container).
+    Moved {
+        instance: InstanceRef,
+        addr: SocketAddr,
+    },
+    /// A container the agent did not start, labelled for `service`, is running.
+    Discovered {
+        service: String,
+        container: String,
+        addr: SocketAddr,
+        weight: u32,
+        priority: u32,
+    },
+    /// That container stopped or went away.
+    Vanished { service: String, container: String },
+}
+
+/// An instance an earlier agent started that is still running.
+#[derive(Debug, Clone)]
+pub struct Adopted {
+    pub instance: InstanceRef,
+    pub addr: SocketAddr,
+    pub run: RunSpec,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +87,8 @@ pub enum RuntimeError {
     NoAddress(String),
     #[error("unknown instance {0}")]
     Unknown(String),
+    #[error("{0}")]
+    Docker(String),
 }
 
 /// The seam between the agent and whatever runs instances.
@@ -76,4 +102,14 @@ pub trait Runtime: Send + Sync {
 
     /// Every instance this runtime currently has.
     async fn list(&self) -> Vec<InstanceInfo>;
+
+    /// Instances left running by an earlier agent, for the core to take over at start.
+    async fn adopt(&self) -> Vec<Adopted> {
+        Vec::new()
+    }
+
+    /// Should its instances be left running when the agent stops?
+    fn keeps_instances_on_exit(&self) -> bool {
+        false
+    }
 }
