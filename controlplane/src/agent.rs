@@ -62,7 +62,8 @@ pub async fn run(config: Config) -> Result<()> {
         runtimes,
         publisher,
         metrics.clone(),
-    );
+    )
+    .with_saved_state(agent.state_dir.join("desired.json"));
     let (commands_tx, commands_rx) = mpsc::channel(64);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 

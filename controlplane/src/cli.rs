@@ -12,6 +12,9 @@ use clap::{Args, Parser, Subcommand};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Cmd,
+    /// How `status`, `scale`, `deploy` and `drain` reach the agent (given anywhere on the line).
+    #[command(flatten)]
+    pub agent: AgentArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -22,8 +25,6 @@ pub enum Cmd {
     Check(ConfigArgs),
     /// Services, instances and the last table of a running agent.
     Status {
-        #[command(flatten)]
-        agent: AgentArgs,
         /// Print the raw JSON.
         #[arg(long)]
         json: bool,
@@ -32,8 +33,6 @@ pub enum Cmd {
     Scale {
         service: String,
         replicas: u32,
-        #[command(flatten)]
-        agent: AgentArgs,
         #[command(flatten)]
         wait: WaitArgs,
     },
@@ -59,16 +58,10 @@ pub enum Cmd {
         #[arg(last = true, value_name = "COMMAND")]
         command: Vec<String>,
         #[command(flatten)]
-        agent: AgentArgs,
-        #[command(flatten)]
         wait: WaitArgs,
     },
     /// Take one instance (e.g. web-3) out of the table, stop it after the drain time, replace it.
-    Drain {
-        instance: String,
-        #[command(flatten)]
-        agent: AgentArgs,
-    },
+    Drain { instance: String },
 }
 
 #[derive(Debug, Args)]
@@ -84,11 +77,17 @@ pub struct ConfigArgs {
 #[derive(Debug, Args)]
 pub struct AgentArgs {
     /// The agent's listener.
-    #[arg(long, env = "RUSTY_AGENT", default_value = "127.0.0.1:7070")]
+    #[arg(
+        long,
+        global = true,
+        env = "RUSTY_AGENT",
+        default_value = "127.0.0.1:7070"
+    )]
     pub agent: String,
     /// File with the agent's bearer token.
     #[arg(
         long,
+        global = true,
         env = "RUSTY_AGENT_TOKEN_FILE",
         default_value = ".rusty/agent/token"
     )]

@@ -22,6 +22,7 @@ use crate::publish::{self, Publisher};
 use crate::reconcile::{Action, InstanceRef, Outcome, Phase, Refusal, ServiceState};
 use crate::runtime::{InstanceSpec, Runtime, RuntimeEvent};
 use crate::spec::{RunSpec, RuntimeKind, ServiceSpec};
+use crate::state::{Desired, SavedService};
 
 /// How long the first table waits for every service to have a healthy instance. Until then a
 /// restarted agent would publish a table missing the services that are still rising.
@@ -80,6 +81,8 @@ pub struct Core {
     probes: HashMap<InstanceRef, AbortHandle>,
     publisher: Publisher,
     metrics: Arc<Metrics>,
+    desired_file: Option<std::path::PathBuf>,
+    saved: Desired,
     events_tx: mpsc::UnboundedSender<Event>,
     events_rx: Option<mpsc::UnboundedReceiver<Event>>,
     started_at: Instant,
@@ -106,8 +109,70 @@ impl Core {
             metrics,
             events_tx,
             events_rx: Some(events_rx),
+            desired_file: None,
+            saved: Desired::default(),
             started_at: Instant::now(),
             published: false,
+        }
+    }
+
+    /// Keep scale and deploy results in `file` and start from what it holds, for each service
+    /// whose config has not changed since.
+    pub fn with_saved_state(mut self, file: std::path::PathBuf) -> Core {
+        let saved = Desired::load(&file);
+        for (name, entry) in &saved.services {
+            let Some(s) = self.services.get_mut(name) else {
+                continue;
+            };
+            if entry.config_replicas == s.spec.replicas && entry.config_run == s.spec.run {
+                info!(
+                    service = name,
+                    replicas = entry.replicas,
+                    "keeping the scale and version set through the API"
+                );
+                s.restore(entry.replicas, entry.run.clone());
+            } else {
+                info!(
+                    service = name,
+                    "the config changed since the last scale or deploy: the config wins"
+                );
+            }
+        }
+        self.saved = saved;
+        self.desired_file = Some(file);
+        self
+    }
+
+    fn save_desired(&mut self) {
+        let Some(file) = &self.desired_file else {
+            return;
+        };
+        let now = Desired {
+            services: self
+                .services
+                .values()
+                .filter(|s| matches!(s.spec.runtime, RuntimeKind::Process | RuntimeKind::Docker))
+                .filter_map(|s| {
+                    let (replicas, run) = s.desired();
+                    (replicas != s.spec.replicas || run != s.spec.run).then(|| {
+                        (
+                            s.name().to_owned(),
+                            SavedService {
+                                config_replicas: s.spec.replicas,
+                                config_run: s.spec.run.clone(),
+                                replicas,
+                                run,
+                            },
+                        )
+                    })
+                })
+                .collect(),
+        };
+        if now != self.saved {
+            match now.save(file) {
+                Ok(()) => self.saved = now,
+                Err(e) => error!(file = %file.display(), "cannot save the desired state: {e}"),
+            }
         }
     }
 
@@ -179,6 +244,7 @@ impl Core {
             self.act(a);
         }
         self.publish();
+        self.save_desired();
     }
 
     fn act(&mut self, action: Action) {

@@ -9,6 +9,7 @@ use rusty_agent::{agent, client, config};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let agent = cli.agent;
     match cli.command {
         Cmd::Check(args) => match config::load(&args.config, args.env.as_deref()) {
             Ok(loaded) => {
@@ -80,11 +81,10 @@ fn main() -> ExitCode {
             };
             report(rt.block_on(async move {
                 match other {
-                    Cmd::Status { agent, json } => client::status(&agent, json).await,
+                    Cmd::Status { json } => client::status(&agent, json).await,
                     Cmd::Scale {
                         service,
                         replicas,
-                        agent,
                         wait,
                     } => client::scale(&service, replicas, &agent, &wait).await,
                     Cmd::Deploy {
@@ -94,7 +94,6 @@ fn main() -> ExitCode {
                         priority,
                         set_env,
                         command,
-                        agent,
                         wait,
                     } => {
                         let docker = image.is_some();
@@ -115,7 +114,7 @@ fn main() -> ExitCode {
                         }
                         client::deploy(&service, request, &agent, &wait).await
                     }
-                    Cmd::Drain { instance, agent } => client::drain(&instance, &agent).await,
+                    Cmd::Drain { instance } => client::drain(&instance, &agent).await,
                     Cmd::Run(_) | Cmd::Check(_) => unreachable!("handled above"),
                 }
             }))

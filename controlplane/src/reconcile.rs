@@ -175,6 +175,22 @@ impl ServiceState {
         &self.spec.name
     }
 
+    /// Start from desired state saved by an earlier agent (scale and deploy survive restarts).
+    pub fn restore(&mut self, replicas: u32, run: RunSpec) {
+        self.replicas = replicas.min(MAX_REPLICAS);
+        self.runs.insert(self.generation, Arc::new(run));
+    }
+
+    /// What to save: the replicas and the run spec that serves (a deploy in progress saves the
+    /// version it started from, which is what a restarted agent should keep).
+    pub fn desired(&self) -> (u32, RunSpec) {
+        let generation = match &self.deploy {
+            Some(d) if d.outcome == Outcome::InProgress => d.from,
+            _ => self.generation,
+        };
+        (self.replicas, self.runs[&generation].as_ref().clone())
+    }
+
     pub fn current_run(&self) -> &Arc<RunSpec> {
         &self.runs[&self.generation]
     }

@@ -414,3 +414,37 @@ fn two_data_planes_follow_the_agent_while_a_third_subscriber_never_reads() {
     assert_eq!(lb2.table_version(), v);
     drop(stalled);
 }
+
+#[test]
+fn scale_and_deploy_survive_an_agent_restart() {
+    let mut agent = Agent::start("persist", &echo_service("web", 2, "v1-"));
+    agent.wait_serving("web", 2, LIMIT);
+    let echo = bin("rusty-echo").display().to_string();
+    let (ok, out) = agent.cli(&["scale", "web", "3"]);
+    assert!(ok, "{out}");
+    let (ok, out) = agent.cli(&[
+        "deploy",
+        "web",
+        "--",
+        &echo,
+        "--listen",
+        "{host}:{port}",
+        "--id",
+        "v2-{instance}",
+    ]);
+    assert!(ok, "{out}");
+    agent.proc.signal("TERM");
+    assert_eq!(agent.proc.wait_exit(Duration::from_secs(10)), Some(0));
+    agent.kill_and_restart();
+    agent.wait_serving("web", 3, LIMIT);
+    let svc = agent.service("web");
+    assert_eq!(svc["replicas"], 3, "{svc:#}");
+    assert!(
+        svc["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a == "v2-{instance}"),
+        "the deployed version runs after the restart: {svc:#}"
+    );
+}

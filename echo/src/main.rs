@@ -17,10 +17,10 @@ use tokio::net::{TcpListener, TcpStream};
 #[command(name = "rusty-echo", version)]
 struct Args {
     /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:9001")]
+    #[arg(long, env = "ECHO_LISTEN", default_value = "127.0.0.1:9001")]
     listen: SocketAddr,
     /// The id this backend reports in `x-backend-id` and its body.
-    #[arg(long, default_value = "echo")]
+    #[arg(long, env = "ECHO_ID", default_value = "echo")]
     id: String,
     /// Wait this long before answering each request (to simulate a slow backend).
     #[arg(long, default_value_t = 0)]
