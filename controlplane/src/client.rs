@@ -22,9 +22,8 @@ pub struct Client {
 
 impl Client {
     pub fn new(args: &AgentArgs) -> Result<Client> {
-        let token = Token::read(&args.token_file).with_context(|| {
-            "the CLI needs the agent's token: pass --token-file (or RUSTY_AGENT_TOKEN_FILE)"
-                .to_string()
+        let token = Token::read(&args.token_file).map_err(|e| {
+            anyhow!("{e} (the CLI needs the agent's token: pass --token-file or set RUSTY_AGENT_TOKEN_FILE)")
         })?;
         Ok(Client {
             addr: args.agent.clone(),
