@@ -447,3 +447,65 @@ fn the_compose_stack_deploys_scales_rolls_heals_adopts_discovers_and_cleans_up()
     ]);
     assert!(volumes.trim().is_empty(), "volumes left: {volumes}");
 }
+
+/// Start `rusty-agent run` on the host with one docker service; returns (exit code, stderr).
+fn agent_fails_with(
+    image: &str,
+    network: &str,
+    docker_host: Option<&str>,
+) -> (Option<i32>, String) {
+    let dir = TempDir::new("dockererr");
+    let config = dir.path("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\nlisten = \"127.0.0.1:{}\"\nstate_dir = \"{}\"\n[services.app]\nruntime = \"docker\"\nimage = \"{image}\"\nport = 8000\nnetwork = \"{network}\"\n",
+            free_port(),
+            dir.path("state").display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(bin("rusty-agent"));
+    cmd.args(["run", "--config"]).arg(&config);
+    if let Some(h) = docker_host {
+        cmd.env("DOCKER_HOST", h);
+    }
+    let out = cmd.output().expect("run the agent");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn docker_errors_say_what_to_do() {
+    let (code, err) = agent_fails_with("x:1", "bridge", Some("unix:///tmp/rusty-no-such.sock"));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("cannot reach the Docker engine at unix:///tmp/rusty-no-such.sock"),
+        "{err}"
+    );
+    if !engine_answers() {
+        return;
+    }
+    let (code, err) = agent_fails_with("rustybalancer-demo:nope", "bridge", None);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("services.app.image: image \"rustybalancer-demo:nope\" is not present locally and this machine cannot pull"),
+        "{err}"
+    );
+    let has_demo = Command::new("docker")
+        .args(["image", "inspect", "rustybalancer-demo:v1"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if has_demo {
+        let (code, err) = agent_fails_with("rustybalancer-demo:v1", "rusty-no-such-net", None);
+        assert_eq!(code, Some(1), "{err}");
+        assert!(
+            err.contains(
+                "services.app.network: Docker network \"rusty-no-such-net\" does not exist"
+            ),
+            "{err}"
+        );
+    }
+}

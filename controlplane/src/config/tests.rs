@@ -205,10 +205,13 @@ fn the_effective_config_renders_and_reads_back_the_same() {
 
 #[test]
 fn the_shipped_examples_are_valid_in_every_environment() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut checked = 0;
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let path = entry.unwrap().path();
+    let files = std::fs::read_dir(root.join("examples"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .chain([root.join("docker/agent.toml")]);
+    for path in files {
         if path.extension().and_then(|e| e.to_str()) != Some("toml") {
             continue;
         }
@@ -221,5 +224,53 @@ fn the_shipped_examples_are_valid_in_every_environment() {
     assert!(
         checked >= 3,
         "examples cover production, development and slim"
+    );
+}
+
+#[test]
+fn docker_services_need_an_image_a_port_and_a_network() {
+    let e = errors("[services.app]\nruntime = \"docker\"\ncommand = \"x\"\n");
+    for expected in [
+        "agent.toml: services.app.command: not for runtime = \"docker\"",
+        "agent.toml: services.app.image: required with runtime = \"docker\"",
+        "agent.toml: services.app.port: required with runtime = \"docker\"",
+    ] {
+        assert!(e.contains(expected), "missing {expected:?} in:\n{e}");
+    }
+    let e = errors("[services.app]\nruntime = \"docker\"\nimage = \"a:1\"\nport = 80\n");
+    assert!(e.contains("services.app.network: required"), "{e}");
+    let e = errors("[services.app]\ncommand = \"x\"\nimage = \"a:1\"\n");
+    assert!(
+        e.contains("services.app.image: only for runtime = \"docker\""),
+        "{e}"
+    );
+    let ok = load(
+        "[services.app]\nruntime = \"docker\"\nimage = \"a:1\"\nport = 80\nnetwork = \"n\"\nreplicas = 2\n[docker]\ndiscover = true\n",
+        None,
+    )
+    .unwrap();
+    let app = &ok.config.services[0];
+    assert_eq!(app.run.image, "a:1");
+    assert_eq!(app.container.as_ref().unwrap().network, "n");
+    assert!(ok.config.docker.unwrap().discover);
+}
+
+#[test]
+fn a_discovered_service_runs_nothing() {
+    let e = errors("[services.extra]\nruntime = \"discovered\"\ncommand = \"x\"\nreplicas = 2\n");
+    assert!(
+        e.contains("services.extra.runtime: a discovered service runs nothing"),
+        "{e}"
+    );
+    assert!(
+        e.contains("services.extra.replicas: a discovered service has no instances"),
+        "{e}"
+    );
+    let e = errors(
+        "[docker]\nhost = \"/var/run/docker.sock\"\n[services.extra]\nruntime = \"discovered\"\n",
+    );
+    assert!(
+        e.contains("docker.host: \"/var/run/docker.sock\": write unix://"),
+        "{e}"
     );
 }
