@@ -23,3 +23,5 @@ fi
 cargo nextest run --workspace --no-fail-fast
 # Benchmarks compile and run once each (a smoke test, not a measurement).
 cargo bench -p rusty-benches --bench dataplane -- --test
+# The load-test harness runs for a few seconds so it keeps working (not a measurement).
+loadtest/run.sh --smoke > /dev/null

@@ -12,6 +12,7 @@
 //! - [`server`]: wires it all into a Pingora server with explicit shutdown.
 
 pub mod admin;
+pub mod check;
 pub mod cli;
 pub mod clock;
 pub mod metrics;

@@ -20,9 +20,10 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::modules::http::HttpModules;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
-use pingora::upstreams::peer::HttpPeer;
+use pingora::upstreams::peer::{HttpPeer, Peer};
 use pingora::{Error, ErrorSource, ErrorType};
 
+use crate::check::{self, Refused};
 use crate::metrics::UpstreamError;
 use crate::snapshot::{ServiceState, Snapshot};
 use crate::store::TableStore;
@@ -87,6 +88,18 @@ impl ProxyHttp for Proxy {
     fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        if let Err(Refused(why)) = check::check(session.req_header()) {
+            // Framing or routing that could be read two ways: answer, close, forward nothing.
+            session.set_keepalive(None);
+            let body = Bytes::from(format!("bad request: {why}\n"));
+            let mut resp = ResponseHeader::build(400, Some(3))?;
+            resp.insert_header(CONTENT_TYPE, "text/plain; charset=utf-8")?;
+            resp.insert_header(CONTENT_LENGTH, body.len())?;
+            resp.insert_header(http::header::CONNECTION, "close")?;
+            session.write_response_header(Box::new(resp), false).await?;
+            session.write_response_body(Some(body), true).await?;
+            return Ok(true);
+        }
         let Some(snapshot) = self.store.current() else {
             respond(session, 503, b"no routing table installed yet\n").await?;
             return Ok(true);
@@ -149,8 +162,16 @@ impl ProxyHttp for Proxy {
         &self,
         session: &mut Session,
         upstream: &mut RequestHeader,
-        _ctx: &mut Ctx,
+        ctx: &mut Ctx,
     ) -> Result<()> {
+        // HTTP/1.0 clients may send no Host; the request goes upstream as HTTP/1.1, which needs
+        // one: the backend's address, as nginx's default `proxy_set_header Host $proxy_host`.
+        if !upstream.headers.contains_key(HOST) {
+            if let (Some(svc), Some(i)) = (ctx.service(), ctx.backend) {
+                let addr = svc.backends[i as usize].peer.address().to_string();
+                upstream.insert_header(HOST, addr)?;
+            }
+        }
         let client = session
             .client_addr()
             .and_then(|a| a.as_inet())

@@ -1,0 +1,109 @@
+//! Request validation through the real `rusty-lb`: requests whose framing or routing could be
+//! read two ways get a 400 and a closed connection, and never reach the backend; valid HTTP/1.0
+//! is served, with a Host supplied upstream.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use rusty_e2e::*;
+
+/// Send raw bytes, read until the proxy closes (or 5 s), return what came back.
+fn raw(port: u16, request: &str) -> (String, bool) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(_) => break false,
+        }
+    };
+    (String::from_utf8_lossy(&out).into_owned(), closed)
+}
+
+fn backend_requests(lb: &Lb) -> f64 {
+    lb.metric("rustybalancer_requests_total{service=\"web\",backend=\"a\",code=\"200\"}")
+}
+
+#[test]
+fn ambiguous_requests_get_400_close_and_reach_no_backend() {
+    let a = Echo::start_with("a", &["--echo-headers"]);
+    let dir = TempDir::new("requests");
+    let path = dir.path("table.json");
+    write_atomic(&path, &table(1, &[("a", &a.addr(), 1, 0)]));
+    let lb = Lb::start(&["--table".to_owned(), path.display().to_string()]);
+    lb.wait_version(1, Duration::from_secs(10));
+
+    let cases = [
+        ("TE twice", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+        ("TE not chunked last", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n"),
+        ("two Content-Lengths", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab"),
+        ("CL list", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1, 1\r\n\r\na"),
+        ("no Host", "GET / HTTP/1.1\r\n\r\n"),
+        ("two Hosts", "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
+        ("Host with userinfo", "GET / HTTP/1.1\r\nHost: user@a\r\n\r\n"),
+        ("Host with a comma", "GET / HTTP/1.1\r\nHost: a,b\r\n\r\n"),
+        ("Host with a bad port", "GET / HTTP/1.1\r\nHost: a:99999\r\n\r\n"),
+        ("target without /", "GET a/b HTTP/1.1\r\nHost: a\r\n\r\n"),
+        ("TE in HTTP/1.0", "POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+    ];
+    let before = backend_requests(&lb);
+    for (name, request) in cases {
+        let (response, closed) = raw(lb.port, request);
+        assert!(response.starts_with("HTTP/1.1 400"), "{name}: {response:?}");
+        assert!(closed, "{name}: the connection must be closed after a 400");
+        assert!(
+            !response.contains("hello from"),
+            "{name}: reached the backend: {response:?}"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        backend_requests(&lb),
+        before,
+        "no refused request reached the backend"
+    );
+
+    // Content-Length with Transfer-Encoding: the length is dropped, the body read as chunked,
+    // and the connection closed after the response (RFC 9112 §6.1), so no second request can
+    // hide in the body.
+    let (response, closed) = raw(
+        lb.port,
+        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n",
+    );
+    assert!(closed, "closed after the response: {response:?}");
+    assert!(
+        response.to_ascii_lowercase().contains("connection: close"),
+        "{response:?}"
+    );
+    assert!(
+        !response.to_ascii_lowercase().contains("content-length: 40"),
+        "{response:?}"
+    );
+    assert!(
+        !response.contains("/smuggled"),
+        "the hidden request never reached the backend: {response:?}"
+    );
+    assert_eq!(
+        response.matches("HTTP/1.1 ").count(),
+        1,
+        "one response only: {response:?}"
+    );
+
+    // Valid HTTP/1.0 without Host is served; the backend gets a Host.
+    let (response, _) = raw(lb.port, "GET / HTTP/1.0\r\n\r\n");
+    assert!(
+        response.starts_with("HTTP/1.1 200") || response.starts_with("HTTP/1.0 200"),
+        "{response:?}"
+    );
+    assert!(response.contains("hello from a"), "{response:?}");
+    let supplied = format!("host: {}", a.addr());
+    assert!(
+        response.to_ascii_lowercase().contains(&supplied),
+        "the backend sees a Host ({supplied}): {response:?}"
+    );
+}

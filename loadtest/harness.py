@@ -1,0 +1,428 @@
+#!/usr/bin/env python3
+"""Side-by-side load test: direct, nginx, HAProxy and rusty-lb in front of the same backends.
+
+Everything listens on 127.0.0.1. Three nginx backends (one nginx process, three ports) answer a
+~100-byte body on `/` and 64 KiB on `/big`. Each proxy gets the same number of workers/threads
+and keeps upstream connections alive. For every scenario (body x connections) the targets run
+interleaved (A B C D A B C D ...) and the report gives medians with min-max, p50/p99 from wrk,
+the proxy's own CPU time per request (utime+stime from /proc, all its processes and threads),
+its peak RSS, errors, and ratios to direct and to nginx. A swap scenario rewrites rusty-lb's
+table and sends SIGHUP at 10, 100 and 1,000 per second under load.
+
+Every process it starts is stopped on exit, including on Ctrl-C or an error.
+Run it through loadtest/run.sh, which installs what it needs and builds rusty-lb.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+TICK = os.sysconf("SC_CLK_TCK")
+
+BACKEND_PORTS = [19101, 19102, 19103]
+PORTS = {"direct": BACKEND_PORTS[0], "nginx": 18081, "haproxy": 18082, "rusty-lb": 18083}
+RUSTY_ADMIN = 18183
+SMALL_BODY = "x" * 99 + "\n"
+
+procs = []
+
+
+def start(name, argv, **kw):
+    log = open(os.path.join(kw.pop("logdir"), f"{name}.log"), "w")
+    p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, **kw)
+    procs.append((name, p))
+    return p
+
+
+def stop_all():
+    for name, p in reversed(procs):
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.time() + 10
+    for name, p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def wait_port(port, limit=20):
+    end = time.time() + limit
+    while time.time() < end:
+        for name, p in procs:
+            if p.poll() is not None:
+                raise SystemExit(f"{name} exited with {p.returncode}; see its log in the work directory")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {limit}s")
+
+
+def write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def start_backends(work):
+    os.makedirs(f"{work}/www", exist_ok=True)
+    write(f"{work}/www/big", "y" * 65536)
+    servers = "\n".join(
+        f"""  server {{ listen 127.0.0.1:{p} reuseport backlog=4096; keepalive_requests 1000000;
+    location = / {{ return 200 "{SMALL_BODY.strip()}\\n"; }}
+    location = /big {{ root {work}/www; }} }}"""
+        for p in BACKEND_PORTS
+    )
+    write(
+        f"{work}/backends.conf",
+        f"""worker_processes 1; daemon off; pid {work}/backends.pid; error_log stderr error;
+events {{ worker_connections 4096; }}
+http {{ access_log off; default_type text/plain; keepalive_timeout 300s;
+{servers}
+}}
+""",
+    )
+    start("backends", ["nginx", "-c", f"{work}/backends.conf", "-p", work], logdir=work)
+    for p in BACKEND_PORTS:
+        wait_port(p)
+
+
+def start_nginx(work, workers):
+    ups = "\n".join(f"    server 127.0.0.1:{p};" for p in BACKEND_PORTS)
+    write(
+        f"{work}/nginx.conf",
+        f"""worker_processes {workers}; daemon off; pid {work}/nginx.pid; error_log stderr error;
+events {{ worker_connections 8192; }}
+http {{ access_log off; keepalive_timeout 300s; keepalive_requests 1000000;
+  upstream web {{
+{ups}
+    keepalive 256; keepalive_requests 1000000;
+  }}
+  server {{ listen 127.0.0.1:{PORTS['nginx']} backlog=4096;
+    location / {{ proxy_pass http://web; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering on; }}
+  }}
+}}
+""",
+    )
+    return start("nginx", ["nginx", "-c", f"{work}/nginx.conf", "-p", work], logdir=work)
+
+
+def start_haproxy(work, workers):
+    servers = "\n".join(f"  server b{i} 127.0.0.1:{p}" for i, p in enumerate(BACKEND_PORTS))
+    write(
+        f"{work}/haproxy.cfg",
+        f"""global
+  nbthread {workers}
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 1s
+  timeout client 300s
+  timeout server 60s
+  timeout http-keep-alive 300s
+  option http-keep-alive
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:{PORTS['haproxy']}
+  default_backend be
+backend be
+  balance roundrobin
+{servers}
+""",
+    )
+    return start("haproxy", ["haproxy", "-f", f"{work}/haproxy.cfg", "-db"], logdir=work)
+
+
+def table(version, weights=(1, 1, 1)):
+    return json.dumps(
+        {
+            "version": version,
+            "services": [
+                {
+                    "name": "web",
+                    "backends": [
+                        {"id": f"b{i}", "addr": f"127.0.0.1:{p}", "weight": w}
+                        for i, (p, w) in enumerate(zip(BACKEND_PORTS, weights))
+                    ],
+                }
+            ],
+        }
+    )
+
+
+def start_rusty(work, workers, binary):
+    write(f"{work}/table.json", table(1))
+    return start(
+        "rusty-lb",
+        [
+            binary,
+            "--listen", f"127.0.0.1:{PORTS['rusty-lb']}",
+            "--admin", f"127.0.0.1:{RUSTY_ADMIN}",
+            "--table", f"{work}/table.json",
+            "--threads", str(workers),
+            "--log", "warn",
+        ],
+        logdir=work,
+    )
+
+
+def pids_of(p):
+    """The process and its direct children (nginx workers)."""
+    out = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+    return [p.pid] + [int(x) for x in out]
+
+
+def cpu_seconds(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+        except OSError:
+            pass
+    return total / TICK
+
+
+def peak_rss_mb(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                m = re.search(r"VmHWM:\s+(\d+) kB", f.read())
+                total += int(m.group(1)) if m else 0
+        except OSError:
+            pass
+    return total / 1024
+
+
+def unit(value, suffix):
+    return float(value) * {"us": 1e-3, "ms": 1, "s": 1000, "": 1}[suffix]
+
+
+def wrk(port, path, conns, duration):
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency", "--timeout", "5s",
+         f"http://127.0.0.1:{port}{path}"],
+        capture_output=True, text=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    reqs = int(re.search(r"(\d+) requests in", out).group(1))
+    lat = {}
+    for pct in ("50", "99"):
+        m = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)", out)
+        lat[pct] = unit(m.group(1), m.group(2)) if m else float("nan")
+    errors = 0
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors += int(m.group(1)) if m else 0
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    errors += sum(int(x) for x in m.groups()) if m else 0
+    return {"rps": rps, "requests": reqs, "p50": lat["50"], "p99": lat["99"], "errors": errors}
+
+
+def measure(target, proc, path, conns, duration):
+    pids = pids_of(proc) if proc else []
+    before = cpu_seconds(pids)
+    r = wrk(PORTS[target], path, conns, duration)
+    used = cpu_seconds(pids) - before
+    r["cpu_us"] = used / r["requests"] * 1e6 if proc and r["requests"] else float("nan")
+    r["rss"] = peak_rss_mb(pids) if proc else float("nan")
+    return r
+
+
+def med(runs, key):
+    vals = [r[key] for r in runs]
+    return statistics.median(vals), min(vals), max(vals)
+
+
+def fmt_num(v, digits=1):
+    return "–" if v != v else f"{v:,.{digits}f}"
+
+
+def swap_run(work, proc, rate, conns, duration):
+    """Rewrite the table and SIGHUP rusty-lb `rate` times a second during a wrk run."""
+    stop = threading.Event()
+    version = [int(time.time() * 1000)]
+    swaps = [0]
+
+    def swapper():
+        period = 1.0 / rate
+        nxt = time.monotonic()
+        while not stop.is_set():
+            version[0] += 1
+            w = (1, 2, 3) if version[0] % 2 else (3, 2, 1)
+            tmp = f"{work}/table.json.tmp"
+            write(tmp, table(version[0], w))
+            os.rename(tmp, f"{work}/table.json")
+            os.kill(proc.pid, signal.SIGHUP)
+            swaps[0] += 1
+            nxt += period
+            delay = nxt - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            else:
+                nxt = time.monotonic()
+
+    t = threading.Thread(target=swapper, daemon=True)
+    t.start()
+    r = measure("rusty-lb", proc, "/", conns, duration)
+    stop.set()
+    t.join()
+    r["swaps"] = swaps[0]
+    return r
+
+
+def machine():
+    def ver(cmd):
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            return (out.stdout + out.stderr).strip().splitlines()[0]
+        except (OSError, IndexError):
+            return "not found"
+
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "nginx": ver(["nginx", "-v"]),
+        "haproxy": ver(["haproxy", "-v"]),
+        "wrk": ver(["wrk", "--version"]),
+        "rustc": ver(["rustc", "--version"]),
+        "rusty-lb": subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--binary", default=f"{ROOT}/target/release/rusty-lb")
+    ap.add_argument("--workers", type=int, default=2, help="workers/threads of every proxy")
+    ap.add_argument("--duration", type=int, default=8, help="seconds per wrk run")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved runs per target and scenario")
+    ap.add_argument("--conns", default="10,50,200")
+    ap.add_argument("--bodies", default="small,big")
+    ap.add_argument("--targets", default="direct,nginx,haproxy,rusty-lb")
+    ap.add_argument("--swap-rates", default="10,100,1000", help="table swaps per second; empty: none")
+    ap.add_argument("--out", help="write the markdown report here too")
+    args = ap.parse_args()
+
+    work = tempfile.mkdtemp(prefix="rusty-loadtest-")
+    os.chmod(work, 0o755)  # nginx workers run as nobody and serve /big from here
+    print(f"work directory (configs, logs): {work}", file=sys.stderr)
+    results = {}
+    try:
+        start_backends(work)
+        started = {
+            "direct": None,
+            "nginx": start_nginx(work, args.workers),
+            "haproxy": start_haproxy(work, args.workers),
+            "rusty-lb": start_rusty(work, args.workers, args.binary),
+        }
+        targets = [t for t in args.targets.split(",") if t]
+        for t in targets:
+            wait_port(PORTS[t])
+        paths = {"small": "/", "big": "/big"}
+        for body in [b for b in args.bodies.split(",") if b]:
+            for conns in [int(c) for c in args.conns.split(",") if c]:
+                for t in targets:  # warm every upstream pool first
+                    wrk(PORTS[t], paths[body], conns, 1)
+                for rnd in range(args.rounds):
+                    for t in targets:
+                        r = measure(t, started[t], paths[body], conns, args.duration)
+                        results.setdefault((body, conns, t), []).append(r)
+                        print(f"{body:5} c={conns:<3} round {rnd + 1} {t:9} {r['rps']:>10,.0f} req/s  "
+                              f"p99 {r['p99']:.2f} ms  cpu {fmt_num(r['cpu_us'])} us/req  errors {r['errors']}",
+                              file=sys.stderr)
+        swaps = []
+        rates = [int(x) for x in args.swap_rates.split(",") if x]
+        if rates and "rusty-lb" in targets:
+            base = measure("rusty-lb", started["rusty-lb"], "/", 50, args.duration)
+            for rate in rates:
+                r = swap_run(work, started["rusty-lb"], rate, 50, args.duration)
+                swaps.append((rate, r))
+                print(f"swap {rate}/s: {r['swaps']} swaps, {r['errors']} errors, p99 {r['p99']:.2f} ms "
+                      f"(no swaps: {base['p99']:.2f} ms)", file=sys.stderr)
+        report = render(machine(), args, results, targets, swaps, base if swaps else None)
+        print(report)
+        if args.out:
+            write(args.out, report)
+    finally:
+        stop_all()
+
+
+def render(info, args, results, targets, swaps, base):
+    lines = [
+        "# Load test: rusty-lb next to nginx and HAProxy",
+        "",
+        f"- date: {info['date']}; machine: {info['cpus']} CPUs, Linux {info['kernel']}",
+        f"- {info['nginx']}; {info['haproxy']}; {info['wrk']}; {info['rustc']}; rusty-lb at {info['rusty-lb']}",
+        f"- every proxy: {args.workers} workers/threads, upstream keep-alive, logging off; backends: 3 nginx "
+        f"ports (1 worker) on the same machine; load: `wrk -t1 -cC -d{args.duration}s`; "
+        f"{args.rounds} interleaved rounds per scenario, median (min–max)",
+        "- CPU/req is the proxy's own utime+stime from /proc over the run, divided by the requests wrk "
+        "counted; the load generator and the backends share the same 2 cores, so absolute figures are noisy: "
+        "compare ratios within this file",
+        "",
+        "| body | conns | target | req/s | p50 ms | p99 ms | CPU µs/req | peak RSS MB | errors | ÷ direct | ÷ nginx |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    keys = sorted({(b, c) for (b, c, _) in results}, key=lambda k: (k[0] != "small", k[1]))
+    for body, conns in keys:
+        direct = results.get((body, conns, "direct"))
+        nginx = results.get((body, conns, "nginx"))
+        for t in targets:
+            runs = results.get((body, conns, t))
+            if not runs:
+                continue
+            rps, lo, hi = med(runs, "rps")
+            p50 = med(runs, "p50")[0]
+            p99 = med(runs, "p99")[0]
+            cpu = med(runs, "cpu_us")[0]
+            rss = max(r["rss"] for r in runs)
+            errors = sum(r["errors"] for r in runs)
+            vs_direct = rps / med(direct, "rps")[0] if direct else float("nan")
+            vs_nginx = rps / med(nginx, "rps")[0] if nginx else float("nan")
+            lines.append(
+                f"| {body} | {conns} | {t} | {rps:,.0f} ({lo:,.0f}–{hi:,.0f}) | {p50:.2f} | {p99:.2f} | "
+                f"{fmt_num(cpu)} | {fmt_num(rss)} | {errors} | {fmt_num(vs_direct, 2)} | {fmt_num(vs_nginx, 2)} |"
+            )
+    if swaps:
+        lines += [
+            "",
+            "## Table swaps under load (rusty-lb, small body, 50 connections)",
+            "",
+            "Each swap rewrites the table file (a new version, weights alternating 1/2/3 and 3/2/1) and "
+            "sends SIGHUP.",
+            "",
+            "| swaps/s (asked) | swaps done | req/s | failed requests | p99 ms | p99 ÷ no-swap p99 |",
+            "|---:|---:|---:|---:|---:|---:|",
+            f"| 0 | 0 | {base['rps']:,.0f} | {base['errors']} | {base['p99']:.2f} | 1.00 |",
+        ]
+        for rate, r in swaps:
+            lines.append(
+                f"| {rate} | {r['swaps']} | {r['rps']:,.0f} | {r['errors']} | {r['p99']:.2f} | "
+                f"{r['p99'] / base['p99']:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    try:
+        main()
+    except KeyboardInterrupt:
+        stop_all()
+        sys.exit(130)
