@@ -192,7 +192,7 @@ impl Core {
             let wake = self
                 .services
                 .values()
-                .filter_map(ServiceState::next_deadline)
+                .filter_map(|s| s.next_deadline(Instant::now()))
                 .min()
                 .map_or(TICK, |t| {
                     t.saturating_duration_since(Instant::now()).min(TICK)
@@ -304,7 +304,7 @@ impl Core {
             return;
         }
         let states: Vec<&ServiceState> = self.services.values().collect();
-        let table = publish::build(&states);
+        let table = publish::build(&states, Instant::now());
         match self.publisher.offer(table) {
             Ok(Some(version)) => {
                 self.published = true;
@@ -498,7 +498,19 @@ impl Core {
             } => {
                 let r = match self.services.get_mut(&service) {
                     None => Err(ApiError::NoService(service)),
-                    Some(s) => match merge_run(s.spec.runtime, s.current_run(), request) {
+                    Some(s) => match merge_run(s.spec.runtime, s.current_run(), request)
+                        .and_then(|run| {
+                            let max = rusty_shared::limits::WEIGHT_MAX / crate::spec::SLOW_START_STEPS;
+                            if !s.spec.slow_start.is_zero() && run.weight > max {
+                                Err(ApiError::Invalid(format!(
+                                    "weight: {} is over {max} (this service has slow_start, which scales weights by {})",
+                                    run.weight,
+                                    crate::spec::SLOW_START_STEPS
+                                )))
+                            } else {
+                                Ok(run)
+                            }
+                        }) {
                         Err(e) => Err(e),
                         Ok(run) => {
                             let shown = format!("{} {}", run.command, run.args.join(" "));

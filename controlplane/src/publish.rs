@@ -29,14 +29,14 @@ pub struct Published {
 pub type Feed = watch::Receiver<Option<Arc<Published>>>;
 
 /// The table the services describe now, without a version.
-pub fn build(services: &[&ServiceState]) -> Table {
+pub fn build(services: &[&ServiceState], now: std::time::Instant) -> Table {
     let mut out = Vec::with_capacity(services.len());
     let mut desired = 0u64;
     for s in services {
         desired += u64::from(s.replicas);
         let mut svc = s.spec.route.clone();
         svc.backends = s
-            .backends()
+            .backends_at(now)
             .into_iter()
             .map(|(id, addr, w, p)| Backend::new(id, addr.to_string(), w, p))
             .collect();
@@ -226,6 +226,7 @@ mod tests {
             container: None,
             replicas,
             stop_grace: std::time::Duration::from_secs(1),
+            slow_start: std::time::Duration::ZERO,
             health: crate::spec::HealthSpec {
                 probe: crate::spec::Probe::Tcp,
                 interval: std::time::Duration::from_secs(1),
@@ -241,10 +242,10 @@ mod tests {
         };
         let down = ServiceState::new(spec(2));
         assert!(
-            !build(&[&down]).allow_empty,
+            !build(&[&down], std::time::Instant::now()).allow_empty,
             "nothing healthy is not 'nothing wanted'"
         );
         let zero = ServiceState::new(spec(0));
-        assert!(build(&[&zero]).allow_empty);
+        assert!(build(&[&zero], std::time::Instant::now()).allow_empty);
     }
 }

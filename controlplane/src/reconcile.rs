@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::health::Tracker;
-use crate::spec::{RunSpec, RuntimeKind, ServiceSpec, MAX_REPLICAS};
+use crate::spec::{RunSpec, RuntimeKind, ServiceSpec, MAX_REPLICAS, SLOW_START_STEPS};
 
 /// Names one instance: `web-7` is instance 7 of service `web`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -70,6 +70,10 @@ pub struct Instance {
     pub managed: bool,
     /// Discovered only: the container id.
     pub external: Option<String>,
+    /// In the table at the last reconcile (to see an instance enter or return).
+    pub was_in_table: bool,
+    /// When it last entered the table, while slow start still ramps its weight.
+    pub warm_from: Option<Instant>,
 }
 
 impl Instance {
@@ -351,7 +355,9 @@ impl ServiceState {
         let run = self.runs[&generation].clone();
         self.next_seq = self.next_seq.max(seq + 1);
         let mut instance = self.running_instance(seq, generation, run, addr, now, true, None);
+        // It was serving: no slow start.
         instance.health.assume_up();
+        instance.was_in_table = true;
         self.instances.insert(seq, instance);
     }
 
@@ -424,6 +430,8 @@ impl ServiceState {
             last_error: None,
             managed,
             external,
+            was_in_table: false,
+            warm_from: None,
         }
     }
 
@@ -441,6 +449,22 @@ impl ServiceState {
     pub fn reconcile(&mut self, now: Instant) -> Vec<Action> {
         let mut actions = Vec::new();
         let grace = self.spec.stop_grace;
+
+        // Slow start: an instance that (re)enters the table ramps up from now.
+        let slow_start = self.spec.slow_start;
+        for i in self.instances.values_mut() {
+            let in_table = i.in_table();
+            if in_table && !i.was_in_table && !slow_start.is_zero() {
+                i.warm_from = Some(now);
+            }
+            if i.warm_from
+                .is_some_and(|t| now.duration_since(t) >= slow_start)
+                || !in_table
+            {
+                i.warm_from = None;
+            }
+            i.was_in_table = in_table;
+        }
 
         // A new instance that had its chance and never became healthy fails the deploy.
         if let Some(d) = &self.deploy {
@@ -568,7 +592,7 @@ impl ServiceState {
 
     /// When should `reconcile` run again even if nothing happens? (Drain ends, deploy deadlines,
     /// start backoff.)
-    pub fn next_deadline(&self) -> Option<Instant> {
+    pub fn next_deadline(&self, now: Instant) -> Option<Instant> {
         let drains = self.instances.values().filter_map(|i| {
             (i.phase == Phase::Draining)
                 .then_some(i.drain_until)
@@ -585,7 +609,16 @@ impl ServiceState {
                     .filter(move |i| i.generation == d.generation && !i.health.ever_up())
                     .map(|i| i.created + self.spec.rollout.healthy_timeout)
             });
-        drains.chain(deadline).chain(self.no_start_before).min()
+        let ramps = self
+            .instances
+            .values()
+            .filter_map(|i| i.warm_from)
+            .map(|t| t + self.ramp_step_of(now.saturating_duration_since(t)).1);
+        drains
+            .chain(deadline)
+            .chain(self.no_start_before)
+            .chain(ramps)
+            .min()
     }
 
     fn count(&self, f: impl Fn(&Instance) -> bool) -> usize {
@@ -611,6 +644,8 @@ impl ServiceState {
                 last_error: None,
                 managed: true,
                 external: None,
+                was_in_table: false,
+                warm_from: None,
             },
         );
         Action::Start {
@@ -638,22 +673,49 @@ impl ServiceState {
         }
     }
 
-    /// The backends this service puts in the next table: (id, addr, weight, priority).
-    pub fn backends(&self) -> Vec<(String, SocketAddr, u32, u32)> {
+    /// Slow start: (the step, 1..=STEPS, an instance is on after `elapsed` in the table; when the
+    /// next step begins, counted from its entry).
+    fn ramp_step_of(&self, elapsed: Duration) -> (u32, Duration) {
+        let steps = SLOW_START_STEPS;
+        let per_step = self.spec.slow_start / steps;
+        if per_step.is_zero() {
+            return (steps, Duration::ZERO);
+        }
+        let done = (elapsed.as_nanos() / per_step.as_nanos()) as u32;
+        let step = (done + 1).min(steps);
+        (step, per_step * step)
+    }
+
+    /// The backends this service puts in the table at `now`: (id, addr, weight, priority).
+    /// With slow start every weight is scaled by the number of steps and a warming instance gets
+    /// its share of the way: weight 2 starts at 2 of 20 and adds 2 per step.
+    pub fn backends_at(&self, now: Instant) -> Vec<(String, SocketAddr, u32, u32)> {
+        let slow = !self.spec.slow_start.is_zero();
         self.instances
             .values()
             .filter(|i| i.in_table())
             .filter_map(|i| {
+                let weight = match (slow, i.warm_from) {
+                    (false, _) => i.run.weight,
+                    (true, None) => i.run.weight * SLOW_START_STEPS,
+                    (true, Some(t)) => {
+                        i.run.weight * self.ramp_step_of(now.saturating_duration_since(t)).0
+                    }
+                };
                 i.addr.map(|a| {
                     (
                         self.instance_ref(i.seq).to_string(),
                         a,
-                        i.run.weight,
+                        weight,
                         i.run.priority,
                     )
                 })
             })
             .collect()
+    }
+
+    pub fn backends(&self) -> Vec<(String, SocketAddr, u32, u32)> {
+        self.backends_at(Instant::now())
     }
 }
 

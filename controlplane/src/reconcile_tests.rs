@@ -19,6 +19,7 @@ fn spec(replicas: u32, surge: u32) -> ServiceSpec {
         container: None,
         replicas,
         stop_grace: Duration::from_secs(1),
+        slow_start: Duration::ZERO,
         health: HealthSpec {
             probe: Probe::Tcp,
             interval: Duration::from_millis(100),
@@ -282,7 +283,7 @@ fn start_failures_back_off() {
     };
     sim.s.start_failed(instance.seq, "No such file", sim.now);
     assert!(sim.s.reconcile(sim.now).is_empty(), "backing off");
-    assert!(sim.s.next_deadline().is_some());
+    assert!(sim.s.next_deadline(sim.now).is_some());
     sim.advance(Duration::from_millis(500));
     assert_eq!(starts(&sim.s.reconcile(sim.now)), 1);
 }
@@ -419,4 +420,62 @@ fn discovered_containers_serve_but_are_never_counted_or_stopped() {
     ));
     assert_eq!(sim.s.vanished("c0ffee"), Some(seq));
     assert!(sim.serving().is_empty());
+}
+
+#[test]
+fn slow_start_ramps_a_new_instance_in_ten_steps_and_wakes_for_each() {
+    let mut sp = spec(2, 1);
+    sp.slow_start = Duration::from_secs(10);
+    sp.run.weight = 2;
+    let mut sim = Sim::new(sp);
+    sim.step();
+    sim.s.probed(1, true, None);
+    sim.step();
+    sim.advance(Duration::from_secs(20));
+    sim.step();
+    let weights =
+        |sim: &Sim| -> Vec<u32> { sim.s.backends_at(sim.now).iter().map(|b| b.2).collect() };
+    assert_eq!(
+        weights(&sim),
+        vec![20],
+        "a warm instance carries its weight x 10"
+    );
+
+    // Instance 2 joins now: 2 of 20, then 2 more each second, then its full 20.
+    sim.s.probed(2, true, None);
+    sim.step();
+    let joined = sim.now;
+    assert_eq!(weights(&sim), vec![20, 2]);
+    assert_eq!(
+        sim.s.next_deadline(sim.now),
+        Some(joined + Duration::from_secs(1))
+    );
+    sim.advance(Duration::from_millis(4_500));
+    sim.step();
+    assert_eq!(weights(&sim), vec![20, 10]);
+    assert_eq!(
+        sim.s.next_deadline(sim.now),
+        Some(joined + Duration::from_secs(5))
+    );
+    sim.advance(Duration::from_millis(5_500));
+    sim.step();
+    assert_eq!(weights(&sim), vec![20, 20]);
+    assert_eq!(sim.s.next_deadline(sim.now), None, "nothing left to ramp");
+
+    // A recovered instance ramps again.
+    sim.s.probed(2, false, None);
+    sim.step();
+    assert_eq!(weights(&sim), vec![20]);
+    sim.s.probed(2, true, None);
+    sim.step();
+    assert_eq!(weights(&sim), vec![20, 2]);
+}
+
+#[test]
+fn without_slow_start_weights_are_as_configured() {
+    let mut sim = Sim::steady(2, 1);
+    sim.step();
+    let weights: Vec<u32> = sim.s.backends_at(sim.now).iter().map(|b| b.2).collect();
+    assert_eq!(weights, vec![1, 1]);
+    assert_eq!(sim.s.next_deadline(sim.now), None);
 }

@@ -104,12 +104,18 @@ pub struct ServiceSpec {
     pub container: Option<ContainerPlacement>,
     pub replicas: u32,
     pub stop_grace: Duration,
+    /// Zero: off. Otherwise the ramp from a tenth of the weight to all of it.
+    pub slow_start: Duration,
     pub health: HealthSpec,
     pub rollout: RolloutPolicy,
 }
 
 /// Most instances one service may ask for.
 pub const MAX_REPLICAS: u32 = 1_000;
+
+/// Slow start raises an instance's weight in this many steps; weights in the table are then
+/// multiplied by it, so a weight can be at most 1000 / SLOW_START_STEPS.
+pub const SLOW_START_STEPS: u32 = 10;
 
 /// Where a service's containers listen and are reached.
 #[derive(Debug, Clone, PartialEq, Eq)]

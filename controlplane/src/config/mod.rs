@@ -148,6 +148,10 @@ pub struct RawService {
     /// How long a data plane stops using a backend whose connection failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eject: Option<Dur>,
+    /// A new or recovered instance enters the table at a tenth of its weight and reaches it in
+    /// ten steps over this long, so a cold instance is not flooded. Off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow_start: Option<Dur>,
     #[serde(default)]
     pub health: RawHealth,
     #[serde(default)]

@@ -274,3 +274,21 @@ fn a_discovered_service_runs_nothing() {
         "{e}"
     );
 }
+
+#[test]
+fn slow_start_limits_weights_to_what_scaling_by_ten_allows() {
+    let e = errors("[services.web]\ncommand = \"x\"\nweight = 200\nslow_start = \"10s\"\n");
+    assert!(
+        e.contains("services.web.weight: 200 is over 100 (with slow_start"),
+        "{e}"
+    );
+    let ok = load(
+        "[services.web]\ncommand = \"x\"\nweight = 100\nslow_start = \"10s\"\n",
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        ok.config.services[0].slow_start,
+        std::time::Duration::from_secs(10)
+    );
+}

@@ -10,7 +10,7 @@ use rusty_shared::table::{Backend, Service, Table};
 use super::{CheckKind, KeyError, RawConfig, RawService, RuntimeName};
 use crate::spec::{
     AgentSettings, Config, ContainerPlacement, DockerSettings, HealthSpec, Probe, RolloutPolicy,
-    RunSpec, RuntimeKind, ServiceSpec, MAX_REPLICAS,
+    RunSpec, RuntimeKind, ServiceSpec, MAX_REPLICAS, SLOW_START_STEPS,
 };
 
 struct Errors(Vec<KeyError>);
@@ -267,6 +267,18 @@ fn service(name: &str, s: &RawService, base_dir: &Path, errs: &mut Errors) -> Op
         }
     }
 
+    if s.slow_start.is_some_and(|d| !d.0.is_zero())
+        && s.weight > limits::WEIGHT_MAX / SLOW_START_STEPS
+    {
+        errs.add(
+            key("weight"),
+            format!(
+                "{} is over {} (with slow_start, weights are scaled by {SLOW_START_STEPS} in the table)",
+                s.weight,
+                limits::WEIGHT_MAX / SLOW_START_STEPS
+            ),
+        );
+    }
     let h = &s.health;
     let probe = match h.kind {
         CheckKind::Http => {
@@ -354,6 +366,7 @@ fn service(name: &str, s: &RawService, base_dir: &Path, errs: &mut Errors) -> Op
         container,
         replicas,
         stop_grace: s.stop_grace.0,
+        slow_start: s.slow_start.map_or(Duration::ZERO, |d| d.0),
         health: HealthSpec {
             probe,
             interval: h.interval.0,
