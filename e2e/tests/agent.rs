@@ -448,3 +448,47 @@ fn scale_and_deploy_survive_an_agent_restart() {
         "the deployed version runs after the restart: {svc:#}"
     );
 }
+
+#[test]
+fn slow_start_ramps_a_new_instance_through_successive_tables() {
+    // `slow_start` belongs to [services.web], before its [services.web.health] table.
+    let services = echo_service("web", 1, "").replacen(
+        "replicas = 1\n",
+        "replicas = 1\nslow_start = \"2s\"\n",
+        1,
+    );
+    let agent = Agent::start("slowstart", &services);
+    let lb = agent.lb();
+    wait_backends(&lb, 1, LIMIT);
+    // Let the first instance finish its own ramp.
+    std::thread::sleep(Duration::from_millis(2_500));
+    let (ok, out) = agent.cli(&["scale", "web", "2"]);
+    assert!(ok, "{out}");
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let t: serde_json::Value = serde_json::from_str(&lb.admin_get("/table").body).unwrap();
+        if let Some(b) = t["services"][0]["backends"]
+            .as_array()
+            .and_then(|b| b.iter().find(|b| b["id"] == "web-2"))
+        {
+            seen.insert(b["weight"].as_u64().unwrap_or(0));
+            if b["weight"] == 10 {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        seen.contains(&10),
+        "web-2 reached its full weight: {seen:?}"
+    );
+    assert!(
+        seen.iter().filter(|w| **w < 10).count() >= 3,
+        "web-2 went through several lower weights first: {seen:?}"
+    );
+    assert!(
+        seen.iter().next().is_some_and(|w| *w <= 2),
+        "it started low: {seen:?}"
+    );
+}
