@@ -17,27 +17,80 @@
 //! - A request target with control bytes, spaces or non-ASCII, or that is not origin-form
 //!   (`/…`), absolute-form (`http://…`), or `*` for OPTIONS: refused.
 //!
-//! Every refusal is a 400 with the connection closed: after a framing error nothing that follows
-//! on that connection can be trusted.
+//! Size limits come first, with nginx's and HAProxy's usual bounds as defaults ([`Limits`]): a
+//! request target over the limit gets 414, a header line, the whole head or the header count
+//! over theirs 431. (Pingora itself reads heads up to 1 MiB; these keep what we forward, and what
+//! a backend must parse, within ordinary bounds.)
+//!
+//! Every refusal closes the connection: after a framing error nothing that follows on that
+//! connection can be trusted.
 
 use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::{Method, Version};
 use pingora::http::RequestHeader;
 
-/// Why a request is refused; the text goes into the 400 body and the log.
+/// Why a request is refused: the status and the text that goes into the body and the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Refused(pub &'static str);
+pub struct Refused(pub u16, pub &'static str);
 
-pub fn check(req: &RequestHeader) -> Result<(), Refused> {
+/// Size limits of a request head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Longest request target (nginx's `large_client_header_buffers` line: 8 KiB).
+    pub max_target: usize,
+    /// Longest header line, name and value.
+    pub max_header: usize,
+    /// Largest head: request line and every header line (nginx's 4 x 8 KiB).
+    pub max_head: usize,
+    /// Most header lines (HAProxy's `tune.http.maxhdr` is 101).
+    pub max_headers: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_target: 8 * 1024,
+            max_header: 8 * 1024,
+            max_head: 32 * 1024,
+            max_headers: 100,
+        }
+    }
+}
+
+pub fn check(req: &RequestHeader, limits: &Limits) -> Result<(), Refused> {
+    check_sizes(req, limits)?;
     check_target(req)?;
     check_framing(req)?;
     check_host(req)
 }
 
+fn check_sizes(req: &RequestHeader, limits: &Limits) -> Result<(), Refused> {
+    let target = req.raw_path().len();
+    if target > limits.max_target {
+        return Err(Refused(414, "request target too long"));
+    }
+    if req.headers.len() > limits.max_headers {
+        return Err(Refused(431, "too many header lines"));
+    }
+    // "METHOD SP target SP HTTP/1.1 CRLF", then "name: value CRLF" per header.
+    let mut head = req.method.as_str().len() + target + 12;
+    for (name, value) in req.headers.iter() {
+        let line = name.as_str().len() + value.len() + 4;
+        if line > limits.max_header {
+            return Err(Refused(431, "header line too large"));
+        }
+        head += line;
+    }
+    if head > limits.max_head {
+        return Err(Refused(431, "request head too large"));
+    }
+    Ok(())
+}
+
 fn check_target(req: &RequestHeader) -> Result<(), Refused> {
     let target = req.raw_path();
     if target.is_empty() || target.iter().any(|b| *b <= b' ' || *b >= 0x7f) {
-        return Err(Refused("bad request target"));
+        return Err(Refused(400, "bad request target"));
     }
     let ok = target[0] == b'/'
         || (target == b"*" && req.method == Method::OPTIONS)
@@ -46,7 +99,7 @@ fn check_target(req: &RequestHeader) -> Result<(), Refused> {
     if ok {
         Ok(())
     } else {
-        Err(Refused("bad request target"))
+        Err(Refused(400, "bad request target"))
     }
 }
 
@@ -59,21 +112,21 @@ fn check_framing(req: &RequestHeader) -> Result<(), Refused> {
     let cl: Vec<_> = req.headers.get_all(CONTENT_LENGTH).iter().collect();
     if !te.is_empty() {
         if !cl.is_empty() {
-            return Err(Refused("both Transfer-Encoding and Content-Length"));
+            return Err(Refused(400, "both Transfer-Encoding and Content-Length"));
         }
         if req.version == Version::HTTP_10 {
-            return Err(Refused("Transfer-Encoding in an HTTP/1.0 request"));
+            return Err(Refused(400, "Transfer-Encoding in an HTTP/1.0 request"));
         }
         let only_chunked = te.len() == 1 && te[0].as_bytes().eq_ignore_ascii_case(b"chunked");
         if !only_chunked {
-            return Err(Refused("Transfer-Encoding other than chunked"));
+            return Err(Refused(400, "Transfer-Encoding other than chunked"));
         }
     }
     match cl.as_slice() {
         [] => Ok(()),
         [one] if !one.is_empty() && one.as_bytes().iter().all(u8::is_ascii_digit) => Ok(()),
-        [_] => Err(Refused("bad Content-Length")),
-        _ => Err(Refused("repeated Content-Length")),
+        [_] => Err(Refused(400, "bad Content-Length")),
+        _ => Err(Refused(400, "repeated Content-Length")),
     }
 }
 
@@ -81,15 +134,15 @@ fn check_host(req: &RequestHeader) -> Result<(), Refused> {
     let mut hosts = req.headers.get_all(HOST).iter();
     match (hosts.next(), hosts.next()) {
         (None, _) if req.version == Version::HTTP_10 => Ok(()),
-        (None, _) => Err(Refused("missing Host")),
-        (Some(_), Some(_)) => Err(Refused("repeated Host")),
+        (None, _) => Err(Refused(400, "missing Host")),
+        (Some(_), Some(_)) => Err(Refused(400, "repeated Host")),
         (Some(h), None) => valid_host(h.as_bytes()),
     }
 }
 
 /// `host[:port]` where host is a reg-name, an IPv4 address or a bracketed IPv6 literal.
 fn valid_host(h: &[u8]) -> Result<(), Refused> {
-    let bad = Err(Refused("bad Host"));
+    let bad = Err(Refused(400, "bad Host"));
     let (name, port) = if h.first() == Some(&b'[') {
         let Some(end) = h.iter().position(|b| *b == b']') else {
             return bad;
@@ -156,8 +209,12 @@ mod tests {
         r
     }
 
+    fn check_default(r: &RequestHeader) -> Result<(), Refused> {
+        check(r, &Limits::default())
+    }
+
     fn get(headers: &[(&str, &str)]) -> Result<(), Refused> {
-        check(&req("GET", "/", Version::HTTP_11, headers))
+        check_default(&req("GET", "/", Version::HTTP_11, headers))
     }
 
     #[test]
@@ -172,16 +229,16 @@ mod tests {
             Ok(())
         );
         assert_eq!(
-            check(&req("GET", "/", Version::HTTP_10, &[])),
+            check_default(&req("GET", "/", Version::HTTP_10, &[])),
             Ok(()),
             "1.0 may omit Host"
         );
         assert_eq!(
-            check(&req("OPTIONS", "*", Version::HTTP_11, &[("host", "a")])),
+            check_default(&req("OPTIONS", "*", Version::HTTP_11, &[("host", "a")])),
             Ok(())
         );
         assert_eq!(
-            check(&req(
+            check_default(&req(
                 "GET",
                 "http://a/x",
                 Version::HTTP_11,
@@ -234,7 +291,7 @@ mod tests {
         for (headers, why) in cases {
             let mut h = vec![("host", "a")];
             h.extend_from_slice(headers);
-            assert_eq!(get(&h), Err(Refused(why)), "{headers:?}");
+            assert_eq!(get(&h), Err(Refused(400, why)), "{headers:?}");
         }
         let r = req(
             "POST",
@@ -243,17 +300,17 @@ mod tests {
             &[("transfer-encoding", "chunked")],
         );
         assert_eq!(
-            check(&r),
-            Err(Refused("Transfer-Encoding in an HTTP/1.0 request"))
+            check_default(&r),
+            Err(Refused(400, "Transfer-Encoding in an HTTP/1.0 request"))
         );
     }
 
     #[test]
     fn missing_repeated_and_malformed_hosts_are_refused() {
-        assert_eq!(get(&[]), Err(Refused("missing Host")));
+        assert_eq!(get(&[]), Err(Refused(400, "missing Host")));
         assert_eq!(
             get(&[("host", "a"), ("host", "b")]),
-            Err(Refused("repeated Host"))
+            Err(Refused(400, "repeated Host"))
         );
         for bad in [
             "",
@@ -271,7 +328,11 @@ mod tests {
             "exa$mple.com",
             ":80",
         ] {
-            assert_eq!(get(&[("host", bad)]), Err(Refused("bad Host")), "{bad:?}");
+            assert_eq!(
+                get(&[("host", bad)]),
+                Err(Refused(400, "bad Host")),
+                "{bad:?}"
+            );
         }
     }
 
@@ -280,7 +341,47 @@ mod tests {
         // (Control bytes in the target never get this far: Pingora's parser refuses them.)
         for target in ["a/b", "*", "ftp://a/"] {
             let r = req("GET", target, Version::HTTP_11, &[("host", "a")]);
-            assert_eq!(check(&r), Err(Refused("bad request target")), "{target:?}");
+            assert_eq!(
+                check_default(&r),
+                Err(Refused(400, "bad request target")),
+                "{target:?}"
+            );
         }
+    }
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+
+    fn with_headers(n: usize, value_len: usize) -> RequestHeader {
+        let mut r = RequestHeader::build("GET", b"/", None).unwrap();
+        r.append_header("host", "a").unwrap();
+        for i in 0..n {
+            r.append_header(format!("x-h{i}"), "v".repeat(value_len))
+                .unwrap();
+        }
+        r
+    }
+
+    #[test]
+    fn heads_over_each_limit_get_414_or_431() {
+        let l = Limits::default();
+        assert_eq!(check(&with_headers(10, 100), &l), Ok(()));
+        assert_eq!(
+            check(&with_headers(100, 10), &l),
+            Err(Refused(431, "too many header lines"))
+        );
+        assert_eq!(
+            check(&with_headers(1, 8 * 1024), &l),
+            Err(Refused(431, "header line too large"))
+        );
+        assert_eq!(
+            check(&with_headers(5, 7 * 1024), &l),
+            Err(Refused(431, "request head too large"))
+        );
+        let long = format!("/{}", "a".repeat(8 * 1024));
+        let r = RequestHeader::build("GET", long.as_bytes(), None).unwrap();
+        assert_eq!(check(&r, &l), Err(Refused(414, "request target too long")));
     }
 }

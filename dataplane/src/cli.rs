@@ -44,6 +44,22 @@ pub struct Args {
     #[arg(long, default_value_t = 10)]
     pub grace_period: u64,
 
+    /// Longest request target; longer gets 414.
+    #[arg(long, default_value_t = 8 * 1024, value_name = "BYTES")]
+    pub max_uri_bytes: usize,
+
+    /// Longest header line; longer gets 431.
+    #[arg(long, default_value_t = 8 * 1024, value_name = "BYTES")]
+    pub max_header_bytes: usize,
+
+    /// Largest request head (request line and headers); larger gets 431.
+    #[arg(long, default_value_t = 32 * 1024, value_name = "BYTES")]
+    pub max_head_bytes: usize,
+
+    /// Most header lines in a request; more gets 431.
+    #[arg(long, default_value_t = 100, value_name = "N")]
+    pub max_headers: usize,
+
     /// Log filter (tracing's env-filter syntax); RUST_LOG overrides it.
     #[arg(long, default_value = "info")]
     pub log: String,

@@ -23,7 +23,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::{HttpPeer, Peer};
 use pingora::{Error, ErrorSource, ErrorType};
 
-use crate::check::{self, Refused};
+use crate::check::{self, Limits, Refused};
 use crate::metrics::UpstreamError;
 use crate::snapshot::{ServiceState, Snapshot};
 use crate::store::TableStore;
@@ -36,14 +36,16 @@ pub struct Proxy {
     /// Requests in flight in this process, for graceful shutdown.
     active: Arc<AtomicI64>,
     request_ids: RequestIds,
+    limits: Limits,
 }
 
 impl Proxy {
-    pub fn new(store: Arc<TableStore>, active: Arc<AtomicI64>) -> Self {
+    pub fn new(store: Arc<TableStore>, active: Arc<AtomicI64>, limits: Limits) -> Self {
         Proxy {
             store,
             active,
             request_ids: RequestIds::new(),
+            limits,
         }
     }
 }
@@ -88,11 +90,11 @@ impl ProxyHttp for Proxy {
     fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        if let Err(Refused(why)) = check::check(session.req_header()) {
+        if let Err(Refused(status, why)) = check::check(session.req_header(), &self.limits) {
             // Framing or routing that could be read two ways: answer, close, forward nothing.
             session.set_keepalive(None);
-            let body = Bytes::from(format!("bad request: {why}\n"));
-            let mut resp = ResponseHeader::build(400, Some(3))?;
+            let body = Bytes::from(format!("{why}\n"));
+            let mut resp = ResponseHeader::build(status, Some(3))?;
             resp.insert_header(CONTENT_TYPE, "text/plain; charset=utf-8")?;
             resp.insert_header(CONTENT_LENGTH, body.len())?;
             resp.insert_header(http::header::CONNECTION, "close")?;

@@ -6,6 +6,7 @@
 //! to close; [`Drain`] then ends the process as soon as no request is in flight, bounded by the
 //! grace period, instead of always sleeping the whole period.
 
+use crate::check::Limits;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -88,7 +89,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let active = Arc::new(AtomicI64::new(0));
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
-        Proxy::new(store.clone(), active.clone()),
+        Proxy::new(
+            store.clone(),
+            active.clone(),
+            Limits {
+                max_target: args.max_uri_bytes,
+                max_header: args.max_header_bytes,
+                max_head: args.max_head_bytes,
+                max_headers: args.max_headers,
+            },
+        ),
         "proxy",
     );
     proxy.add_tcp(&args.listen.to_string());

@@ -107,3 +107,56 @@ fn ambiguous_requests_get_400_close_and_reach_no_backend() {
         "the backend sees a Host ({supplied}): {response:?}"
     );
 }
+
+#[test]
+fn heads_over_the_limits_get_414_or_431_close_and_reach_no_backend() {
+    let a = Echo::start("a");
+    let dir = TempDir::new("limits");
+    let path = dir.path("table.json");
+    write_atomic(&path, &table(1, &[("a", &a.addr(), 1, 0)]));
+    let lb = Lb::start(&["--table".to_owned(), path.display().to_string()]);
+    lb.wait_version(1, Duration::from_secs(10));
+    let before = backend_requests(&lb);
+
+    let long_target = format!(
+        "GET /{} HTTP/1.1\r\nHost: a\r\n\r\n",
+        "a".repeat(8 * 1024 + 1)
+    );
+    let big_header = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(16 * 1024)
+    );
+    let many: String = (0..120).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let many_headers = format!("GET / HTTP/1.1\r\nHost: a\r\n{many}\r\n");
+    let block: String = (0..9)
+        .map(|i| format!("X-B{i}: {}\r\n", "c".repeat(7 * 1024)))
+        .collect();
+    let big_head = format!("GET / HTTP/1.1\r\nHost: a\r\n{block}\r\n");
+    for (name, request, status) in [
+        ("8 KiB + 1 target", long_target, "414"),
+        ("one 16 KiB header", big_header, "431"),
+        ("120 headers", many_headers, "431"),
+        ("63 KiB head", big_head, "431"),
+    ] {
+        let (response, closed) = raw(lb.port, &request);
+        assert!(
+            response.starts_with(&format!("HTTP/1.1 {status}")),
+            "{name}: {response:?}"
+        );
+        assert!(closed, "{name}: closed");
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        backend_requests(&lb),
+        before,
+        "nothing over a limit was forwarded"
+    );
+    // Just under every limit is served.
+    let fine = format!(
+        "GET /{} HTTP/1.1\r\nHost: a\r\nX-Ok: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(4000),
+        "d".repeat(4000)
+    );
+    let (response, _) = raw(lb.port, &fine);
+    assert!(response.starts_with("HTTP/1.1 200"), "{response:?}");
+}
