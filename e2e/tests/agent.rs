@@ -33,6 +33,20 @@ fn stack_under_load(tag: &str, services: &str, backends: usize) -> (Agent, Lb, L
     (agent, lb, load)
 }
 
+/// `rusty-agent deploy web` to rusty-echo instances answering `v2-<instance>`.
+fn deploy_v2(agent: &Agent, echo: &str) -> (bool, String) {
+    agent.cli(&[
+        "deploy",
+        "web",
+        "--",
+        echo,
+        "--listen",
+        "{host}:{port}",
+        "--id",
+        "v2-{instance}",
+    ])
+}
+
 fn assert_no_failures(report: &LoadReport) {
     assert!(report.ok > 100, "the load loop ran: {report:?}");
     assert!(
@@ -109,16 +123,7 @@ fn a_rolling_deploy_moves_all_traffic_to_v2_with_no_failed_requests() {
 
     let echo = bin("rusty-echo").display().to_string();
     let started = Instant::now();
-    let (ok, out) = agent.cli(&[
-        "deploy",
-        "web",
-        "--",
-        &echo,
-        "--listen",
-        "{host}:{port}",
-        "--id",
-        "v2-{instance}",
-    ]);
+    let (ok, out) = deploy_v2(&agent, &echo);
     let took = started.elapsed();
     assert!(ok, "{out}");
     assert!(out.contains("generation 2 serves all traffic"), "{out}");
@@ -422,16 +427,7 @@ fn scale_and_deploy_survive_an_agent_restart() {
     let echo = bin("rusty-echo").display().to_string();
     let (ok, out) = agent.cli(&["scale", "web", "3"]);
     assert!(ok, "{out}");
-    let (ok, out) = agent.cli(&[
-        "deploy",
-        "web",
-        "--",
-        &echo,
-        "--listen",
-        "{host}:{port}",
-        "--id",
-        "v2-{instance}",
-    ]);
+    let (ok, out) = deploy_v2(&agent, &echo);
     assert!(ok, "{out}");
     agent.proc.signal("TERM");
     assert_eq!(agent.proc.wait_exit(Duration::from_secs(10)), Some(0));

@@ -474,25 +474,33 @@ impl DockerRuntime {
         }
     }
 
+    /// Containers matching `filters` (`all`: stopped ones too); empty, with a warning, on error.
+    async fn list_containers(
+        &self,
+        all: bool,
+        filters: HashMap<String, Vec<String>>,
+        what: &str,
+    ) -> Vec<bollard::models::ContainerSummary> {
+        let opts = ListContainersOptions {
+            all,
+            filters: Some(filters),
+            ..Default::default()
+        };
+        self.docker
+            .list_containers(Some(opts))
+            .await
+            .unwrap_or_else(|e| {
+                warn!("listing containers for {what}: {e}");
+                Vec::new()
+            })
+    }
+
     /// Report every running labelled container (after a (re)connect of the event stream).
     async fn resync_discovered(&self) {
         let mut filters = HashMap::new();
         filters.insert("label".to_owned(), vec![LABEL_SERVICE.to_owned()]);
         filters.insert("status".to_owned(), vec!["running".to_owned()]);
-        let list = match self
-            .docker
-            .list_containers(Some(ListContainersOptions {
-                filters: Some(filters),
-                ..Default::default()
-            }))
-            .await
-        {
-            Ok(l) => l,
-            Err(e) => {
-                warn!("listing containers for discovery: {e}");
-                return;
-            }
-        };
+        let list = self.list_containers(false, filters, "discovery").await;
         for c in list {
             let labels = c.labels.unwrap_or_default();
             if labels.get(LABEL_MANAGED).map(String::as_str) == Some(MANAGED_BY) {
@@ -565,21 +573,7 @@ impl Runtime for DockerRuntime {
             "label".to_owned(),
             vec![format!("{LABEL_MANAGED}={MANAGED_BY}")],
         );
-        let list = match self
-            .docker
-            .list_containers(Some(ListContainersOptions {
-                all: true,
-                filters: Some(filters),
-                ..Default::default()
-            }))
-            .await
-        {
-            Ok(l) => l,
-            Err(e) => {
-                warn!("listing managed containers: {e}");
-                return Vec::new();
-            }
-        };
+        let list = self.list_containers(true, filters, "adoption").await;
         let mut adopted = Vec::new();
         for c in list {
             let Some(id) = c.id else { continue };
