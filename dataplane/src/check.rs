@@ -64,6 +64,36 @@ pub fn check(req: &RequestHeader, limits: &Limits) -> Result<(), Refused> {
     check_host(req)
 }
 
+/// The request line exactly as the client sent it: `METHOD SP target SP version`, with one space
+/// on each side and a target of visible ASCII without a fragment. (Pingora's parser tolerates
+/// spaces inside the target and drops a fragment before we see the parsed form.)
+pub fn check_request_line(raw_head: &[u8]) -> Result<(), Refused> {
+    let bad = Err(Refused(400, "bad request line"));
+    let end = raw_head
+        .iter()
+        .position(|b| *b == b'\n')
+        .unwrap_or(raw_head.len());
+    let line = raw_head[..end]
+        .strip_suffix(b"\r")
+        .unwrap_or(&raw_head[..end]);
+    let mut parts = line.split(|b| *b == b' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return bad;
+    };
+    if method.is_empty() || target.is_empty() || !version.starts_with(b"HTTP/") {
+        return bad;
+    }
+    if target
+        .iter()
+        .any(|b| *b <= b' ' || *b >= 0x7f || *b == b'#')
+    {
+        return Err(Refused(400, "bad request target"));
+    }
+    Ok(())
+}
+
 fn check_sizes(req: &RequestHeader, limits: &Limits) -> Result<(), Refused> {
     let target = req.raw_path().len();
     if target > limits.max_target {
@@ -89,7 +119,12 @@ fn check_sizes(req: &RequestHeader, limits: &Limits) -> Result<(), Refused> {
 
 fn check_target(req: &RequestHeader) -> Result<(), Refused> {
     let target = req.raw_path();
-    if target.is_empty() || target.iter().any(|b| *b <= b' ' || *b >= 0x7f) {
+    // No control bytes, spaces or non-ASCII, and no fragment (RFC 9112 §3.2 has none).
+    if target.is_empty()
+        || target
+            .iter()
+            .any(|b| *b <= b' ' || *b >= 0x7f || *b == b'#')
+    {
         return Err(Refused(400, "bad request target"));
     }
     let ok = target[0] == b'/'
@@ -383,5 +418,45 @@ mod limit_tests {
         let long = format!("/{}", "a".repeat(8 * 1024));
         let r = RequestHeader::build("GET", long.as_bytes(), None).unwrap();
         assert_eq!(check(&r, &l), Err(Refused(414, "request target too long")));
+    }
+}
+
+#[cfg(test)]
+mod request_line_tests {
+    use super::*;
+
+    #[test]
+    fn only_a_plain_request_line_passes() {
+        assert_eq!(
+            check_request_line(b"GET /a?b=c HTTP/1.1\r\nHost: a\r\n\r\n"),
+            Ok(())
+        );
+        assert_eq!(check_request_line(b"GET / HTTP/1.0\n\n"), Ok(()));
+        for bad in [
+            &b"GET //a b HTTP/1.1\r\n"[..],
+            b"GET  / HTTP/1.1\r\n",
+            b"GET / HTTP/1.1 x\r\n",
+            b"GET /\r\n",
+            b" / HTTP/1.1\r\n",
+        ] {
+            assert_eq!(
+                check_request_line(bad),
+                Err(Refused(400, "bad request line")),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        for bad in [
+            &b"GET /a#b HTTP/1.1\r\n"[..],
+            b"GET #a HTTP/1.1\r\n",
+            b"GET /a\x01 HTTP/1.1\r\n",
+        ] {
+            assert_eq!(
+                check_request_line(bad),
+                Err(Refused(400, "bad request target")),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 }

@@ -90,7 +90,13 @@ impl ProxyHttp for Proxy {
     fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        if let Err(Refused(status, why)) = check::check(session.req_header(), &self.limits) {
+        let line = match session.as_downstream().as_http1() {
+            Some(h1) => check::check_request_line(&h1.get_headers_raw_bytes()),
+            None => Ok(()),
+        };
+        if let Err(Refused(status, why)) =
+            line.and_then(|()| check::check(session.req_header(), &self.limits))
+        {
             // Framing or routing that could be read two ways: answer, close, forward nothing.
             session.set_keepalive(None);
             let body = Bytes::from(format!("{why}\n"));

@@ -160,3 +160,123 @@ fn heads_over_the_limits_get_414_or_431_close_and_reach_no_backend() {
     let (response, _) = raw(lb.port, &fine);
     assert!(response.starts_with("HTTP/1.1 200"), "{response:?}");
 }
+
+/// A wider corpus, grouped by the rule each request breaks. Every one must get a 4xx, have its
+/// connection closed, and leave the backend's request count unchanged.
+#[test]
+fn a_corpus_of_malformed_requests_is_refused_at_the_edge() {
+    let a = Echo::start("a");
+    let dir = TempDir::new("corpus");
+    let path = dir.path("table.json");
+    write_atomic(&path, &table(1, &[("a", &a.addr(), 1, 0)]));
+    let lb = Lb::start(&["--table".to_owned(), path.display().to_string()]);
+    lb.wait_version(1, Duration::from_secs(10));
+
+    let te =
+        |v: &str| format!("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: {v}\r\n\r\n0\r\n\r\n");
+    let cl = |v: &str| format!("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: {v}\r\n\r\nabcde");
+    let host = |v: &str| format!("GET / HTTP/1.1\r\nHost: {v}\r\n\r\n");
+    let target = |t: &str| format!("GET {t} HTTP/1.1\r\nHost: a\r\n\r\n");
+    let header = |h: &str| format!("GET / HTTP/1.1\r\nHost: a\r\n{h}\r\n\r\n");
+    let mut corpus: Vec<(&str, String)> = Vec::new();
+    for v in [
+        "identity",
+        "gzip",
+        "chunked, chunked",
+        "gzip, chunked",
+        "chunked, gzip",
+        "chunked;ext",
+        "xchunked",
+        "chunked2",
+        "deflate, chunked",
+    ] {
+        corpus.push(("Transfer-Encoding other than one chunked", te(v)));
+    }
+    corpus.push(("Transfer-Encoding on two lines", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n0\r\n\r\n".into()));
+    for v in [
+        "5, 5", "5,6", "+5", "-5", "0x5", "5 5", "5a", "1e3", "five", "5.0", "0x", "5;", "5\t5",
+    ] {
+        corpus.push(("malformed Content-Length", cl(v)));
+    }
+    corpus.push((
+        "two Content-Lengths",
+        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nabcde".into(),
+    ));
+    for v in [
+        "a@b",
+        "user:pass@a",
+        "a,b",
+        "a, b",
+        "a b",
+        "a:",
+        "a:0",
+        "a:65536",
+        "a:80:80",
+        "a:8o",
+        "[::1",
+        "[]",
+        "[::1]x",
+        "a/b",
+        "a?b",
+        "a#b",
+        "a%00",
+        "a\\b",
+        ":80",
+    ] {
+        corpus.push(("malformed Host", host(v)));
+    }
+    corpus.push(("missing Host", "GET / HTTP/1.1\r\n\r\n".into()));
+    corpus.push((
+        "two Hosts",
+        "GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n".into(),
+    ));
+    // Not here: a target with a space inside ("GET /a b HTTP/1.1"). Pingora's parser rewrites it
+    // percent-escaped ("/a%20b") before we see the request, so the backend gets one unambiguous
+    // target; refusing it instead needs a change inside Pingora (noted in the README).
+    for t in [
+        "a", "a/b", "*", "ftp://a/", "?a", "#a", "/a#b", "http:/a", "\\a",
+    ] {
+        corpus.push(("bad request target", target(t)));
+    }
+    for h in [
+        "X Y: z",
+        ": empty",
+        "X-A\t: b",
+        "X-A: b\r\n c",
+        "X-(A): b",
+        "X-A: \u{1}",
+    ] {
+        corpus.push(("bad header line", header(h)));
+    }
+    corpus.push((
+        "Transfer-Encoding in HTTP/1.0",
+        "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".into(),
+    ));
+
+    let before = backend_requests(&lb);
+    let mut failures = Vec::new();
+    for (rule, request) in &corpus {
+        let (response, closed) = raw(lb.port, request);
+        let status_4xx = response.starts_with("HTTP/1.1 4") || response.starts_with("HTTP/1.0 4");
+        if !status_4xx || !closed || response.contains("hello from") {
+            failures.push(format!(
+                "{rule}: {request:?} → {:?} (closed: {closed})",
+                response.lines().next().unwrap_or("")
+            ));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases not refused:\n{}",
+        failures.len(),
+        corpus.len(),
+        failures.join("\n")
+    );
+    assert_eq!(
+        backend_requests(&lb),
+        before,
+        "no malformed request reached the backend"
+    );
+    assert!(corpus.len() >= 60, "{}", corpus.len());
+}
