@@ -44,6 +44,11 @@ pub struct Args {
     #[arg(long, default_value_t = 10)]
     pub grace_period: u64,
 
+    /// Seconds an idle keep-alive client connection is kept open (nginx: 75, HAProxy: its
+    /// `timeout http-keep-alive`).
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    pub keepalive_timeout: u64,
+
     /// Longest request target; longer gets 414.
     #[arg(long, default_value_t = 8 * 1024, value_name = "BYTES")]
     pub max_uri_bytes: usize,

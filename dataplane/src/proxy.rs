@@ -37,15 +37,23 @@ pub struct Proxy {
     active: Arc<AtomicI64>,
     request_ids: RequestIds,
     limits: Limits,
+    /// Seconds an idle keep-alive client connection is kept (Pingora's default is forever).
+    keepalive_secs: u64,
 }
 
 impl Proxy {
-    pub fn new(store: Arc<TableStore>, active: Arc<AtomicI64>, limits: Limits) -> Self {
+    pub fn new(
+        store: Arc<TableStore>,
+        active: Arc<AtomicI64>,
+        limits: Limits,
+        keepalive_secs: u64,
+    ) -> Self {
         Proxy {
             store,
             active,
             request_ids: RequestIds::new(),
             limits,
+            keepalive_secs: keepalive_secs.max(1),
         }
     }
 }
@@ -107,6 +115,15 @@ impl ProxyHttp for Proxy {
             session.write_response_header(Box::new(resp), false).await?;
             session.write_response_body(Some(body), true).await?;
             return Ok(true);
+        }
+        // Keep-alive, but not forever: 0 means "infinite" to Pingora, and a client's own
+        // `Keep-Alive: timeout=` may only shorten ours.
+        if let Some(current) = session.get_keepalive() {
+            let secs = match current {
+                0 => self.keepalive_secs,
+                n => n.min(self.keepalive_secs),
+            };
+            session.set_keepalive(Some(secs));
         }
         let Some(snapshot) = self.store.current() else {
             respond(session, 503, b"no routing table installed yet\n").await?;

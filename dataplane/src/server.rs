@@ -98,6 +98,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 max_head: args.max_head_bytes,
                 max_headers: args.max_headers,
             },
+            args.keepalive_timeout,
         ),
         "proxy",
     );

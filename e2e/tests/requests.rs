@@ -280,3 +280,34 @@ fn a_corpus_of_malformed_requests_is_refused_at_the_edge() {
     );
     assert!(corpus.len() >= 60, "{}", corpus.len());
 }
+
+#[test]
+fn idle_keep_alive_connections_are_closed_after_the_timeout() {
+    let a = Echo::start("a");
+    let dir = TempDir::new("keepalive");
+    let path = dir.path("table.json");
+    write_atomic(&path, &table(1, &[("a", &a.addr(), 1, 0)]));
+    let lb = Lb::start(&[
+        "--table".to_owned(),
+        path.display().to_string(),
+        "--keepalive-timeout".to_owned(),
+        "1".to_owned(),
+    ]);
+    lb.wait_version(1, Duration::from_secs(10));
+    let mut s = TcpStream::connect(("127.0.0.1", lb.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Idle now: the proxy closes within about a second, well before the 5 s read timeout.
+    let idle = std::time::Instant::now();
+    let n = s.read(&mut buf).expect("closed, not timed out");
+    assert_eq!(n, 0, "the proxy closed the idle connection");
+    let waited = idle.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900),
+        "not before the timeout: {waited:?}"
+    );
+    assert!(waited < Duration::from_secs(4), "closed after {waited:?}");
+}
