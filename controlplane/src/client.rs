@@ -180,8 +180,10 @@ pub async fn scale(service: &str, replicas: u32, args: &AgentArgs, wait: &WaitAr
     }
     let started = Instant::now();
     follow(&client, service, wait, |s| {
-        let settled = s.instances.len() == replicas as usize
-            && s.instances
+        // Discovered containers serve the service too but are not the agent's to count.
+        let managed: Vec<_> = s.instances.iter().filter(|i| i.managed).collect();
+        let settled = managed.len() == replicas as usize
+            && managed
                 .iter()
                 .all(|i| i.in_table && i.generation == s.generation);
         settled.then(|| {
