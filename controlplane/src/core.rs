@@ -339,7 +339,7 @@ impl Core {
                         s.started(instance.seq, addr);
                         if still_wanted {
                             self.spawn_probe(instance, addr);
-                        } else if !s.instances.contains_key(&instance.seq) {
+                        } else {
                             // Given up on (a failed deploy, a scale-down) while the runtime was
                             // still starting it: the stop found nothing then, so stop it now.
                             let grace = s.spec.stop_grace;
@@ -358,6 +358,9 @@ impl Core {
                 }
             }
             Event::Stopped { instance } => {
+                if let Some(p) = self.probes.remove(&instance) {
+                    p.abort();
+                }
                 if let Some(s) = self.services.get_mut(&instance.service) {
                     s.stopped(instance.seq);
                 }
@@ -395,7 +398,14 @@ impl Core {
             }
             RuntimeEvent::Restarted { instance } => debug!(%instance, "restarted"),
             RuntimeEvent::Moved { instance, addr } => {
-                if let Some(s) = self.services.get_mut(&instance.service) {
+                let Some(s) = self.services.get_mut(&instance.service) else {
+                    return;
+                };
+                let serving = s
+                    .instances
+                    .get(&instance.seq)
+                    .is_some_and(|i| matches!(i.phase, Phase::Running | Phase::Starting));
+                if serving {
                     s.moved(instance.seq, addr);
                     self.spawn_probe(instance, addr);
                 }

@@ -476,7 +476,15 @@ impl ServiceState {
                         && !i.health.ever_up()
                         && now.duration_since(i.created) >= timeout
                 });
-                if let Some(i) = late {
+                let limit = self.deploy_limit();
+                if late.is_none() && now.duration_since(d.started) >= limit {
+                    let reason = format!(
+                        "generation {} did not take over within {}ms",
+                        d.generation,
+                        limit.as_millis()
+                    );
+                    self.fail_deploy(reason, now);
+                } else if let Some(i) = late {
                     let reason = format!(
                         "{} did not become healthy within {}ms{}",
                         self.instance_ref(i.seq),
@@ -606,19 +614,33 @@ impl ServiceState {
             .flat_map(|d| {
                 self.instances
                     .values()
-                    .filter(move |i| i.generation == d.generation && !i.health.ever_up())
+                    .filter(move |i| {
+                        i.live() && i.generation == d.generation && !i.health.ever_up()
+                    })
                     .map(|i| i.created + self.spec.rollout.healthy_timeout)
+                    .chain(std::iter::once(d.started + self.deploy_limit()))
             });
         let ramps = self
             .instances
             .values()
             .filter_map(|i| i.warm_from)
             .map(|t| t + self.ramp_step_of(now.saturating_duration_since(t)).1);
+        // Only future instants: a past one would make the core loop spin.
         drains
             .chain(deadline)
             .chain(self.no_start_before)
             .chain(ramps)
+            .filter(|t| *t > now)
             .min()
+    }
+
+    /// The longest a whole deploy may take: one `healthy_timeout` per round of `surge` new
+    /// instances, plus one. It catches a new version that turns healthy once and then fails, which
+    /// the per-instance rule cannot.
+    fn deploy_limit(&self) -> Duration {
+        let surge = self.spec.rollout.surge.max(1);
+        let rounds = self.replicas.div_ceil(surge) + 1;
+        self.spec.rollout.healthy_timeout * rounds
     }
 
     fn count(&self, f: impl Fn(&Instance) -> bool) -> usize {

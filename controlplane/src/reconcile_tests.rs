@@ -479,3 +479,62 @@ fn without_slow_start_weights_are_as_configured() {
     assert_eq!(weights, vec![1, 1]);
     assert_eq!(sim.s.next_deadline(sim.now), None);
 }
+
+#[test]
+fn deadlines_in_the_past_are_never_returned() {
+    let mut sim = Sim::new(spec(1, 1));
+    let a = sim.s.reconcile(sim.now);
+    let Action::Start { instance, .. } = &a[0] else {
+        panic!("{a:?}")
+    };
+    sim.s.start_failed(instance.seq, "No such file", sim.now);
+    assert_eq!(
+        sim.s.next_deadline(sim.now),
+        Some(sim.now + Duration::from_millis(500))
+    );
+    sim.advance(Duration::from_secs(1));
+    let d = sim.s.next_deadline(sim.now);
+    assert!(
+        d.is_none_or(|t| t > sim.now),
+        "{d:?} is not after {:?}",
+        sim.now
+    );
+}
+
+#[test]
+fn a_deploy_that_turns_healthy_once_and_then_fails_still_ends() {
+    let mut sim = Sim::steady(2, 1);
+    sim.s.deploy(run("flaky"), sim.now).unwrap();
+    sim.step();
+    // Every new instance passes once (so the per-instance rule is satisfied), then fails.
+    let flap = |sim: &mut Sim| {
+        let new: Vec<u64> = sim
+            .s
+            .instances
+            .values()
+            .filter(|i| i.generation == 2)
+            .map(|i| i.seq)
+            .collect();
+        for seq in new {
+            sim.s.probed(seq, true, None);
+            sim.s.probed(seq, false, Some("status 500".into()));
+        }
+    };
+    // Limit: healthy_timeout (10 s) x (ceil(2 / 1) + 1) = 30 s.
+    for _ in 0..29 {
+        flap(&mut sim);
+        sim.advance(Duration::from_secs(1));
+        sim.step();
+        assert_eq!(sim.s.deploy.as_ref().unwrap().outcome, Outcome::InProgress);
+    }
+    sim.advance(Duration::from_secs(1));
+    sim.step();
+    match &sim.s.deploy.as_ref().unwrap().outcome {
+        Outcome::Failed { reason } => assert!(
+            reason.contains("did not take over within 30000ms"),
+            "{reason}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(sim.s.generation, 1);
+}
