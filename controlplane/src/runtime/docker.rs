@@ -175,6 +175,9 @@ impl DockerRuntime {
                     filters: Some(filters),
                     ..Default::default()
                 }));
+                // Events missed while the stream was down: a managed container that died then
+                // is replaced now, and discovered ones are listed again.
+                me.resync_managed().await;
                 if me.discover {
                     me.resync_discovered().await;
                 }
@@ -493,6 +496,41 @@ impl DockerRuntime {
                 warn!("listing containers for {what}: {e}");
                 Vec::new()
             })
+    }
+
+    /// Treat every tracked container that is no longer running as died.
+    async fn resync_managed(self: &Arc<Self>) {
+        if self.lock().is_empty() {
+            return;
+        }
+        let mut filters = HashMap::new();
+        filters.insert(
+            "label".to_owned(),
+            vec![format!("{LABEL_MANAGED}={MANAGED_BY}")],
+        );
+        filters.insert("status".to_owned(), vec!["running".to_owned()]);
+        let opts = ListContainersOptions {
+            filters: Some(filters),
+            ..Default::default()
+        };
+        // On an error, change nothing: an empty list would read as "all of them died".
+        let running: std::collections::HashSet<String> =
+            match self.docker.list_containers(Some(opts)).await {
+                Ok(list) => list.into_iter().filter_map(|c| c.id).collect(),
+                Err(e) => {
+                    warn!("listing managed containers after a reconnect: {e}");
+                    return;
+                }
+            };
+        let dead: Vec<String> = self
+            .lock()
+            .values()
+            .filter(|m| !m.stopping && !running.contains(&m.id))
+            .map(|m| m.id.clone())
+            .collect();
+        for id in dead {
+            self.managed_died(&id, None);
+        }
     }
 
     /// Report every running labelled container (after a (re)connect of the event stream).
