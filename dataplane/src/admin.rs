@@ -1,5 +1,7 @@
 //! The admin listener: `/metrics`, `/healthz` and `/table`. Loopback by default; it exposes the
-//! whole routing table, so binding it elsewhere is an explicit operator choice.
+//! whole routing table, so binding it elsewhere needs a bearer token (`--admin-token-file`), which
+//! then guards `/metrics` and `/table` (compared in constant time). `/healthz` stays open for
+//! liveness probes.
 
 use std::sync::Arc;
 
@@ -13,18 +15,45 @@ use crate::store::TableStore;
 
 pub struct Admin {
     store: Arc<TableStore>,
+    token: Option<Vec<u8>>,
 }
 
 impl Admin {
-    pub fn new(store: Arc<TableStore>) -> Self {
-        Admin { store }
+    pub fn new(store: Arc<TableStore>, token: Option<String>) -> Self {
+        Admin {
+            store,
+            token: token.map(String::into_bytes),
+        }
     }
 
-    /// The response for one admin request (method, path): pure apart from reading the store.
-    pub fn answer(&self, method: &Method, path: &str) -> (StatusCode, &'static str, Vec<u8>) {
+    fn admits(&self, authorization: Option<&[u8]>) -> bool {
+        use subtle::ConstantTimeEq;
+        let Some(token) = &self.token else {
+            return true;
+        };
+        authorization
+            .and_then(|v| v.strip_prefix(b"Bearer "))
+            .is_some_and(|given| given.ct_eq(token).into())
+    }
+
+    /// The response for one admin request (method, path, Authorization header): pure apart from
+    /// reading the store.
+    pub fn answer(
+        &self,
+        method: &Method,
+        path: &str,
+        authorization: Option<&[u8]>,
+    ) -> (StatusCode, &'static str, Vec<u8>) {
         const TEXT: &str = "text/plain; charset=utf-8";
         if method != Method::GET && method != Method::HEAD {
             return (StatusCode::METHOD_NOT_ALLOWED, TEXT, b"only GET\n".to_vec());
+        }
+        if path != "/healthz" && !self.admits(authorization) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                TEXT,
+                b"missing or wrong bearer token\n".to_vec(),
+            );
         }
         let snap = self.store.current();
         match path {
@@ -90,7 +119,11 @@ impl Admin {
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let req = session.req_header();
-        let (status, content_type, body) = self.answer(&req.method, req.uri.path());
+        let auth = req
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        let (status, content_type, body) = self.answer(&req.method, req.uri.path(), auth);
         let body = if req.method == Method::HEAD {
             Vec::new()
         } else {

@@ -23,6 +23,11 @@ pub struct Args {
     #[arg(long, value_name = "FILE", conflicts_with = "agent")]
     pub table: Option<PathBuf>,
 
+    /// Bearer token guarding /metrics and /table on the admin listener; required when --admin is
+    /// not on loopback.
+    #[arg(long, value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
     /// Subscribe to the agent's table stream, e.g. ws://127.0.0.1:7070/v1/tables.
     #[arg(long, value_name = "URL", requires = "token_file")]
     pub agent: Option<String>,

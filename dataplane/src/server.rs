@@ -36,9 +36,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for (flag, addr) in [("--listen", args.listen), ("--admin", args.admin)] {
         check_bindable(flag, addr)?;
     }
+    let admin_token = match &args.admin_token_file {
+        Some(path) => Some(read_token(path).context("--admin-token-file")?),
+        None => None,
+    };
+    if !args.admin.ip().is_loopback() && admin_token.is_none() {
+        anyhow::bail!(
+            "--admin {}: not a loopback address, and /metrics and /table would be open to anyone who reaches it: give --admin-token-file, or bind to 127.0.0.1",
+            args.admin
+        );
+    }
     if !args.admin.ip().is_loopback() {
-        tracing::warn!(admin = %args.admin,
-            "the admin listener is not on loopback: /table exposes every backend address");
+        tracing::info!(admin = %args.admin,
+            "the admin listener is not on loopback: /metrics and /table need the bearer token");
     }
 
     let state = match &args.state_dir {
@@ -62,13 +72,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let agent_source = match (&args.agent, &args.token_file) {
         (Some(url), Some(token_file)) => {
-            let token = std::fs::read_to_string(token_file)
-                .with_context(|| format!("--token-file {}", token_file.display()))?
-                .trim()
-                .to_owned();
-            if token.is_empty() {
-                bail!("--token-file {}: the file is empty", token_file.display());
-            }
+            let token = read_token(token_file).context("--token-file")?;
             Some(AgentSource::new(url.clone(), token, store.clone()))
         }
         _ => None,
@@ -105,7 +109,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     proxy.add_tcp(&args.listen.to_string());
     server.add_service(proxy);
 
-    let mut admin = Service::new("admin".to_owned(), AdminApp(Admin::new(store.clone())));
+    let mut admin = Service::new(
+        "admin".to_owned(),
+        AdminApp(Admin::new(store.clone(), admin_token)),
+    );
     admin.add_tcp(&args.admin.to_string());
     server.add_service(admin);
 
@@ -127,6 +134,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// Fail with the flag's name now rather than with a Pingora panic later.
+/// A bearer token from a file: trimmed, not empty.
+fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
+    let token = std::fs::read_to_string(path)
+        .with_context(|| path.display().to_string())?
+        .trim()
+        .to_owned();
+    if token.is_empty() {
+        bail!("{}: the file is empty", path.display());
+    }
+    Ok(token)
+}
+
 fn check_bindable(flag: &str, addr: SocketAddr) -> anyhow::Result<()> {
     TcpListener::bind(addr)
         .map(drop)

@@ -375,3 +375,43 @@ fn a_bad_table_file_at_start_refuses_to_start_and_says_why() {
     assert!(err.contains("weight 5000 is out of range"), "{err}");
     assert!(err.contains("table.json"), "{err}");
 }
+
+#[test]
+fn the_admin_listener_off_loopback_needs_a_token_which_guards_metrics_and_table() {
+    let a = Echo::start("a");
+    let dir = TempDir::new("admintoken");
+    let path = dir.path("table.json");
+    write_atomic(&path, &table(1, &[("a", &a.addr(), 1, 0)]));
+    let out = std::process::Command::new(bin("rusty-lb"))
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--admin", &format!("0.0.0.0:{}", free_port())])
+        .args(["--table", &path.display().to_string()])
+        .output()
+        .expect("run rusty-lb");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a loopback address"), "{err}");
+    assert!(err.contains("--admin-token-file"), "{err}");
+
+    let token = dir.path("admin.token");
+    std::fs::write(&token, "s3cret\n").unwrap();
+    let lb = Lb::start(&[
+        "--table".to_owned(),
+        path.display().to_string(),
+        "--admin-token-file".to_owned(),
+        token.display().to_string(),
+    ]);
+    let with = |auth: &str, path: &str| {
+        Client::new(lb.admin)
+            .request(&format!(
+                "GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n"
+            ))
+            .unwrap()
+            .status
+    };
+    assert_eq!(with("", "/healthz"), 200, "health stays open for probes");
+    assert_eq!(with("", "/metrics"), 401);
+    assert_eq!(with("Authorization: Bearer nope\r\n", "/table"), 401);
+    assert_eq!(with("Authorization: Bearer s3cret\r\n", "/metrics"), 200);
+    assert_eq!(with("Authorization: Bearer s3cret\r\n", "/table"), 200);
+}

@@ -195,13 +195,24 @@ rise = 1
         names
     }
 
+    /// GET on the data plane's admin port, with the token it requires outside loopback.
+    fn admin_get(&self, path: &str) -> Response {
+        let token = std::fs::read_to_string(self.token_file()).expect("token");
+        Client::new(self.admin_port)
+            .request(&format!(
+                "GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+                token.trim()
+            ))
+            .unwrap_or_else(|e| panic!("GET {path} on the data plane's admin port: {e}"))
+    }
+
     fn lb_get(&self, host: &str) -> Response {
         get(self.lb_port, host, "/")
     }
 
     /// Requests counted by the data plane for `service`, per backend id.
     fn backend_counts(&self, service: &str) -> std::collections::BTreeMap<String, f64> {
-        let text = get(self.admin_port, "localhost", "/metrics").body;
+        let text = self.admin_get("/metrics").body;
         let prefix = format!("rustybalancer_requests_total{{service=\"{service}\",backend=\"");
         let mut counts = std::collections::BTreeMap::new();
         for line in text.lines() {
@@ -274,7 +285,7 @@ fn app_serving(st: &serde_json::Value, n: usize, generation: u64) -> bool {
 }
 
 fn extra_backends(stack: &Stack) -> usize {
-    let r = get(stack.admin_port, "localhost", "/table");
+    let r = stack.admin_get("/table");
     serde_json::from_str::<serde_json::Value>(&r.body)
         .ok()
         .and_then(|t| {
@@ -329,13 +340,18 @@ fn the_compose_stack_deploys_scales_rolls_heals_adopts_discovers_and_cleans_up()
         stack.lb_get("extra.localhost").body.trim(),
         "hello from extra"
     );
+    assert_eq!(
+        get(stack.admin_port, "localhost", "/metrics").status,
+        401,
+        "the published admin port wants the token"
+    );
 
     // Scale 1 → 3 through the CLI; the data plane counts requests on all three.
     let (ok, out) = stack.cli(&["scale", "app", "3"]);
     assert!(ok, "{out}");
     assert_eq!(stack.managed().len(), 3, "{:?}", stack.managed());
     wait_for("three app backends in the data plane", || {
-        let r = get(stack.admin_port, "localhost", "/table");
+        let r = stack.admin_get("/table");
         r.body.matches("\"app-").count() == 3
     });
     let before = stack.backend_counts("app");
