@@ -25,6 +25,18 @@ fn raw(port: u16, request: &str) -> (String, bool) {
     (String::from_utf8_lossy(&out).into_owned(), closed)
 }
 
+/// A `rusty-lb` serving a one-backend table that points at `a`, with these extra flags.
+fn proxy_to(a: &Echo, tag: &str, extra: &[&str]) -> (TempDir, Lb) {
+    let dir = TempDir::new(tag);
+    let path = dir.path("table.json");
+    write_atomic(&path, &table(1, &[("a", &a.addr(), 1, 0)]));
+    let mut args = vec!["--table".to_owned(), path.display().to_string()];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let lb = Lb::start(&args);
+    lb.wait_version(1, Duration::from_secs(10));
+    (dir, lb)
+}
+
 fn backend_requests(lb: &Lb) -> f64 {
     lb.metric("rustybalancer_requests_total{service=\"web\",backend=\"a\",code=\"200\"}")
 }
@@ -32,11 +44,7 @@ fn backend_requests(lb: &Lb) -> f64 {
 #[test]
 fn ambiguous_requests_get_400_close_and_reach_no_backend() {
     let a = Echo::start_with("a", &["--echo-headers"]);
-    let dir = TempDir::new("requests");
-    let path = dir.path("table.json");
-    write_atomic(&path, &table(1, &[("a", &a.addr(), 1, 0)]));
-    let lb = Lb::start(&["--table".to_owned(), path.display().to_string()]);
-    lb.wait_version(1, Duration::from_secs(10));
+    let (_dir, lb) = proxy_to(&a, "requests", &[]);
 
     let cases = [
         ("TE twice", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
@@ -111,11 +119,7 @@ fn ambiguous_requests_get_400_close_and_reach_no_backend() {
 #[test]
 fn heads_over_the_limits_get_414_or_431_close_and_reach_no_backend() {
     let a = Echo::start("a");
-    let dir = TempDir::new("limits");
-    let path = dir.path("table.json");
-    write_atomic(&path, &table(1, &[("a", &a.addr(), 1, 0)]));
-    let lb = Lb::start(&["--table".to_owned(), path.display().to_string()]);
-    lb.wait_version(1, Duration::from_secs(10));
+    let (_dir, lb) = proxy_to(&a, "limits", &[]);
     let before = backend_requests(&lb);
 
     let long_target = format!(
@@ -166,11 +170,7 @@ fn heads_over_the_limits_get_414_or_431_close_and_reach_no_backend() {
 #[test]
 fn a_corpus_of_malformed_requests_is_refused_at_the_edge() {
     let a = Echo::start("a");
-    let dir = TempDir::new("corpus");
-    let path = dir.path("table.json");
-    write_atomic(&path, &table(1, &[("a", &a.addr(), 1, 0)]));
-    let lb = Lb::start(&["--table".to_owned(), path.display().to_string()]);
-    lb.wait_version(1, Duration::from_secs(10));
+    let (_dir, lb) = proxy_to(&a, "corpus", &[]);
 
     let te =
         |v: &str| format!("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: {v}\r\n\r\n0\r\n\r\n");
@@ -284,16 +284,7 @@ fn a_corpus_of_malformed_requests_is_refused_at_the_edge() {
 #[test]
 fn idle_keep_alive_connections_are_closed_after_the_timeout() {
     let a = Echo::start("a");
-    let dir = TempDir::new("keepalive");
-    let path = dir.path("table.json");
-    write_atomic(&path, &table(1, &[("a", &a.addr(), 1, 0)]));
-    let lb = Lb::start(&[
-        "--table".to_owned(),
-        path.display().to_string(),
-        "--keepalive-timeout".to_owned(),
-        "1".to_owned(),
-    ]);
-    lb.wait_version(1, Duration::from_secs(10));
+    let (_dir, lb) = proxy_to(&a, "keepalive", &["--keepalive-timeout", "1"]);
     let mut s = TcpStream::connect(("127.0.0.1", lb.port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
