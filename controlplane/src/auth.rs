@@ -2,13 +2,13 @@
 //!
 //! Taken from `agent.token_file` or, when none is configured, generated once into
 //! `state_dir/token` (mode 0600) so a local stack works with no setup and the CLI finds it.
-//! Comparison is constant-time so response timing says nothing about how much of a guess matched.
+//! Reading and comparing are `rusty_shared::auth`'s, the same code the data plane runs.
 
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use subtle::ConstantTimeEq;
+use rusty_shared::auth::{bearer_matches, read_token, TokenFileError};
 
 #[derive(Clone)]
 pub struct Token(Vec<u8>);
@@ -21,15 +21,8 @@ impl std::fmt::Debug for Token {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
-    #[error("cannot read the token file {path}: {cause}")]
-    Read {
-        path: PathBuf,
-        cause: std::io::Error,
-    },
-    #[error("the token file {0} is empty")]
-    Empty(PathBuf),
-    #[error("the token in {0} has bytes that cannot go in an HTTP header")]
-    Unprintable(PathBuf),
+    #[error(transparent)]
+    File(#[from] TokenFileError),
     #[error("cannot create the token file {path}: {cause}")]
     Create {
         path: PathBuf,
@@ -39,18 +32,7 @@ pub enum TokenError {
 
 impl Token {
     pub fn read(path: &Path) -> Result<Token, TokenError> {
-        let text = std::fs::read_to_string(path).map_err(|cause| TokenError::Read {
-            path: path.to_path_buf(),
-            cause,
-        })?;
-        let t = text.trim();
-        if t.is_empty() {
-            return Err(TokenError::Empty(path.to_path_buf()));
-        }
-        if !t.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(TokenError::Unprintable(path.to_path_buf()));
-        }
-        Ok(Token(t.as_bytes().to_vec()))
+        Ok(Token(read_token(path)?.into_bytes()))
     }
 
     /// The configured file, or the generated one in `state_dir` (created on first use).
@@ -87,16 +69,7 @@ impl Token {
 
     /// Does an `Authorization` header value carry this token?
     pub fn admits(&self, authorization: Option<&[u8]>) -> bool {
-        let Some(value) = authorization else {
-            return false;
-        };
-        let Some(given) = value
-            .strip_prefix(b"Bearer ")
-            .or_else(|| value.strip_prefix(b"bearer "))
-        else {
-            return false;
-        };
-        given.ct_eq(&self.0).into()
+        bearer_matches(authorization, &self.0)
     }
 
     pub fn as_str(&self) -> &str {
@@ -107,22 +80,6 @@ impl Token {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_the_exact_bearer_token_is_admitted() {
-        let t = Token(b"s3cret".to_vec());
-        assert!(t.admits(Some(b"Bearer s3cret")));
-        for bad in [
-            &b"Bearer s3cre"[..],
-            b"Bearer s3cret2",
-            b"Basic s3cret",
-            b"s3cret",
-            b"Bearer ",
-        ] {
-            assert!(!t.admits(Some(bad)), "{}", String::from_utf8_lossy(bad));
-        }
-        assert!(!t.admits(None));
-    }
 
     #[test]
     fn a_generated_token_is_kept_and_private() {

@@ -508,19 +508,7 @@ impl Core {
             } => {
                 let r = match self.services.get_mut(&service) {
                     None => Err(ApiError::NoService(service)),
-                    Some(s) => match merge_run(s.spec.runtime, s.current_run(), request)
-                        .and_then(|run| {
-                            let max = rusty_shared::limits::WEIGHT_MAX / crate::spec::SLOW_START_STEPS;
-                            if !s.spec.slow_start.is_zero() && run.weight > max {
-                                Err(ApiError::Invalid(format!(
-                                    "weight: {} is over {max} (this service has slow_start, which scales weights by {})",
-                                    run.weight,
-                                    crate::spec::SLOW_START_STEPS
-                                )))
-                            } else {
-                                Ok(run)
-                            }
-                        }) {
+                    Some(s) => match merge_run(&s.spec, s.current_run(), request) {
                         Err(e) => Err(e),
                         Ok(run) => {
                             let shown = format!("{} {}", run.command, run.args.join(" "));
@@ -680,12 +668,12 @@ impl Core {
 
 /// A deploy request over the current run spec: what it gives replaces, what it omits stays.
 fn merge_run(
-    kind: RuntimeKind,
+    spec: &ServiceSpec,
     current: &RunSpec,
     req: DeployRequest,
 ) -> Result<RunSpec, ApiError> {
     let mut run = current.clone();
-    match (kind, &req.command, &req.image) {
+    match (spec.runtime, &req.command, &req.image) {
         (RuntimeKind::Docker, Some(_), _) => return Err(ApiError::Invalid(
             "command: a docker service runs its image; deploy a new image (args replace its CMD)"
                 .into(),
@@ -716,9 +704,15 @@ fn merge_run(
         run.env = e;
     }
     if let Some(w) = req.weight {
-        if !(rusty_shared::limits::WEIGHT_MIN..=rusty_shared::limits::WEIGHT_MAX).contains(&w) {
+        let max = crate::spec::max_weight(!spec.slow_start.is_zero());
+        if !(rusty_shared::limits::WEIGHT_MIN..=max).contains(&w) {
+            let why = if max < rusty_shared::limits::WEIGHT_MAX {
+                " (this service has slow_start, which scales weights by 10)"
+            } else {
+                ""
+            };
             return Err(ApiError::Invalid(format!(
-                "weight: {w} is out of range 1..=1000"
+                "weight: {w} is out of range 1..={max}{why}"
             )));
         }
         run.weight = w;

@@ -20,8 +20,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-
 use crate::health::Tracker;
 use crate::spec::{RunSpec, RuntimeKind, ServiceSpec, MAX_REPLICAS, SLOW_START_STEPS};
 
@@ -38,8 +36,7 @@ impl fmt::Display for InstanceRef {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     /// The runtime was asked to start it and has not answered yet.
     Starting,
@@ -88,8 +85,7 @@ impl Instance {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     InProgress,
     Succeeded,

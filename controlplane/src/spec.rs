@@ -117,6 +117,16 @@ pub const MAX_REPLICAS: u32 = 1_000;
 /// multiplied by it, so a weight can be at most 1000 / SLOW_START_STEPS.
 pub const SLOW_START_STEPS: u32 = 10;
 
+/// The largest weight a service may give its instances: the table's limit, divided by the
+/// slow-start scaling when slow start is on.
+pub fn max_weight(slow_start: bool) -> u32 {
+    if slow_start {
+        rusty_shared::limits::WEIGHT_MAX / SLOW_START_STEPS
+    } else {
+        rusty_shared::limits::WEIGHT_MAX
+    }
+}
+
 /// Where a service's containers listen and are reached.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContainerPlacement {

@@ -27,13 +27,9 @@ impl Admin {
     }
 
     fn admits(&self, authorization: Option<&[u8]>) -> bool {
-        use subtle::ConstantTimeEq;
-        let Some(token) = &self.token else {
-            return true;
-        };
-        authorization
-            .and_then(|v| v.strip_prefix(b"Bearer "))
-            .is_some_and(|given| given.ct_eq(token).into())
+        self.token
+            .as_deref()
+            .is_none_or(|token| rusty_shared::auth::bearer_matches(authorization, token))
     }
 
     /// The response for one admin request (method, path, Authorization header): pure apart from

@@ -117,14 +117,11 @@ fn check_sizes(req: &RequestHeader, limits: &Limits) -> Result<(), Refused> {
     Ok(())
 }
 
+/// The form of the target. Its bytes were checked on the raw request line
+/// ([`check_request_line`]), before Pingora's parser escaped or dropped any of them.
 fn check_target(req: &RequestHeader) -> Result<(), Refused> {
     let target = req.raw_path();
-    // No control bytes, spaces or non-ASCII, and no fragment (RFC 9112 §3.2 has none).
-    if target.is_empty()
-        || target
-            .iter()
-            .any(|b| *b <= b' ' || *b >= 0x7f || *b == b'#')
-    {
+    if target.is_empty() {
         return Err(Refused(400, "bad request target"));
     }
     let ok = target[0] == b'/'
@@ -142,32 +139,42 @@ fn starts_with_ignore_case(s: &[u8], prefix: &[u8]) -> bool {
     s.len() >= prefix.len() && s[..prefix.len()].eq_ignore_ascii_case(prefix)
 }
 
+/// The first two values of a header: enough to tell none, one and repeated apart without
+/// collecting them (this runs for every request).
+fn first_two(
+    req: &RequestHeader,
+    name: http::header::HeaderName,
+) -> (Option<&http::HeaderValue>, Option<&http::HeaderValue>) {
+    let mut values = req.headers.get_all(name).iter();
+    (values.next(), values.next())
+}
+
 fn check_framing(req: &RequestHeader) -> Result<(), Refused> {
-    let te: Vec<_> = req.headers.get_all(TRANSFER_ENCODING).iter().collect();
-    let cl: Vec<_> = req.headers.get_all(CONTENT_LENGTH).iter().collect();
-    if !te.is_empty() {
-        if !cl.is_empty() {
+    let te = first_two(req, TRANSFER_ENCODING);
+    let cl = first_two(req, CONTENT_LENGTH);
+    if let (Some(first), second) = te {
+        if cl.0.is_some() {
             return Err(Refused(400, "both Transfer-Encoding and Content-Length"));
         }
         if req.version == Version::HTTP_10 {
             return Err(Refused(400, "Transfer-Encoding in an HTTP/1.0 request"));
         }
-        let only_chunked = te.len() == 1 && te[0].as_bytes().eq_ignore_ascii_case(b"chunked");
-        if !only_chunked {
+        if second.is_some() || !first.as_bytes().eq_ignore_ascii_case(b"chunked") {
             return Err(Refused(400, "Transfer-Encoding other than chunked"));
         }
     }
-    match cl.as_slice() {
-        [] => Ok(()),
-        [one] if !one.is_empty() && one.as_bytes().iter().all(u8::is_ascii_digit) => Ok(()),
-        [_] => Err(Refused(400, "bad Content-Length")),
-        _ => Err(Refused(400, "repeated Content-Length")),
+    match cl {
+        (None, _) => Ok(()),
+        (Some(one), None) if !one.is_empty() && one.as_bytes().iter().all(u8::is_ascii_digit) => {
+            Ok(())
+        }
+        (Some(_), None) => Err(Refused(400, "bad Content-Length")),
+        (Some(_), Some(_)) => Err(Refused(400, "repeated Content-Length")),
     }
 }
 
 fn check_host(req: &RequestHeader) -> Result<(), Refused> {
-    let mut hosts = req.headers.get_all(HOST).iter();
-    match (hosts.next(), hosts.next()) {
+    match first_two(req, HOST) {
         (None, _) if req.version == Version::HTTP_10 => Ok(()),
         (None, _) => Err(Refused(400, "missing Host")),
         (Some(_), Some(_)) => Err(Refused(400, "repeated Host")),

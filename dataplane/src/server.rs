@@ -7,6 +7,7 @@
 //! grace period, instead of always sleeping the whole period.
 
 use crate::check::Limits;
+use rusty_shared::auth::read_token;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -134,18 +135,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// Fail with the flag's name now rather than with a Pingora panic later.
-/// A bearer token from a file: trimmed, not empty.
-fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
-    let token = std::fs::read_to_string(path)
-        .with_context(|| path.display().to_string())?
-        .trim()
-        .to_owned();
-    if token.is_empty() {
-        bail!("{}: the file is empty", path.display());
-    }
-    Ok(token)
-}
-
 fn check_bindable(flag: &str, addr: SocketAddr) -> anyhow::Result<()> {
     TcpListener::bind(addr)
         .map(drop)

@@ -356,6 +356,19 @@ fn sigterm_lets_the_request_in_flight_finish_and_exits_promptly() {
     assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
 }
 
+/// Run `rusty-lb` with its admin listener on `admin_ip` and `table`; it must refuse to start
+/// (exit 2). Returns what it said.
+fn refused_start(admin_ip: &str, table: &std::path::Path) -> String {
+    let out = std::process::Command::new(bin("rusty-lb"))
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--admin", &format!("{admin_ip}:{}", free_port())])
+        .args(["--table", &table.display().to_string()])
+        .output()
+        .expect("run rusty-lb");
+    assert_eq!(out.status.code(), Some(2));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn a_bad_table_file_at_start_refuses_to_start_and_says_why() {
     let dir = TempDir::new("badstart");
@@ -364,14 +377,7 @@ fn a_bad_table_file_at_start_refuses_to_start_and_says_why() {
         &path,
         r#"{"version": 1, "services": [{"name": "web", "backends": [{"id": "a", "addr": "127.0.0.1:1", "weight": 5000}]}]}"#,
     );
-    let out = std::process::Command::new(bin("rusty-lb"))
-        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
-        .args(["--admin", &format!("127.0.0.1:{}", free_port())])
-        .args(["--table", &path.display().to_string()])
-        .output()
-        .expect("run rusty-lb");
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_start("127.0.0.1", &path);
     assert!(err.contains("weight 5000 is out of range"), "{err}");
     assert!(err.contains("table.json"), "{err}");
 }
@@ -382,14 +388,7 @@ fn the_admin_listener_off_loopback_needs_a_token_which_guards_metrics_and_table(
     let dir = TempDir::new("admintoken");
     let path = dir.path("table.json");
     write_atomic(&path, &table(1, &[("a", &a.addr(), 1, 0)]));
-    let out = std::process::Command::new(bin("rusty-lb"))
-        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
-        .args(["--admin", &format!("0.0.0.0:{}", free_port())])
-        .args(["--table", &path.display().to_string()])
-        .output()
-        .expect("run rusty-lb");
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_start("0.0.0.0", &path);
     assert!(err.contains("not a loopback address"), "{err}");
     assert!(err.contains("--admin-token-file"), "{err}");
 

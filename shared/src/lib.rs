@@ -11,6 +11,7 @@
 //! - [`spill`]: how traffic spills across priority tiers as backends become unhealthy.
 //! - [`limits`]: every size and range limit, in one place.
 
+pub mod auth;
 pub mod error;
 pub mod limits;
 pub mod schedule;

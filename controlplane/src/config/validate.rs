@@ -9,8 +9,8 @@ use rusty_shared::table::{Backend, Service, Table};
 
 use super::{CheckKind, KeyError, RawConfig, RawService, RuntimeName};
 use crate::spec::{
-    AgentSettings, Config, ContainerPlacement, DockerSettings, HealthSpec, Probe, RolloutPolicy,
-    RunSpec, RuntimeKind, ServiceSpec, MAX_REPLICAS, SLOW_START_STEPS,
+    max_weight, AgentSettings, Config, ContainerPlacement, DockerSettings, HealthSpec, Probe,
+    RolloutPolicy, RunSpec, RuntimeKind, ServiceSpec, MAX_REPLICAS, SLOW_START_STEPS,
 };
 
 struct Errors(Vec<KeyError>);
@@ -267,15 +267,14 @@ fn service(name: &str, s: &RawService, base_dir: &Path, errs: &mut Errors) -> Op
         }
     }
 
-    if s.slow_start.is_some_and(|d| !d.0.is_zero())
-        && s.weight > limits::WEIGHT_MAX / SLOW_START_STEPS
-    {
+    let slow_start = s.slow_start.is_some_and(|d| !d.0.is_zero());
+    if slow_start && s.weight > max_weight(true) {
         errs.add(
             key("weight"),
             format!(
                 "{} is over {} (with slow_start, weights are scaled by {SLOW_START_STEPS} in the table)",
                 s.weight,
-                limits::WEIGHT_MAX / SLOW_START_STEPS
+                max_weight(true)
             ),
         );
     }
