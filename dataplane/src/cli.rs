@@ -54,6 +54,15 @@ pub struct Args {
     #[arg(long, default_value_t = 60, value_name = "SECONDS")]
     pub keepalive_timeout: u64,
 
+    /// Seconds a whole request head may take to arrive, however slowly its bytes trickle in
+    /// (counted from accept for a connection's first request); later gets 408 and a close.
+    #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+    pub header_timeout: u64,
+
+    /// Open client connections beyond which a new one is answered 503 at once and closed.
+    #[arg(long, default_value_t = 10_000, value_name = "N")]
+    pub max_connections: usize,
+
     /// Longest request target; longer gets 414.
     #[arg(long, default_value_t = 8 * 1024, value_name = "BYTES")]
     pub max_uri_bytes: usize,

@@ -6,6 +6,7 @@
 //! - [`select`]: service → backend (round robin in tiers, spill, local ejection).
 //! - [`snapshot`]: the installed table, prepared for the two above.
 //! - [`proxy`]: the Pingora `ProxyHttp` that ties them to real connections.
+//! - [`front`]: client connections before and between requests: cap, head deadline, drain.
 //! - [`store`]: validates, installs and persists tables; the only writer of the snapshot.
 //! - [`source`]: table file (SIGHUP) and agent WebSocket, feeding the store.
 //! - [`metrics`], [`admin`]: what operators scrape and query.
@@ -15,6 +16,7 @@ pub mod admin;
 pub mod check;
 pub mod cli;
 pub mod clock;
+pub mod front;
 pub mod metrics;
 pub mod proxy;
 pub mod router;

@@ -165,6 +165,8 @@ pub struct Registry {
     updates: [AtomicU64; 3],
     /// Requests that matched no service (`service=""`).
     unrouted: Arc<BackendCounters>,
+    /// Client connections: open, refused, timed out, drained.
+    pub front: Arc<crate::front::FrontState>,
 }
 
 #[derive(Default)]
@@ -371,6 +373,36 @@ impl Registry {
                 "rustybalancer_table_updates_total{{result=\"{label}\"}} {}",
                 self.updates(r)
             );
+        }
+        let f = &self.front;
+        for (name, kind, help, value) in [
+            (
+                "rustybalancer_client_connections",
+                "gauge",
+                "Client connections open now.",
+                f.open() as u64,
+            ),
+            (
+                "rustybalancer_client_connections_refused_total",
+                "counter",
+                "Client connections answered 503 because --max-connections were open.",
+                f.refused(),
+            ),
+            (
+                "rustybalancer_request_head_timeouts_total",
+                "counter",
+                "Client connections closed with 408: a request head took longer than --header-timeout.",
+                f.head_timeouts(),
+            ),
+            (
+                "rustybalancer_drained_idle_connections_total",
+                "counter",
+                "Idle keep-alive connections closed by a graceful shutdown.",
+                f.drained_idle(),
+            ),
+        ] {
+            header(w, name, kind, help);
+            let _ = writeln!(w, "{name} {value}");
         }
         out
     }

@@ -206,11 +206,15 @@ impl ProxyHttp for Proxy {
 
     async fn upstream_response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         _upstream_response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
         ctx.response_started = true;
+        if self.store.registry.front.draining() {
+            // Shutting down: this response tells the client to take its next request elsewhere.
+            session.set_keepalive(None);
+        }
         Ok(())
     }
 

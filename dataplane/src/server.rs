@@ -7,6 +7,7 @@
 //! grace period, instead of always sleeping the whole period.
 
 use crate::check::Limits;
+use crate::front::{Front, FrontLimits, FrontState};
 use rusty_shared::auth::read_token;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
@@ -92,7 +93,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     server.bootstrap();
 
     let active = Arc::new(AtomicI64::new(0));
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+    let front = store.registry.front.clone();
+    let proxy_app = pingora::proxy::http_proxy(
         &server.configuration,
         Proxy::new(
             store.clone(),
@@ -105,7 +107,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             },
             args.keepalive_timeout,
         ),
-        "proxy",
+    );
+    let mut proxy = Service::new(
+        "proxy".to_owned(),
+        Front::new(
+            proxy_app,
+            FrontLimits {
+                max_connections: args.max_connections,
+                header_timeout: Duration::from_secs(args.header_timeout),
+            },
+            front.clone(),
+        ),
     );
     proxy.add_tcp(&args.listen.to_string());
     server.add_service(proxy);
@@ -127,6 +139,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "drain",
         Drain {
             active,
+            front,
             grace: Duration::from_secs(args.grace_period),
         },
     ));
@@ -154,9 +167,11 @@ impl ServeHttp for AdminApp {
     }
 }
 
-/// Ends the process once a graceful shutdown has no request left in flight.
+/// Ends the process once a graceful shutdown has no request in flight and no client connection
+/// left open (idle ones are closed by the front after its drain window).
 struct Drain {
     active: Arc<AtomicI64>,
+    front: Arc<FrontState>,
     grace: Duration,
 }
 
@@ -166,18 +181,19 @@ impl BackgroundService for Drain {
         if shutdown.changed().await.is_err() {
             return;
         }
+        self.front.start_draining();
         let deadline = tokio::time::Instant::now() + self.grace;
         let mut idle_polls = 0;
         while tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
             // Two quiet polls in a row: the last response has been written and logged.
-            idle_polls = if self.active.load(Relaxed) <= 0 {
+            idle_polls = if self.active.load(Relaxed) <= 0 && self.front.open() == 0 {
                 idle_polls + 1
             } else {
                 0
             };
             if idle_polls >= 2 {
-                info!("graceful shutdown: no request in flight, exiting");
+                info!("graceful shutdown: no request in flight and no connection open, exiting");
                 std::process::exit(0);
             }
         }

@@ -650,3 +650,32 @@ pub fn backends_seen(port: u16, host: &str, n: usize) -> std::collections::BTree
     }
     seen
 }
+
+/// Send raw bytes, read until the proxy closes (or 5 s), return what came back.
+pub fn raw(port: u16, request: &str) -> (String, bool) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(_) => break false,
+        }
+    };
+    (String::from_utf8_lossy(&out).into_owned(), closed)
+}
+
+/// A `rusty-lb` serving a one-backend table that points at `a`, with these extra flags.
+pub fn proxy_to(a: &Echo, tag: &str, extra: &[&str]) -> (TempDir, Lb) {
+    let dir = TempDir::new(tag);
+    let path = dir.path("table.json");
+    write_atomic(&path, &table(1, &[("a", &a.addr(), 1, 0)]));
+    let mut args = vec!["--table".to_owned(), path.display().to_string()];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let lb = Lb::start(&args);
+    lb.wait_version(1, Duration::from_secs(10));
+    (dir, lb)
+}

@@ -1,0 +1,490 @@
+//! The connection front: what happens to a client connection before and between its requests.
+//!
+//! Pingora times each read of a request head, not the whole head, so a client that trickles a
+//! byte every few seconds holds its connection forever (slowloris; Pingora issue #447). It has no
+//! cap on client connections. And on a graceful shutdown it drops idle keep-alive connections at
+//! once, racing clients that are sending on them. [`Front`] wraps the proxy's [`ServerApp`], and
+//! [`Guarded`] each connection's stream, to close those gaps:
+//!
+//! - **A cap on open client connections.** Over it a new connection is answered `503` with
+//!   `Retry-After` at once and closed, instead of hanging in the accept queue.
+//! - **A deadline for each whole request head**, counted from accept for the first request and
+//!   from the first byte of the head for later ones on a keep-alive connection (HAProxy's `timeout
+//!   http-request`). Past it the client gets `408` and the connection is closed. Waiting *between*
+//!   requests is the keep-alive timeout's business, set per request in `proxy`.
+//! - **Graceful shutdown.** While draining, the proxy marks responses `Connection: close`, and a
+//!   connection that is idle between requests is closed [`DRAIN_IDLE`] after the shutdown began —
+//!   long enough for a client that just got a keep-alive response to send its next request and
+//!   get an answer, instead of an RST.
+//!
+//! The wrapper sees bytes, not HTTP. A head ends at its first empty line; a new head may begin
+//! once a final (non-1xx) response has begun. Bytes are scanned only inside a head, so bodies and
+//! upgraded tunnels pass untouched, and the common case (a whole head in one read) arms no timer.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, Stream, UniqueID,
+    UniqueIDType,
+};
+use pingora::server::ShutdownWatch;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+/// How long a connection idle between requests stays open once a graceful shutdown began.
+pub const DRAIN_IDLE: Duration = Duration::from_millis(500);
+
+/// How long a refused connection is read from before it is closed, so the client's request
+/// is consumed and the kernel sends FIN, not RST (which could discard the 503 unread).
+const REFUSE_LINGER: Duration = Duration::from_millis(200);
+
+const RESPONSE_503: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 31\r\nRetry-After: 1\r\nConnection: close\r\n\r\ntoo many connections, try again\n";
+const RESPONSE_408: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain\r\nContent-Length: 38\r\nConnection: close\r\n\r\nrequest head not received in time\r\n\r\n";
+
+/// Settings of the front, from the command line.
+#[derive(Debug, Clone, Copy)]
+pub struct FrontLimits {
+    /// Open client connections beyond which new ones are refused.
+    pub max_connections: usize,
+    /// Longest time a whole request head may take to arrive.
+    pub header_timeout: Duration,
+}
+
+/// State shared by every connection of one listener, and read by the admin and shutdown code.
+#[derive(Debug, Default)]
+pub struct FrontState {
+    open: AtomicUsize,
+    draining: AtomicBool,
+    refused: AtomicU64,
+    head_timeouts: AtomicU64,
+    drained_idle: AtomicU64,
+}
+
+impl FrontState {
+    /// Client connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Relaxed)
+    }
+    /// Connections refused because `max_connections` were open.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Relaxed)
+    }
+    /// Connections closed because a request head did not arrive in time.
+    pub fn head_timeouts(&self) -> u64 {
+        self.head_timeouts.load(Relaxed)
+    }
+    /// Idle connections closed by a graceful shutdown.
+    pub fn drained_idle(&self) -> u64 {
+        self.drained_idle.load(Relaxed)
+    }
+    /// A graceful shutdown has begun: responses should close their connections.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Relaxed)
+    }
+    pub fn start_draining(&self) {
+        self.draining.store(true, Relaxed);
+    }
+}
+
+/// Wraps an application (the HTTP proxy) with the connection cap and the guarded stream.
+pub struct Front<A> {
+    inner: Arc<A>,
+    limits: FrontLimits,
+    state: Arc<FrontState>,
+}
+
+impl<A> Front<A> {
+    pub fn new(inner: A, limits: FrontLimits, state: Arc<FrontState>) -> Self {
+        Front {
+            inner: Arc::new(inner),
+            limits,
+            state,
+        }
+    }
+}
+
+/// Decrements the open-connection count however the connection ends.
+struct OpenGuard<'a>(&'a AtomicUsize);
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for Front<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        mut stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let count = self.state.open.fetch_add(1, Relaxed) + 1;
+        let _open = OpenGuard(&self.state.open);
+        if count > self.limits.max_connections {
+            self.state.refused.fetch_add(1, Relaxed);
+            refuse(&mut stream).await;
+            return None;
+        }
+        let guarded = Guarded::new(
+            stream,
+            self.limits.header_timeout,
+            self.state.clone(),
+            shutdown.clone(),
+        );
+        // Pingora's HTTP/1 app runs the keep-alive loop itself and returns `None` when the
+        // connection is done, so this wraps each connection exactly once.
+        self.inner.process_new(Box::new(guarded), shutdown).await
+    }
+
+    /// Runs once the listener has stopped. The proxy's own cleanup drops every idle keep-alive
+    /// connection at once; [`Guarded`] closes them gently instead, so the proxy's cleanup only
+    /// runs after the drain window, for whatever is left.
+    async fn cleanup(&self) {
+        tokio::time::sleep(DRAIN_IDLE * 2).await;
+        self.inner.cleanup().await;
+    }
+}
+
+/// Answer 503 without reading the request, then close cleanly.
+async fn refuse(stream: &mut Stream) {
+    let _ = tokio::time::timeout(REFUSE_LINGER, async {
+        if stream.write_all(RESPONSE_503).await.is_ok() && stream.flush().await.is_ok() {
+            let mut sink = [0u8; 1024];
+            while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+        }
+    })
+    .await;
+    Shutdown::shutdown(stream.as_mut()).await;
+}
+
+/// Where a connection is in its request/response cycle, as far as its bytes tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Reading a request head. `line_empty`: nothing but CR since the last LF; `seen`: a
+    /// non-empty line has begun (empty lines before a request line are ignored, RFC 9112 §2.2).
+    Head { line_empty: bool, seen: bool },
+    /// The head is in; body, waiting for the response, or a tunnel. No deadline of ours.
+    Body,
+    /// A final response has begun; the next byte from the client starts a new head.
+    Idle,
+}
+
+const HEAD_START: Phase = Phase::Head {
+    line_empty: true,
+    seen: false,
+};
+
+/// Scan bytes of a head; returns how many were consumed if the head ended inside them.
+fn scan_head(phase: &mut Phase, bytes: &[u8]) -> Option<usize> {
+    let Phase::Head { line_empty, seen } = phase else {
+        return None;
+    };
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            b'\n' if *line_empty && *seen => {
+                *phase = Phase::Body;
+                return Some(i + 1);
+            }
+            b'\n' => *line_empty = true,
+            b'\r' => {}
+            _ => {
+                *line_empty = false;
+                *seen = true;
+            }
+        }
+    }
+    None
+}
+
+/// Whether a write begins a final response: `HTTP/1.x ` and a status that is not 1xx.
+fn starts_final_response(buf: &[u8]) -> bool {
+    buf.len() > 9 && buf.starts_with(b"HTTP/1.") && buf[8] == b' ' && buf[9] != b'1'
+}
+
+type DrainWait = Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
+
+/// A client stream with a whole-head deadline and a graceful close when idle while draining.
+pub struct Guarded {
+    inner: Stream,
+    phase: Phase,
+    header_timeout: Duration,
+    /// Deadline of the head being read; set at accept, or when a later head first has to wait.
+    deadline: Option<Instant>,
+    /// Allocated the first time a head has to wait, then reset for later heads.
+    timer: Option<Pin<Box<Sleep>>>,
+    /// Completes `DRAIN_IDLE` after a graceful shutdown began; made on the first idle wait.
+    drain: Option<DrainWait>,
+    shutdown: ShutdownWatch,
+    state: Arc<FrontState>,
+}
+
+impl Guarded {
+    fn new(
+        inner: Stream,
+        header_timeout: Duration,
+        state: Arc<FrontState>,
+        shutdown: ShutdownWatch,
+    ) -> Self {
+        Guarded {
+            inner,
+            phase: HEAD_START,
+            header_timeout,
+            deadline: Some(Instant::now() + header_timeout),
+            timer: None,
+            drain: None,
+            shutdown,
+            state,
+        }
+    }
+
+    /// A read is waiting inside a head: is the deadline past? Registers a wake-up if not.
+    fn head_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let deadline = *self
+            .deadline
+            .get_or_insert_with(|| Instant::now() + self.header_timeout);
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
+        timer.as_mut().poll(cx).is_ready()
+    }
+
+    /// A read is waiting between requests: has the drain window passed? Registers a wake-up.
+    fn drain_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let drain = self.drain.get_or_insert_with(|| {
+            let mut shutdown = self.shutdown.clone();
+            Box::pin(async move {
+                if shutdown.wait_for(|down| *down).await.is_ok() {
+                    tokio::time::sleep(DRAIN_IDLE).await;
+                } else {
+                    // The server is gone without a graceful shutdown; never close from here.
+                    std::future::pending::<()>().await;
+                }
+            })
+        });
+        drain.as_mut().poll(cx).is_ready()
+    }
+}
+
+impl AsyncRead for Guarded {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let new = &buf.filled()[before..];
+                if this.phase == Phase::Idle && !new.is_empty() {
+                    this.phase = HEAD_START;
+                    this.deadline = None;
+                }
+                if scan_head(&mut this.phase, new).is_some() {
+                    this.deadline = None;
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                let phase = this.phase;
+                match phase {
+                    Phase::Head { .. } if this.head_expired(cx) => {
+                        this.state.head_timeouts.fetch_add(1, Relaxed);
+                        // Best effort: the socket's send buffer is empty between requests.
+                        let _ = Pin::new(&mut this.inner).poll_write(cx, RESPONSE_408);
+                        Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("request head not complete within {:?}", this.header_timeout),
+                        )))
+                    }
+                    Phase::Idle if this.drain_expired(cx) => {
+                        this.state.drained_idle.fetch_add(1, Relaxed);
+                        // End of stream: the proxy closes the connection as if the client had.
+                        Poll::Ready(Ok(()))
+                    }
+                    _ => Poll::Pending,
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+impl AsyncWrite for Guarded {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if starts_final_response(buf) {
+            self.phase = Phase::Idle;
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if bufs
+            .iter()
+            .find(|b| !b.is_empty())
+            .is_some_and(|b| starts_final_response(b))
+        {
+            self.phase = Phase::Idle;
+        }
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+// The rest of Pingora's `IO` contract, passed through to the real stream.
+
+#[async_trait]
+impl Shutdown for Guarded {
+    async fn shutdown(&mut self) {
+        Shutdown::shutdown(self.inner.as_mut()).await
+    }
+}
+
+impl UniqueID for Guarded {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for Guarded {}
+
+impl GetTimingDigest for Guarded {
+    fn get_timing_digest(&self) -> Vec<Option<pingora::protocols::TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for Guarded {
+    fn get_proxy_digest(&self) -> Option<Arc<pingora::protocols::raw_connect::ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+}
+
+impl GetSocketDigest for Guarded {
+    fn get_socket_digest(&self) -> Option<Arc<pingora::protocols::SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+}
+
+#[async_trait]
+impl Peek for Guarded {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        self.inner.try_peek(buf).await
+    }
+}
+
+impl fmt::Debug for Guarded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Guarded")
+            .field("inner", &self.inner)
+            .field("phase", &self.phase)
+            .field("deadline", &self.deadline)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan_all(chunks: &[&[u8]]) -> (Phase, Option<usize>) {
+        let mut phase = HEAD_START;
+        let mut end = None;
+        let mut offset = 0;
+        for chunk in chunks {
+            if let Some(n) = scan_head(&mut phase, chunk) {
+                end = Some(offset + n);
+                break;
+            }
+            offset += chunk.len();
+        }
+        (phase, end)
+    }
+
+    #[test]
+    fn a_head_ends_at_its_first_empty_line() {
+        let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nbody";
+        assert_eq!(scan_all(&[head]), (Phase::Body, Some(head.len() - 4)));
+        // Bare LF line ends, as httparse accepts them.
+        assert_eq!(scan_all(&[b"GET / HTTP/1.1\nHost: a\n\n"]).1, Some(24));
+    }
+
+    #[test]
+    fn empty_lines_before_the_request_line_do_not_end_a_head() {
+        let (phase, end) = scan_all(&[b"\r\n\r\n\r\n"]);
+        assert_eq!(end, None);
+        assert!(matches!(phase, Phase::Head { seen: false, .. }));
+        assert_eq!(scan_all(&[b"\r\n\r\nGET / HTTP/1.1\r\n\r\n"]).1, Some(22));
+    }
+
+    #[test]
+    fn a_trickled_head_ends_on_the_right_byte_wherever_it_is_split() {
+        let head = b"GET /x HTTP/1.1\r\nHost: a\r\nX-A: b\r\n\r\n";
+        for split in 0..head.len() {
+            for split2 in split..head.len() {
+                let (a, rest) = head.split_at(split);
+                let (b, c) = rest.split_at(split2 - split);
+                assert_eq!(
+                    scan_all(&[a, b, c]),
+                    (Phase::Body, Some(head.len())),
+                    "{split}/{split2}"
+                );
+            }
+        }
+        // One byte at a time: incomplete until the very last one.
+        let bytes: Vec<&[u8]> = head.chunks(1).collect();
+        assert_eq!(scan_all(&bytes[..head.len() - 1]).1, None);
+    }
+
+    #[test]
+    fn only_final_responses_start_a_new_cycle() {
+        assert!(starts_final_response(b"HTTP/1.1 200 OK\r\n"));
+        assert!(starts_final_response(
+            b"HTTP/1.0 503 Service Unavailable\r\n"
+        ));
+        assert!(!starts_final_response(b"HTTP/1.1 100 Continue\r\n"));
+        assert!(!starts_final_response(
+            b"HTTP/1.1 101 Switching Protocols\r\n"
+        ));
+        assert!(!starts_final_response(b"<html>HTTP/1.1 200"));
+        assert!(!starts_final_response(b"HTTP/1.1"));
+    }
+}
