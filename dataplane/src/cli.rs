@@ -79,7 +79,27 @@ pub struct Args {
     #[arg(long, default_value_t = 100, value_name = "N")]
     pub max_headers: usize,
 
+    /// Zero-downtime binary upgrade: take the listening sockets over from the running rusty-lb
+    /// (start this one, then send the old one SIGQUIT within 5 s). Both accept until the old one
+    /// drains and exits.
+    #[arg(long)]
+    pub upgrade: bool,
+
+    /// Unix socket the listening sockets are handed over on (default: one per --listen port in
+    /// the temp dir, so both processes agree on it without being told).
+    #[arg(long, value_name = "PATH")]
+    pub upgrade_sock: Option<PathBuf>,
+
     /// Log filter (tracing's env-filter syntax); RUST_LOG overrides it.
     #[arg(long, default_value = "info")]
     pub log: String,
+}
+
+impl Args {
+    /// Where the listening sockets are handed over in a binary upgrade.
+    pub fn upgrade_sock(&self) -> PathBuf {
+        self.upgrade_sock.clone().unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("rusty-lb-{}.upgrade.sock", self.listen.port()))
+        })
+    }
 }

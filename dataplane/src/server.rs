@@ -2,9 +2,12 @@
 //!
 //! Startup order matters: the state dir and the table file are loaded *before* any listener
 //! accepts, so a restarted data plane serves its last good table from the first connection even
-//! with the agent down. Shutdown on SIGTERM: Pingora stops accepting and tells keep-alive clients
-//! to close; [`Drain`] then ends the process as soon as no request is in flight, bounded by the
-//! grace period, instead of always sleeping the whole period.
+//! with the agent down. Shutdown on SIGTERM: Pingora stops accepting, responses tell keep-alive
+//! clients to close and the front closes idle connections after a short window (see `front`);
+//! [`Drain`] then ends the process as soon as no request is in flight and no connection is open,
+//! bounded by the grace period, instead of always sleeping the whole period. SIGQUIT is the
+//! same after handing the listening sockets to a new process started with `--upgrade` (which
+//! serves the state dir's table from its first request).
 
 use crate::check::Limits;
 use crate::front::{Front, FrontLimits, FrontState};
@@ -35,8 +38,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.table.is_none() && args.agent.is_none() && args.state_dir.is_none() {
         bail!("no table source: give --table FILE, --agent URL (with --token-file) or --state-dir DIR");
     }
-    for (flag, addr) in [("--listen", args.listen), ("--admin", args.admin)] {
-        check_bindable(flag, addr)?;
+    // In an upgrade the old process still holds both ports and hands them over.
+    if !args.upgrade {
+        for (flag, addr) in [("--listen", args.listen), ("--admin", args.admin)] {
+            check_bindable(flag, addr)?;
+        }
     }
     let admin_token = match &args.admin_token_file {
         Some(path) => Some(read_token(path).context("--admin-token-file")?),
@@ -87,9 +93,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         grace_period_seconds: Some(args.grace_period),
         graceful_shutdown_timeout_seconds: Some(1),
         max_retries: rusty_shared::limits::RETRIES_MAX as usize + 1,
+        upgrade_sock: args.upgrade_sock().display().to_string(),
         ..ServerConf::default()
     };
-    let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
+    let opt = Opt {
+        upgrade: args.upgrade,
+        ..Opt::default()
+    };
+    if args.upgrade {
+        info!(sock = %args.upgrade_sock().display(),
+            "waiting for the running rusty-lb to hand over its listeners (send it SIGQUIT)");
+    }
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
     let active = Arc::new(AtomicI64::new(0));

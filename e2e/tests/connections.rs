@@ -1,5 +1,6 @@
 //! Client connections through the real `rusty-lb`: the whole-head deadline against slow clients,
-//! the connection cap, and graceful shutdown under keep-alive load.
+//! the connection cap, graceful shutdown under keep-alive load, and the zero-downtime binary
+//! upgrade.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -161,16 +162,26 @@ struct Seen {
     failed: Vec<String>,
 }
 
-fn keep_alive_client(port: u16, stop: Arc<AtomicBool>) -> Seen {
+/// A client that sends GETs until stopped: on one keep-alive connection, or a new connection
+/// per request (`fresh`). A refused connect ends a keep-alive client (its server is gone) and
+/// is counted by a fresh one, which goes on.
+fn client_loop(port: u16, stop: Arc<AtomicBool>, fresh: bool) -> Seen {
     let mut seen = Seen::default();
     let mut client = Client::new(port);
+    let head = if fresh {
+        "GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    } else {
+        "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    };
     while !stop.load(Relaxed) {
-        match client.get("localhost", "/") {
+        match client.request(head) {
             Ok(r) if r.status == 200 => seen.ok += 1,
             Ok(r) => seen.failed.push(format!("status {}", r.status)),
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                 seen.refused += 1;
-                break;
+                if !fresh {
+                    break;
+                }
             }
             Err(e) => seen.failed.push(e.to_string()),
         }
@@ -196,7 +207,7 @@ fn sigterm_under_keep_alive_load_fails_no_request_and_exits_once_the_last_is_don
         .map(|_| {
             let stop = stop.clone();
             let port = lb.port;
-            std::thread::spawn(move || keep_alive_client(port, stop))
+            std::thread::spawn(move || client_loop(port, stop, false))
         })
         .collect();
     // Plus idle keep-alive connections, which must not hold the exit up to the grace period.
@@ -228,4 +239,82 @@ fn sigterm_under_keep_alive_load_fails_no_request_and_exits_once_the_last_is_don
     assert_eq!(code, Some(0));
     // Exit is prompt: the drain window for idle connections, not the 5 s grace period.
     assert!(exited_after < Duration::from_secs(3), "{exited_after:?}");
+}
+
+#[test]
+fn a_binary_upgrade_under_load_refuses_no_connection_and_fails_no_request() {
+    let a = Echo::start("a");
+    let dir = TempDir::new("upgrade");
+    let path = dir.path("table.json");
+    let state = dir.path("state");
+    write_atomic(&path, &table(7, &[("a", &a.addr(), 1, 0)]));
+    let mut old = Lb::start(&[
+        "--table".to_owned(),
+        path.display().to_string(),
+        "--state-dir".to_owned(),
+        state.display().to_string(),
+    ]);
+    old.wait_version(7, Duration::from_secs(10));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = [true, true, true, false, false]
+        .into_iter()
+        .map(|fresh| {
+            let stop = stop.clone();
+            let port = old.port;
+            std::thread::spawn(move || client_loop(port, stop, fresh))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+
+    // The new binary: no table source but the state dir (the agent is down), and the listeners
+    // of the old one, which it waits for.
+    let new = Proc::spawn(
+        "rusty-lb-new",
+        &bin("rusty-lb"),
+        &[
+            "--listen".to_owned(),
+            format!("127.0.0.1:{}", old.port),
+            "--admin".to_owned(),
+            format!("127.0.0.1:{}", old.admin),
+            "--threads".to_owned(),
+            "2".to_owned(),
+            "--grace-period".to_owned(),
+            "5".to_owned(),
+            "--state-dir".to_owned(),
+            state.display().to_string(),
+            "--upgrade".to_owned(),
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    old.proc.signal("QUIT");
+    // The old process keeps accepting for Pingora's 5 s hand-over window, then drains.
+    let code = old.proc.wait_exit(Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Relaxed);
+    let mut total = Seen::default();
+    for c in clients {
+        let seen = c.join().unwrap();
+        total.ok += seen.ok;
+        total.refused += seen.refused;
+        total.failed.extend(seen.failed);
+    }
+    eprintln!("binary upgrade under load: {total:?}");
+    assert_eq!(code, Some(0), "the old rusty-lb did not exit cleanly");
+    assert_eq!(total.refused, 0, "{total:?}");
+    assert!(
+        total.failed.is_empty(),
+        "requests failed: {:?}",
+        total.failed
+    );
+    assert!(total.ok > 500, "{total:?}");
+
+    // Only the new process is left, serving the state dir's table on the same ports.
+    let lb = Lb {
+        proc: new,
+        port: old.port,
+        admin: old.admin,
+    };
+    assert_eq!(lb.table_version(), Some(7));
+    assert_eq!(lb.get("localhost", "/").backend(), Some("a"));
 }
