@@ -21,6 +21,9 @@ else
 fi
 
 cargo nextest run --workspace --no-fail-fast
+# Every fuzz target for a few seconds on its committed corpus (the corpora are also replayed
+# by the unit tests above).
+./scripts/fuzz.sh 10
 # Benchmarks compile and run once each (a smoke test, not a measurement).
 cargo bench -p rusty-benches --bench dataplane -- --test
 # The load-test harness runs for a few seconds so it keeps working (not a measurement).

@@ -139,6 +139,72 @@ fn starts_with_ignore_case(s: &[u8], prefix: &[u8]) -> bool {
     s.len() >= prefix.len() && s[..prefix.len()].eq_ignore_ascii_case(prefix)
 }
 
+/// Parse a raw request head the way Pingora's HTTP/1 server does (httparse, up to 256 headers)
+/// and run every check on it. `None` when the parser itself refuses the head or has not seen
+/// all of it (Pingora answers the former 400). For the fuzz target and its corpus tests; the
+/// proxy calls [`check_request_line`] and [`check`] on what Pingora parsed.
+pub fn check_raw(head: &[u8], limits: &Limits) -> Option<Result<(), Refused>> {
+    let mut headers = [httparse::EMPTY_HEADER; 256];
+    let mut parsed = httparse::Request::new(&mut headers);
+    let httparse::Status::Complete(len) = parsed.parse(head).ok()? else {
+        return None;
+    };
+    let mut req = RequestHeader::build(
+        parsed.method.unwrap_or(""),
+        parsed.path.unwrap_or("").as_bytes(),
+        Some(parsed.headers.len()),
+    )
+    .ok()?;
+    req.set_version(match parsed.version {
+        Some(1) => Version::HTTP_11,
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_09,
+    });
+    for h in parsed.headers.iter() {
+        req.append_header(h.name.to_owned(), h.value).ok()?;
+    }
+    Some(check_request_line(&head[..len]).and_then(|()| check(&req, limits)))
+}
+
+/// What must hold for any bytes (the fuzz target `request`): no panic, and whatever passes has
+/// one way to read its body and exactly one valid Host (or none, on HTTP/1.0).
+pub fn request_invariants(data: &[u8]) {
+    let limits = Limits::default();
+    let Some(Ok(())) = check_raw(data, &limits) else {
+        return;
+    };
+    let mut headers = [httparse::EMPTY_HEADER; 256];
+    let mut parsed = httparse::Request::new(&mut headers);
+    parsed.parse(data).expect("parsed once already");
+    let count = |name: &str| {
+        parsed
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name))
+            .count()
+    };
+    let (te, cl, host) = (
+        count("transfer-encoding"),
+        count("content-length"),
+        count("host"),
+    );
+    assert!(te + cl <= 1, "passed with {te} TE and {cl} CL: {data:?}");
+    assert!(
+        host == 1 || (host == 0 && parsed.version == Some(0)),
+        "passed with {host} Host headers: {data:?}"
+    );
+    let target = parsed.path.unwrap_or("");
+    assert!(
+        target.starts_with('/')
+            || target
+                .get(..4)
+                .is_some_and(|s| s.eq_ignore_ascii_case("http"))
+            || target == "*",
+        "passed with target {target:?}"
+    );
+    assert!(target.len() <= limits.max_target);
+}
+
 /// The first two values of a header: enough to tell none, one and repeated apart without
 /// collecting them (this runs for every request).
 fn first_two(
@@ -236,6 +302,31 @@ fn valid_host(h: &[u8]) -> Result<(), Refused> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every input of the committed fuzz corpus, replayed on each test run.
+    #[test]
+    fn the_request_fuzz_corpus_replays() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/request");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).expect("fuzz/corpus/request") {
+            request_invariants(&std::fs::read(entry.expect("entry").path()).expect("read"));
+            n += 1;
+        }
+        assert!(n >= 50, "only {n} inputs in {}", dir.display());
+    }
+
+    #[test]
+    fn check_raw_sees_what_the_proxy_sees() {
+        let limits = Limits::default();
+        let ok = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(check_raw(ok, &limits), Some(Ok(())));
+        let smuggle =
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n";
+        assert_eq!(check_raw(smuggle, &limits).map(|r| r.is_err()), Some(true));
+        assert_eq!(check_raw(b"GET / HTTP/1.1\r\nHost: x\r\n", &limits), None);
+        request_invariants(ok);
+        request_invariants(smuggle);
+    }
 
     fn req(
         method: &str,

@@ -48,6 +48,7 @@ pub const DRAIN_IDLE: Duration = Duration::from_millis(500);
 const REFUSE_LINGER: Duration = Duration::from_millis(200);
 
 const RESPONSE_503: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 31\r\nRetry-After: 1\r\nConnection: close\r\n\r\ntoo many connections, try again\n";
+const RESPONSE_400: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 23\r\nConnection: close\r\n\r\nmalformed request line\n";
 const RESPONSE_408: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain\r\nContent-Length: 38\r\nConnection: close\r\n\r\nrequest head not received in time\r\n\r\n";
 
 /// Settings of the front, from the command line.
@@ -67,6 +68,7 @@ pub struct FrontState {
     refused: AtomicU64,
     head_timeouts: AtomicU64,
     drained_idle: AtomicU64,
+    bad_request_lines: AtomicU64,
 }
 
 impl FrontState {
@@ -81,6 +83,10 @@ impl FrontState {
     /// Connections closed because a request head did not arrive in time.
     pub fn head_timeouts(&self) -> u64 {
         self.head_timeouts.load(Relaxed)
+    }
+    /// Requests refused with 400 for a request line that is not `METHOD SP target SP version`.
+    pub fn bad_request_lines(&self) -> u64 {
+        self.bad_request_lines.load(Relaxed)
     }
     /// Idle connections closed by a graceful shutdown.
     pub fn drained_idle(&self) -> u64 {
@@ -170,40 +176,85 @@ async fn refuse(stream: &mut Stream) {
 /// Where a connection is in its request/response cycle, as far as its bytes tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    /// Reading a request head. `line_empty`: nothing but CR since the last LF; `seen`: a
-    /// non-empty line has begun (empty lines before a request line are ignored, RFC 9112 §2.2).
-    Head { line_empty: bool, seen: bool },
+    /// Reading a request head.
+    Head(HeadScan),
     /// The head is in; body, waiting for the response, or a tunnel. No deadline of ours.
     Body,
     /// A final response has begun; the next byte from the client starts a new head.
     Idle,
 }
 
-const HEAD_START: Phase = Phase::Head {
+/// Progress through a head, byte by byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct HeadScan {
+    /// Nothing but CR since the last LF.
+    line_empty: bool,
+    /// A non-empty line has begun (empty lines before a request line are ignored, RFC 9112 §2.2).
+    seen: bool,
+    /// Inside the request line, which is checked here on the bytes as sent: Pingora's parser
+    /// percent-escapes spaces, `"<>`, control and non-ASCII bytes in a target before we see it.
+    request_line: bool,
+    spaces: u8,
+    /// The previous byte was a CR inside the request line.
+    cr: bool,
+}
+
+const HEAD_START: Phase = Phase::Head(HeadScan {
     line_empty: true,
     seen: false,
-};
+    request_line: false,
+    spaces: 0,
+    cr: false,
+});
 
-/// Scan bytes of a head; returns how many were consumed if the head ended inside them.
-fn scan_head(phase: &mut Phase, bytes: &[u8]) -> Option<usize> {
-    let Phase::Head { line_empty, seen } = phase else {
-        return None;
+/// What scanning a run of bytes found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scan {
+    /// Still inside the head (or not in one).
+    More,
+    /// The head ended after this many of the bytes.
+    Ended(usize),
+    /// The request line is not `METHOD SP target SP version` in visible ASCII.
+    BadRequestLine,
+}
+
+/// Scan bytes of a head: where it ends, and whether its request line is well-formed.
+fn scan_head(phase: &mut Phase, bytes: &[u8]) -> Scan {
+    let Phase::Head(h) = phase else {
+        return Scan::More;
     };
     for (i, &b) in bytes.iter().enumerate() {
-        match b {
-            b'\n' if *line_empty && *seen => {
-                *phase = Phase::Body;
-                return Some(i + 1);
+        if h.request_line {
+            match b {
+                b'\n' if h.spaces == 2 => h.request_line = false,
+                b' ' if !h.cr => h.spaces += 1,
+                // Not allowed in a URI, and what Pingora would silently percent-escape.
+                b'"' | b'<' | b'>' if h.spaces == 1 => return Scan::BadRequestLine,
+                b'\r' if !h.cr => h.cr = true,
+                0x21..=0x7e if !h.cr => {}
+                _ => return Scan::BadRequestLine,
             }
-            b'\n' => *line_empty = true,
+        }
+        match b {
+            b'\n' if h.line_empty && h.seen => {
+                *phase = Phase::Body;
+                return Scan::Ended(i + 1);
+            }
+            b'\n' => h.line_empty = true,
             b'\r' => {}
             _ => {
-                *line_empty = false;
-                *seen = true;
+                if !h.seen {
+                    h.seen = true;
+                    h.request_line = true;
+                    if b == b' ' {
+                        return Scan::BadRequestLine;
+                    }
+                }
+                h.line_empty = false;
             }
         }
     }
-    None
+    Scan::More
 }
 
 /// Whether a write begins a final response: `HTTP/1.x ` and a status that is not 1xx.
@@ -293,15 +344,24 @@ impl AsyncRead for Guarded {
                     this.phase = HEAD_START;
                     this.deadline = None;
                 }
-                if scan_head(&mut this.phase, new).is_some() {
-                    this.deadline = None;
+                match scan_head(&mut this.phase, new) {
+                    Scan::More => {}
+                    Scan::Ended(_) => this.deadline = None,
+                    Scan::BadRequestLine => {
+                        this.state.bad_request_lines.fetch_add(1, Relaxed);
+                        let _ = Pin::new(&mut this.inner).poll_write(cx, RESPONSE_400);
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "malformed request line",
+                        )));
+                    }
                 }
                 Poll::Ready(Ok(()))
             }
             Poll::Pending => {
                 let phase = this.phase;
                 match phase {
-                    Phase::Head { .. } if this.head_expired(cx) => {
+                    Phase::Head(_) if this.head_expired(cx) => {
                         this.state.head_timeouts.fetch_add(1, Relaxed);
                         // Best effort: the socket's send buffer is empty between requests.
                         let _ = Pin::new(&mut this.inner).poll_write(cx, RESPONSE_408);
@@ -430,13 +490,57 @@ mod tests {
         let mut end = None;
         let mut offset = 0;
         for chunk in chunks {
-            if let Some(n) = scan_head(&mut phase, chunk) {
-                end = Some(offset + n);
-                break;
+            match scan_head(&mut phase, chunk) {
+                Scan::Ended(n) => {
+                    end = Some(offset + n);
+                    break;
+                }
+                Scan::BadRequestLine => panic!("refused {chunks:?}"),
+                Scan::More => offset += chunk.len(),
             }
-            offset += chunk.len();
         }
         (phase, end)
+    }
+
+    fn request_line_refused(line: &[u8]) -> bool {
+        let mut phase = HEAD_START;
+        let head = [line, b"\r\nHost: a\r\n\r\n"].concat();
+        head.iter()
+            .any(|b| scan_head(&mut phase, std::slice::from_ref(b)) == Scan::BadRequestLine)
+    }
+
+    #[test]
+    fn request_lines_are_checked_as_sent() {
+        for ok in [
+            &b"GET / HTTP/1.1"[..],
+            b"GET /a?b=%20 HTTP/1.0",
+            b"OPTIONS * HTTP/1.1",
+        ] {
+            assert!(
+                !request_line_refused(ok),
+                "{:?}",
+                ok.escape_ascii().to_string()
+            );
+        }
+        for bad in [
+            &b"GET /a b HTTP/1.1"[..],
+            b"GET  / HTTP/1.1",
+            b"GET / HTTP/1.1 ",
+            b"GET\t/ HTTP/1.1",
+            b"GET /a\x01 HTTP/1.1",
+            b"GET /a\x7f HTTP/1.1",
+            b"GET /a\"b HTTP/1.1",
+            b"GET /\xc3\xa9 HTTP/1.1",
+            b"GET / HTTP/1.1\r\r",
+            b" GET / HTTP/1.1",
+            b"GET /",
+        ] {
+            assert!(
+                request_line_refused(bad),
+                "{:?}",
+                bad.escape_ascii().to_string()
+            );
+        }
     }
 
     #[test]
@@ -451,7 +555,7 @@ mod tests {
     fn empty_lines_before_the_request_line_do_not_end_a_head() {
         let (phase, end) = scan_all(&[b"\r\n\r\n\r\n"]);
         assert_eq!(end, None);
-        assert!(matches!(phase, Phase::Head { seen: false, .. }));
+        assert!(matches!(phase, Phase::Head(HeadScan { seen: false, .. })));
         assert_eq!(scan_all(&[b"\r\n\r\nGET / HTTP/1.1\r\n\r\n"]).1, Some(22));
     }
 

@@ -395,6 +395,12 @@ impl Registry {
                 f.head_timeouts(),
             ),
             (
+                "rustybalancer_bad_request_lines_total",
+                "counter",
+                "Requests refused with 400 because the request line as sent was malformed.",
+                f.bad_request_lines(),
+            ),
+            (
                 "rustybalancer_drained_idle_connections_total",
                 "counter",
                 "Idle keep-alive connections closed by a graceful shutdown.",

@@ -652,10 +652,10 @@ pub fn backends_seen(port: u16, host: &str, n: usize) -> std::collections::BTree
 }
 
 /// Send raw bytes, read until the proxy closes (or 5 s), return what came back.
-pub fn raw(port: u16, request: &str) -> (String, bool) {
+pub fn raw(port: u16, request: impl AsRef<[u8]>) -> (String, bool) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(request.as_bytes()).unwrap();
+    s.write_all(request.as_ref()).unwrap();
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
     let closed = loop {

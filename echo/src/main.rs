@@ -28,6 +28,18 @@ struct Args {
     /// Append the request head to the body (to see what a proxy forwarded).
     #[arg(long)]
     echo_headers: bool,
+    /// Append every complete request received (head and body read) to this file, one line
+    /// each, head escaped: what a proxy let through, for tests to check.
+    #[arg(long, value_name = "FILE")]
+    record: Option<std::path::PathBuf>,
+}
+
+/// What each connection needs besides its stream.
+struct Conf {
+    id: Arc<str>,
+    delay: Duration,
+    echo_headers: bool,
+    record: Option<std::path::PathBuf>,
 }
 
 /// Largest request head we read; more gets a 431.
@@ -44,8 +56,12 @@ async fn main() {
         }
     };
     eprintln!("rusty-echo {} listening on {}", args.id, args.listen);
-    let id: Arc<str> = args.id.into();
-    let delay = Duration::from_millis(args.delay_ms);
+    let conf = Arc::new(Conf {
+        id: args.id.into(),
+        delay: Duration::from_millis(args.delay_ms),
+        echo_headers: args.echo_headers,
+        record: args.record,
+    });
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("SIGTERM handler");
     loop {
@@ -53,7 +69,7 @@ async fn main() {
             accepted = listener.accept() => {
                 if let Ok((stream, _)) = accepted {
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(serve(stream, id.clone(), delay, args.echo_headers));
+                    tokio::spawn(serve(stream, conf.clone()));
                 }
             }
             _ = term.recv() => return,
@@ -61,7 +77,13 @@ async fn main() {
     }
 }
 
-async fn serve(mut stream: TcpStream, id: Arc<str>, delay: Duration, echo_headers: bool) {
+async fn serve(mut stream: TcpStream, conf: Arc<Conf>) {
+    let Conf {
+        id,
+        delay,
+        echo_headers,
+        record,
+    } = &*conf;
     let mut buf = Vec::with_capacity(4096);
     let body = format!("hello from {id}\n");
     loop {
@@ -91,12 +113,26 @@ async fn serve(mut stream: TcpStream, id: Arc<str>, delay: Duration, echo_header
             }
         };
         let head = echo_headers.then(|| String::from_utf8_lossy(&buf[..head_len]).into_owned());
+        let recorded = record
+            .as_ref()
+            .map(|_| format!("{}\n", buf[..head_len].escape_ascii()));
         buf.drain(..head_len);
         if !discard_body(&mut stream, &mut buf, framing).await {
             return reject(&mut stream, "400 Bad Request").await;
         }
+        if let (Some(path), Some(line)) = (record, recorded) {
+            use std::io::Write as _;
+            let appended = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .and_then(|mut f| f.write_all(line.as_bytes()));
+            if let Err(e) = appended {
+                eprintln!("rusty-echo: --record {}: {e}", path.display());
+            }
+        }
         if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
+            tokio::time::sleep(*delay).await;
         }
         let echoed;
         let text = match (&head, is_health) {

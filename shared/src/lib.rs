@@ -10,9 +10,11 @@
 //! - [`schedule`]: the smooth weighted round-robin sequence of one tier.
 //! - [`spill`]: how traffic spills across priority tiers as backends become unhealthy.
 //! - [`limits`]: every size and range limit, in one place.
+//! - [`invariants`]: properties for any input, shared by the fuzz targets and corpus tests.
 
 pub mod auth;
 pub mod error;
+pub mod invariants;
 pub mod limits;
 pub mod schedule;
 pub mod spill;
