@@ -44,6 +44,10 @@ pub struct Limits {
     pub max_head: usize,
     /// Most header lines (HAProxy's `tune.http.maxhdr` is 101).
     pub max_headers: usize,
+    /// Largest request body, if limited (nginx's `client_max_body_size`; HAProxy and Envoy set
+    /// none by default, and neither do we). A larger `Content-Length` gets 413 here; a chunked
+    /// body is counted as it streams (`proxy`).
+    pub max_body: Option<u64>,
 }
 
 impl Default for Limits {
@@ -53,6 +57,7 @@ impl Default for Limits {
             max_header: 8 * 1024,
             max_head: 32 * 1024,
             max_headers: 100,
+            max_body: None,
         }
     }
 }
@@ -61,7 +66,23 @@ pub fn check(req: &RequestHeader, limits: &Limits) -> Result<(), Refused> {
     check_sizes(req, limits)?;
     check_target(req)?;
     check_framing(req)?;
-    check_host(req)
+    check_host(req)?;
+    check_body_size(req, limits)
+}
+
+/// Runs after [`check_framing`], so a `Content-Length` here is one run of digits.
+fn check_body_size(req: &RequestHeader, limits: &Limits) -> Result<(), Refused> {
+    let (Some(max), Some(cl)) = (limits.max_body, req.headers.get(CONTENT_LENGTH)) else {
+        return Ok(());
+    };
+    // Too many digits for a u64 is over any limit too.
+    match std::str::from_utf8(cl.as_bytes())
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+    {
+        Some(n) if n <= max => Ok(()),
+        _ => Err(Refused(413, "request body larger than the limit")),
+    }
 }
 
 /// The request line exactly as the client sent it: `METHOD SP target SP version`, with one space
@@ -486,6 +507,28 @@ mod tests {
 #[cfg(test)]
 mod limit_tests {
     use super::*;
+
+    #[test]
+    fn a_content_length_over_the_body_limit_gets_413() {
+        let limits = Limits {
+            max_body: Some(10),
+            ..Limits::default()
+        };
+        let post = |cl: &str| {
+            let mut r = RequestHeader::build("POST", b"/", None).unwrap();
+            r.insert_header("host", "a").unwrap();
+            r.insert_header("content-length", cl).unwrap();
+            r
+        };
+        assert_eq!(check(&post("10"), &limits), Ok(()));
+        assert_eq!(check(&post("11"), &limits).map_err(|r| r.0), Err(413));
+        assert_eq!(
+            check(&post("99999999999999999999999"), &limits).map_err(|r| r.0),
+            Err(413)
+        );
+        // Unlimited by default.
+        assert_eq!(check(&post("99999999999"), &Limits::default()), Ok(()));
+    }
 
     fn with_headers(n: usize, value_len: usize) -> RequestHeader {
         let mut r = RequestHeader::build("GET", b"/", None).unwrap();

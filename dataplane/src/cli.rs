@@ -75,6 +75,11 @@ pub struct Args {
     #[arg(long, default_value_t = 32 * 1024, value_name = "BYTES")]
     pub max_head_bytes: usize,
 
+    /// Largest request body; larger gets 413 and a close (a chunked body as soon as it grows past
+    /// the limit). Default: no limit, like HAProxy and Envoy (nginx: 1 MiB).
+    #[arg(long, value_name = "BYTES")]
+    pub max_body_bytes: Option<u64>,
+
     /// Most header lines in a request; more gets 431.
     #[arg(long, default_value_t = 100, value_name = "N")]
     pub max_headers: usize,

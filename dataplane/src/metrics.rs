@@ -401,6 +401,12 @@ impl Registry {
                 f.bad_request_lines(),
             ),
             (
+                "rustybalancer_bad_chunked_bodies_total",
+                "counter",
+                "Requests refused with 400 because their chunked framing was malformed.",
+                f.bad_chunks(),
+            ),
+            (
                 "rustybalancer_drained_idle_connections_total",
                 "counter",
                 "Idle keep-alive connections closed by a graceful shutdown.",

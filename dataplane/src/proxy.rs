@@ -68,6 +68,8 @@ pub struct Ctx {
     tries: usize,
     start: Option<Instant>,
     response_started: bool,
+    /// Request body bytes seen so far, counted only when a body limit is set.
+    body_bytes: u64,
 }
 
 impl Ctx {
@@ -91,6 +93,7 @@ impl ProxyHttp for Proxy {
             tries: 0,
             start: None,
             response_started: false,
+            body_bytes: 0,
         }
     }
 
@@ -292,6 +295,7 @@ impl ProxyHttp for Proxy {
                 502 => b"bad gateway: the backend failed to answer\n",
                 503 => b"service unavailable: no backend available\n",
                 504 => b"gateway timeout: the backend did not answer in time\n",
+                413 => b"payload too large: the request body is over the limit\n",
                 _ => b"",
             };
             // The connection may be unusable (a half-read body); the error path closes it.
@@ -303,6 +307,28 @@ impl ProxyHttp for Proxy {
             error_code: code,
             can_reuse_downstream: false,
         }
+    }
+
+    /// Counts a streamed body against `--max-body-bytes` (a `Content-Length` was checked in
+    /// `request_filter`; this catches chunked bodies). Over the limit the request fails with 413
+    /// if no response has begun; the backend sees an aborted upload, never a complete request.
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let (Some(max), Some(chunk)) = (self.limits.max_body, body.as_ref()) {
+            ctx.body_bytes += chunk.len() as u64;
+            if ctx.body_bytes > max {
+                return Error::e_explain(
+                    ErrorType::HTTPStatus(413),
+                    "request body larger than --max-body-bytes",
+                );
+            }
+        }
+        Ok(())
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {

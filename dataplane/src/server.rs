@@ -119,6 +119,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 max_header: args.max_header_bytes,
                 max_head: args.max_head_bytes,
                 max_headers: args.max_headers,
+                max_body: args.max_body_bytes,
             },
             args.keepalive_timeout,
         ),

@@ -281,3 +281,41 @@ fn idle_keep_alive_connections_are_closed_after_the_timeout() {
     );
     assert!(waited < Duration::from_secs(4), "closed after {waited:?}");
 }
+
+#[test]
+fn bodies_over_max_body_bytes_get_413_whatever_their_framing_and_never_arrive_whole() {
+    let dir = TempDir::new("body-limit");
+    let record = dir.path("received.log");
+    let a = Echo::start_with("a", &["--record", &record.display().to_string()]);
+    let (_lb_dir, lb) = proxy_to(&a, "body-limit", &["--max-body-bytes", "100"]);
+    let post_cl = |n: usize| {
+        format!(
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n{}",
+            "b".repeat(n)
+        )
+    };
+    let post_chunked = |chunks: &[usize]| {
+        let mut s =
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                .to_owned();
+        for n in chunks {
+            s += &format!("{n:x}\r\n{}\r\n", "c".repeat(*n));
+        }
+        s + "0\r\n\r\n"
+    };
+    let cases = [
+        (post_cl(100), 200, 1),
+        (post_cl(101), 413, 0),
+        (post_chunked(&[30, 30, 30]), 200, 1),
+        (post_chunked(&[60, 60, 60]), 413, 0),
+    ];
+    for (request, status, reached) in cases {
+        let before = lines_in(&record).len();
+        let (response, closed) = raw(lb.port, &request);
+        std::thread::sleep(Duration::from_millis(100));
+        let got = response.split_whitespace().nth(1).unwrap_or("");
+        assert_eq!(got, status.to_string(), "{request:.80} → {response}");
+        assert!(closed);
+        assert_eq!(lines_in(&record).len() - before, reached, "{request:.80}");
+    }
+}

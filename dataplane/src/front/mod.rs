@@ -17,9 +17,15 @@
 //!   long enough for a client that just got a keep-alive response to send its next request and
 //!   get an answer, instead of an RST.
 //!
+//! - **Checks on the bytes as sent** ([`scan`]), where Pingora's parser is lenient before we see
+//!   the parsed request: the request line (Pingora percent-escapes spaces and control bytes in a
+//!   target) and chunked framing (it accepts control bytes in chunk extensions and an empty
+//!   chunk-size line). Either gets `400` and a close.
+//!
 //! The wrapper sees bytes, not HTTP. A head ends at its first empty line; a new head may begin
-//! once a final (non-1xx) response has begun. Bytes are scanned only inside a head, so bodies and
-//! upgraded tunnels pass untouched, and the common case (a whole head in one read) arms no timer.
+//! once a final (non-1xx) response has begun. Bytes are scanned only inside a head and the chunk
+//! framing of a chunked body (data is skipped, not read), so other bodies and upgraded tunnels
+//! pass untouched, and the common case (a whole head in one read) arms no timer.
 
 use std::fmt;
 use std::future::Future;
@@ -40,6 +46,9 @@ use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+mod scan;
+use scan::{feed, starts_final_response, Bad, Phase};
+
 /// How long a connection idle between requests stays open once a graceful shutdown began.
 pub const DRAIN_IDLE: Duration = Duration::from_millis(500);
 
@@ -48,7 +57,8 @@ pub const DRAIN_IDLE: Duration = Duration::from_millis(500);
 const REFUSE_LINGER: Duration = Duration::from_millis(200);
 
 const RESPONSE_503: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 31\r\nRetry-After: 1\r\nConnection: close\r\n\r\ntoo many connections, try again\n";
-const RESPONSE_400: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 23\r\nConnection: close\r\n\r\nmalformed request line\n";
+const RESPONSE_400_LINE: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 23\r\nConnection: close\r\n\r\nmalformed request line\n";
+const RESPONSE_400_CHUNK: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 23\r\nConnection: close\r\n\r\nmalformed chunked body\n";
 const RESPONSE_408: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain\r\nContent-Length: 38\r\nConnection: close\r\n\r\nrequest head not received in time\r\n\r\n";
 
 /// Settings of the front, from the command line.
@@ -69,6 +79,7 @@ pub struct FrontState {
     head_timeouts: AtomicU64,
     drained_idle: AtomicU64,
     bad_request_lines: AtomicU64,
+    bad_chunks: AtomicU64,
 }
 
 impl FrontState {
@@ -87,6 +98,10 @@ impl FrontState {
     /// Requests refused with 400 for a request line that is not `METHOD SP target SP version`.
     pub fn bad_request_lines(&self) -> u64 {
         self.bad_request_lines.load(Relaxed)
+    }
+    /// Requests refused with 400 for chunked framing that is not RFC 9112 §7.1.
+    pub fn bad_chunks(&self) -> u64 {
+        self.bad_chunks.load(Relaxed)
     }
     /// Idle connections closed by a graceful shutdown.
     pub fn drained_idle(&self) -> u64 {
@@ -173,95 +188,6 @@ async fn refuse(stream: &mut Stream) {
     Shutdown::shutdown(stream.as_mut()).await;
 }
 
-/// Where a connection is in its request/response cycle, as far as its bytes tell.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    /// Reading a request head.
-    Head(HeadScan),
-    /// The head is in; body, waiting for the response, or a tunnel. No deadline of ours.
-    Body,
-    /// A final response has begun; the next byte from the client starts a new head.
-    Idle,
-}
-
-/// Progress through a head, byte by byte.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct HeadScan {
-    /// Nothing but CR since the last LF.
-    line_empty: bool,
-    /// A non-empty line has begun (empty lines before a request line are ignored, RFC 9112 §2.2).
-    seen: bool,
-    /// Inside the request line, which is checked here on the bytes as sent: Pingora's parser
-    /// percent-escapes spaces, `"<>`, control and non-ASCII bytes in a target before we see it.
-    request_line: bool,
-    spaces: u8,
-    /// The previous byte was a CR inside the request line.
-    cr: bool,
-}
-
-const HEAD_START: Phase = Phase::Head(HeadScan {
-    line_empty: true,
-    seen: false,
-    request_line: false,
-    spaces: 0,
-    cr: false,
-});
-
-/// What scanning a run of bytes found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Scan {
-    /// Still inside the head (or not in one).
-    More,
-    /// The head ended after this many of the bytes.
-    Ended(usize),
-    /// The request line is not `METHOD SP target SP version` in visible ASCII.
-    BadRequestLine,
-}
-
-/// Scan bytes of a head: where it ends, and whether its request line is well-formed.
-fn scan_head(phase: &mut Phase, bytes: &[u8]) -> Scan {
-    let Phase::Head(h) = phase else {
-        return Scan::More;
-    };
-    for (i, &b) in bytes.iter().enumerate() {
-        if h.request_line {
-            match b {
-                b'\n' if h.spaces == 2 => h.request_line = false,
-                b' ' if !h.cr => h.spaces += 1,
-                // Not allowed in a URI, and what Pingora would silently percent-escape.
-                b'"' | b'<' | b'>' if h.spaces == 1 => return Scan::BadRequestLine,
-                b'\r' if !h.cr => h.cr = true,
-                0x21..=0x7e if !h.cr => {}
-                _ => return Scan::BadRequestLine,
-            }
-        }
-        match b {
-            b'\n' if h.line_empty && h.seen => {
-                *phase = Phase::Body;
-                return Scan::Ended(i + 1);
-            }
-            b'\n' => h.line_empty = true,
-            b'\r' => {}
-            _ => {
-                if !h.seen {
-                    h.seen = true;
-                    h.request_line = true;
-                    if b == b' ' {
-                        return Scan::BadRequestLine;
-                    }
-                }
-                h.line_empty = false;
-            }
-        }
-    }
-    Scan::More
-}
-
-/// Whether a write begins a final response: `HTTP/1.x ` and a status that is not 1xx.
-fn starts_final_response(buf: &[u8]) -> bool {
-    buf.len() > 9 && buf.starts_with(b"HTTP/1.") && buf[8] == b' ' && buf[9] != b'1'
-}
-
 type DrainWait = Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
 
 /// A client stream with a whole-head deadline and a graceful close when idle while draining.
@@ -288,7 +214,7 @@ impl Guarded {
     ) -> Self {
         Guarded {
             inner,
-            phase: HEAD_START,
+            phase: Phase::head(),
             header_timeout,
             deadline: Some(Instant::now() + header_timeout),
             timer: None,
@@ -341,19 +267,30 @@ impl AsyncRead for Guarded {
             Poll::Ready(Ok(())) => {
                 let new = &buf.filled()[before..];
                 if this.phase == Phase::Idle && !new.is_empty() {
-                    this.phase = HEAD_START;
+                    this.phase = Phase::head();
                     this.deadline = None;
                 }
-                match scan_head(&mut this.phase, new) {
-                    Scan::More => {}
-                    Scan::Ended(_) => this.deadline = None,
-                    Scan::BadRequestLine => {
-                        this.state.bad_request_lines.fetch_add(1, Relaxed);
-                        let _ = Pin::new(&mut this.inner).poll_write(cx, RESPONSE_400);
-                        return Poll::Ready(Err(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            "malformed request line",
-                        )));
+                match feed(&mut this.phase, new) {
+                    Ok(false) => {}
+                    Ok(true) => this.deadline = None,
+                    Err(bad) => {
+                        // Nothing of a response has begun (that would have ended the scan), so
+                        // the 400 is the first thing the client reads from us.
+                        let (counter, response, why) = match bad {
+                            Bad::RequestLine => (
+                                &this.state.bad_request_lines,
+                                RESPONSE_400_LINE,
+                                "malformed request line",
+                            ),
+                            Bad::Chunk => (
+                                &this.state.bad_chunks,
+                                RESPONSE_400_CHUNK,
+                                "malformed chunked body",
+                            ),
+                        };
+                        counter.fetch_add(1, Relaxed);
+                        let _ = Pin::new(&mut this.inner).poll_write(cx, response);
+                        return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, why)));
                     }
                 }
                 Poll::Ready(Ok(()))
@@ -478,117 +415,5 @@ impl fmt::Debug for Guarded {
             .field("phase", &self.phase)
             .field("deadline", &self.deadline)
             .finish_non_exhaustive()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn scan_all(chunks: &[&[u8]]) -> (Phase, Option<usize>) {
-        let mut phase = HEAD_START;
-        let mut end = None;
-        let mut offset = 0;
-        for chunk in chunks {
-            match scan_head(&mut phase, chunk) {
-                Scan::Ended(n) => {
-                    end = Some(offset + n);
-                    break;
-                }
-                Scan::BadRequestLine => panic!("refused {chunks:?}"),
-                Scan::More => offset += chunk.len(),
-            }
-        }
-        (phase, end)
-    }
-
-    fn request_line_refused(line: &[u8]) -> bool {
-        let mut phase = HEAD_START;
-        let head = [line, b"\r\nHost: a\r\n\r\n"].concat();
-        head.iter()
-            .any(|b| scan_head(&mut phase, std::slice::from_ref(b)) == Scan::BadRequestLine)
-    }
-
-    #[test]
-    fn request_lines_are_checked_as_sent() {
-        for ok in [
-            &b"GET / HTTP/1.1"[..],
-            b"GET /a?b=%20 HTTP/1.0",
-            b"OPTIONS * HTTP/1.1",
-        ] {
-            assert!(
-                !request_line_refused(ok),
-                "{:?}",
-                ok.escape_ascii().to_string()
-            );
-        }
-        for bad in [
-            &b"GET /a b HTTP/1.1"[..],
-            b"GET  / HTTP/1.1",
-            b"GET / HTTP/1.1 ",
-            b"GET\t/ HTTP/1.1",
-            b"GET /a\x01 HTTP/1.1",
-            b"GET /a\x7f HTTP/1.1",
-            b"GET /a\"b HTTP/1.1",
-            b"GET /\xc3\xa9 HTTP/1.1",
-            b"GET / HTTP/1.1\r\r",
-            b" GET / HTTP/1.1",
-            b"GET /",
-        ] {
-            assert!(
-                request_line_refused(bad),
-                "{:?}",
-                bad.escape_ascii().to_string()
-            );
-        }
-    }
-
-    #[test]
-    fn a_head_ends_at_its_first_empty_line() {
-        let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nbody";
-        assert_eq!(scan_all(&[head]), (Phase::Body, Some(head.len() - 4)));
-        // Bare LF line ends, as httparse accepts them.
-        assert_eq!(scan_all(&[b"GET / HTTP/1.1\nHost: a\n\n"]).1, Some(24));
-    }
-
-    #[test]
-    fn empty_lines_before_the_request_line_do_not_end_a_head() {
-        let (phase, end) = scan_all(&[b"\r\n\r\n\r\n"]);
-        assert_eq!(end, None);
-        assert!(matches!(phase, Phase::Head(HeadScan { seen: false, .. })));
-        assert_eq!(scan_all(&[b"\r\n\r\nGET / HTTP/1.1\r\n\r\n"]).1, Some(22));
-    }
-
-    #[test]
-    fn a_trickled_head_ends_on_the_right_byte_wherever_it_is_split() {
-        let head = b"GET /x HTTP/1.1\r\nHost: a\r\nX-A: b\r\n\r\n";
-        for split in 0..head.len() {
-            for split2 in split..head.len() {
-                let (a, rest) = head.split_at(split);
-                let (b, c) = rest.split_at(split2 - split);
-                assert_eq!(
-                    scan_all(&[a, b, c]),
-                    (Phase::Body, Some(head.len())),
-                    "{split}/{split2}"
-                );
-            }
-        }
-        // One byte at a time: incomplete until the very last one.
-        let bytes: Vec<&[u8]> = head.chunks(1).collect();
-        assert_eq!(scan_all(&bytes[..head.len() - 1]).1, None);
-    }
-
-    #[test]
-    fn only_final_responses_start_a_new_cycle() {
-        assert!(starts_final_response(b"HTTP/1.1 200 OK\r\n"));
-        assert!(starts_final_response(
-            b"HTTP/1.0 503 Service Unavailable\r\n"
-        ));
-        assert!(!starts_final_response(b"HTTP/1.1 100 Continue\r\n"));
-        assert!(!starts_final_response(
-            b"HTTP/1.1 101 Switching Protocols\r\n"
-        ));
-        assert!(!starts_final_response(b"<html>HTTP/1.1 200"));
-        assert!(!starts_final_response(b"HTTP/1.1"));
     }
 }
