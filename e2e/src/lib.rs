@@ -106,7 +106,11 @@ impl Echo {
     }
 
     pub fn start_with(id: &str, extra: &[&str]) -> Echo {
-        let port = free_port();
+        Echo::start_on(id, free_port(), extra)
+    }
+
+    /// On a given port (a backend coming back where it was).
+    pub fn start_on(id: &str, port: u16, extra: &[&str]) -> Echo {
         let mut args = vec![
             "--listen".to_owned(),
             format!("127.0.0.1:{port}"),

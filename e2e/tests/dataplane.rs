@@ -414,3 +414,91 @@ fn the_admin_listener_off_loopback_needs_a_token_which_guards_metrics_and_table(
     assert_eq!(with("Authorization: Bearer s3cret\r\n", "/metrics"), 200);
     assert_eq!(with("Authorization: Bearer s3cret\r\n", "/table"), 200);
 }
+
+#[test]
+fn a_post_is_never_replayed_on_another_backend_but_an_idempotent_get_is() {
+    let dir = TempDir::new("replay");
+    let (rec_a, rec_b) = (dir.path("a.log"), dir.path("b.log"));
+    let a = Echo::start_with(
+        "slow-a",
+        &[
+            "--delay-ms",
+            "3000",
+            "--record",
+            &rec_a.display().to_string(),
+        ],
+    );
+    let b = Echo::start_with("b", &["--record", &rec_b.display().to_string()]);
+    // Only `a` at first, so the request surely goes there.
+    let lb = lb_with_table(&dir, &table(1, &[("slow-a", &a.addr(), 1, 0)]));
+    write_atomic(
+        &dir.path("table.json"),
+        &table(2, &[("slow-a", &a.addr(), 1, 0), ("b", &b.addr(), 1, 1)]),
+    );
+    lb.proc.signal("HUP");
+    lb.wait_version(2, Duration::from_secs(5));
+
+    let port = lb.port;
+    let post = std::thread::spawn(move || {
+        Client::new(port).request(
+            "POST /once HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+        )
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    // `a` has the whole POST (it records before its delay) and dies before answering.
+    a.proc.signal("KILL");
+    let r = post.join().unwrap().expect("a response");
+    assert_eq!(
+        r.status, 502,
+        "the POST must fail, not be sent again: {}",
+        r.body
+    );
+    let recorded = |p: &std::path::Path| {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("/once"))
+            .count()
+    };
+    assert_eq!(recorded(&rec_a), 1);
+    assert_eq!(recorded(&rec_b), 0, "the POST reached a second backend");
+
+    // A GET that dies the same way is retried on the other backend: idempotent, no byte of a
+    // response seen yet.
+    let a2 = Echo::start_with("slow-a2", &["--delay-ms", "3000"]);
+    write_atomic(
+        &dir.path("table.json"),
+        &table(3, &[("slow-a2", &a2.addr(), 1, 0), ("b", &b.addr(), 1, 1)]),
+    );
+    lb.proc.signal("HUP");
+    lb.wait_version(3, Duration::from_secs(5));
+    let get = std::thread::spawn(move || get(port, "localhost", "/idempotent"));
+    std::thread::sleep(Duration::from_millis(500));
+    a2.proc.signal("KILL");
+    let r = get.join().unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.backend(), Some("b"));
+}
+
+#[test]
+fn all_backends_down_answers_503_at_once_and_traffic_returns_when_one_comes_back() {
+    let dir = TempDir::new("comeback");
+    let port = free_port();
+    let lb = lb_with_table(
+        &dir,
+        &table(1, &[("back", &format!("127.0.0.1:{port}"), 1, 0)]),
+    );
+    let t0 = std::time::Instant::now();
+    for _ in 0..5 {
+        assert_eq!(lb.get("localhost", "/").status, 503);
+    }
+    // Refused connects: no waiting for the connect timeout.
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    // The only backend is ejected now; when it comes back it is used at once anyway (with no
+    // backend in good standing the selection ignores ejections).
+    let back = Echo::start_on("back", port, &[]);
+    let r = lb.get("localhost", "/");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.backend(), Some("back"));
+    drop(back);
+}
