@@ -70,6 +70,8 @@ pub struct Ctx {
     response_started: bool,
     /// Request body bytes seen so far, counted only when a body limit is set.
     body_bytes: u64,
+    /// Status the last failed attempt stands for (502, 503 or 504); 0 before any failure.
+    last_failure: u16,
 }
 
 impl Ctx {
@@ -94,6 +96,7 @@ impl ProxyHttp for Proxy {
             start: None,
             response_started: false,
             body_bytes: 0,
+            last_failure: 0,
         }
     }
 
@@ -179,6 +182,12 @@ impl ProxyHttp for Proxy {
                 ctx.backend = Some(i);
                 Ok(peer)
             }
+            // A retry that finds no other backend answers for the attempt that failed (a 504
+            // for a timeout, as nginx does), not as if there had never been a backend.
+            None if ctx.last_failure != 0 => Err(Error::explain(
+                ErrorType::HTTPStatus(ctx.last_failure),
+                "no other backend to retry on",
+            )),
             None => Err(Error::explain(
                 ErrorType::HTTPStatus(503),
                 "no backend available",
@@ -228,6 +237,7 @@ impl ProxyHttp for Proxy {
         ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        ctx.last_failure = 503;
         if let (Some(svc), Some(i)) = (ctx.service(), ctx.backend) {
             let kind = match e.etype() {
                 ErrorType::ConnectRefused => UpstreamError::ConnectRefused,
@@ -250,6 +260,10 @@ impl ProxyHttp for Proxy {
         ctx: &mut Ctx,
         _client_reused: bool,
     ) -> Box<Error> {
+        ctx.last_failure = match e.etype() {
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout => 504,
+            _ => 502,
+        };
         if let (Some(svc), Some(i)) = (ctx.service(), ctx.backend) {
             let kind = match e.etype() {
                 ErrorType::ReadTimedout | ErrorType::WriteTimedout => UpstreamError::ReadTimeout,

@@ -214,3 +214,77 @@ fn a_wrong_token_is_refused_and_nothing_is_installed() {
     stop_tx.send(true).unwrap();
     agent.join().unwrap();
 }
+
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn a_flood_of_a_thousand_tables_converges_on_the_last_without_growing_memory() {
+    let a = Echo::start("web-a");
+    let b = Echo::start("web-b");
+    let dir = TempDir::new("agent-flood");
+    let port = free_port();
+    const TABLES: u64 = 1000;
+    let addrs = (a.addr(), b.addr());
+    // Unlike the stand-in above (which, like the real agent, sends only the newest table), this
+    // peer writes every one of them back to back.
+    let flood = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+                .await
+                .unwrap();
+            // The first connections may be port probes; the data plane's is the one that
+            // completes a handshake.
+            let mut ws = loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                if let Ok(ws) = tokio_tungstenite::accept_async(stream).await {
+                    break ws;
+                }
+            };
+            let t0 = std::time::Instant::now();
+            for v in 1..=TABLES {
+                // Alternate the backend so every table is a real change.
+                let addr = if v % 2 == 0 { &addrs.0 } else { &addrs.1 };
+                let id = if v % 2 == 0 { "web-a" } else { "web-b" };
+                ws.send(Message::Text(table(v, &[(id, addr, 1, 0)])))
+                    .await
+                    .unwrap();
+            }
+            let sent_in = t0.elapsed();
+            // Hold the connection open until the test is done with it.
+            let _ = tokio::time::timeout(Duration::from_secs(20), ws.next()).await;
+            sent_in
+        })
+    });
+    let lb = subscribed_lb(&dir, port, "any", false);
+    let rss_before = rss_kib(lb.proc.pid());
+    let load = LoadLoop::start(lb.port, "localhost", 2, Duration::from_secs(20));
+    lb.wait_version(TABLES, Duration::from_secs(15));
+    let report = load.finish();
+    let rss_after = rss_kib(lb.proc.pid());
+    assert_eq!(lb.get("localhost", "/").backend(), Some("web-a"));
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    assert!(
+        lb.metric(r#"rustybalancer_table_updates_total{result="applied"}"#) >= 1.0,
+        "no table applied"
+    );
+    eprintln!("flood: RSS {rss_before} KiB → {rss_after} KiB");
+    // Every table replaces the last: memory does not grow with the number received.
+    assert!(
+        rss_after < rss_before + 20 * 1024,
+        "RSS grew from {rss_before} to {rss_after} KiB"
+    );
+    drop(lb);
+    let sent_in = flood.join().unwrap();
+    eprintln!("flood: {TABLES} tables sent in {sent_in:?}");
+}

@@ -502,3 +502,28 @@ fn all_backends_down_answers_503_at_once_and_traffic_returns_when_one_comes_back
     assert_eq!(r.backend(), Some("back"));
     drop(back);
 }
+
+#[test]
+fn a_backend_slower_than_the_service_read_timeout_gets_504_in_time() {
+    let slow = Echo::start_with("slow", &["--delay-ms", "2000"]);
+    let dir = TempDir::new("read-timeout");
+    let text = serde_json::json!({
+        "version": 1,
+        "services": [{
+            "name": "web",
+            "read_timeout_ms": 300,
+            "connect_timeout_ms": 200,
+            "backends": [{"id": "slow", "addr": slow.addr()}],
+        }],
+    })
+    .to_string();
+    let lb = lb_with_table(&dir, &text);
+    let t0 = std::time::Instant::now();
+    let r = lb.get("localhost", "/");
+    let took = t0.elapsed();
+    assert_eq!(r.status, 504, "{}", r.body);
+    // A GET that timed out would be retried on another backend (as nginx does), but there is
+    // none: the answer is the timeout's 504, after about one read timeout.
+    assert!(took >= Duration::from_millis(300), "{took:?}");
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+}
