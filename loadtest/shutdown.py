@@ -36,8 +36,11 @@ def wrk_raw(port, conns, duration):
     connect, read, write, timeout = (int(x) for x in m.groups()) if m else (0, 0, 0, 0)
     m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     non2xx = int(m.group(1)) if m else 0
-    return {"requests": reqs, "failed": read + write + timeout + non2xx, "refused": connect,
-            "detail": f"read {read}, write {write}, timeout {timeout}, non-2xx {non2xx}"}
+    # wrk reports a refused connect as a write error (its connects are non-blocking), so write
+    # errors count reconnect attempts after the listener closed, not broken requests. A read
+    # error is a request written on an open connection that got no response.
+    return {"requests": reqs, "failed": read + timeout + non2xx, "refused": connect + write,
+            "detail": f"read {read}, timeout {timeout}, non-2xx {non2xx}"}
 
 
 def one_run(target, start, after, duration):
@@ -101,12 +104,14 @@ def render(info, results):
         f"{info['haproxy']}; rusty-lb {info['rusty-lb']} ({info['rustc']}).",
         "",
         "Command: `loadtest/shutdown.sh`. wrk -t1 -c50 keep-alive for 6 s; the graceful signal 3 s in "
-        "(nginx SIGQUIT, HAProxy SIGUSR1, rusty-lb SIGTERM). *Failed*: read, write and timeout "
-        "errors and non-2xx answers, i.e. requests broken on an open connection. *Refused*: "
-        "connects after the listener closed (wrk keeps reconnecting until its 6 s are over, so "
-        "this counts attempts, not clients). Runs interleaved.",
+        "(nginx SIGQUIT, HAProxy SIGUSR1, rusty-lb SIGTERM). *Failed*: wrk's read and timeout "
+        "errors and non-2xx answers, i.e. requests written on an open connection that got no good "
+        "response. *Refused*: wrk's connect and write errors, which are its reconnects after the "
+        "listener closed (wrk reports a refused non-blocking connect as a write error, and keeps "
+        "reconnecting until its 6 s are over, so this counts attempts, not clients). Runs "
+        "interleaved; requests differ because the proxies' throughput does (see the harness).",
         "",
-        "| proxy | round | requests | failed | of which | refused connects | exit after signal |",
+        "| proxy | round | requests | failed | of which | refused (re)connects | exit after signal |",
         "|---|---:|---:|---:|---|---:|---:|",
     ]
     for target, rnd, r in results:
