@@ -130,6 +130,9 @@ impl ProxyHttp for Proxy {
                 n => n.min(self.keepalive_secs),
             };
             session.set_keepalive(Some(secs));
+            // Requests a client pipelines are answered one by one, in order (RFC 9112 §9.3.2),
+            // instead of Pingora's default of answering the first and closing.
+            session.as_downstream_mut().set_pipelining_enabled(true);
         }
         let Some(snapshot) = self.store.current() else {
             respond(session, 503, b"no routing table installed yet\n").await?;

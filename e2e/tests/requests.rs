@@ -319,3 +319,30 @@ fn bodies_over_max_body_bytes_get_413_whatever_their_framing_and_never_arrive_wh
         assert_eq!(lines_in(&record).len() - before, reached, "{request:.80}");
     }
 }
+
+#[test]
+fn pipelined_requests_are_answered_in_order_on_one_connection() {
+    let a = Echo::start_with("a", &["--echo-headers"]);
+    let (_dir, lb) = proxy_to(&a, "pipeline", &[]);
+    let (response, closed) = raw(
+        lb.port,
+        "GET /first HTTP/1.1\r\nHost: a\r\n\r\n\
+         POST /second HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc\
+         GET /third HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert!(closed);
+    let statuses: Vec<&str> = response
+        .match_indices("HTTP/1.1 200")
+        .map(|(i, _)| &response[i..i + 12])
+        .collect();
+    assert_eq!(statuses.len(), 3, "{response}");
+    let order: Vec<usize> = ["GET /first ", "POST /second ", "GET /third "]
+        .iter()
+        .map(|p| {
+            response
+                .find(p)
+                .unwrap_or_else(|| panic!("{p} missing: {response}"))
+        })
+        .collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "{response}");
+}
