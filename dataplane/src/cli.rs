@@ -63,6 +63,11 @@ pub struct Args {
     #[arg(long, default_value_t = 10_000, value_name = "N")]
     pub max_connections: usize,
 
+    /// Most requests waiting, over all services, for a backend slot when backends are at their
+    /// `max_inflight`; when full, the lowest class waiting is shed first.
+    #[arg(long, default_value_t = crate::admission::DEFAULT_QUEUE_SIZE, value_name = "N")]
+    pub queue_size: usize,
+
     /// Longest request target; longer gets 414.
     #[arg(long, default_value_t = 8 * 1024, value_name = "BYTES")]
     pub max_uri_bytes: usize,

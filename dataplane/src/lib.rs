@@ -4,6 +4,7 @@
 //! whenever a new one arrives. Module map, from the request path outwards:
 //! - [`router`]: host + path → service.
 //! - [`select`]: service → backend (round robin in tiers, spill, local ejection).
+//! - [`admission`]: per-backend concurrency limits and the overload queue by request class.
 //! - [`snapshot`]: the installed table, prepared for the two above.
 //! - [`proxy`]: the Pingora `ProxyHttp` that ties them to real connections.
 //! - [`front`]: client connections before and between requests: cap, head deadline, drain.
@@ -13,6 +14,7 @@
 //! - [`server`]: wires it all into a Pingora server with explicit shutdown.
 
 pub mod admin;
+pub mod admission;
 pub mod check;
 pub mod cli;
 pub mod clock;

@@ -131,6 +131,8 @@ pub struct ServiceCounters {
     count: AtomicU64,
     sum_nanos: AtomicU64,
     inflight: AtomicI64,
+    /// Requests shed (503) under overload, by class.
+    shed: [AtomicU64; 3],
 }
 
 impl ServiceCounters {
@@ -147,6 +149,9 @@ impl ServiceCounters {
     }
     pub fn inflight(&self) -> i64 {
         self.inflight.load(Relaxed)
+    }
+    pub fn count_shed(&self, class: rusty_shared::RequestClass) {
+        self.shed[class as usize].fetch_add(1, Relaxed);
     }
 }
 
@@ -167,6 +172,8 @@ pub struct Registry {
     unrouted: Arc<BackendCounters>,
     /// Client connections: open, refused, timed out, drained.
     pub front: Arc<crate::front::FrontState>,
+    /// Per-backend slots and the overload queue; like the counters, they outlive tables.
+    pub admission: crate::admission::Admission,
 }
 
 #[derive(Default)]
@@ -374,6 +381,57 @@ impl Registry {
                 self.updates(r)
             );
         }
+        header(
+            w,
+            "rustybalancer_requests_shed_total",
+            "counter",
+            "Requests answered 503 under overload (queue full or queue timeout), by service and class.",
+        );
+        for (svc, c) in &s.services {
+            for class in rusty_shared::RequestClass::ALL {
+                let n = c.shed[class as usize].load(Relaxed);
+                if n > 0 {
+                    let _ = writeln!(
+                        w,
+                        "rustybalancer_requests_shed_total{{service=\"{}\",class=\"{}\"}} {n}",
+                        esc(svc),
+                        class.as_str()
+                    );
+                }
+            }
+        }
+        let q = &self.admission.stats;
+        header(
+            w,
+            "rustybalancer_queue_waiting",
+            "gauge",
+            "Requests waiting for a backend slot, by class.",
+        );
+        for class in rusty_shared::RequestClass::ALL {
+            let _ = writeln!(
+                w,
+                "rustybalancer_queue_waiting{{class=\"{}\"}} {}",
+                class.as_str(),
+                q.waiting[class as usize].load(Relaxed)
+            );
+        }
+        header(
+            w,
+            "rustybalancer_queue_wait_seconds",
+            "summary",
+            "Time requests that got a slot spent waiting for it, by class.",
+        );
+        for class in rusty_shared::RequestClass::ALL {
+            let c = class as usize;
+            let _ = writeln!(
+                w,
+                "rustybalancer_queue_wait_seconds_sum{{class=\"{0}\"}} {1}\nrustybalancer_queue_wait_seconds_count{{class=\"{0}\"}} {2}",
+                class.as_str(),
+                q.wait_nanos[c].load(Relaxed) as f64 / 1e9,
+                q.waits[c].load(Relaxed)
+            );
+        }
+
         let f = &self.front;
         for (name, kind, help, value) in [
             (

@@ -22,7 +22,9 @@ use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::{HttpPeer, Peer};
 use pingora::{Error, ErrorSource, ErrorType};
+use rusty_shared::RequestClass;
 
+use crate::admission::{Admission, Admit};
 use crate::check::{self, Limits, Refused};
 use crate::metrics::UpstreamError;
 use crate::snapshot::{ServiceState, Snapshot};
@@ -72,6 +74,14 @@ pub struct Ctx {
     body_bytes: u64,
     /// Status the last failed attempt stands for (502, 503 or 504); 0 before any failure.
     last_failure: u16,
+    /// The request's priority class: its service's, or the one its class header names.
+    class: RequestClass,
+    /// The backend whose concurrency slot this request holds, if its address is capped.
+    held: Option<u32>,
+    /// Shed under overload: answered 503 with `Retry-After`.
+    shed: bool,
+    /// The backend whose slot request_filter took, for the first attempt.
+    assigned: Option<u32>,
 }
 
 impl Ctx {
@@ -97,6 +107,10 @@ impl ProxyHttp for Proxy {
             response_started: false,
             body_bytes: 0,
             last_failure: 0,
+            class: RequestClass::Normal,
+            held: None,
+            shed: false,
+            assigned: None,
         }
     }
 
@@ -147,6 +161,15 @@ impl ProxyHttp for Proxy {
                 .map_or(&b""[..], |a| a.as_str().as_bytes()),
         };
         let route = snapshot.router.route(host, req.uri.path().as_bytes());
+        if let Some(service) = route {
+            let svc = &snapshot.services[service as usize];
+            ctx.class = svc
+                .class_header
+                .as_ref()
+                .and_then(|h| req.headers.get(h))
+                .and_then(|v| RequestClass::from_bytes(v.as_bytes()))
+                .unwrap_or(svc.class);
+        }
         ctx.snapshot = Some(snapshot);
         match route {
             None => {
@@ -161,22 +184,52 @@ impl ProxyHttp for Proxy {
                     s.counters.inflight_add(1);
                 }
                 self.active.fetch_add(1, Relaxed);
+                // Capped backends: take a slot (or wait for one) before going upstream, so a
+                // request that is shed gets its 503 on a connection that stays open.
+                let first = ctx
+                    .service()
+                    .filter(|s| s.limited)
+                    .and_then(|s| s.pick(&[]));
+                if let Some(first) = first {
+                    match self.take_slot(ctx, first).await {
+                        Ok(i) => ctx.assigned = Some(i),
+                        Err(_) => {
+                            respond_shed(session, ctx.class).await?;
+                            return Ok(true);
+                        }
+                    }
+                }
                 Ok(false)
             }
         }
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let pick = match ctx.assigned.take() {
+            // The first attempt goes where request_filter found a slot.
+            Some(i) => Some(i),
+            None => {
+                // A previous attempt failed: its slot goes back before another is taken.
+                self.release_slot(ctx);
+                let svc = ctx
+                    .service()
+                    .ok_or_else(|| Error::explain(ErrorType::InternalError, "no service routed"))?;
+                // Out of attempts: answer without advancing any round-robin counter.
+                let budget_left = ctx.tries <= svc.retries as usize && ctx.tries < MAX_TRIES;
+                let pick = if budget_left {
+                    svc.pick(&ctx.tried[..ctx.tries])
+                } else {
+                    None
+                };
+                match (pick, svc.limited) {
+                    (Some(first), true) => Some(self.take_slot(ctx, first).await?),
+                    _ => pick,
+                }
+            }
+        };
         let svc = ctx
             .service()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no service routed"))?;
-        // Out of attempts: answer without advancing any round-robin counter.
-        let budget_left = ctx.tries <= svc.retries as usize && ctx.tries < MAX_TRIES;
-        let pick = if budget_left {
-            svc.pick(&ctx.tried[..ctx.tries])
-        } else {
-            None
-        };
         match pick {
             Some(i) => {
                 let peer = Box::new(svc.backends[i as usize].peer.clone());
@@ -284,7 +337,7 @@ impl ProxyHttp for Proxy {
         e
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, _ctx: &mut Ctx) -> FailToProxy {
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         let code = match e.etype() {
             ErrorType::HTTPStatus(code) => *code,
             // Every attempt failed to connect: no backend could take the request (Envoy and
@@ -307,6 +360,16 @@ impl ProxyHttp for Proxy {
                 ErrorSource::Internal | ErrorSource::Unset => 500,
             },
         };
+        if code == 503 && ctx.shed {
+            // A retry found every other backend full. Pingora closes the connection after a
+            // proxy error, so the response says so.
+            session.set_keepalive(None);
+            let _ = respond_shed(session, ctx.class).await;
+            return FailToProxy {
+                error_code: code,
+                can_reuse_downstream: false,
+            };
+        }
         if code > 0 {
             let body: &'static [u8] = match code {
                 502 => b"bad gateway: the backend failed to answer\n",
@@ -349,6 +412,7 @@ impl ProxyHttp for Proxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        self.release_slot(ctx);
         let code = match session.response_written() {
             Some(r) => r.status.as_u16(),
             // Nothing was answered: the client went away (nginx's 499) or we failed.
@@ -375,7 +439,131 @@ impl ProxyHttp for Proxy {
     }
 }
 
+impl Proxy {
+    /// Give back the slot a request holds, to the best waiter or the backend.
+    fn release_slot(&self, ctx: &mut Ctx) {
+        let Some(i) = ctx.held.take() else { return };
+        if let Some(limiter) = ctx
+            .service()
+            .and_then(|svc| svc.backends[i as usize].limiter.as_ref())
+        {
+            self.store.registry.admission.release(limiter);
+        }
+    }
+
+    /// A slot for this attempt of a request to a service with capped backends: on `first` (the
+    /// round robin's pick) if it has one free, else on any other backend not yet tried, else
+    /// wait in the queue by class. Fails with 503 when the request is shed.
+    async fn take_slot(&self, ctx: &mut Ctx, first: u32) -> Result<u32> {
+        let Some(snap) = ctx.snapshot.clone() else {
+            return Error::e_explain(ErrorType::InternalError, "no snapshot");
+        };
+        let svc = &snap.services[ctx.service as usize];
+        let tried = &ctx.tried[..ctx.tries];
+        let free = |i: u32| {
+            svc.backends[i as usize]
+                .limiter
+                .as_ref()
+                .is_none_or(|l| l.try_acquire())
+        };
+        let others = svc
+            .tiers
+            .iter()
+            .flat_map(|t| t.members.iter().copied())
+            .filter(|&i| i != first && !tried.contains(&i) && !svc.ejected_now(i));
+        let found = std::iter::once(first).chain(others).find(|&i| free(i));
+        let granted = match found {
+            Some(i) => Some(i),
+            None => {
+                let admission = &self.store.registry.admission;
+                match admission.enqueue(&snap, ctx.service, ctx.class) {
+                    Admit::Now(i) => Some(i),
+                    Admit::Shed => None,
+                    Admit::Wait(rx, seq) => {
+                        let mut wait = Waiting {
+                            admission,
+                            snap: &snap,
+                            service: ctx.service,
+                            seq,
+                            rx: Some(rx),
+                        };
+                        wait.granted(svc.queue_timeout).await
+                    }
+                }
+            }
+        };
+        match granted {
+            Some(i) => {
+                if svc.backends[i as usize].limiter.is_some() {
+                    ctx.held = Some(i);
+                }
+                Ok(i)
+            }
+            None => {
+                svc.counters.count_shed(ctx.class);
+                ctx.shed = true;
+                Error::e_explain(ErrorType::HTTPStatus(503), "overloaded: request shed")
+            }
+        }
+    }
+}
+
+/// A request in the overload queue. If it is dropped while waiting (the client went away), it
+/// leaves the queue, and a slot handed to it in the meantime goes back.
+struct Waiting<'a> {
+    admission: &'a Admission,
+    snap: &'a Arc<Snapshot>,
+    service: u32,
+    seq: u64,
+    rx: Option<tokio::sync::oneshot::Receiver<u32>>,
+}
+
+impl Waiting<'_> {
+    /// The backend whose slot was handed over, or `None` if shed or timed out.
+    async fn granted(&mut self, timeout: std::time::Duration) -> Option<u32> {
+        let rx = self.rx.as_mut()?;
+        let got = match tokio::time::timeout(timeout, &mut *rx).await {
+            Ok(Ok(i)) => Some(i),
+            // The sender was dropped: shed to make room for a higher class.
+            Ok(Err(_)) => None,
+            // Timed out, unless a slot arrived just now (then it is already ours).
+            Err(_) if self.admission.cancel(self.seq) => None,
+            Err(_) => rx.try_recv().ok(),
+        };
+        self.rx = None;
+        got
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let Some(mut rx) = self.rx.take() else { return };
+        if !self.admission.cancel(self.seq) {
+            if let Ok(i) = rx.try_recv() {
+                let svc = &self.snap.services[self.service as usize];
+                if let Some(limiter) = &svc.backends[i as usize].limiter {
+                    self.admission.release(limiter);
+                }
+            }
+        }
+    }
+}
+
 /// A short response written by the proxy itself, keeping the connection alive.
+/// 503 for a request shed under overload, with `Retry-After`; the connection stays open.
+async fn respond_shed(session: &mut Session, class: RequestClass) -> Result<()> {
+    let body = Bytes::from(format!(
+        "service unavailable: overloaded, {} request shed; retry shortly\n",
+        class.as_str()
+    ));
+    let mut resp = ResponseHeader::build(503, Some(4))?;
+    resp.insert_header(CONTENT_TYPE, "text/plain; charset=utf-8")?;
+    resp.insert_header(CONTENT_LENGTH, body.len())?;
+    resp.insert_header(http::header::RETRY_AFTER, "1")?;
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await
+}
+
 async fn respond(session: &mut Session, code: u16, body: &'static [u8]) -> Result<()> {
     let mut resp = ResponseHeader::build(code, Some(3))?;
     resp.insert_header(CONTENT_TYPE, "text/plain; charset=utf-8")?;

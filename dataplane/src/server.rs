@@ -66,7 +66,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let store = Arc::new(TableStore::new(Arc::new(Registry::default()), state));
+    let registry = Registry::default();
+    registry.admission.set_capacity(args.queue_size);
+    let store = Arc::new(TableStore::new(Arc::new(registry), state));
     if let Some(v) = store.restore() {
         info!(version = v, "serving the table saved in the state dir");
     }

@@ -7,13 +7,18 @@
 //! old table or the new one, never a mix. Ejections live in the snapshot on purpose: a new table
 //! starts with every backend it lists in good standing.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use http::HeaderName;
 use pingora::upstreams::peer::HttpPeer;
-use rusty_shared::{Table, ValidTable};
+use rusty_shared::{RequestClass, Table, ValidTable};
+
+use crate::admission::Limiter;
 
 use crate::metrics::{BackendCounters, Registry, ServiceCounters};
 use crate::router::Router;
@@ -48,6 +53,11 @@ pub struct ServiceState {
     pub counters: Arc<ServiceCounters>,
     /// Requests of this service answered without a backend (none available).
     pub no_backend: Arc<BackendCounters>,
+    pub class: RequestClass,
+    pub class_header: Option<HeaderName>,
+    /// Some backend has a concurrency limit: picks must take a slot.
+    pub limited: bool,
+    pub queue_timeout: Duration,
 }
 
 pub struct BackendState {
@@ -58,6 +68,8 @@ pub struct BackendState {
     /// `clock::now_ms()` until which the backend is skipped; 0 when in good standing.
     pub(crate) ejected_until_ms: AtomicU64,
     pub counters: Arc<BackendCounters>,
+    /// The slots of this backend's address, when some service caps it.
+    pub limiter: Option<Arc<Limiter>>,
 }
 
 pub struct TierState {
@@ -83,6 +95,15 @@ impl Snapshot {
             })
             .collect();
         let handles = registry.handles_for(&keep);
+        // An address's cap is the smallest of the services that list it.
+        let mut caps: HashMap<SocketAddr, u32> = HashMap::new();
+        for s in valid.services.iter().filter(|s| s.max_inflight > 0) {
+            for b in &s.backends {
+                let cap = caps.entry(b.addr).or_insert(s.max_inflight);
+                *cap = (*cap).min(s.max_inflight);
+            }
+        }
+        let limiters = registry.admission.limiters_for(&caps);
         let router = Router::new(&valid.services);
         let services = valid
             .services
@@ -106,6 +127,7 @@ impl Snapshot {
                             tier: 0,
                             ejected_until_ms: AtomicU64::new(0),
                             counters,
+                            limiter: limiters.get(&b.addr).cloned(),
                         }
                     })
                     .collect();
@@ -127,6 +149,7 @@ impl Snapshot {
                     })
                     .collect();
                 let spill = Spill::all_healthy(tiers.len());
+                let limited = backends.iter().any(|b| b.limiter.is_some());
                 ServiceState {
                     name: s.name.as_str().into(),
                     backends,
@@ -138,6 +161,14 @@ impl Snapshot {
                     tier_turn: AtomicU64::new(0),
                     counters: h.service,
                     no_backend: h.no_backend,
+                    class: s.class,
+                    // Validated as a token, so it always parses.
+                    class_header: s
+                        .class_header
+                        .as_deref()
+                        .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok()),
+                    limited,
+                    queue_timeout: s.queue_timeout,
                 }
             })
             .collect();

@@ -28,6 +28,10 @@ struct Args {
     /// Append the request head to the body (to see what a proxy forwarded).
     #[arg(long)]
     echo_headers: bool,
+    /// Serve at most this many requests at a time (0: no limit); the others wait their turn,
+    /// like a worker pool of that size.
+    #[arg(long, default_value_t = 0)]
+    max_concurrent: usize,
     /// Append every complete request received (head and body read) to this file, one line
     /// each, head escaped: what a proxy let through, for tests to check.
     #[arg(long, value_name = "FILE")]
@@ -36,6 +40,8 @@ struct Args {
 
 /// What each connection needs besides its stream.
 struct Conf {
+    /// Permits for `--max-concurrent`.
+    workers: Option<tokio::sync::Semaphore>,
     id: Arc<str>,
     delay: Duration,
     echo_headers: bool,
@@ -57,6 +63,8 @@ async fn main() {
     };
     eprintln!("rusty-echo {} listening on {}", args.id, args.listen);
     let conf = Arc::new(Conf {
+        workers: (args.max_concurrent > 0)
+            .then(|| tokio::sync::Semaphore::new(args.max_concurrent)),
         id: args.id.into(),
         delay: Duration::from_millis(args.delay_ms),
         echo_headers: args.echo_headers,
@@ -79,6 +87,7 @@ async fn main() {
 
 async fn serve(mut stream: TcpStream, conf: Arc<Conf>) {
     let Conf {
+        workers,
         id,
         delay,
         echo_headers,
@@ -131,6 +140,10 @@ async fn serve(mut stream: TcpStream, conf: Arc<Conf>) {
                 eprintln!("rusty-echo: --record {}: {e}", path.display());
             }
         }
+        let _worker = match workers {
+            Some(w) => w.acquire().await.ok(),
+            None => None,
+        };
         if !delay.is_zero() {
             tokio::time::sleep(*delay).await;
         }

@@ -22,7 +22,7 @@ pub mod table;
 pub mod validate;
 
 pub use error::TableError;
-pub use table::{Backend, Service, Table};
+pub use table::{Backend, RequestClass, Service, Table};
 pub use validate::{
     check_succession, decode, validate, HostPattern, ValidBackend, ValidService, ValidTable,
     ValidTier,

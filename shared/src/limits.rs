@@ -35,3 +35,7 @@ pub const OVERPROVISIONING_MAX: f64 = 100.0;
 pub const TIMEOUT_MS_MAX: u64 = 3_600_000;
 /// Most retries (attempts after the first) per request.
 pub const RETRIES_MAX: u32 = 10;
+/// Most requests in flight per backend address a service may set (`max_inflight`).
+pub const MAX_INFLIGHT_MAX: u32 = 1_000_000;
+/// Longest name of a `class_header`.
+pub const MAX_CLASS_HEADER_LEN: usize = 64;

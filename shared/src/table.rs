@@ -15,6 +15,10 @@
 //! - `services[].overprovisioning` [1.4]: Envoy's factor for spilling traffic across tiers.
 //! - `services[].connect_timeout_ms` [1000], `read_timeout_ms` [60000], `retries` [2],
 //!   `eject_ms` [10000]: upstream policy of the data plane for this service.
+//! - `services[].class` ["normal"]: the request priority class, `critical`, `normal` or `bulk`;
+//!   `class_header` [none]: a request header whose value (one of the three) overrides it.
+//! - `services[].max_inflight` [0 = unlimited]: requests in flight per backend address; over it a
+//!   request waits in the data plane's queue, by class, for at most `queue_timeout_ms` [1000].
 //! - `backends[].id`, `addr` ("ip:port"), `weight` [1] in 1..=1000, `priority` [0], 0 = most
 //!   preferred.
 
@@ -56,6 +60,54 @@ pub struct Service {
     pub retries: u32,
     #[serde(default = "default_eject_ms")]
     pub eject_ms: u64,
+    #[serde(default, skip_serializing_if = "RequestClass::is_default")]
+    pub class: RequestClass,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class_header: Option<String>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub max_inflight: u32,
+    #[serde(default = "default_queue_timeout_ms")]
+    pub queue_timeout_ms: u64,
+}
+
+/// How much a request matters when there is not capacity for everyone: under overload a
+/// higher class is served first and a lower one is shed first.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum RequestClass {
+    Bulk = 0,
+    #[default]
+    Normal = 1,
+    Critical = 2,
+}
+
+impl RequestClass {
+    pub const ALL: [RequestClass; 3] = [
+        RequestClass::Bulk,
+        RequestClass::Normal,
+        RequestClass::Critical,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestClass::Bulk => "bulk",
+            RequestClass::Normal => "normal",
+            RequestClass::Critical => "critical",
+        }
+    }
+
+    /// A class named in a request header (ASCII case-insensitive).
+    pub fn from_bytes(b: &[u8]) -> Option<RequestClass> {
+        RequestClass::ALL
+            .into_iter()
+            .find(|c| c.as_str().as_bytes().eq_ignore_ascii_case(b))
+    }
+
+    fn is_default(&self) -> bool {
+        *self == RequestClass::Normal
+    }
 }
 
 /// One upstream address of a service.
@@ -84,6 +136,10 @@ impl Service {
             read_timeout_ms: default_read_timeout_ms(),
             retries: default_retries(),
             eject_ms: default_eject_ms(),
+            class: RequestClass::Normal,
+            class_header: None,
+            max_inflight: 0,
+            queue_timeout_ms: default_queue_timeout_ms(),
         }
     }
 }
@@ -137,6 +193,12 @@ fn default_retries() -> u32 {
 }
 fn default_eject_ms() -> u64 {
     10_000
+}
+fn default_queue_timeout_ms() -> u64 {
+    1_000
+}
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 fn default_weight() -> u32 {
     1

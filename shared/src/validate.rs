@@ -12,7 +12,7 @@ use std::time::Duration;
 use crate::error::TableError;
 use crate::limits::*;
 use crate::schedule::{reduce_weights, schedule_len, smooth_weighted};
-use crate::table::{Service, Table};
+use crate::table::{RequestClass, Service, Table};
 
 /// A table that passed [`validate`], in the shape the data plane routes with.
 #[derive(Debug, Clone)]
@@ -38,6 +38,12 @@ pub struct ValidService {
     pub read_timeout: Duration,
     pub retries: u32,
     pub eject_for: Duration,
+    pub class: RequestClass,
+    /// Lower-cased header name whose value may override `class` per request.
+    pub class_header: Option<String>,
+    /// Requests in flight per backend address; 0 = unlimited.
+    pub max_inflight: u32,
+    pub queue_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -214,6 +220,7 @@ fn validate_service(svc: &Service) -> Result<ValidService, TableError> {
         ("connect_timeout_ms", svc.connect_timeout_ms),
         ("read_timeout_ms", svc.read_timeout_ms),
         ("eject_ms", svc.eject_ms),
+        ("queue_timeout_ms", svc.queue_timeout_ms),
     ] {
         if ms == 0 || ms > TIMEOUT_MS_MAX {
             return Err(out_of_range(name, field, ms, "1..=3600000"));
@@ -222,6 +229,29 @@ fn validate_service(svc: &Service) -> Result<ValidService, TableError> {
     if svc.retries > RETRIES_MAX {
         return Err(out_of_range(name, "retries", svc.retries, "0..=10"));
     }
+    if svc.max_inflight > MAX_INFLIGHT_MAX {
+        return Err(out_of_range(
+            name,
+            "max_inflight",
+            svc.max_inflight,
+            "0..=1000000",
+        ));
+    }
+    let class_header = match &svc.class_header {
+        None => None,
+        Some(h) => {
+            let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+            if h.is_empty() || h.len() > MAX_CLASS_HEADER_LEN || !h.bytes().all(token) {
+                return Err(TableError::PolicyOutOfRange {
+                    service: name.clone(),
+                    field: "class_header",
+                    value: format!("{h:?}"),
+                    range: "a header name of 1 to 64 token characters",
+                });
+            }
+            Some(h.to_ascii_lowercase())
+        }
+    };
 
     let mut ids = HashSet::new();
     let mut backends = Vec::with_capacity(svc.backends.len());
@@ -276,6 +306,10 @@ fn validate_service(svc: &Service) -> Result<ValidService, TableError> {
         read_timeout: Duration::from_millis(svc.read_timeout_ms),
         retries: svc.retries,
         eject_for: Duration::from_millis(svc.eject_ms),
+        class: svc.class,
+        class_header,
+        max_inflight: svc.max_inflight,
+        queue_timeout: Duration::from_millis(svc.queue_timeout_ms),
     })
 }
 
