@@ -10,15 +10,21 @@ use rusty_e2e::*;
 /// in advance and spread over `rate` keep-alive clients (one request a second each), so an
 /// answer that takes up to a second (the queue timeout) does not slow the offered load down.
 /// Returns (status or 0 for an I/O error, latency) per request.
-fn open_loop(port: u16, path: &str, rate: u32, duration: Duration) -> Vec<(u16, Duration)> {
+fn open_loop(
+    port: u16,
+    path: &str,
+    header: &str,
+    rate: u32,
+    duration: Duration,
+) -> Vec<(u16, Duration)> {
     let clients = rate.max(1);
     let interval = Duration::from_secs_f64(1.0 / f64::from(rate));
     let start = Instant::now() + Duration::from_millis(50);
     let total = (duration.as_secs_f64() * f64::from(rate)) as u32;
-    let path: Arc<str> = path.into();
+    let head: Arc<str> = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{header}\r\n").into();
     let handles: Vec<_> = (0..clients)
         .map(|k| {
-            let path = path.clone();
+            let head = head.clone();
             std::thread::spawn(move || {
                 let mut client = Client::new(port);
                 let mut out = Vec::new();
@@ -29,7 +35,7 @@ fn open_loop(port: u16, path: &str, rate: u32, duration: Duration) -> Vec<(u16, 
                         std::thread::sleep(wait);
                     }
                     let t0 = Instant::now();
-                    let status = client.get("localhost", &path).map_or(0, |r| r.status);
+                    let status = client.request(&head).map_or(0, |r| r.status);
                     out.push((status, t0.elapsed()));
                     n += clients;
                 }
@@ -86,10 +92,15 @@ fn describe(name: &str, o: &Outcome) -> String {
     )
 }
 
-/// Offer both services their rates at once; the outcomes of (critical, bulk).
-fn offer(port: u16, critical: u32, bulk: u32, duration: Duration) -> (Outcome, Outcome) {
-    let c = std::thread::spawn(move || open_loop(port, "/crit", critical, duration));
-    let b = std::thread::spawn(move || open_loop(port, "/bulk", bulk, duration));
+/// Offer two streams at once, each (path, extra header line); their outcomes.
+fn offer(
+    port: u16,
+    (c_path, c_header, c_rate): (&'static str, &'static str, u32),
+    (b_path, b_header, b_rate): (&'static str, &'static str, u32),
+    duration: Duration,
+) -> (Outcome, Outcome) {
+    let c = std::thread::spawn(move || open_loop(port, c_path, c_header, c_rate, duration));
+    let b = std::thread::spawn(move || open_loop(port, b_path, b_header, b_rate, duration));
     (outcome(&c.join().unwrap()), outcome(&b.join().unwrap()))
 }
 
@@ -116,7 +127,12 @@ fn critical_traffic_keeps_its_share_under_twice_the_capacity_and_nobody_is_shed_
     lb.wait_version(1, Duration::from_secs(10));
 
     // 2x the backend's capacity together: critical 0.6x, bulk 1.4x.
-    let (crit, bulk) = offer(lb.port, 120, 280, Duration::from_secs(4));
+    let (crit, bulk) = offer(
+        lb.port,
+        ("/crit", "", 120),
+        ("/bulk", "", 280),
+        Duration::from_secs(4),
+    );
     eprintln!("2x capacity: {}", describe("critical", &crit));
     eprintln!("2x capacity: {}", describe("bulk", &bulk));
     assert_eq!(crit.other + bulk.other, 0, "only 200 or a 503 shed");
@@ -146,9 +162,58 @@ fn critical_traffic_keeps_its_share_under_twice_the_capacity_and_nobody_is_shed_
     // Half of that load, the backend's nominal capacity (a little over its real one, 20 ms plus
     // the round trip per slot): queueing within the default 1 s queue timeout, nobody shed.
     std::thread::sleep(Duration::from_millis(700));
-    let (crit, bulk) = offer(lb.port, 60, 140, Duration::from_secs(4));
+    let (crit, bulk) = offer(
+        lb.port,
+        ("/crit", "", 60),
+        ("/bulk", "", 140),
+        Duration::from_secs(4),
+    );
     eprintln!("1x capacity: {}", describe("critical", &crit));
     eprintln!("1x capacity: {}", describe("bulk", &bulk));
     assert_eq!(crit.ok, crit.sent, "{}", describe("critical", &crit));
     assert_eq!(bulk.ok, bulk.sent, "{}", describe("bulk", &bulk));
+}
+
+#[test]
+fn a_class_header_sorts_the_requests_of_one_service() {
+    let backend = Echo::start_with("shared", &["--max-concurrent", "4", "--delay-ms", "20"]);
+    let dir = TempDir::new("class-header");
+    let table = serde_json::json!({
+        "version": 1,
+        "services": [{
+            "name": "mixed",
+            "class_header": "x-priority",
+            "max_inflight": 4,
+            "backends": [{"id": "shared", "addr": backend.addr()}],
+        }],
+    });
+    let path = dir.path("table.json");
+    write_atomic(&path, &table.to_string());
+    let lb = Lb::start(&["--table".to_owned(), path.display().to_string()]);
+    lb.wait_version(1, Duration::from_secs(10));
+
+    // The same service at 2x capacity: interactive clients mark themselves critical, batch
+    // clients bulk; an unknown value would keep the service's class (normal).
+    let (crit, bulk) = offer(
+        lb.port,
+        ("/", "X-Priority: critical\r\n", 120),
+        ("/", "x-priority: BULK\r\n", 280),
+        Duration::from_secs(3),
+    );
+    eprintln!("class header: {}", describe("critical", &crit));
+    eprintln!("class header: {}", describe("bulk", &bulk));
+    assert!(
+        crit.ok * 100 >= crit.sent * 95,
+        "{}",
+        describe("critical", &crit)
+    );
+    assert!(bulk.shed > bulk.sent / 4, "{}", describe("bulk", &bulk));
+    assert_eq!(
+        lb.metric(r#"rustybalancer_requests_shed_total{service="mixed",class="critical"}"#),
+        crit.shed as f64
+    );
+    assert_eq!(
+        lb.metric(r#"rustybalancer_requests_shed_total{service="mixed",class="bulk"}"#),
+        bulk.shed as f64
+    );
 }

@@ -152,6 +152,18 @@ pub struct RawService {
     /// ten steps over this long, so a cold instance is not flooded. Off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slow_start: Option<Dur>,
+    /// Request priority class under overload: `critical`, `normal` (default) or `bulk`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<rusty_shared::RequestClass>,
+    /// A request header whose value (`critical`, `normal`, `bulk`) overrides `class`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class_header: Option<String>,
+    /// Requests in flight per instance; more wait in the data plane's queue by class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_inflight: Option<u32>,
+    /// How long a request may wait in that queue before it gets 503.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_timeout: Option<Dur>,
     #[serde(default)]
     pub health: RawHealth,
     #[serde(default)]

@@ -292,3 +292,31 @@ fn slow_start_limits_weights_to_what_scaling_by_ten_allows() {
         std::time::Duration::from_secs(10)
     );
 }
+
+#[test]
+fn priority_settings_reach_the_route_and_bad_ones_are_named() {
+    let text = format!(
+        "{BASE}\n[env.prio.services.api]\nclass = \"critical\"\nclass_header = \"X-Priority\"\nmax_inflight = 8\nqueue_timeout = \"250ms\"\n"
+    );
+    let l = load(&text, Some("prio")).unwrap();
+    let api = l.config.services.iter().find(|s| s.name == "api").unwrap();
+    assert_eq!(api.route.class, rusty_shared::RequestClass::Critical);
+    assert_eq!(api.route.class_header.as_deref(), Some("X-Priority"));
+    assert_eq!(api.route.max_inflight, 8);
+    assert_eq!(api.route.queue_timeout_ms, 250);
+    let web = l.config.services.iter().find(|s| s.name == "web").unwrap();
+    assert_eq!(web.route.class, rusty_shared::RequestClass::Normal);
+    assert_eq!(web.route.max_inflight, 0, "unlimited unless set");
+
+    let e = errors(&format!(
+        "{BASE}\n[services.x]\ncommand = \"./x\"\nclass = \"urgent\"\n"
+    ));
+    assert!(e.contains("services.x.class"), "{e}");
+    let e = errors(&format!(
+        "{BASE}\n[services.x]\ncommand = \"./x\"\nclass_header = \"bad header\"\n"
+    ));
+    assert!(
+        e.contains("services.x") && e.contains("class_header"),
+        "{e}"
+    );
+}

@@ -334,6 +334,10 @@ fn service(name: &str, s: &RawService, base_dir: &Path, errs: &mut Errors) -> Op
     route.eject_ms = ms(&s.eject, route.eject_ms);
     route.retries = s.retries.unwrap_or(route.retries);
     route.overprovisioning = s.overprovisioning.unwrap_or(route.overprovisioning);
+    route.class = s.class.unwrap_or(route.class);
+    route.class_header = s.class_header.clone();
+    route.max_inflight = s.max_inflight.unwrap_or(route.max_inflight);
+    route.queue_timeout_ms = ms(&s.queue_timeout, route.queue_timeout_ms);
     // The route's own ranges (timeouts, retries, hosts, prefix) are the table's: check them with
     // the same code the data plane runs, on a one-backend trial table.
     let mut trial = route.clone();
