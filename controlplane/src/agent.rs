@@ -69,7 +69,7 @@ pub async fn run(config: Config) -> Result<()> {
 
     let shared = Arc::new(Shared {
         token,
-        commands: commands_tx,
+        commands: commands_tx.clone(),
         feed,
         metrics,
         shutdown: shutdown_rx.clone(),
@@ -81,6 +81,24 @@ pub async fn run(config: Config) -> Result<()> {
         "agent up: tables at ws://{}/v1/tables",
         agent.listen
     );
+    let scraper = if config.services.iter().any(|s| s.autoscale.is_some()) {
+        let token = match &agent.data_plane_token_file {
+            Some(path) => {
+                Some(rusty_shared::auth::read_token(path).context("agent.data_plane_token_file")?)
+            }
+            None => None,
+        };
+        info!(data_planes = ?agent.data_planes, "autoscaling: reading the data planes' load");
+        Some(tokio::spawn(crate::scrape::run(
+            agent.data_planes.clone(),
+            token,
+            agent.scrape_interval,
+            commands_tx.clone(),
+            shutdown_rx.clone(),
+        )))
+    } else {
+        None
+    };
     let server = tokio::spawn(server::serve(listener, shared));
     let core = tokio::spawn(core.run(commands_rx, runtime_rx, shutdown_rx));
 
@@ -92,6 +110,9 @@ pub async fn run(config: Config) -> Result<()> {
     }
     let _ = shutdown_tx.send(true);
     let _ = server.await;
+    if let Some(scraper) = scraper {
+        let _ = scraper.await;
+    }
     let _ = core.await;
     info!("agent stopped");
     Ok(())

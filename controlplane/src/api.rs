@@ -29,7 +29,28 @@ pub struct ServiceStatus {
     pub image: String,
     pub args: Vec<String>,
     pub deploy: Option<DeployStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<AutoscaleStatus>,
     pub instances: Vec<InstanceStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AutoscaleStatus {
+    pub min_replicas: u32,
+    pub max_replicas: u32,
+    pub target_inflight: f64,
+    /// Requests in flight over all data planes at the last sample, if any was taken.
+    pub load: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_decision: Option<AutoscaleDecision>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AutoscaleDecision {
+    pub from: u32,
+    pub to: u32,
+    pub reason: String,
+    pub ago_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

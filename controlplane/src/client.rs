@@ -114,6 +114,25 @@ pub async fn status(args: &AgentArgs, json: bool) -> Result<()> {
             "docker" => println!("  image: {} {}", s.image, s.args.join(" ")),
             _ => {}
         }
+        if let Some(a) = &s.autoscale {
+            println!(
+                "  autoscale: {}..{} instances, target {} in flight each; load now {}",
+                a.min_replicas,
+                a.max_replicas,
+                a.target_inflight,
+                a.load
+                    .map_or("(no sample yet)".to_owned(), |l| format!("{l:.1}"))
+            );
+            if let Some(d) = &a.last_decision {
+                println!(
+                    "  last autoscale: {} -> {} instances {:.1}s ago: {}",
+                    d.from,
+                    d.to,
+                    d.ago_ms as f64 / 1000.0,
+                    d.reason
+                );
+            }
+        }
         if let Some(d) = &s.deploy {
             println!(
                 "  last deploy: generation {} from {}: {} after {:.1}s{}",

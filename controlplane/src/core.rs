@@ -15,7 +15,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{AbortHandle, JoinSet};
 use tracing::{debug, error, info, warn};
 
-use crate::api::{DeployRequest, DeployStatus, InstanceStatus, ServiceStatus, Status};
+use crate::api::{
+    AutoscaleDecision, AutoscaleStatus, DeployRequest, DeployStatus, InstanceStatus, ServiceStatus,
+    Status,
+};
+use crate::autoscale::Autoscaler;
 use crate::health;
 use crate::metrics::Metrics;
 use crate::publish::{self, Publisher};
@@ -48,6 +52,8 @@ pub enum Command {
         seq: u64,
         reply: oneshot::Sender<Result<(), ApiError>>,
     },
+    /// Requests in flight per service, summed over the data planes that answered.
+    Load(HashMap<String, f64>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +94,7 @@ pub struct Core {
     started_at: Instant,
     /// Set once the first table went out.
     published: bool,
+    autoscalers: HashMap<String, Autoscaler>,
 }
 
 impl Core {
@@ -98,7 +105,12 @@ impl Core {
         metrics: Arc<Metrics>,
     ) -> Core {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let autoscalers = specs
+            .iter()
+            .filter_map(|s| Some((s.name.clone(), Autoscaler::new(s.autoscale.clone()?))))
+            .collect();
         Core {
+            autoscalers,
             services: specs
                 .into_iter()
                 .map(|s| (s.name.clone(), ServiceState::new(s)))
@@ -531,6 +543,29 @@ impl Core {
                 };
                 let _ = reply.send(r);
             }
+            Command::Load(load) => self.autoscale(&load, now),
+        }
+    }
+
+    /// Apply the autoscalers to one load sample. A service the sample does not mention (no data
+    /// plane has it in its table yet) is left alone.
+    fn autoscale(&mut self, load: &HashMap<String, f64>, now: Instant) {
+        for (name, scaler) in &mut self.autoscalers {
+            let (Some(s), Some(&inflight)) = (self.services.get_mut(name), load.get(name)) else {
+                continue;
+            };
+            let Some(d) = scaler.observe(inflight, s.replicas, now) else {
+                continue;
+            };
+            match s.scale(d.to) {
+                Ok(()) => {
+                    let direction = if d.to > d.from { "out" } else { "in" };
+                    info!(service = %name, from = d.from, to = d.to, reason = %d.reason,
+                        "autoscale: scaling {direction}");
+                    self.metrics.autoscale(name, direction);
+                }
+                Err(e) => warn!(service = %name, to = d.to, error = %e, "autoscale: cannot scale"),
+            }
         }
     }
 
@@ -583,6 +618,18 @@ impl Core {
                                     .duration_since(d.started)
                                     .as_millis() as u64,
                             }
+                        }),
+                        autoscale: self.autoscalers.get(s.name()).map(|a| AutoscaleStatus {
+                            min_replicas: a.spec.min_replicas,
+                            max_replicas: a.spec.max_replicas,
+                            target_inflight: a.spec.target_inflight,
+                            load: a.load,
+                            last_decision: a.last.as_ref().map(|d| AutoscaleDecision {
+                                from: d.from,
+                                to: d.to,
+                                reason: d.reason.clone(),
+                                ago_ms: now.saturating_duration_since(d.at).as_millis() as u64,
+                            }),
                         }),
                         instances: s
                             .instances

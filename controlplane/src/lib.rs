@@ -10,6 +10,8 @@
 //!   rise/fall rule of [`health`];
 //! - [`publish`] turns healthy instances into versioned tables;
 //! - [`runtime`] runs instances (local processes, static addresses) behind one trait;
+//! - [`autoscale`] decides replica counts from load (pure), which [`scrape`] reads from the
+//!   data planes' `/metrics`;
 //! - [`core`] is the single task that owns the state and drives the others;
 //! - [`server`] is the listener: admin API, metrics, and the table stream;
 //! - [`client`] and [`cli`] are the command line.
@@ -17,6 +19,7 @@
 pub mod agent;
 pub mod api;
 pub mod auth;
+pub mod autoscale;
 pub mod cli;
 pub mod client;
 pub mod config;
@@ -26,6 +29,7 @@ pub mod metrics;
 pub mod publish;
 pub mod reconcile;
 pub mod runtime;
+pub mod scrape;
 pub mod server;
 pub mod spec;
 pub mod state;

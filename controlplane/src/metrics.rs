@@ -14,6 +14,7 @@ pub struct Metrics {
     checks: Mutex<BTreeMap<(String, &'static str), u64>>,
     deploys: Mutex<BTreeMap<(String, &'static str), u64>>,
     restarts: Mutex<BTreeMap<String, u64>>,
+    autoscales: Mutex<BTreeMap<(String, &'static str), u64>>,
     pub tables_published: AtomicU64,
     pub table_frames_sent: AtomicU64,
     pub subscribers: AtomicI64,
@@ -32,6 +33,11 @@ impl Metrics {
 
     pub fn deploy(&self, service: &str, outcome: &'static str) {
         bump(&self.deploys, service, outcome);
+    }
+
+    /// An autoscaling decision, `direction` = `out` or `in`.
+    pub fn autoscale(&self, service: &str, direction: &'static str) {
+        bump(&self.autoscales, service, direction);
     }
 
     pub fn restart(&self, service: &str) {
@@ -103,6 +109,28 @@ impl Metrics {
                 out,
                 "rusty_agent_deploys_total{{service=\"{svc}\",outcome=\"{outcome}\"}} {n}"
             );
+        }
+        out.push_str("# HELP rusty_agent_autoscale_decisions_total Autoscaling decisions by service and direction (out, in).\n# TYPE rusty_agent_autoscale_decisions_total counter\n");
+        for ((svc, direction), n) in self
+            .autoscales
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "rusty_agent_autoscale_decisions_total{{service=\"{svc}\",direction=\"{direction}\"}} {n}"
+            );
+        }
+        out.push_str("# HELP rusty_agent_observed_inflight Requests in flight the data planes last reported, by autoscaled service.\n# TYPE rusty_agent_observed_inflight gauge\n");
+        for s in &status.services {
+            if let Some(load) = s.autoscale.as_ref().and_then(|a| a.load) {
+                let _ = writeln!(
+                    out,
+                    "rusty_agent_observed_inflight{{service=\"{}\"}} {load}",
+                    s.name
+                );
+            }
         }
         let _ = writeln!(
             out,

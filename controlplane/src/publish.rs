@@ -239,6 +239,7 @@ mod tests {
                 drain: std::time::Duration::from_secs(1),
                 healthy_timeout: std::time::Duration::from_secs(5),
             },
+            autoscale: None,
         };
         let down = ServiceState::new(spec(2));
         assert!(

@@ -32,6 +32,7 @@ fn spec(replicas: u32, surge: u32) -> ServiceSpec {
             drain: Duration::from_secs(2),
             healthy_timeout: Duration::from_secs(10),
         },
+        autoscale: None,
     }
 }
 

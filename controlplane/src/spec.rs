@@ -30,6 +30,10 @@ pub struct AgentSettings {
     pub token_file: Option<PathBuf>,
     pub log: String,
     pub instance_host: IpAddr,
+    /// Data planes' admin listeners (`host:port`) whose load autoscaling reads.
+    pub data_planes: Vec<String>,
+    pub data_plane_token_file: Option<PathBuf>,
+    pub scrape_interval: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -108,6 +112,7 @@ pub struct ServiceSpec {
     pub slow_start: Duration,
     pub health: HealthSpec,
     pub rollout: RolloutPolicy,
+    pub autoscale: Option<crate::autoscale::AutoscaleSpec>,
 }
 
 /// Most instances one service may ask for.

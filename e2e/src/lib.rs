@@ -142,8 +142,11 @@ pub struct Lb {
 impl Lb {
     /// Start with these extra flags and wait until the admin listener answers.
     pub fn start(extra: &[String]) -> Lb {
-        let port = free_port();
-        let admin = free_port();
+        Lb::start_on(free_port(), free_port(), extra)
+    }
+
+    /// On given proxy and admin ports (when something else must know the admin port first).
+    pub fn start_on(port: u16, admin: u16, extra: &[String]) -> Lb {
         let mut args = vec![
             "--listen".to_owned(),
             format!("127.0.0.1:{port}"),
@@ -480,6 +483,11 @@ healthy_timeout = "5s"
 impl Agent {
     /// Start an agent with these `[services.*]` tables and wait until its listener answers.
     pub fn start(tag: &str, services: &str) -> Agent {
+        Agent::start_with(tag, "", services)
+    }
+
+    /// Like [`Agent::start`], with more lines for the `[agent]` table.
+    pub fn start_with(tag: &str, agent_lines: &str, services: &str) -> Agent {
         let dir = TempDir::new(tag);
         let port = free_port();
         let token_file = dir.path("token");
@@ -487,7 +495,7 @@ impl Agent {
             .expect("write token");
         let config = dir.path("agent.toml");
         let text = format!(
-            "[agent]\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"{}\"\ntoken_file = \"{}\"\nlog = \"info\"\n{services}",
+            "[agent]\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"{}\"\ntoken_file = \"{}\"\nlog = \"info\"\n{agent_lines}\n{services}",
             dir.path("state").display(),
             token_file.display()
         );
@@ -533,12 +541,21 @@ impl Agent {
 
     /// A data plane subscribed to this agent.
     pub fn lb(&self) -> Lb {
-        Lb::start(&[
-            "--agent".to_owned(),
-            self.ws_url(),
-            "--token-file".to_owned(),
-            self.token_file.display().to_string(),
-        ])
+        self.lb_on(free_port())
+    }
+
+    /// A data plane subscribed to this agent, with its admin listener on `admin`.
+    pub fn lb_on(&self, admin: u16) -> Lb {
+        Lb::start_on(
+            free_port(),
+            admin,
+            &[
+                "--agent".to_owned(),
+                self.ws_url(),
+                "--token-file".to_owned(),
+                self.token_file.display().to_string(),
+            ],
+        )
     }
 
     /// Run the CLI against this agent; returns (success, stdout + stderr).

@@ -73,6 +73,15 @@ pub struct RawAgent {
     /// The address process instances bind to and are reached at.
     #[serde(default = "default_instance_host")]
     pub instance_host: String,
+    /// Admin listeners (`host:port`) of the data planes whose `/metrics` autoscaling reads.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data_planes: Vec<String>,
+    /// Bearer token for those `/metrics`, when the data planes guard them (off loopback).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_plane_token_file: Option<PathBuf>,
+    /// How often the data planes' load is read.
+    #[serde(default = "default_scrape_interval")]
+    pub scrape_interval: Dur,
 }
 
 impl Default for RawAgent {
@@ -84,6 +93,9 @@ impl Default for RawAgent {
             require_token_file: false,
             log: default_log(),
             instance_host: default_instance_host(),
+            data_planes: Vec::new(),
+            data_plane_token_file: None,
+            scrape_interval: default_scrape_interval(),
         }
     }
 }
@@ -164,10 +176,29 @@ pub struct RawService {
     /// How long a request may wait in that queue before it gets 503.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_timeout: Option<Dur>,
+    /// Scale between bounds by the load the data planes report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<RawAutoscale>,
     #[serde(default)]
     pub health: RawHealth,
     #[serde(default)]
     pub rollout: RawRollout,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAutoscale {
+    pub min_replicas: u32,
+    pub max_replicas: u32,
+    /// Requests in flight per instance the service is sized for.
+    pub target_inflight: f64,
+    /// How long the load must stay over the target before scaling out.
+    #[serde(default = "default_autoscale_window")]
+    pub window: Dur,
+    /// How long it must stay under half the target, and since the last decision, before
+    /// scaling in.
+    #[serde(default = "default_autoscale_cooldown")]
+    pub cooldown: Dur,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -254,6 +285,15 @@ fn default_runtime() -> RuntimeName {
 }
 fn default_weight() -> u32 {
     1
+}
+fn default_scrape_interval() -> Dur {
+    Dur::ms(1_000)
+}
+fn default_autoscale_window() -> Dur {
+    Dur::ms(3_000)
+}
+fn default_autoscale_cooldown() -> Dur {
+    Dur::ms(30_000)
 }
 fn default_stop_grace() -> Dur {
     Dur::ms(5_000)

@@ -63,6 +63,32 @@ pub fn validate(raw: &RawConfig, base_dir: &Path) -> Result<Config, Vec<KeyError
             "no service is defined: add at least one [services.<name>]",
         );
     }
+    for (i, plane) in a.data_planes.iter().enumerate() {
+        let port_ok = plane.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+        if !port_ok {
+            errs.add(
+                format!("agent.data_planes[{i}]"),
+                format!("{plane:?} is not host:port (a data plane's --admin address)"),
+            );
+        }
+    }
+    if a.scrape_interval.0 < std::time::Duration::from_millis(100) {
+        errs.add("agent.scrape_interval", "must be at least 100ms");
+    }
+    let autoscaled: Vec<&String> = raw
+        .services
+        .iter()
+        .filter(|(_, s)| s.autoscale.is_some())
+        .map(|(n, _)| n)
+        .collect();
+    if let (Some(first), true) = (autoscaled.first(), a.data_planes.is_empty()) {
+        errs.add(
+            "agent.data_planes",
+            format!("services.{first}.autoscale needs the load of at least one data plane: list their admin addresses, e.g. [\"127.0.0.1:9100\"]"),
+        );
+    }
     let mut services = Vec::new();
     for (name, s) in &raw.services {
         if let Some(spec) = service(name, s, base_dir, &mut errs) {
@@ -91,6 +117,12 @@ pub fn validate(raw: &RawConfig, base_dir: &Path) -> Result<Config, Vec<KeyError
                 token_file: a.token_file.as_ref().map(|f| base_dir_join(base_dir, f)),
                 log: a.log.clone(),
                 instance_host,
+                data_planes: a.data_planes.clone(),
+                data_plane_token_file: a
+                    .data_plane_token_file
+                    .as_ref()
+                    .map(|f| base_dir_join(base_dir, f)),
+                scrape_interval: a.scrape_interval.0,
             },
             docker: raw.docker.as_ref().map(|d| DockerSettings {
                 host: d.host.clone(),
@@ -325,6 +357,53 @@ fn service(name: &str, s: &RawService, base_dir: &Path, errs: &mut Errors) -> Op
             ),
         );
     }
+    let mut replicas = replicas;
+    let autoscale = match &s.autoscale {
+        None => None,
+        Some(auto) => {
+            let before = errs.0.len();
+            if !matches!(s.runtime, RuntimeName::Process | RuntimeName::Docker) {
+                errs.add(
+                    key("autoscale"),
+                    "only for runtime = \"process\" or \"docker\": the agent must start the instances",
+                );
+            }
+            if auto.min_replicas == 0 || auto.min_replicas > auto.max_replicas {
+                errs.add(
+                    key("autoscale.min_replicas"),
+                    format!(
+                        "{} must be 1..=max_replicas ({})",
+                        auto.min_replicas, auto.max_replicas
+                    ),
+                );
+            }
+            if auto.max_replicas > MAX_REPLICAS {
+                errs.add(
+                    key("autoscale.max_replicas"),
+                    format!("{} is over the limit of {MAX_REPLICAS}", auto.max_replicas),
+                );
+            }
+            if !(auto.target_inflight > 0.0 && auto.target_inflight <= 1e6) {
+                errs.add(
+                    key("autoscale.target_inflight"),
+                    format!(
+                        "{} must be above 0 (requests in flight per instance)",
+                        auto.target_inflight
+                    ),
+                );
+            }
+            (errs.0.len() == before).then(|| {
+                replicas = replicas.clamp(auto.min_replicas, auto.max_replicas);
+                crate::autoscale::AutoscaleSpec {
+                    min_replicas: auto.min_replicas,
+                    max_replicas: auto.max_replicas,
+                    target_inflight: auto.target_inflight,
+                    window: auto.window.0,
+                    cooldown: auto.cooldown.0,
+                }
+            })
+        }
+    };
     let mut route = Service::new(name, Vec::new());
     route.hosts = s.hosts.clone();
     route.path_prefix = s.path_prefix.clone();
@@ -382,6 +461,7 @@ fn service(name: &str, s: &RawService, base_dir: &Path, errs: &mut Errors) -> Op
             drain: r.drain.0,
             healthy_timeout: r.healthy_timeout.0,
         },
+        autoscale,
     })
 }
 

@@ -1,0 +1,132 @@
+//! Reading the data planes' load for autoscaling: each data plane's `/metrics` (its admin
+//! listener), fetched by the agent. The control channel stays one-way: data planes never talk
+//! back on it; the agent asks them over plain HTTP like any Prometheus server would.
+//!
+//! One sample is the sum over every data plane that answered of
+//! `rustybalancer_inflight_requests{service="…"}`. When none answers there is no sample at all
+//! (missing data is not a zero load, so it must not scale anything in).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, warn};
+
+use crate::core::Command;
+
+/// How long one scrape of one data plane may take.
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Largest `/metrics` answer read.
+const MAX_BODY: usize = 16 << 20;
+
+/// The requests in flight per service in one data plane's metrics text.
+pub fn inflight_by_service(text: &str) -> HashMap<String, f64> {
+    let mut out = HashMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("rustybalancer_inflight_requests{service=\"") else {
+            continue;
+        };
+        let Some((service, value)) = rest.split_once("\"} ") else {
+            continue;
+        };
+        if let Ok(v) = value.trim().parse::<f64>() {
+            *out.entry(service.to_owned()).or_insert(0.0) += v;
+        }
+    }
+    out
+}
+
+/// GET `http://{addr}/metrics`, with the bearer token if the data plane needs one.
+async fn fetch(addr: &str, token: Option<&str>) -> Result<String, String> {
+    let run = async {
+        let mut s = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+        let head =
+            format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
+        s.write_all(head.as_bytes())
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        let mut raw = Vec::new();
+        s.take(MAX_BODY as u64)
+            .read_to_end(&mut raw)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        let text = String::from_utf8_lossy(&raw);
+        let (head, body) = text.split_once("\r\n\r\n").ok_or("no HTTP answer")?;
+        if !head.starts_with("HTTP/1.1 200") {
+            return Err(head.lines().next().unwrap_or("").to_owned());
+        }
+        Ok(body.to_owned())
+    };
+    tokio::time::timeout(SCRAPE_TIMEOUT, run)
+        .await
+        .map_err(|_| "timed out".to_owned())?
+}
+
+/// Scrape every data plane each `interval` and hand the summed load to the core, until shutdown.
+pub async fn run(
+    planes: Vec<String>,
+    token: Option<String>,
+    interval: Duration,
+    commands: mpsc::Sender<Command>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut failing: HashMap<String, bool> = HashMap::new();
+    loop {
+        let mut total: HashMap<String, f64> = HashMap::new();
+        let mut answered = 0;
+        for plane in &planes {
+            match fetch(plane, token.as_deref()).await {
+                Ok(text) => {
+                    answered += 1;
+                    if failing.insert(plane.clone(), false) == Some(true) {
+                        warn!(data_plane = %plane, "metrics answer again");
+                    }
+                    for (svc, v) in inflight_by_service(&text) {
+                        *total.entry(svc).or_insert(0.0) += v;
+                    }
+                }
+                Err(e) => {
+                    if failing.insert(plane.clone(), true) != Some(true) {
+                        warn!(data_plane = %plane, error = %e,
+                            "cannot read the data plane's metrics; autoscaling uses the others");
+                    }
+                }
+            }
+        }
+        if answered > 0 {
+            debug!(?total, answered, "load sampled");
+            if commands.send(Command::Load(total)).await.is_err() {
+                return;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inflight_is_read_per_service_and_other_series_are_ignored() {
+        let text = "# HELP rustybalancer_inflight_requests x\n\
+            # TYPE rustybalancer_inflight_requests gauge\n\
+            rustybalancer_inflight_requests{service=\"web\"} 7\n\
+            rustybalancer_inflight_requests{service=\"api\"} 0\n\
+            rustybalancer_inflight_requests_other{service=\"web\"} 99\n\
+            rustybalancer_requests_total{service=\"web\",backend=\"a\",code=\"200\"} 5\n\
+            rustybalancer_inflight_requests{service=\"bad\"} x\n";
+        let m = inflight_by_service(text);
+        assert_eq!(m.get("web"), Some(&7.0));
+        assert_eq!(m.get("api"), Some(&0.0));
+        assert_eq!(m.len(), 2);
+    }
+}

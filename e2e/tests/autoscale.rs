@@ -1,0 +1,113 @@
+//! Autoscaling end to end: a real agent reads the real data plane's `/metrics` and scales a
+//! service of real processes out under a rising load and back in after it, with no failed request.
+
+use std::time::{Duration, Instant};
+
+use rusty_e2e::*;
+
+#[test]
+fn a_rising_load_scales_out_before_anything_fails_and_back_in_after() {
+    let admin = free_port();
+    let services = format!(
+        r#"
+[services.web]
+command = "{echo}"
+args = ["--listen", "{{host}}:{{port}}", "--id", "web{{instance}}", "--delay-ms", "50"]
+replicas = 1
+
+[services.web.autoscale]
+min_replicas = 1
+max_replicas = 4
+target_inflight = 2
+window = "1s"
+cooldown = "3s"
+
+[services.web.health]
+interval = "100ms"
+timeout = "1s"
+rise = 2
+fall = 3
+
+[services.web.rollout]
+drain = "500ms"
+healthy_timeout = "5s"
+"#,
+        echo = bin("rusty-echo").display()
+    );
+    let agent = Agent::start_with(
+        "autoscale",
+        &format!("data_planes = [\"127.0.0.1:{admin}\"]\nscrape_interval = \"200ms\""),
+        &services,
+    );
+    let lb = agent.lb_on(admin);
+    agent.wait_until("one instance in the table", Duration::from_secs(15), |st| {
+        st["services"][0]["healthy"] == 1
+    });
+
+    // A light load (about one request in flight, under the target of 2 per instance).
+    let light = LoadLoop::start(lb.port, "localhost", 1, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        agent.service("web")["replicas"],
+        1,
+        "a light load must not scale"
+    );
+
+    // Ramp up: 6 clients keep about 6 requests in flight, 6 per instance.
+    let breach = Instant::now();
+    let heavy = LoadLoop::start(lb.port, "localhost", 5, Duration::from_secs(60));
+    agent.wait_until("a scale-out decision", Duration::from_secs(10), |st| {
+        st["services"][0]["replicas"].as_u64() > Some(1)
+    });
+    let decided = breach.elapsed();
+    let target = agent.service("web")["replicas"].as_u64().unwrap();
+    agent.wait_until(
+        "the new instances in the table",
+        Duration::from_secs(15),
+        |st| st["services"][0]["healthy"].as_u64() == Some(target),
+    );
+    let serving = breach.elapsed();
+    let web = agent.service("web");
+    let decision = &web["autoscale"]["last_decision"];
+    assert_eq!(decision["from"], 1);
+    assert!(
+        decision["reason"]
+            .as_str()
+            .unwrap()
+            .contains("over the target"),
+        "{decision}"
+    );
+    assert!(
+        target >= 3,
+        "6 in flight at a target of 2 need 3 instances: {target}"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+
+    // The load ends: after the cooldown the service goes back to its minimum, draining first.
+    let heavy = heavy.finish();
+    let light = light.finish();
+    let ended = Instant::now();
+    agent.wait_until("scale-in to 1", Duration::from_secs(20), |st| {
+        st["services"][0]["replicas"] == 1 && st["services"][0]["healthy"] == 1
+    });
+    let scaled_in = ended.elapsed();
+    eprintln!(
+        "autoscale: first breach -> decision {decided:?}, -> {target} instances serving {serving:?}; load end -> back to 1 {scaled_in:?}"
+    );
+    for report in [&heavy, &light] {
+        assert!(report.failures.is_empty(), "{:?}", report.failures);
+    }
+    assert!(
+        heavy.by_backend.len() >= 3,
+        "the new instances served: {:?}",
+        heavy.by_backend
+    );
+    let metrics = agent.api_get("/metrics").body;
+    for direction in ["out", "in"] {
+        let series = format!(
+            "rusty_agent_autoscale_decisions_total{{service=\"web\",direction=\"{direction}\"}}"
+        );
+        assert!(metrics.contains(&series), "{series} missing:\n{metrics}");
+    }
+    drop(lb);
+}
