@@ -8,15 +8,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-missing=()
-command -v wrk >/dev/null || missing+=(wrk)
-command -v nginx >/dev/null || missing+=(nginx-light)
-command -v haproxy >/dev/null || missing+=(haproxy)
-if [ ${#missing[@]} -gt 0 ]; then
-  sudo_=""; [ "$(id -u)" = 0 ] || sudo_=sudo
-  $sudo_ apt-get update -q >/dev/null
-  DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -q "${missing[@]}" >/dev/null
-fi
-./scripts/setup.sh
-cargo build --release -p rusty-lb --bin rusty-lb
+source loadtest/prepare.sh
+prepare wrk=wrk nginx=nginx-light haproxy=haproxy
 exec python3 loadtest/shutdown.py "$@"

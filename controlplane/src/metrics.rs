@@ -79,13 +79,13 @@ impl Metrics {
                 s.name, s.replicas
             );
         }
-        out.push_str("# HELP rusty_agent_health_checks_total Health checks by service and result.\n# TYPE rusty_agent_health_checks_total counter\n");
-        for ((svc, result), n) in self.checks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            let _ = writeln!(
-                out,
-                "rusty_agent_health_checks_total{{service=\"{svc}\",result=\"{result}\"}} {n}"
-            );
-        }
+        counters(
+            &mut out,
+            "rusty_agent_health_checks_total",
+            "Health checks by service and result.",
+            "result",
+            &self.checks,
+        );
         out.push_str("# HELP rusty_agent_instance_restarts_total Instances restarted after they exited on their own.\n# TYPE rusty_agent_instance_restarts_total counter\n");
         for (svc, n) in self
             .restarts
@@ -98,30 +98,20 @@ impl Metrics {
                 "rusty_agent_instance_restarts_total{{service=\"{svc}\"}} {n}"
             );
         }
-        out.push_str("# HELP rusty_agent_deploys_total Finished deploys by service and outcome.\n# TYPE rusty_agent_deploys_total counter\n");
-        for ((svc, outcome), n) in self
-            .deploys
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            let _ = writeln!(
-                out,
-                "rusty_agent_deploys_total{{service=\"{svc}\",outcome=\"{outcome}\"}} {n}"
-            );
-        }
-        out.push_str("# HELP rusty_agent_autoscale_decisions_total Autoscaling decisions by service and direction (out, in).\n# TYPE rusty_agent_autoscale_decisions_total counter\n");
-        for ((svc, direction), n) in self
-            .autoscales
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            let _ = writeln!(
-                out,
-                "rusty_agent_autoscale_decisions_total{{service=\"{svc}\",direction=\"{direction}\"}} {n}"
-            );
-        }
+        counters(
+            &mut out,
+            "rusty_agent_deploys_total",
+            "Finished deploys by service and outcome.",
+            "outcome",
+            &self.deploys,
+        );
+        counters(
+            &mut out,
+            "rusty_agent_autoscale_decisions_total",
+            "Autoscaling decisions by service and direction (out, in).",
+            "direction",
+            &self.autoscales,
+        );
         out.push_str("# HELP rusty_agent_observed_inflight Requests in flight the data planes last reported, by autoscaled service.\n# TYPE rusty_agent_observed_inflight gauge\n");
         for s in &status.services {
             if let Some(load) = s.autoscale.as_ref().and_then(|a| a.load) {
@@ -158,5 +148,19 @@ impl Metrics {
             self.subscribers_refused.load(Ordering::Relaxed)
         );
         out
+    }
+}
+
+/// A counter labelled by service and one more label, from its map.
+fn counters(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    label: &str,
+    map: &Mutex<BTreeMap<(String, &'static str), u64>>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for ((svc, value), n) in map.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        let _ = writeln!(out, "{name}{{service=\"{svc}\",{label}=\"{value}\"}} {n}");
     }
 }

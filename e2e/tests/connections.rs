@@ -189,6 +189,18 @@ fn client_loop(port: u16, stop: Arc<AtomicBool>, fresh: bool) -> Seen {
     seen
 }
 
+/// Wait for every client and add up what they saw.
+fn join_all(clients: Vec<std::thread::JoinHandle<Seen>>) -> Seen {
+    let mut total = Seen::default();
+    for c in clients {
+        let seen = c.join().expect("client thread");
+        total.ok += seen.ok;
+        total.refused += seen.refused;
+        total.failed.extend(seen.failed);
+    }
+    total
+}
+
 #[test]
 fn sigterm_under_keep_alive_load_fails_no_request_and_exits_once_the_last_is_done() {
     let a = Echo::start("a");
@@ -222,13 +234,7 @@ fn sigterm_under_keep_alive_load_fails_no_request_and_exits_once_the_last_is_don
     let code = lb.proc.wait_exit(Duration::from_secs(5));
     let exited_after = t0.elapsed();
     stop.store(true, Relaxed);
-    let mut total = Seen::default();
-    for c in clients {
-        let seen = c.join().unwrap();
-        total.ok += seen.ok;
-        total.refused += seen.refused;
-        total.failed.extend(seen.failed);
-    }
+    let total = join_all(clients);
     eprintln!("graceful shutdown under load: {total:?}, exit after {exited_after:?}");
     assert!(
         total.failed.is_empty(),
@@ -292,13 +298,7 @@ fn a_binary_upgrade_under_load_refuses_no_connection_and_fails_no_request() {
     let code = old.proc.wait_exit(Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Relaxed);
-    let mut total = Seen::default();
-    for c in clients {
-        let seen = c.join().unwrap();
-        total.ok += seen.ok;
-        total.refused += seen.refused;
-        total.failed.extend(seen.failed);
-    }
+    let total = join_all(clients);
     eprintln!("binary upgrade under load: {total:?}");
     assert_eq!(code, Some(0), "the old rusty-lb did not exit cleanly");
     assert_eq!(total.refused, 0, "{total:?}");

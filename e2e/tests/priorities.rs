@@ -104,6 +104,15 @@ fn offer(
     (outcome(&c.join().unwrap()), outcome(&b.join().unwrap()))
 }
 
+/// A `rusty-lb` serving `table`.
+fn serving(dir: &TempDir, table: &serde_json::Value) -> Lb {
+    let path = dir.path("table.json");
+    write_atomic(&path, &table.to_string());
+    let lb = Lb::start(&["--table".to_owned(), path.display().to_string()]);
+    lb.wait_version(1, Duration::from_secs(10));
+    lb
+}
+
 #[test]
 fn critical_traffic_keeps_its_share_under_twice_the_capacity_and_nobody_is_shed_at_half() {
     let backend = Echo::start_with("shared", &["--max-concurrent", "4", "--delay-ms", "20"]);
@@ -121,10 +130,7 @@ fn critical_traffic_keeps_its_share_under_twice_the_capacity_and_nobody_is_shed_
         "version": 1,
         "services": [service("crit", "critical"), service("bulk", "bulk")],
     });
-    let path = dir.path("table.json");
-    write_atomic(&path, &table.to_string());
-    let lb = Lb::start(&["--table".to_owned(), path.display().to_string()]);
-    lb.wait_version(1, Duration::from_secs(10));
+    let lb = serving(&dir, &table);
 
     // 2x the backend's capacity together: critical 0.6x, bulk 1.4x.
     let (crit, bulk) = offer(
@@ -187,10 +193,7 @@ fn a_class_header_sorts_the_requests_of_one_service() {
             "backends": [{"id": "shared", "addr": backend.addr()}],
         }],
     });
-    let path = dir.path("table.json");
-    write_atomic(&path, &table.to_string());
-    let lb = Lb::start(&["--table".to_owned(), path.display().to_string()]);
-    lb.wait_version(1, Duration::from_secs(10));
+    let lb = serving(&dir, &table);
 
     // The same service at 2x capacity: interactive clients mark themselves critical, batch
     // clients bulk; an unknown value would keep the service's class (normal).
