@@ -318,3 +318,29 @@ fn a_binary_upgrade_under_load_refuses_no_connection_and_fails_no_request() {
     assert_eq!(lb.table_version(), Some(7));
     assert_eq!(lb.get("localhost", "/").backend(), Some("a"));
 }
+
+#[test]
+fn a_response_still_streaming_at_sigterm_is_finished_not_cut() {
+    // 2 s of body in ten pieces, with the echo's head in it so the body is long enough.
+    let slow = Echo::start_with("slow", &["--trickle-ms", "2000", "--echo-headers"]);
+    let dir = TempDir::new("drain-stream");
+    let path = dir.path("table.json");
+    write_atomic(&path, &table(1, &[("slow", &slow.addr(), 1, 0)]));
+    let mut lb = Lb::start(&["--table".to_owned(), path.display().to_string()]);
+    lb.wait_version(1, Duration::from_secs(10));
+    let port = lb.port;
+    let download = std::thread::spawn(move || Client::new(port).get("localhost", "/stream"));
+    // The headers are out and the body is streaming when the signal comes; the drain window
+    // for idle connections (0.5 s) passes long before the body is done.
+    std::thread::sleep(Duration::from_millis(600));
+    lb.proc.signal("TERM");
+    let r = download.join().unwrap().expect("the streaming response");
+    assert_eq!(r.status, 200);
+    assert!(r.body.starts_with("hello from slow"), "{:?}", r.body);
+    assert!(
+        r.body.contains("GET /stream HTTP/1.1"),
+        "cut short: {:?}",
+        r.body
+    );
+    assert_eq!(lb.proc.wait_exit(Duration::from_secs(4)), Some(0));
+}

@@ -28,6 +28,9 @@ struct Args {
     /// Append the request head to the body (to see what a proxy forwarded).
     #[arg(long)]
     echo_headers: bool,
+    /// Send the response body in ten pieces spread over this long (a slow, streaming answer).
+    #[arg(long, default_value_t = 0)]
+    trickle_ms: u64,
     /// Serve at most this many requests at a time (0: no limit); the others wait their turn,
     /// like a worker pool of that size.
     #[arg(long, default_value_t = 0)]
@@ -40,6 +43,7 @@ struct Args {
 
 /// What each connection needs besides its stream.
 struct Conf {
+    trickle: Duration,
     /// Permits for `--max-concurrent`.
     workers: Option<tokio::sync::Semaphore>,
     id: Arc<str>,
@@ -63,6 +67,7 @@ async fn main() {
     };
     eprintln!("rusty-echo {} listening on {}", args.id, args.listen);
     let conf = Arc::new(Conf {
+        trickle: Duration::from_millis(args.trickle_ms),
         workers: (args.max_concurrent > 0)
             .then(|| tokio::sync::Semaphore::new(args.max_concurrent)),
         id: args.id.into(),
@@ -87,6 +92,7 @@ async fn main() {
 
 async fn serve(mut stream: TcpStream, conf: Arc<Conf>) {
     let Conf {
+        trickle,
         workers,
         id,
         delay,
@@ -161,6 +167,24 @@ async fn serve(mut stream: TcpStream, conf: Arc<Conf>) {
             text.len(),
             if keep_alive { "" } else { "connection: close\r\n" },
         );
+        if !trickle.is_zero() && !is_health {
+            // Headers first, then the body in ten pieces.
+            let (head, body) = response.split_at(response.len() - text.len());
+            if stream.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            let piece = body.len().div_ceil(10).max(1);
+            for part in body.as_bytes().chunks(piece) {
+                tokio::time::sleep(*trickle / 10).await;
+                if stream.write_all(part).await.is_err() {
+                    return;
+                }
+            }
+            if !keep_alive {
+                return;
+            }
+            continue;
+        }
         if stream.write_all(response.as_bytes()).await.is_err() || !keep_alive {
             return;
         }

@@ -32,7 +32,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -47,7 +47,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 mod scan;
-use scan::{feed, starts_final_response, Bad, Phase};
+use scan::{feed, switches_protocols, Bad, Phase};
 
 /// How long a connection idle between requests stays open once a graceful shutdown began.
 pub const DRAIN_IDLE: Duration = Duration::from_millis(500);
@@ -56,10 +56,34 @@ pub const DRAIN_IDLE: Duration = Duration::from_millis(500);
 /// is consumed and the kernel sends FIN, not RST (which could discard the 503 unread).
 const REFUSE_LINGER: Duration = Duration::from_millis(200);
 
-const RESPONSE_503: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 31\r\nRetry-After: 1\r\nConnection: close\r\n\r\ntoo many connections, try again\n";
-const RESPONSE_400_LINE: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 23\r\nConnection: close\r\n\r\nmalformed request line\n";
-const RESPONSE_400_CHUNK: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 23\r\nConnection: close\r\n\r\nmalformed chunked body\n";
-const RESPONSE_408: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain\r\nContent-Length: 38\r\nConnection: close\r\n\r\nrequest head not received in time\r\n\r\n";
+/// A complete response of ours that closes the connection, with its length computed.
+fn canned(status: &str, body: &str, retry_after: bool) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}Connection: close\r\n\r\n{body}",
+        body.len(),
+        if retry_after { "Retry-After: 1\r\n" } else { "" },
+    )
+    .into_bytes()
+}
+
+static RESPONSE_503: LazyLock<Vec<u8>> = LazyLock::new(|| {
+    canned(
+        "503 Service Unavailable",
+        "too many connections, try again\n",
+        true,
+    )
+});
+static RESPONSE_408: LazyLock<Vec<u8>> = LazyLock::new(|| {
+    canned(
+        "408 Request Timeout",
+        "request head not received in time\n",
+        false,
+    )
+});
+static RESPONSE_400_LINE: LazyLock<Vec<u8>> =
+    LazyLock::new(|| canned("400 Bad Request", "malformed request line\n", false));
+static RESPONSE_400_CHUNK: LazyLock<Vec<u8>> =
+    LazyLock::new(|| canned("400 Bad Request", "malformed chunked body\n", false));
 
 /// Settings of the front, from the command line.
 #[derive(Debug, Clone, Copy)]
@@ -179,7 +203,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Front<A> {
 /// Answer 503 without reading the request, then close cleanly.
 async fn refuse(stream: &mut Stream) {
     let _ = tokio::time::timeout(REFUSE_LINGER, async {
-        if stream.write_all(RESPONSE_503).await.is_ok() && stream.flush().await.is_ok() {
+        if stream.write_all(&RESPONSE_503).await.is_ok() && stream.flush().await.is_ok() {
             let mut sink = [0u8; 1024];
             while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
         }
@@ -201,6 +225,7 @@ pub struct Guarded {
     timer: Option<Pin<Box<Sleep>>>,
     /// Completes `DRAIN_IDLE` after a graceful shutdown began; made on the first idle wait.
     drain: Option<DrainWait>,
+    drained: bool,
     shutdown: ShutdownWatch,
     state: Arc<FrontState>,
 }
@@ -219,6 +244,7 @@ impl Guarded {
             deadline: Some(Instant::now() + header_timeout),
             timer: None,
             drain: None,
+            drained: false,
             shutdown,
             state,
         }
@@ -240,6 +266,9 @@ impl Guarded {
 
     /// A read is waiting between requests: has the drain window passed? Registers a wake-up.
     fn drain_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.drained {
+            return true;
+        }
         let drain = self.drain.get_or_insert_with(|| {
             let mut shutdown = self.shutdown.clone();
             Box::pin(async move {
@@ -251,7 +280,9 @@ impl Guarded {
                 }
             })
         });
-        drain.as_mut().poll(cx).is_ready()
+        // A finished future must not be polled again.
+        self.drained = drain.as_mut().poll(cx).is_ready();
+        self.drained
     }
 }
 
@@ -266,25 +297,22 @@ impl AsyncRead for Guarded {
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 let new = &buf.filled()[before..];
-                if this.phase == Phase::Idle && !new.is_empty() {
-                    this.phase = Phase::head();
-                    this.deadline = None;
-                }
                 match feed(&mut this.phase, new) {
                     Ok(false) => {}
                     Ok(true) => this.deadline = None,
                     Err(bad) => {
-                        // Nothing of a response has begun (that would have ended the scan), so
-                        // the 400 is the first thing the client reads from us.
+                        // Best effort, and the connection ends here either way. (A response
+                        // may already be under way for a request before this one; the client
+                        // then sees it cut short, as with any connection closed mid-response.)
                         let (counter, response, why) = match bad {
                             Bad::RequestLine => (
                                 &this.state.bad_request_lines,
-                                RESPONSE_400_LINE,
+                                &*RESPONSE_400_LINE,
                                 "malformed request line",
                             ),
                             Bad::Chunk => (
                                 &this.state.bad_chunks,
-                                RESPONSE_400_CHUNK,
+                                &*RESPONSE_400_CHUNK,
                                 "malformed chunked body",
                             ),
                         };
@@ -297,17 +325,27 @@ impl AsyncRead for Guarded {
             }
             Poll::Pending => {
                 let phase = this.phase;
+                // A head has begun (or it is the connection's first, timed from accept).
+                let in_head =
+                    matches!(phase, Phase::Head(h) if h.seen()) || this.deadline.is_some();
                 match phase {
-                    Phase::Head(_) if this.head_expired(cx) => {
+                    Phase::Head(_) if in_head && this.head_expired(cx) => {
                         this.state.head_timeouts.fetch_add(1, Relaxed);
                         // Best effort: the socket's send buffer is empty between requests.
-                        let _ = Pin::new(&mut this.inner).poll_write(cx, RESPONSE_408);
+                        let _ = Pin::new(&mut this.inner).poll_write(cx, &RESPONSE_408);
                         Poll::Ready(Err(io::Error::new(
                             io::ErrorKind::TimedOut,
                             format!("request head not complete within {:?}", this.header_timeout),
                         )))
                     }
-                    Phase::Idle if this.drain_expired(cx) => {
+                    // Between requests and draining. Pingora also reads one byte at a time
+                    // while a response streams, to notice a client that leaves; that read
+                    // must not end the stream, so only a read for a new head (a buffer of
+                    // more than one byte) is answered with end of stream.
+                    _ if phase.between_requests()
+                        && buf.remaining() > 1
+                        && this.drain_expired(cx) =>
+                    {
                         this.state.drained_idle.fetch_add(1, Relaxed);
                         // End of stream: the proxy closes the connection as if the client had.
                         Poll::Ready(Ok(()))
@@ -326,8 +364,8 @@ impl AsyncWrite for Guarded {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if starts_final_response(buf) {
-            self.phase = Phase::Idle;
+        if switches_protocols(buf) {
+            self.phase = Phase::Tunnel;
         }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
@@ -340,9 +378,9 @@ impl AsyncWrite for Guarded {
         if bufs
             .iter()
             .find(|b| !b.is_empty())
-            .is_some_and(|b| starts_final_response(b))
+            .is_some_and(|b| switches_protocols(b))
         {
-            self.phase = Phase::Idle;
+            self.phase = Phase::Tunnel;
         }
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
@@ -415,5 +453,33 @@ impl fmt::Debug for Guarded {
             .field("phase", &self.phase)
             .field("deadline", &self.deadline)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn our_own_responses_frame_their_bodies_exactly() {
+        for r in [
+            &*RESPONSE_503,
+            &*RESPONSE_408,
+            &*RESPONSE_400_LINE,
+            &*RESPONSE_400_CHUNK,
+        ] {
+            let mut headers = [httparse::EMPTY_HEADER; 8];
+            let mut resp = httparse::Response::new(&mut headers);
+            let httparse::Status::Complete(n) = resp.parse(r).unwrap() else {
+                panic!("incomplete: {}", r.escape_ascii());
+            };
+            let len: usize = resp
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                .map(|h| std::str::from_utf8(h.value).unwrap().parse().unwrap())
+                .unwrap();
+            assert_eq!(len, r.len() - n, "{}", r.escape_ascii());
+        }
     }
 }

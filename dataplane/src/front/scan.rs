@@ -1,26 +1,32 @@
-//! Byte-level scanning of what a client sends, for [`super::Guarded`]: where each request head
-//! ends, whether its request line is well-formed as sent, and whether a chunked body's framing
-//! is. Pure state machines fed one read at a time, so a message split anywhere scans the same.
+//! Byte-level scanning of what a client sends, for [`super::Guarded`]: where each request
+//! begins and ends, whether its request line is well-formed as sent, and whether a chunked
+//! body's framing is. Pure state machines fed one read at a time, so a message split anywhere
+//! scans the same.
+//!
+//! Request boundaries come from the requests alone (the head, then a body framed by
+//! `Content-Length` or chunked coding), never from the responses: a response may begin before
+//! its request's body is in, and pipelined requests may arrive while a response streams.
 //!
 //! This is not a second HTTP parser: Pingora parses every request. It only sees what Pingora
 //! normalises away before our checks in `check` could: spaces or control bytes in a target
 //! (percent-escaped by Pingora), and chunk framing (Pingora accepts control bytes in a chunk
 //! extension and reads an empty chunk-size line as the last chunk).
 
-/// Where a connection is in its request/response cycle, as far as its bytes tell.
+/// Where the client's side of a connection is, as far as its bytes tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
-    /// Reading a request head.
+    /// Reading a request head, or waiting for one (`seen` false: nothing of it yet).
     Head(HeadScan),
+    /// `n` bytes of a `Content-Length` body still to come.
+    Body(u64),
     /// Reading the framing of a chunked request body.
     Chunked(ChunkScan),
-    /// The request is in (or its body is not chunked); response, or a tunnel. Not scanned.
-    Body,
-    /// A final response has begun; the next byte from the client starts a new head.
-    Idle,
+    /// The connection switched protocols (101): not HTTP any more, never scanned again.
+    Tunnel,
 }
 
 impl Phase {
+    /// The first request of a connection.
     pub fn head() -> Phase {
         Phase::Head(HeadScan {
             line_empty: true,
@@ -28,11 +34,18 @@ impl Phase {
             request_line: false,
             spaces: 0,
             cr: false,
-            name: NameMatch::Matching(0),
-            te_value: false,
+            te: NameMatch::Matching(0),
+            cl: NameMatch::Matching(0),
+            value: Value::None,
             chunked_match: 0,
             chunked: false,
+            content_length: 0,
         })
+    }
+
+    /// Between requests: no byte of the next head has arrived.
+    pub fn between_requests(&self) -> bool {
+        matches!(self, Phase::Head(h) if !h.seen)
     }
 }
 
@@ -48,37 +61,51 @@ pub enum Bad {
 /// Feed bytes just read through the phases. `Ok(true)` when a head ended inside them.
 pub fn feed(phase: &mut Phase, mut bytes: &[u8]) -> Result<bool, Bad> {
     let mut head_done = false;
-    loop {
+    while !bytes.is_empty() {
         match phase {
             Phase::Head(h) => match h.scan(bytes)? {
                 Some(n) => {
                     head_done = true;
                     *phase = if h.chunked {
                         Phase::Chunked(ChunkScan::default())
+                    } else if h.content_length > 0 {
+                        Phase::Body(h.content_length)
                     } else {
-                        Phase::Body
+                        Phase::head()
                     };
                     bytes = &bytes[n..];
                 }
-                None => return Ok(head_done),
+                None => break,
             },
-            Phase::Chunked(c) => {
-                if c.scan(bytes)?.is_some() {
-                    *phase = Phase::Body;
+            Phase::Body(left) => {
+                let skip = (*left).min(bytes.len() as u64);
+                *left -= skip;
+                bytes = &bytes[skip as usize..];
+                if *left == 0 {
+                    *phase = Phase::head();
                 }
-                return Ok(head_done);
             }
-            Phase::Body | Phase::Idle => return Ok(head_done),
+            Phase::Chunked(c) => match c.scan(bytes)? {
+                Some(n) => {
+                    *phase = Phase::head();
+                    bytes = &bytes[n..];
+                }
+                None => break,
+            },
+            Phase::Tunnel => break,
         }
     }
+    Ok(head_done)
 }
 
-/// Whether a write begins a final response: `HTTP/1.x ` and a status that is not 1xx.
-pub fn starts_final_response(buf: &[u8]) -> bool {
-    buf.len() > 9 && buf.starts_with(b"HTTP/1.") && buf[8] == b' ' && buf[9] != b'1'
+/// Whether a write begins a `101 Switching Protocols` response, after which the connection
+/// carries another protocol.
+pub fn switches_protocols(buf: &[u8]) -> bool {
+    buf.len() > 12 && buf.starts_with(b"HTTP/1.") && &buf[8..13] == b" 101 "
 }
 
 const TE: &[u8] = b"transfer-encoding";
+const CL: &[u8] = b"content-length";
 const CHUNKED: &[u8] = b"chunked";
 
 /// How far the current header line's name matches `Transfer-Encoding`.
@@ -100,17 +127,35 @@ pub struct HeadScan {
     spaces: u8,
     /// The previous byte was a CR inside the request line.
     cr: bool,
-    /// The current header line's name so far, against `Transfer-Encoding`.
-    name: NameMatch,
-    /// Inside the value of a `Transfer-Encoding` line.
-    te_value: bool,
+    /// The current header line's name so far, against `Transfer-Encoding` and
+    /// `Content-Length`.
+    te: NameMatch,
+    cl: NameMatch,
+    /// Which value the rest of the line is.
+    value: Value,
     chunked_match: u8,
     /// A `Transfer-Encoding` value mentions `chunked` (`check` refuses anything but exactly
-    /// `chunked`, so that is the only form that gets through).
-    pub chunked: bool,
+    /// `chunked`, so that is the only form that gets through, and it wins over a length).
+    chunked: bool,
+    /// The `Content-Length` (the last one; `check` refuses lists, repeats and non-digits, and
+    /// closes the connection, so an odd value only decides how far this scan skips).
+    content_length: u64,
+}
+
+/// What the current header line's value is, once its name is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Value {
+    None,
+    TransferEncoding,
+    ContentLength,
 }
 
 impl HeadScan {
+    /// A byte of this head has arrived.
+    pub fn seen(&self) -> bool {
+        self.seen
+    }
+
     /// Scan bytes; `Some(n)` if the head ended after `n` of them.
     fn scan(&mut self, bytes: &[u8]) -> Result<Option<usize>, Bad> {
         for (i, &b) in bytes.iter().enumerate() {
@@ -146,39 +191,64 @@ impl HeadScan {
         Ok(None)
     }
 
-    /// Follow header lines far enough to see a `Transfer-Encoding: ...chunked...`.
+    /// Follow header lines far enough to see `Transfer-Encoding: ...chunked...` and
+    /// `Content-Length: N`.
     fn header_byte(&mut self, b: u8) {
         if b == b'\n' {
-            self.name = NameMatch::Matching(0);
-            self.te_value = false;
+            self.te = NameMatch::Matching(0);
+            self.cl = NameMatch::Matching(0);
+            self.value = Value::None;
             self.chunked_match = 0;
             return;
         }
-        if self.te_value {
-            let b = b.to_ascii_lowercase();
-            if b == CHUNKED[self.chunked_match as usize] {
-                self.chunked_match += 1;
-                if self.chunked_match as usize == CHUNKED.len() {
-                    self.chunked = true;
-                    self.chunked_match = 0;
+        match self.value {
+            Value::TransferEncoding => {
+                let b = b.to_ascii_lowercase();
+                if b == CHUNKED[self.chunked_match as usize] {
+                    self.chunked_match += 1;
+                    if self.chunked_match as usize == CHUNKED.len() {
+                        self.chunked = true;
+                        self.chunked_match = 0;
+                    }
+                } else {
+                    self.chunked_match = u8::from(b == CHUNKED[0]);
                 }
-            } else {
-                self.chunked_match = u8::from(b == CHUNKED[0]);
             }
-            return;
+            Value::ContentLength => {
+                if b.is_ascii_digit() {
+                    self.content_length = self
+                        .content_length
+                        .saturating_mul(10)
+                        .saturating_add(u64::from(b - b'0'));
+                }
+            }
+            Value::None => {
+                if b == b':' {
+                    if self.te == NameMatch::Matching(TE.len() as u8) {
+                        self.value = Value::TransferEncoding;
+                    } else if self.cl == NameMatch::Matching(CL.len() as u8) {
+                        self.value = Value::ContentLength;
+                        self.content_length = 0;
+                    }
+                }
+                self.te = self.te.next(TE, b);
+                self.cl = self.cl.next(CL, b);
+            }
         }
-        self.name = match self.name {
-            NameMatch::Matching(n) if n as usize == TE.len() && b == b':' => {
-                self.te_value = true;
-                NameMatch::No
-            }
+    }
+}
+
+impl NameMatch {
+    /// The match after one more byte of a header name.
+    fn next(self, name: &[u8], b: u8) -> NameMatch {
+        match self {
             NameMatch::Matching(n)
-                if (n as usize) < TE.len() && b.to_ascii_lowercase() == TE[n as usize] =>
+                if (n as usize) < name.len() && b.to_ascii_lowercase() == name[n as usize] =>
             {
                 NameMatch::Matching(n + 1)
             }
             _ => NameMatch::No,
-        };
+        }
     }
 }
 
@@ -221,7 +291,7 @@ impl ChunkScan {
                 ChunkScan::SizeStart => match hex(b) {
                     Some(d) => ChunkScan::Size {
                         size: u64::from(d),
-                        digits: 1,
+                        digits: u8::from(d != 0),
                         ws: false,
                         ext: false,
                         cr: false,
@@ -248,13 +318,20 @@ impl ChunkScan {
                         ext,
                         cr: true,
                     },
-                    (_, Some(d)) if !ws && !ext && digits < MAX_SIZE_DIGITS => ChunkScan::Size {
-                        size: size << 4 | u64::from(d),
-                        digits: digits + 1,
-                        ws,
-                        ext,
-                        cr,
-                    },
+                    // Leading zeros are free; more than 16 significant digits overflow.
+                    (_, Some(d)) if !ws && !ext && (size == 0 || digits < MAX_SIZE_DIGITS) => {
+                        ChunkScan::Size {
+                            size: size << 4 | u64::from(d),
+                            digits: if size == 0 {
+                                u8::from(d != 0)
+                            } else {
+                                digits + 1
+                            },
+                            ws,
+                            ext,
+                            cr,
+                        }
+                    }
                     (b';', _) => ChunkScan::Size {
                         size,
                         digits,
@@ -269,7 +346,8 @@ impl ChunkScan {
                         ext,
                         cr,
                     },
-                    (0x21..=0x7e, _) if ext => ChunkScan::Size {
+                    // Visible ASCII and obs-text (in quoted values) inside an extension.
+                    (0x21..=0x7e | 0x80..=0xff, _) if ext => ChunkScan::Size {
                         size,
                         digits,
                         ws,
@@ -347,8 +425,8 @@ mod tests {
 
     #[test]
     fn a_head_ends_at_its_first_empty_line() {
-        let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nbody";
-        assert_eq!(feed_all(&[head]), (Phase::Body, Some(head.len() - 4)));
+        let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        assert_eq!(feed_all(&[head]), (Phase::head(), Some(head.len())));
         // Bare LF line ends, as httparse accepts them.
         assert_eq!(feed_all(&[b"GET / HTTP/1.1\nHost: a\n\n"]).1, Some(24));
     }
@@ -373,7 +451,7 @@ mod tests {
                     .iter()
                     .map(|part| feed(&mut phase, part).unwrap())
                     .collect();
-                assert_eq!(phase, Phase::Body, "{split}/{split2}");
+                assert_eq!(phase, Phase::head(), "{split}/{split2}");
                 // The head ends in the part holding the last byte.
                 assert_eq!(ended.iter().filter(|e| **e).count(), 1);
                 assert!(*ended.last().unwrap() || c.is_empty());
@@ -434,10 +512,16 @@ mod tests {
             assert_eq!(refusal(&msg), None, "{}", body.escape_ascii());
             let mut phase = Phase::head();
             feed(&mut phase, &msg).unwrap();
-            assert_eq!(phase, Phase::Body, "{}", body.escape_ascii());
-            // Nothing after the body is scanned (it is the next request, or garbage Pingora
-            // will refuse).
-            feed(&mut phase, b"\x00\x01 not scanned").unwrap();
+            assert!(phase.between_requests(), "{}", body.escape_ascii());
+            // What follows is the next request, and is scanned as one.
+            assert_eq!(feed(&mut phase, b"GET / HTTP/1.1\r\n\r\n"), Ok(true));
+            assert_eq!(
+                feed(
+                    &mut Phase::Chunked(ChunkScan::default()),
+                    b"0\r\n\r\nGET /a b HTTP/1.1\r\n"
+                ),
+                Err(Bad::RequestLine)
+            );
         }
         // A body in progress stays in the chunk phase.
         let mut phase = Phase::head();
@@ -471,48 +555,89 @@ mod tests {
 
     #[test]
     fn only_a_transfer_encoding_line_makes_a_body_chunked() {
-        for (head, chunked) in [
+        let chunked = Phase::Chunked(ChunkScan::SizeStart);
+        for (head, expect) in [
             (
                 &b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
-                true,
+                chunked,
             ),
             (
                 b"POST / HTTP/1.1\r\nTransfer-Encoding:gzip, chunked\r\n\r\n",
-                true,
+                chunked,
+            ),
+            // Chunked wins over a length, as Pingora reads it.
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+                chunked,
             ),
             (
                 b"POST / HTTP/1.1\r\nX-Transfer-Encoding: chunked\r\n\r\n",
-                false,
+                Phase::head(),
             ),
             (
                 b"POST / HTTP/1.1\r\nTransfer-Encodings: chunked\r\n\r\n",
-                false,
+                Phase::head(),
             ),
-            (b"POST /chunked HTTP/1.1\r\nX-A: chunked\r\n\r\n", false),
-            (b"POST / HTTP/1.1\r\nContent-Length: 7\r\n\r\n", false),
+            (
+                b"POST /chunked HTTP/1.1\r\nX-A: chunked\r\n\r\n",
+                Phase::head(),
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 7\r\n\r\n",
+                Phase::Body(7),
+            ),
+            (
+                b"POST / HTTP/1.1\r\nX-Content-Length: 7\r\n\r\n",
+                Phase::head(),
+            ),
         ] {
             let mut phase = Phase::head();
             feed(&mut phase, head).unwrap();
-            let expect = if chunked {
-                Phase::Chunked(ChunkScan::SizeStart)
-            } else {
-                Phase::Body
-            };
             assert_eq!(phase, expect, "{}", head.escape_ascii());
         }
     }
 
     #[test]
-    fn only_final_responses_start_a_new_cycle() {
-        assert!(starts_final_response(b"HTTP/1.1 200 OK\r\n"));
-        assert!(starts_final_response(
-            b"HTTP/1.0 503 Service Unavailable\r\n"
-        ));
-        assert!(!starts_final_response(b"HTTP/1.1 100 Continue\r\n"));
-        assert!(!starts_final_response(
-            b"HTTP/1.1 101 Switching Protocols\r\n"
-        ));
-        assert!(!starts_final_response(b"<html>HTTP/1.1 200"));
-        assert!(!starts_final_response(b"HTTP/1.1"));
+    fn content_length_bodies_are_skipped_and_the_next_request_is_scanned() {
+        // A body is data, whatever it holds: quotes, spaces, things that look like requests.
+        let mut phase = Phase::head();
+        let post = b"POST / HTTP/1.1\r\nHost: a\r\ncontent-LENGTH: 10\r\n\r\n{\"a\": \"b\"}";
+        assert_eq!(feed(&mut phase, post), Ok(true));
+        assert!(phase.between_requests());
+        // Split anywhere, the same.
+        assert_eq!(refusal(post), None);
+        // A pipelined request after a body in the same read is checked like any other.
+        let two = [&post[..], b"GET /a\"b HTTP/1.1\r\n\r\n"].concat();
+        assert_eq!(refusal(&two), Some(Bad::RequestLine));
+        // A body still arriving keeps its place.
+        let mut phase = Phase::head();
+        feed(
+            &mut phase,
+            b"PUT / HTTP/1.1\r\nContent-Length: 100\r\n\r\nabc",
+        )
+        .unwrap();
+        assert_eq!(phase, Phase::Body(97));
+    }
+
+    #[test]
+    fn only_101_switches_the_connection_to_a_tunnel() {
+        assert!(switches_protocols(b"HTTP/1.1 101 Switching Protocols\r\n"));
+        assert!(!switches_protocols(b"HTTP/1.1 100 Continue\r\n"));
+        assert!(!switches_protocols(b"HTTP/1.1 200 OK\r\n"));
+        assert!(!switches_protocols(b"<html>HTTP/1.1 101 "));
+        assert!(!switches_protocols(b"HTTP/1.1"));
+        let mut phase = Phase::Tunnel;
+        assert_eq!(feed(&mut phase, b"\x00\x01 anything"), Ok(false));
+        assert_eq!(phase, Phase::Tunnel);
+    }
+
+    #[test]
+    fn chunk_sizes_may_have_leading_zeros_and_extensions_obs_text() {
+        for body in [
+            &b"000000000000000000005\r\nabcde\r\n0\r\n\r\n"[..],
+            b"5;name=\"caf\xc3\xa9\"\r\nabcde\r\n0\r\n\r\n",
+        ] {
+            assert_eq!(refusal(&chunked(body)), None, "{}", body.escape_ascii());
+        }
     }
 }
