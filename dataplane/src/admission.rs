@@ -7,7 +7,7 @@
 //! addresses without a cap. When every backend a request may use is full it waits here, in a
 //! queue shared by the whole data plane:
 //!
-//! - A freed slot goes to the waiting request of the **highest class** (`critical` > `normal` >
+//! - A freed slot goes straight to the waiting request of the **highest class** (`critical` > `normal` >
 //!   `bulk`) that can use that backend, first come first served within a class.
 //! - **Minimum share**: while lower classes wait, every [`SHARE_EVERY`]th slot handed over goes
 //!   to the longest-waiting request of a class below the best one waiting. So a lower class gets
@@ -22,7 +22,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -88,13 +88,18 @@ struct Waiter {
 }
 
 impl Waiter {
-    /// The backend of this waiter's service that uses `limiter`, if any.
+    /// The backend of this waiter's service that uses `limiter`, if any and if it is in good
+    /// standing (an ejected one only when every backend of the service is ejected, as picks do).
     fn backend_for(&self, limiter: &Arc<Limiter>) -> Option<u32> {
         let svc = &self.snapshot.services[self.service as usize];
-        svc.backends
+        let i = svc
+            .backends
             .iter()
-            .position(|b| b.limiter.as_ref().is_some_and(|l| Arc::ptr_eq(l, limiter)))
-            .map(|i| i as u32)
+            .position(|b| b.limiter.as_ref().is_some_and(|l| Arc::ptr_eq(l, limiter)))?
+            as u32;
+        let usable =
+            !svc.ejected_now(i) || (0..svc.backends.len() as u32).all(|j| svc.ejected_now(j));
+        usable.then_some(i)
     }
 }
 
@@ -156,17 +161,29 @@ impl Admission {
     ) -> HashMap<SocketAddr, Arc<Limiter>> {
         let mut all = self.limiters.lock().unwrap_or_else(|p| p.into_inner());
         all.retain(|addr, l| limits.contains_key(addr) || l.inflight() > 0);
-        for l in all.values() {
-            l.limit.store(0, Ordering::Relaxed);
+        // Each address goes straight from its old cap to its new one; only addresses no
+        // service caps any more lose theirs.
+        for (addr, l) in all.iter() {
+            if !limits.contains_key(addr) {
+                l.limit.store(0, Ordering::Relaxed);
+            }
         }
-        limits
+        let now: HashMap<SocketAddr, Arc<Limiter>> = limits
             .iter()
             .map(|(addr, &limit)| {
                 let l = all.entry(*addr).or_default().clone();
                 l.limit.store(limit, Ordering::Relaxed);
                 (*addr, l)
             })
-            .collect()
+            .collect();
+        // A cap that rose, or went away, frees slots that waiters are owed now.
+        if self.queued.load(Ordering::SeqCst) > 0 {
+            let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            for l in all.values() {
+                self.fill(&mut q, l);
+            }
+        }
+        now
     }
 
     /// Every backend of the service is full: queue up (or, if a slot freed meanwhile, take it).
@@ -174,6 +191,7 @@ impl Admission {
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         // Announce before the last look, so a release either sees us waiting or we see its slot.
         self.queued.fetch_add(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
         let svc = &snapshot.services[service as usize];
         for (i, b) in svc.backends.iter().enumerate() {
             if svc.ejected_now(i as u32) {
@@ -231,11 +249,27 @@ impl Admission {
 
     /// Give back a slot: to the best waiter that can use it, else to the limiter.
     pub fn release(&self, limiter: &Arc<Limiter>) {
-        limiter.inflight.fetch_sub(1, Ordering::SeqCst);
-        if self.queued.load(Ordering::SeqCst) == 0 {
-            return;
+        // Waiters first: the slot goes straight to one and never passes through the counter,
+        // where a newcomer could take it ahead of the queue.
+        if self.queued.load(Ordering::SeqCst) > 0 {
+            let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            if self.hand_over(&mut q, limiter) {
+                return;
+            }
         }
-        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        limiter.inflight.fetch_sub(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        // A request that queued after the look above either saw this slot free when it last
+        // tried, or is seen here.
+        if self.queued.load(Ordering::SeqCst) > 0 {
+            let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            self.fill(&mut q, limiter);
+        }
+    }
+
+    /// Give a slot of `limiter` that the caller holds to the best waiter that can use it.
+    /// False when none can (the caller still holds the slot).
+    fn hand_over(&self, q: &mut Queue, limiter: &Arc<Limiter>) -> bool {
         loop {
             let eligible: Vec<(RequestClass, Option<u32>)> = q
                 .waiters
@@ -245,24 +279,35 @@ impl Admission {
             let classes: Vec<(RequestClass, bool)> =
                 eligible.iter().map(|(c, b)| (*c, b.is_some())).collect();
             let Some(pick) = choose(&classes, q.handed) else {
-                return;
+                return false;
             };
-            if !limiter.try_acquire() {
-                return; // A request on the fast path took it first.
-            }
             let w = q.waiters.remove(pick).expect("chosen index is in range");
             self.queued.fetch_sub(1, Ordering::SeqCst);
             q.handed += 1;
+            self.left(&w, true);
             let backend = eligible[pick]
                 .1
                 .expect("chosen waiters can use the backend");
-            self.left(&w, true);
             if w.grant.send(backend).is_ok() {
+                return true;
+            }
+            // Its request is gone (the client left): the next waiter.
+        }
+    }
+
+    /// Hand free slots of `limiter` to waiters while there are both.
+    fn fill(&self, q: &mut Queue, limiter: &Arc<Limiter>) {
+        while q.waiters.iter().any(|w| w.backend_for(limiter).is_some()) && limiter.try_acquire() {
+            if !self.hand_over(q, limiter) {
+                limiter.inflight.fetch_sub(1, Ordering::SeqCst);
                 return;
             }
-            // Its request is gone (client closed): the slot goes round again.
-            limiter.inflight.fetch_sub(1, Ordering::SeqCst);
         }
+    }
+
+    /// Requests waiting now (a hint for the fast path: while any wait, newcomers queue too).
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::SeqCst)
     }
 
     fn left(&self, w: &Waiter, served: bool) {
@@ -312,7 +357,116 @@ pub fn victim(waiters: &[RequestClass], class: RequestClass) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::Registry;
     use RequestClass::*;
+
+    /// A one-service snapshot whose one backend takes `cap` requests at a time.
+    fn snapshot(registry: &Registry, version: u64, cap: u32) -> Arc<Snapshot> {
+        let text = format!(
+            r#"{{"version": {version}, "services": [{{"name": "s", "max_inflight": {cap},
+                "backends": [{{"id": "a", "addr": "127.0.0.1:1"}}]}}]}}"#
+        );
+        let valid = rusty_shared::validate(rusty_shared::decode(text.as_bytes()).unwrap()).unwrap();
+        Arc::new(Snapshot::build(valid, registry))
+    }
+
+    fn wait(
+        a: &Admission,
+        snap: &Arc<Snapshot>,
+        class: RequestClass,
+    ) -> (oneshot::Receiver<u32>, u64) {
+        match a.enqueue(snap, 0, class) {
+            Admit::Wait(rx, seq) => (rx, seq),
+            Admit::Now(_) => panic!("a slot was free"),
+            Admit::Shed => panic!("shed"),
+        }
+    }
+
+    #[test]
+    fn a_freed_slot_goes_straight_to_the_best_waiter_and_cannot_be_taken_on_the_way() {
+        let registry = Registry::default();
+        let snap = snapshot(&registry, 1, 1);
+        let a = &registry.admission;
+        let limiter = snap.services[0].backends[0].limiter.clone().unwrap();
+        assert!(limiter.try_acquire());
+        let (mut bulk, _) = wait(a, &snap, Bulk);
+        let (mut crit, _) = wait(a, &snap, Critical);
+        assert_eq!(a.stats.waiting[Bulk as usize].load(Ordering::Relaxed), 1);
+
+        a.release(&limiter);
+        assert_eq!(crit.try_recv(), Ok(0), "critical first");
+        assert!(bulk.try_recv().is_err());
+        // Handed over, not freed: a newcomer cannot slip in.
+        assert_eq!(limiter.inflight(), 1);
+        assert!(!limiter.try_acquire());
+
+        a.release(&limiter);
+        assert_eq!(bulk.try_recv(), Ok(0));
+        a.release(&limiter);
+        assert_eq!(limiter.inflight(), 0);
+        assert_eq!(a.queued(), 0);
+        assert_eq!(a.stats.waiting[Bulk as usize].load(Ordering::Relaxed), 0);
+        assert_eq!(a.stats.waits[Critical as usize].load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_raised_cap_serves_waiters_at_once() {
+        let registry = Registry::default();
+        let old = snapshot(&registry, 1, 1);
+        let a = &registry.admission;
+        let limiter = old.services[0].backends[0].limiter.clone().unwrap();
+        assert!(limiter.try_acquire());
+        let (mut rx, _) = wait(a, &old, Normal);
+        // Version 2 doubles the cap: the waiter gets the new slot without any release.
+        let new = snapshot(&registry, 2, 2);
+        assert!(Arc::ptr_eq(
+            new.services[0].backends[0].limiter.as_ref().unwrap(),
+            &limiter
+        ));
+        assert_eq!(rx.try_recv(), Ok(0));
+        assert_eq!(limiter.inflight(), 2);
+    }
+
+    #[test]
+    fn a_waiter_that_gives_up_leaves_nothing_behind() {
+        let registry = Registry::default();
+        let snap = snapshot(&registry, 1, 1);
+        let a = &registry.admission;
+        let limiter = snap.services[0].backends[0].limiter.clone().unwrap();
+        assert!(limiter.try_acquire());
+        let (_rx, seq) = wait(a, &snap, Normal);
+        assert!(a.cancel(seq));
+        assert!(!a.cancel(seq));
+        assert_eq!(a.queued(), 0);
+        assert_eq!(a.stats.waiting[Normal as usize].load(Ordering::Relaxed), 0);
+        // A waiter whose request is gone is skipped: the slot goes to the counter.
+        let (rx, _) = wait(a, &snap, Normal);
+        drop(rx);
+        a.release(&limiter);
+        assert_eq!(limiter.inflight(), 0);
+        assert_eq!(a.queued(), 0);
+    }
+
+    #[test]
+    fn a_full_queue_makes_room_for_a_higher_class_by_shedding_the_newest_lowest() {
+        let registry = Registry::default();
+        registry.admission.set_capacity(2);
+        let snap = snapshot(&registry, 1, 1);
+        let a = &registry.admission;
+        let limiter = snap.services[0].backends[0].limiter.clone().unwrap();
+        assert!(limiter.try_acquire());
+        let (mut first, _) = wait(a, &snap, Bulk);
+        let (mut second, _) = wait(a, &snap, Bulk);
+        assert!(matches!(a.enqueue(&snap, 0, Bulk), Admit::Shed));
+        let (mut crit, _) = wait(a, &snap, Critical);
+        assert!(matches!(
+            second.try_recv(),
+            Err(oneshot::error::TryRecvError::Closed)
+        ));
+        assert!(first.try_recv().is_err());
+        a.release(&limiter);
+        assert_eq!(crit.try_recv(), Ok(0));
+    }
 
     #[test]
     fn the_highest_class_goes_first_then_arrival_order() {

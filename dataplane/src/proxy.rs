@@ -471,26 +471,30 @@ impl Proxy {
             .iter()
             .flat_map(|t| t.members.iter().copied())
             .filter(|&i| i != first && !tried.contains(&i) && !svc.ejected_now(i));
-        let found = std::iter::once(first).chain(others).find(|&i| free(i));
+        let admission = &self.store.registry.admission;
+        // While requests wait, a newcomer queues behind them (and is served at once if a slot
+        // is free that none of them can use).
+        let found = if admission.queued() == 0 {
+            std::iter::once(first).chain(others).find(|&i| free(i))
+        } else {
+            None
+        };
         let granted = match found {
             Some(i) => Some(i),
-            None => {
-                let admission = &self.store.registry.admission;
-                match admission.enqueue(&snap, ctx.service, ctx.class) {
-                    Admit::Now(i) => Some(i),
-                    Admit::Shed => None,
-                    Admit::Wait(rx, seq) => {
-                        let mut wait = Waiting {
-                            admission,
-                            snap: &snap,
-                            service: ctx.service,
-                            seq,
-                            rx: Some(rx),
-                        };
-                        wait.granted(svc.queue_timeout).await
-                    }
+            None => match admission.enqueue(&snap, ctx.service, ctx.class) {
+                Admit::Now(i) => Some(i),
+                Admit::Shed => None,
+                Admit::Wait(rx, seq) => {
+                    let mut wait = Waiting {
+                        admission,
+                        snap: &snap,
+                        service: ctx.service,
+                        seq,
+                        rx: Some(rx),
+                    };
+                    wait.granted(svc.queue_timeout).await
                 }
-            }
+            },
         };
         match granted {
             Some(i) => {
