@@ -81,14 +81,15 @@ pub async fn run(config: Config) -> Result<()> {
         "agent up: tables at ws://{}/v1/tables",
         agent.listen
     );
-    let scraper = if config.services.iter().any(|s| s.autoscale.is_some()) {
+    let scraper = if !agent.data_planes.is_empty() {
         let token = match &agent.data_plane_token_file {
             Some(path) => {
                 Some(rusty_shared::auth::read_token(path).context("agent.data_plane_token_file")?)
             }
             None => None,
         };
-        info!(data_planes = ?agent.data_planes, "autoscaling: reading the data planes' load");
+        info!(data_planes = ?agent.data_planes,
+            "reading the data planes' metrics for autoscaling and outliers");
         Some(tokio::spawn(crate::scrape::run(
             agent.data_planes.clone(),
             token,

@@ -31,6 +31,9 @@ pub struct ServiceStatus {
     pub deploy: Option<DeployStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscale: Option<AutoscaleStatus>,
+    /// The last instance replaced for being ejected by the data planes again and again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_replaced: Option<String>,
     pub instances: Vec<InstanceStatus>,
 }
 

@@ -133,6 +133,9 @@ pub async fn status(args: &AgentArgs, json: bool) -> Result<()> {
                 );
             }
         }
+        if let Some(r) = &s.outlier_replaced {
+            println!("  last outlier replaced: {r}");
+        }
         if let Some(d) = &s.deploy {
             println!(
                 "  last deploy: generation {} from {}: {} after {:.1}s{}",

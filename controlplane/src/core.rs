@@ -22,6 +22,7 @@ use crate::api::{
 use crate::autoscale::Autoscaler;
 use crate::health;
 use crate::metrics::Metrics;
+use crate::outlier::OutlierTracker;
 use crate::publish::{self, Publisher};
 use crate::reconcile::{Action, InstanceRef, Outcome, Phase, Refusal, ServiceState};
 use crate::runtime::{InstanceSpec, Runtime, RuntimeEvent};
@@ -52,8 +53,12 @@ pub enum Command {
         seq: u64,
         reply: oneshot::Sender<Result<(), ApiError>>,
     },
-    /// Requests in flight per service, summed over the data planes that answered.
-    Load(HashMap<String, f64>),
+    /// One reading of the data planes: requests in flight per service (summed), and the
+    /// backends any of them reports ejected.
+    Sample {
+        inflight: HashMap<String, f64>,
+        ejected: std::collections::HashSet<(String, String)>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +100,9 @@ pub struct Core {
     /// Set once the first table went out.
     published: bool,
     autoscalers: HashMap<String, Autoscaler>,
+    outliers: OutlierTracker,
+    /// The last outlier replaced per service: (instance, reason, when), for status.
+    replaced: HashMap<String, (String, String, Instant)>,
 }
 
 impl Core {
@@ -111,6 +119,8 @@ impl Core {
             .collect();
         Core {
             autoscalers,
+            outliers: OutlierTracker::default(),
+            replaced: HashMap::new(),
             services: specs
                 .into_iter()
                 .map(|s| (s.name.clone(), ServiceState::new(s)))
@@ -543,7 +553,10 @@ impl Core {
                 };
                 let _ = reply.send(r);
             }
-            Command::Load(load) => self.autoscale(&load, now),
+            Command::Sample { inflight, ejected } => {
+                self.autoscale(&inflight, now);
+                self.replace_outliers(ejected, now);
+            }
         }
     }
 
@@ -565,6 +578,45 @@ impl Core {
                     self.metrics.autoscale(name, direction);
                 }
                 Err(e) => warn!(service = %name, to = d.to, error = %e, "autoscale: cannot scale"),
+            }
+        }
+    }
+
+    /// Replace the instances the data planes keep ejecting (see `outlier`).
+    fn replace_outliers(
+        &mut self,
+        ejected: std::collections::HashSet<(String, String)>,
+        now: Instant,
+    ) {
+        let services = &self.services;
+        let found = self.outliers.observe(ejected, now, |svc| {
+            services.get(svc).and_then(|s| s.spec.outliers)
+        });
+        for (svc, id) in found {
+            let Some(s) = self.services.get_mut(&svc) else {
+                continue;
+            };
+            let Some(spec) = s.spec.outliers else {
+                continue;
+            };
+            // Backend ids are `service-seq`.
+            let seq = id
+                .strip_prefix(&format!("{svc}-"))
+                .and_then(|n| n.parse::<u64>().ok());
+            let Some(seq) = seq else { continue };
+            let reason = format!(
+                "ejected by the data planes {} times within {:?}",
+                spec.ejections, spec.window
+            );
+            match s.drain(seq, now) {
+                Ok(()) => {
+                    warn!(service = %svc, instance = %id, %reason, "replacing an outlier");
+                    self.metrics.outlier(&svc);
+                    self.replaced.insert(svc.clone(), (id, reason, now));
+                }
+                Err(e) => {
+                    debug!(service = %svc, instance = %id, error = %e, "outlier not replaced")
+                }
             }
         }
     }
@@ -618,6 +670,12 @@ impl Core {
                                     .duration_since(d.started)
                                     .as_millis() as u64,
                             }
+                        }),
+                        outlier_replaced: self.replaced.get(s.name()).map(|(id, reason, at)| {
+                            format!(
+                                "{id} {:.1}s ago: {reason}",
+                                now.saturating_duration_since(*at).as_secs_f64()
+                            )
                         }),
                         autoscale: self.autoscalers.get(s.name()).map(|a| AutoscaleStatus {
                             min_replicas: a.spec.min_replicas,

@@ -12,6 +12,7 @@
 //! - [`runtime`] runs instances (local processes, static addresses) behind one trait;
 //! - [`autoscale`] decides replica counts from load (pure), which [`scrape`] reads from the
 //!   data planes' `/metrics`;
+//! - [`outlier`] spots instances the data planes keep ejecting (pure);
 //! - [`core`] is the single task that owns the state and drives the others;
 //! - [`server`] is the listener: admin API, metrics, and the table stream;
 //! - [`client`] and [`cli`] are the command line.
@@ -26,6 +27,7 @@ pub mod config;
 pub mod core;
 pub mod health;
 pub mod metrics;
+pub mod outlier;
 pub mod publish;
 pub mod reconcile;
 pub mod runtime;

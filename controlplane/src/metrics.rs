@@ -15,6 +15,7 @@ pub struct Metrics {
     deploys: Mutex<BTreeMap<(String, &'static str), u64>>,
     restarts: Mutex<BTreeMap<String, u64>>,
     autoscales: Mutex<BTreeMap<(String, &'static str), u64>>,
+    outliers: Mutex<BTreeMap<String, u64>>,
     pub tables_published: AtomicU64,
     pub table_frames_sent: AtomicU64,
     pub subscribers: AtomicI64,
@@ -38,6 +39,12 @@ impl Metrics {
     /// An autoscaling decision, `direction` = `out` or `in`.
     pub fn autoscale(&self, service: &str, direction: &'static str) {
         bump(&self.autoscales, service, direction);
+    }
+
+    /// An instance replaced because the data planes kept ejecting it.
+    pub fn outlier(&self, service: &str) {
+        let mut m = self.outliers.lock().unwrap_or_else(|p| p.into_inner());
+        *m.entry(service.to_owned()).or_default() += 1;
     }
 
     pub fn restart(&self, service: &str) {
@@ -112,6 +119,18 @@ impl Metrics {
             "direction",
             &self.autoscales,
         );
+        out.push_str("# HELP rusty_agent_outlier_replacements_total Instances replaced because the data planes kept ejecting them.\n# TYPE rusty_agent_outlier_replacements_total counter\n");
+        for (svc, n) in self
+            .outliers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "rusty_agent_outlier_replacements_total{{service=\"{svc}\"}} {n}"
+            );
+        }
         out.push_str("# HELP rusty_agent_observed_inflight Requests in flight the data planes last reported, by autoscaled service.\n# TYPE rusty_agent_observed_inflight gauge\n");
         for s in &status.services {
             if let Some(load) = s.autoscale.as_ref().and_then(|a| a.load) {

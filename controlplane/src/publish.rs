@@ -240,6 +240,7 @@ mod tests {
                 healthy_timeout: std::time::Duration::from_secs(5),
             },
             autoscale: None,
+            outliers: None,
         };
         let down = ServiceState::new(spec(2));
         assert!(

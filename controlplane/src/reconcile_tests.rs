@@ -33,6 +33,7 @@ fn spec(replicas: u32, surge: u32) -> ServiceSpec {
             healthy_timeout: Duration::from_secs(10),
         },
         autoscale: None,
+        outliers: None,
     }
 }
 

@@ -3,10 +3,11 @@
 //! back on it; the agent asks them over plain HTTP like any Prometheus server would.
 //!
 //! One sample is the sum over every data plane that answered of
-//! `rustybalancer_inflight_requests{service="…"}`. When none answers there is no sample at all
-//! (missing data is not a zero load, so it must not scale anything in).
+//! `rustybalancer_inflight_requests{service="…"}` (for autoscaling), and the backends any of them
+//! reports in `rustybalancer_backend_ejected` (for outliers). When none answers there is no
+//! sample at all (missing data is not a zero load, so it must not scale anything in).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -20,6 +21,26 @@ use crate::core::Command;
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Largest `/metrics` answer read.
 const MAX_BODY: usize = 16 << 20;
+
+/// The backends one data plane's metrics text reports ejected, as (service, backend id).
+pub fn ejected_backends(text: &str) -> HashSet<(String, String)> {
+    let mut out = HashSet::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("rustybalancer_backend_ejected{service=\"") else {
+            continue;
+        };
+        let Some((service, rest)) = rest.split_once("\",backend=\"") else {
+            continue;
+        };
+        let Some((backend, value)) = rest.split_once("\"} ") else {
+            continue;
+        };
+        if value.trim() == "1" {
+            out.insert((service.to_owned(), backend.to_owned()));
+        }
+    }
+    out
+}
 
 /// The requests in flight per service in one data plane's metrics text.
 pub fn inflight_by_service(text: &str) -> HashMap<String, f64> {
@@ -78,6 +99,7 @@ pub async fn run(
     let mut failing: HashMap<String, bool> = HashMap::new();
     loop {
         let mut total: HashMap<String, f64> = HashMap::new();
+        let mut ejected = HashSet::new();
         let mut answered = 0;
         for plane in &planes {
             match fetch(plane, token.as_deref()).await {
@@ -89,6 +111,7 @@ pub async fn run(
                     for (svc, v) in inflight_by_service(&text) {
                         *total.entry(svc).or_insert(0.0) += v;
                     }
+                    ejected.extend(ejected_backends(&text));
                 }
                 Err(e) => {
                     if failing.insert(plane.clone(), true) != Some(true) {
@@ -100,7 +123,11 @@ pub async fn run(
         }
         if answered > 0 {
             debug!(?total, answered, "load sampled");
-            if commands.send(Command::Load(total)).await.is_err() {
+            let sample = Command::Sample {
+                inflight: total,
+                ejected,
+            };
+            if commands.send(sample).await.is_err() {
                 return;
             }
         }
@@ -128,5 +155,16 @@ mod tests {
         assert_eq!(m.get("web"), Some(&7.0));
         assert_eq!(m.get("api"), Some(&0.0));
         assert_eq!(m.len(), 2);
+    }
+
+    #[test]
+    fn ejected_backends_are_those_reported_at_1() {
+        let text = "rustybalancer_backend_ejected{service=\"web\",backend=\"web-2\"} 1\n\
+            rustybalancer_backend_ejected{service=\"web\",backend=\"web-3\"} 0\n\
+            rustybalancer_backend_ejected{service=\"api\",backend=\"api-1\"} 1\n";
+        let e = ejected_backends(text);
+        assert!(e.contains(&("web".to_owned(), "web-2".to_owned())));
+        assert!(e.contains(&("api".to_owned(), "api-1".to_owned())));
+        assert_eq!(e.len(), 2);
     }
 }

@@ -113,6 +113,8 @@ pub struct ServiceSpec {
     pub health: HealthSpec,
     pub rollout: RolloutPolicy,
     pub autoscale: Option<crate::autoscale::AutoscaleSpec>,
+    /// Replace instances the data planes keep ejecting; `None`: off.
+    pub outliers: Option<crate::outlier::OutlierSpec>,
 }
 
 /// Most instances one service may ask for.

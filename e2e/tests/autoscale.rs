@@ -107,3 +107,97 @@ healthy_timeout = "5s"
     }
     drop(lb);
 }
+
+#[test]
+fn an_instance_the_data_plane_keeps_ejecting_is_replaced_with_no_failed_request() {
+    let admin = free_port();
+    let services = format!(
+        r#"
+[services.web]
+command = "{echo}"
+args = ["--listen", "{{host}}:{{port}}", "--id", "web{{instance}}"]
+replicas = 3
+eject = "300ms"
+replace_after_ejections = 3
+ejection_window = "10s"
+
+[services.web.health]
+interval = "200ms"
+timeout = "1s"
+rise = 2
+fall = 3
+
+[services.web.rollout]
+drain = "300ms"
+healthy_timeout = "5s"
+"#,
+        echo = bin("rusty-echo").display()
+    );
+    let agent = Agent::start_with(
+        "outliers",
+        &format!("data_planes = [\"127.0.0.1:{admin}\"]\nscrape_interval = \"100ms\""),
+        &services,
+    );
+    let lb = agent.lb_on(admin);
+    agent.wait_until("3 instances in the table", Duration::from_secs(15), |st| {
+        st["services"][0]["healthy"] == 3
+    });
+    let load = LoadLoop::start(lb.port, "localhost", 4, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(500));
+
+    // web-2 starts flapping: its listener is gone for 150 ms every 700 ms. The agent's probes
+    // (every 200 ms, 3 failures to fall) keep passing; the data plane's connects in the gaps
+    // fail, are retried on the others, and eject it each time.
+    let web = agent.service("web");
+    let victim = web["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] == "web-2")
+        .expect("web-2");
+    let pid = victim["pid"].as_i64().expect("a pid");
+    let flapping = Instant::now();
+    assert_eq!(send_signal(pid, "USR1"), 0);
+    agent.wait_until("web-2 replaced", Duration::from_secs(15), |st| {
+        let instances = st["services"][0]["instances"].as_array().unwrap();
+        let ids: Vec<&str> = instances.iter().filter_map(|i| i["id"].as_str()).collect();
+        !ids.contains(&"web-2") && st["services"][0]["healthy"] == 3
+    });
+    let replaced = flapping.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    let report = load.finish();
+    eprintln!(
+        "outlier: flapping -> replaced and 3 serving {replaced:?}; {} requests",
+        report.ok
+    );
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+
+    let web = agent.service("web");
+    let ids: Vec<&str> = web["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["id"].as_str())
+        .collect();
+    assert!(
+        ids.contains(&"web-1") && ids.contains(&"web-3"),
+        "only the outlier goes: {ids:?}"
+    );
+    let note = web["outlier_replaced"].as_str().unwrap_or("");
+    assert!(
+        note.starts_with("web-2") && note.contains("ejected"),
+        "{note}"
+    );
+    assert!(agent
+        .api_get("/metrics")
+        .body
+        .contains("rusty_agent_outlier_replacements_total{service=\"web\"} 1"));
+}
+
+/// `kill -SIG pid`, through the command so the test needs no libc binding.
+fn send_signal(pid: i64, sig: &str) -> i32 {
+    std::process::Command::new("kill")
+        .args([format!("-{sig}"), pid.to_string()])
+        .status()
+        .map_or(-1, |s| s.code().unwrap_or(-1))
+}

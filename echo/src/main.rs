@@ -43,6 +43,8 @@ struct Args {
 
 /// What each connection needs besides its stream.
 struct Conf {
+    /// Bumped at each flap: connections from before it are dropped, as by a restart.
+    epoch: std::sync::atomic::AtomicU64,
     trickle: Duration,
     /// Permits for `--max-concurrent`.
     workers: Option<tokio::sync::Semaphore>,
@@ -67,6 +69,7 @@ async fn main() {
     };
     eprintln!("rusty-echo {} listening on {}", args.id, args.listen);
     let conf = Arc::new(Conf {
+        epoch: std::sync::atomic::AtomicU64::new(0),
         trickle: Duration::from_millis(args.trickle_ms),
         workers: (args.max_concurrent > 0)
             .then(|| tokio::sync::Semaphore::new(args.max_concurrent)),
@@ -75,23 +78,52 @@ async fn main() {
         echo_headers: args.echo_headers,
         record: args.record,
     });
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    // Fault injection for tests: SIGUSR1 makes this backend flap, as if it restarted every
+    // FLAP_PERIOD: its listener is gone for FLAP_DOWN and its open connections are dropped.
+    // Probes a few per second apart mostly pass; a proxy's connects in the gap are refused.
+    let mut usr1 = signal(SignalKind::user_defined1()).expect("SIGUSR1 handler");
+    let mut listener = Some(listener);
+    let mut flapping = false;
+    let mut next_flap = tokio::time::Instant::now();
     loop {
+        let accept = async {
+            match &listener {
+                Some(l) => l.accept().await.ok(),
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            accepted = listener.accept() => {
-                if let Ok((stream, _)) = accepted {
+            accepted = accept => {
+                if let Some((stream, _)) = accepted {
                     let _ = stream.set_nodelay(true);
                     tokio::spawn(serve(stream, conf.clone()));
                 }
+            }
+            _ = usr1.recv() => {
+                flapping = true;
+                eprintln!("rusty-echo: SIGUSR1, flapping from now on");
+            }
+            _ = tokio::time::sleep_until(next_flap), if flapping => {
+                drop(listener.take());
+                conf.epoch.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(FLAP_DOWN).await;
+                listener = TcpListener::bind(args.listen).await.ok();
+                next_flap = tokio::time::Instant::now() + FLAP_PERIOD;
             }
             _ = term.recv() => return,
         }
     }
 }
 
+const FLAP_PERIOD: Duration = Duration::from_millis(700);
+const FLAP_DOWN: Duration = Duration::from_millis(150);
+
 async fn serve(mut stream: TcpStream, conf: Arc<Conf>) {
+    let born = conf.epoch.load(std::sync::atomic::Ordering::Relaxed);
     let Conf {
+        epoch,
         trickle,
         workers,
         id,
@@ -127,6 +159,9 @@ async fn serve(mut stream: TcpStream, conf: Arc<Conf>) {
                 Err(_) => return reject(&mut stream, "400 Bad Request").await,
             }
         };
+        if epoch.load(std::sync::atomic::Ordering::Relaxed) != born {
+            return; // flapped since this connection came: it goes, unanswered
+        }
         let head = echo_headers.then(|| String::from_utf8_lossy(&buf[..head_len]).into_owned());
         let recorded = record
             .as_ref()

@@ -176,6 +176,12 @@ pub struct RawService {
     /// How long a request may wait in that queue before it gets 503.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_timeout: Option<Dur>,
+    /// Replace an instance the data planes eject this many times within `ejection_window`
+    /// (with `agent.data_planes` listed); 0 turns it off.
+    #[serde(default = "default_replace_after_ejections")]
+    pub replace_after_ejections: u32,
+    #[serde(default = "default_ejection_window")]
+    pub ejection_window: Dur,
     /// Scale between bounds by the load the data planes report.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscale: Option<RawAutoscale>,
@@ -285,6 +291,12 @@ fn default_runtime() -> RuntimeName {
 }
 fn default_weight() -> u32 {
     1
+}
+fn default_replace_after_ejections() -> u32 {
+    3
+}
+fn default_ejection_window() -> Dur {
+    Dur::ms(30_000)
 }
 fn default_scrape_interval() -> Dur {
     Dur::ms(1_000)

@@ -404,6 +404,21 @@ fn service(name: &str, s: &RawService, base_dir: &Path, errs: &mut Errors) -> Op
             })
         }
     };
+    if s.replace_after_ejections == 1 {
+        errs.add(
+            key("replace_after_ejections"),
+            "must be 0 (off) or at least 2: one failed connect is no pattern",
+        );
+    }
+    if s.ejection_window.0 < std::time::Duration::from_secs(1) {
+        errs.add(key("ejection_window"), "must be at least 1s");
+    }
+    let outliers = (s.replace_after_ejections >= 2
+        && matches!(s.runtime, RuntimeName::Process | RuntimeName::Docker))
+    .then_some(crate::outlier::OutlierSpec {
+        ejections: s.replace_after_ejections,
+        window: s.ejection_window.0,
+    });
     let mut route = Service::new(name, Vec::new());
     route.hosts = s.hosts.clone();
     route.path_prefix = s.path_prefix.clone();
@@ -462,6 +477,7 @@ fn service(name: &str, s: &RawService, base_dir: &Path, errs: &mut Errors) -> Op
             healthy_timeout: r.healthy_timeout.0,
         },
         autoscale,
+        outliers,
     })
 }
 
