@@ -199,7 +199,6 @@ impl BackgroundService for Drain {
         if shutdown.changed().await.is_err() {
             return;
         }
-        self.front.start_draining();
         let deadline = tokio::time::Instant::now() + self.grace;
         let mut idle_polls = 0;
         while tokio::time::Instant::now() < deadline {

@@ -329,17 +329,28 @@ fn outlier_replacement_is_on_by_default_and_one_ejection_is_not_a_pattern() {
     assert_eq!(o.ejections, 3);
     assert_eq!(o.window, std::time::Duration::from_secs(30));
     let api = l.config.services.iter().find(|s| s.name == "api").unwrap();
-    assert_eq!(api.outliers, None, "static backends are not the agent's to replace");
+    assert_eq!(
+        api.outliers, None,
+        "static backends are not the agent's to replace"
+    );
 
     let e = errors(&format!(
         "{BASE}\n[services.x]\ncommand = \"./x\"\nreplace_after_ejections = 1\n"
     ));
     assert!(e.contains("services.x.replace_after_ejections"), "{e}");
     let off = load(
-        &BASE.replace("replicas = 3\n", "replicas = 3\nreplace_after_ejections = 0\n"),
+        &BASE.replace(
+            "replicas = 3\n",
+            "replicas = 3\nreplace_after_ejections = 0\n",
+        ),
         None,
     )
     .unwrap();
-    let web = off.config.services.iter().find(|s| s.name == "web").unwrap();
+    let web = off
+        .config
+        .services
+        .iter()
+        .find(|s| s.name == "web")
+        .unwrap();
     assert_eq!(web.outliers, None);
 }

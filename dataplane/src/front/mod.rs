@@ -195,6 +195,10 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Front<A> {
     /// connection at once; [`Guarded`] closes them gently instead, so the proxy's cleanup only
     /// runs after the drain window, for whatever is left.
     async fn cleanup(&self) {
+        // Only now, with the listener closed, do responses start saying `Connection: close`.
+        // Earlier, a client told to reconnect could land in the listen backlog just before it
+        // closed, and get a reset instead of a refusal.
+        self.state.start_draining();
         tokio::time::sleep(DRAIN_IDLE * 2).await;
         self.inner.cleanup().await;
     }
