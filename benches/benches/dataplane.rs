@@ -18,7 +18,7 @@ use rusty_lb::metrics::Registry;
 use rusty_lb::proxy::{add_forwarding_headers, RequestIds};
 use rusty_lb::snapshot::Snapshot;
 use rusty_lb::store::TableStore;
-use rusty_shared::validate;
+use rusty_shared::{validate, RequestClass};
 
 fn snapshot(n: usize, weights: &[u32]) -> Snapshot {
     Snapshot::build(validate(table(n, weights)).unwrap(), &Registry::default())
@@ -65,33 +65,55 @@ fn install(c: &mut Criterion) {
 }
 
 fn request_path(c: &mut Criterion) {
-    let store = TableStore::new(Arc::new(Registry::default()), None);
-    store
-        .offer(table(3, &[5, 3, 1]).to_json().as_bytes(), "bench")
-        .unwrap();
-    let ids = RequestIds::new();
-    let client: IpAddr = [127, 0, 0, 1].into();
-    let mut req = RequestHeader::build("GET", b"/api/users?id=7", None).unwrap();
-    req.insert_header("host", "www.example.com").unwrap();
-    c.bench_function("request_path/3_backends", |b| {
-        b.iter(|| {
-            let snap = store.current().unwrap();
-            let svc_idx = snap
-                .router
-                .route(b"www.example.com", req.uri.path().as_bytes())
-                .unwrap();
-            let svc = &snap.services[svc_idx as usize];
-            svc.counters.inflight_add(1);
-            let i = svc.pick(&[]).unwrap();
-            let peer = Box::new(svc.backends[i as usize].peer.clone());
-            let mut upstream = req.clone();
-            add_forwarding_headers(&mut upstream, Some(client), &ids).unwrap();
-            svc.backends[i as usize].counters.count_response(200);
-            svc.counters.observe(1_000_000);
-            svc.counters.inflight_add(-1);
-            black_box((peer, upstream))
-        })
-    });
+    // Uncapped (the default), and with every backend capped high enough never to be full: the
+    // cost of taking and giving back a slot when no limit is reached.
+    for (name, cap) in [
+        ("request_path/3_backends", 0),
+        ("request_path/3_backends_capped", 1_000_000),
+    ] {
+        let mut t = table(3, &[5, 3, 1]);
+        t.services[0].max_inflight = cap;
+        t.services[0].class_header = Some("x-priority".into());
+        let store = TableStore::new(Arc::new(Registry::default()), None);
+        store.offer(t.to_json().as_bytes(), "bench").unwrap();
+        let ids = RequestIds::new();
+        let client: IpAddr = [127, 0, 0, 1].into();
+        let mut req = RequestHeader::build("GET", b"/api/users?id=7", None).unwrap();
+        req.insert_header("host", "www.example.com").unwrap();
+        let admission = &store.registry.admission;
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                let snap = store.current().unwrap();
+                let svc_idx = snap
+                    .router
+                    .route(b"www.example.com", req.uri.path().as_bytes())
+                    .unwrap();
+                let svc = &snap.services[svc_idx as usize];
+                let class = svc
+                    .class_header
+                    .as_ref()
+                    .and_then(|h| req.headers.get(h))
+                    .and_then(|v| RequestClass::from_bytes(v.as_bytes()))
+                    .unwrap_or(svc.class);
+                svc.counters.inflight_add(1);
+                let i = svc.pick(&[]).unwrap();
+                let limiter = svc.backends[i as usize].limiter.as_ref();
+                if svc.limited {
+                    assert!(admission.queued() == 0 && limiter.is_some_and(|l| l.try_acquire()));
+                }
+                let peer = Box::new(svc.backends[i as usize].peer.clone());
+                let mut upstream = req.clone();
+                add_forwarding_headers(&mut upstream, Some(client), &ids).unwrap();
+                svc.backends[i as usize].counters.count_response(200);
+                svc.counters.observe(1_000_000);
+                svc.counters.inflight_add(-1);
+                if let Some(l) = limiter {
+                    admission.release(l);
+                }
+                black_box((peer, upstream, class))
+            })
+        });
+    }
 }
 
 criterion_group!(benches, pick, install, request_path);
