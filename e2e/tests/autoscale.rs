@@ -77,6 +77,14 @@ healthy_timeout = "5s"
     });
     let serving = breach.elapsed();
     let target = agent.service("web")["replicas"].as_u64().unwrap();
+    // The operator's view says the same.
+    let (ok, text) = agent.cli(&["status"]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("autoscale: 1..4 instances, target 2 in flight each"),
+        "{text}"
+    );
+    assert!(text.contains("last autoscale: 1 -> "), "{text}");
     std::thread::sleep(Duration::from_secs(1));
 
     // The load ends: after the cooldown the service goes back to its minimum, draining first.
@@ -187,6 +195,11 @@ healthy_timeout = "5s"
     assert!(
         note.starts_with("web-2") && note.contains("ejected"),
         "{note}"
+    );
+    let (ok, text) = agent.cli(&["status"]);
+    assert!(
+        ok && text.contains("last outlier replaced: web-2"),
+        "{text}"
     );
     assert!(agent
         .api_get("/metrics")
