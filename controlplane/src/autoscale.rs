@@ -59,9 +59,22 @@ impl Autoscaler {
         }
     }
 
-    /// Take one sample: `load` requests in flight over all data planes while `replicas`
-    /// instances are wanted. Returns the new replica count when it should change.
-    pub fn observe(&mut self, load: f64, replicas: u32, now: Instant) -> Option<Decision> {
+    /// Take one sample: `load` requests in flight over the data planes while `replicas`
+    /// instances are wanted. `settled`: every wanted instance serves (no scale-out since the
+    /// last one would be counted twice). `complete`: every data plane answered; a partial sum
+    /// is a lower bound, good enough to scale out on but never to scale in. Returns a decision
+    /// when the count should change.
+    pub fn observe(
+        &mut self,
+        load: f64,
+        replicas: u32,
+        settled: bool,
+        complete: bool,
+        now: Instant,
+    ) -> Option<Decision> {
+        if !load.is_finite() || load < 0.0 {
+            return None;
+        }
         self.load = Some(load);
         let s = &self.spec;
         let replicas = replicas.max(1);
@@ -72,7 +85,7 @@ impl Autoscaler {
         if per > s.target_inflight {
             self.below_since = None;
             let since = *self.above_since.get_or_insert(now);
-            if now.duration_since(since) >= s.window && replicas < s.max_replicas {
+            if now.duration_since(since) >= s.window && replicas < s.max_replicas && settled {
                 let to = needed.max(replicas + 1).min(s.max_replicas);
                 return Some(self.decide(now, replicas, to, format!(
                     "{load:.1} requests in flight, {per:.1} per instance over the target {} for {:?}",
@@ -82,6 +95,11 @@ impl Autoscaler {
             return None;
         }
         self.above_since = None;
+        if !complete {
+            // Missing data planes could carry the load this sum lacks.
+            self.below_since = None;
+            return None;
+        }
         if per < s.target_inflight / 2.0 && replicas > s.min_replicas {
             let since = *self.below_since.get_or_insert(now);
             let calm = self
@@ -98,6 +116,11 @@ impl Autoscaler {
         }
         self.below_since = None;
         None
+    }
+
+    /// Someone scaled by hand: start the timers over from this count, as after a decision.
+    pub fn manual(&mut self, from: u32, to: u32, now: Instant) {
+        self.decide(now, from, to, "scaled by hand".to_owned());
     }
 
     fn decide(&mut self, now: Instant, from: u32, to: u32, reason: String) -> Decision {
@@ -135,7 +158,7 @@ mod tests {
             .enumerate()
             .map(|(i, &load)| {
                 let now = start + Duration::from_secs(i as u64);
-                if let Some(d) = a.observe(load, replicas, now) {
+                if let Some(d) = a.observe(load, replicas, true, true, now) {
                     assert_eq!(d.from, replicas);
                     replicas = d.to;
                 }
@@ -188,6 +211,46 @@ mod tests {
         assert_eq!(r[12], 5);
         assert_eq!(r[13], 1);
         assert_eq!(*r.last().unwrap(), 1);
+    }
+
+    #[test]
+    fn no_second_scale_out_before_the_first_serves_and_no_scale_in_on_partial_data() {
+        let mut a = scaler();
+        let t = Instant::now();
+        let at = |s: u64| t + Duration::from_secs(s);
+        assert!(a.observe(20.0, 1, true, true, at(0)).is_none());
+        assert_eq!(a.observe(20.0, 1, true, true, at(2)).unwrap().to, 5);
+        // Still starting: the load stays high, but no decision until they serve.
+        let mut a = scaler();
+        assert!(a.observe(10.0, 2, false, true, at(0)).is_none());
+        assert!(a.observe(10.0, 2, false, true, at(5)).is_none());
+        assert_eq!(a.observe(10.0, 2, true, true, at(6)).unwrap().to, 3);
+        // A low sum from some of the data planes never scales in.
+        let mut a = scaler();
+        for s in 0..30 {
+            assert!(a.observe(0.0, 4, true, false, at(s)).is_none());
+        }
+        // A high partial sum may scale out: the real load is at least that.
+        assert!(a.observe(30.0, 1, true, false, at(0)).is_none());
+        assert!(a.observe(30.0, 1, true, false, at(2)).is_some());
+        // Nonsense loads are ignored.
+        assert!(a.observe(f64::NAN, 1, true, true, at(3)).is_none());
+        assert!(a.observe(-1.0, 1, true, true, at(3)).is_none());
+    }
+
+    #[test]
+    fn a_manual_scale_restarts_the_timers() {
+        let mut a = scaler();
+        let t = Instant::now();
+        let at = |s: u64| t + Duration::from_secs(s);
+        // Calm at 3 instances for a long time, then an operator scales to 5.
+        for s in 0..20 {
+            assert!(a.observe(0.0, 3, true, true, at(s)).is_none() || s >= 10);
+        }
+        a.manual(3, 5, at(20));
+        // The cooldown counts from the manual change, not from the old calm.
+        assert!(a.observe(0.0, 5, true, true, at(21)).is_none());
+        assert_eq!(a.observe(0.0, 5, true, true, at(31)).map(|d| d.to), Some(1));
     }
 
     #[test]

@@ -58,6 +58,8 @@ pub enum Command {
     Sample {
         inflight: HashMap<String, f64>,
         ejected: std::collections::HashSet<(String, String)>,
+        /// Every data plane answered.
+        complete: bool,
     },
 }
 
@@ -515,11 +517,26 @@ impl Core {
                 replicas,
                 reply,
             } => {
-                let r = match self.services.get_mut(&service) {
-                    None => Err(ApiError::NoService(service)),
-                    Some(s) => s.scale(replicas).map_err(ApiError::from).inspect(|_| {
-                        info!(service = s.name(), replicas, "scale requested");
-                    }),
+                let scaler = self.autoscalers.get_mut(&service);
+                let r = match (self.services.get_mut(&service), scaler) {
+                    (None, _) => Err(ApiError::NoService(service)),
+                    (Some(_), Some(a))
+                        if !(a.spec.min_replicas..=a.spec.max_replicas).contains(&replicas) =>
+                    {
+                        Err(ApiError::Invalid(format!(
+                            "{service} is autoscaled between {} and {} instances: scale within them, or change services.{service}.autoscale",
+                            a.spec.min_replicas, a.spec.max_replicas
+                        )))
+                    }
+                    (Some(s), scaler) => {
+                        let from = s.replicas;
+                        s.scale(replicas).map_err(ApiError::from).inspect(|_| {
+                            info!(service = s.name(), replicas, "scale requested");
+                            if let Some(a) = scaler {
+                                a.manual(from, replicas, now);
+                            }
+                        })
+                    }
                 };
                 let _ = reply.send(r);
             }
@@ -553,8 +570,12 @@ impl Core {
                 };
                 let _ = reply.send(r);
             }
-            Command::Sample { inflight, ejected } => {
-                self.autoscale(&inflight, now);
+            Command::Sample {
+                inflight,
+                ejected,
+                complete,
+            } => {
+                self.autoscale(&inflight, complete, now);
                 self.replace_outliers(ejected, now);
             }
         }
@@ -562,12 +583,18 @@ impl Core {
 
     /// Apply the autoscalers to one load sample. A service the sample does not mention (no data
     /// plane has it in its table yet) is left alone.
-    fn autoscale(&mut self, load: &HashMap<String, f64>, now: Instant) {
+    fn autoscale(&mut self, load: &HashMap<String, f64>, complete: bool, now: Instant) {
         for (name, scaler) in &mut self.autoscalers {
             let (Some(s), Some(&inflight)) = (self.services.get_mut(name), load.get(name)) else {
                 continue;
             };
-            let Some(d) = scaler.observe(inflight, s.replicas, now) else {
+            // A rolling deploy sizes its own time limit by the replica count: leave it be.
+            if s.deploy_in_progress() {
+                continue;
+            }
+            let serving = s.instances.values().filter(|i| i.in_table()).count();
+            let settled = serving >= s.replicas as usize;
+            let Some(d) = scaler.observe(inflight, s.replicas, settled, complete, now) else {
                 continue;
             };
             match s.scale(d.to) {
@@ -592,6 +619,7 @@ impl Core {
         let found = self.outliers.observe(ejected, now, |svc| {
             services.get(svc).and_then(|s| s.spec.outliers)
         });
+        let mut replacing: std::collections::HashSet<String> = std::collections::HashSet::new();
         for (svc, id) in found {
             let Some(s) = self.services.get_mut(&svc) else {
                 continue;
@@ -599,6 +627,15 @@ impl Core {
             let Some(spec) = s.spec.outliers else {
                 continue;
             };
+            // Capacity first: one replacement per service at a time, only while every wanted
+            // instance serves, and never the last one serving (a data plane whose own fault
+            // ejects everything must not empty the table).
+            let serving = s.instances.values().filter(|i| i.in_table()).count();
+            if replacing.contains(&svc) || serving < s.replicas as usize || serving <= 1 {
+                warn!(service = %svc, instance = %id, serving,
+                    "outlier not replaced now: capacity is short already");
+                continue;
+            }
             // Backend ids are `service-seq`.
             let seq = id
                 .strip_prefix(&format!("{svc}-"))
@@ -610,6 +647,7 @@ impl Core {
             );
             match s.drain(seq, now) {
                 Ok(()) => {
+                    replacing.insert(svc.clone());
                     warn!(service = %svc, instance = %id, %reason, "replacing an outlier");
                     self.metrics.outlier(&svc);
                     self.replaced.insert(svc.clone(), (id, reason, now));

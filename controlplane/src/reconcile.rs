@@ -204,6 +204,13 @@ impl ServiceState {
 
     // ----- requests -------------------------------------------------------------------------
 
+    /// A rolling deploy has not finished.
+    pub fn deploy_in_progress(&self) -> bool {
+        self.deploy
+            .as_ref()
+            .is_some_and(|d| d.outcome == Outcome::InProgress)
+    }
+
     pub fn scale(&mut self, replicas: u32) -> Result<(), Refusal> {
         if self.spec.runtime == RuntimeKind::Static {
             return Err(Refusal::Static(self.spec.name.clone()));

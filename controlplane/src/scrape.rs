@@ -52,8 +52,11 @@ pub fn inflight_by_service(text: &str) -> HashMap<String, f64> {
         let Some((service, value)) = rest.split_once("\"} ") else {
             continue;
         };
-        if let Ok(v) = value.trim().parse::<f64>() {
-            *out.entry(service.to_owned()).or_insert(0.0) += v;
+        match value.trim().parse::<f64>() {
+            Ok(v) if v.is_finite() && v >= 0.0 => {
+                *out.entry(service.to_owned()).or_insert(0.0) += v
+            }
+            _ => {}
         }
     }
     out
@@ -97,9 +100,11 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut failing: HashMap<String, bool> = HashMap::new();
+    // Each data plane's last ejected set, kept while it does not answer: a failed scrape must
+    // not look like its ejections ended (and then began again).
+    let mut last_ejected: HashMap<String, HashSet<(String, String)>> = HashMap::new();
     loop {
         let mut total: HashMap<String, f64> = HashMap::new();
-        let mut ejected = HashSet::new();
         let mut answered = 0;
         for plane in &planes {
             match fetch(plane, token.as_deref()).await {
@@ -111,7 +116,7 @@ pub async fn run(
                     for (svc, v) in inflight_by_service(&text) {
                         *total.entry(svc).or_insert(0.0) += v;
                     }
-                    ejected.extend(ejected_backends(&text));
+                    last_ejected.insert(plane.clone(), ejected_backends(&text));
                 }
                 Err(e) => {
                     if failing.insert(plane.clone(), true) != Some(true) {
@@ -125,7 +130,8 @@ pub async fn run(
             debug!(?total, answered, "load sampled");
             let sample = Command::Sample {
                 inflight: total,
-                ejected,
+                ejected: last_ejected.values().flatten().cloned().collect(),
+                complete: answered == planes.len(),
             };
             if commands.send(sample).await.is_err() {
                 return;

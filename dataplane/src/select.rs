@@ -126,7 +126,7 @@ impl ServiceState {
 
     /// Recompute tier loads from the ejection deadlines. Concurrent refreshes compute the same
     /// answer from the same atomics, so the last store wins harmlessly.
-    fn refresh_spill(&self, now: u64) -> Arc<Spill> {
+    pub(crate) fn refresh_spill(&self, now: u64) -> Arc<Spill> {
         let mut health: Vec<TierHealth> = self
             .tiers
             .iter()
@@ -305,20 +305,29 @@ mod tests {
     }
 
     #[test]
-    fn a_new_table_resets_ejections_of_the_backends_it_lists_again() {
+    fn a_new_table_keeps_the_ejections_of_backends_it_lists_unchanged() {
         let registry = Registry::default();
-        let table = |v| {
+        let table = |v, b_addr: &str| {
             let backends = vec![
                 Backend::new("a", "127.0.0.1:9000", 1, 0),
-                Backend::new("b", "127.0.0.1:9001", 1, 0),
+                Backend::new("b", b_addr, 1, 0),
+                Backend::new("c", "127.0.0.1:9002", 1, 0),
             ];
             validate(Table::new(v, vec![Service::new("web", backends)])).unwrap()
         };
-        let old = Snapshot::build(table(1), &registry);
+        let old = Snapshot::build(table(1, "127.0.0.1:9001"), &registry);
         old.services[0].eject(0);
-        assert!(old.services[0].ejected_now(0));
-        let new = Snapshot::build(table(2), &registry);
-        assert!(!new.services[0].ejected_now(0));
-        assert_eq!(counts(&new.services[0], 10), vec![5, 5]);
+        old.services[0].eject(1);
+        // Version 2 lists `a` unchanged and `b` at a new address.
+        let new = Snapshot::build_after(table(2, "127.0.0.1:9011"), &registry, Some(&old));
+        let s = &new.services[0];
+        assert!(s.ejected_now(0), "a is still failing as far as we know");
+        assert!(!s.ejected_now(1), "b moved: a new backend in good standing");
+        let c = counts(s, 10);
+        assert_eq!(c[0], 0, "{c:?}");
+        assert!(c[1] > 0 && c[2] > 0, "{c:?}");
+        // Without a previous table nothing is ejected.
+        let fresh = Snapshot::build(table(3, "127.0.0.1:9001"), &registry);
+        assert_eq!(counts(&fresh.services[0], 9), vec![3, 3, 3]);
     }
 }

@@ -4,8 +4,10 @@
 //! tiers and schedules, a ready-made upstream peer per backend and the metric handles of every
 //! series the table can produce. It is immutable apart from atomics (round-robin counters and
 //! local ejection deadlines) and is swapped in whole with `arc-swap`, so a request sees either the
-//! old table or the new one, never a mix. Ejections live in the snapshot on purpose: a new table
-//! starts with every backend it lists in good standing.
+//! old table or the new one, never a mix. Ejections live in the snapshot, and a new table takes
+//! them over for the backends it lists unchanged (same service, id and address): agents publish
+//! often (every slow-start step, every health change), and a backend that keeps refusing
+//! connections must not be forgiven by each of those tables.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -62,6 +64,7 @@ pub struct ServiceState {
 
 pub struct BackendState {
     pub id: Arc<str>,
+    pub addr: SocketAddr,
     pub peer: HttpPeer,
     pub weight: u32,
     pub tier: u32,
@@ -84,6 +87,16 @@ pub struct TierState {
 
 impl Snapshot {
     pub fn build(valid: ValidTable, registry: &Registry) -> Snapshot {
+        Snapshot::build_after(valid, registry, None)
+    }
+
+    /// Build the snapshot that replaces `previous`, keeping its ejections where they apply.
+    pub fn build_after(
+        valid: ValidTable,
+        registry: &Registry,
+        previous: Option<&Snapshot>,
+    ) -> Snapshot {
+        let now = crate::clock::now_ms();
         let keep: Vec<(&str, Vec<&str>)> = valid
             .services
             .iter()
@@ -110,6 +123,16 @@ impl Snapshot {
             .iter()
             .zip(handles)
             .map(|(s, h)| {
+                let before = previous.and_then(|p| p.services.iter().find(|o| *o.name == *s.name));
+                let ejected_until = |id: &str, addr: SocketAddr| {
+                    before
+                        .and_then(|o| o.backends.iter().find(|b| &*b.id == id))
+                        .filter(|b| b.addr == addr)
+                        .map_or(0, |b| {
+                            b.ejected_until_ms
+                                .load(std::sync::atomic::Ordering::Relaxed)
+                        })
+                };
                 let mut backends: Box<[BackendState]> = s
                     .backends
                     .iter()
@@ -122,10 +145,11 @@ impl Snapshot {
                         peer.options.idle_timeout = Some(UPSTREAM_IDLE);
                         BackendState {
                             id: b.id.as_str().into(),
+                            addr: b.addr,
                             peer,
                             weight: b.weight,
                             tier: 0,
-                            ejected_until_ms: AtomicU64::new(0),
+                            ejected_until_ms: AtomicU64::new(ejected_until(&b.id, b.addr)),
                             counters,
                             limiter: limiters.get(&b.addr).cloned(),
                         }
@@ -149,8 +173,13 @@ impl Snapshot {
                     })
                     .collect();
                 let spill = Spill::all_healthy(tiers.len());
+                let carried = backends.iter().any(|b| {
+                    b.ejected_until_ms
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                        > now
+                });
                 let limited = backends.iter().any(|b| b.limiter.is_some());
-                ServiceState {
+                let svc = ServiceState {
                     name: s.name.as_str().into(),
                     backends,
                     tiers,
@@ -169,7 +198,11 @@ impl Snapshot {
                         .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok()),
                     limited,
                     queue_timeout: s.queue_timeout,
+                };
+                if carried {
+                    svc.refresh_spill(now);
                 }
+                svc
             })
             .collect();
         Snapshot {

@@ -80,7 +80,12 @@ impl TableStore {
             .as_ref()
             .map(|s| (s.version, s.backend_count));
         check_succession(installed, &valid)?;
-        Ok(Snapshot::build(valid, &self.registry))
+        let previous = self.current.load_full();
+        Ok(Snapshot::build_after(
+            valid,
+            &self.registry,
+            previous.as_deref(),
+        ))
     }
 
     /// Load the last applied table from the state dir, before any listener accepts.

@@ -354,3 +354,26 @@ fn outlier_replacement_is_on_by_default_and_one_ejection_is_not_a_pattern() {
         .unwrap();
     assert_eq!(web.outliers, None);
 }
+
+#[test]
+fn autoscaling_and_outlier_timings_must_fit_the_scrape_and_the_ejections() {
+    let auto = "\n[services.web.autoscale]\nmin_replicas = 1\nmax_replicas = 3\ntarget_inflight = 2\nwindow = \"50ms\"\n";
+    let e = errors(&format!(
+        "{}{auto}",
+        BASE.replace(
+            "[agent]\n",
+            "[agent]\ndata_planes = [\"127.0.0.1:9100\", \"127.0.0.1:9100\", \"http://x:9100\"]\n"
+        )
+    ));
+    assert!(e.contains("services.web.autoscale.window"), "{e}");
+    assert!(
+        e.contains("agent.data_planes[1]") && e.contains("twice"),
+        "{e}"
+    );
+    assert!(e.contains("agent.data_planes[2]"), "{e}");
+    let e = errors(&BASE.replace(
+        "replicas = 3\n",
+        "replicas = 3\neject = \"20s\"\nejection_window = \"30s\"\n",
+    ));
+    assert!(e.contains("services.web.ejection_window"), "{e}");
+}

@@ -64,9 +64,16 @@ pub fn validate(raw: &RawConfig, base_dir: &Path) -> Result<Config, Vec<KeyError
         );
     }
     for (i, plane) in a.data_planes.iter().enumerate() {
-        let port_ok = plane.rsplit_once(':').is_some_and(|(host, port)| {
-            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
-        });
+        if a.data_planes[..i].contains(plane) {
+            errs.add(
+                format!("agent.data_planes[{i}]"),
+                format!("{plane:?} is listed twice: its load would count twice"),
+            );
+        }
+        let port_ok = !plane.contains('/')
+            && plane.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+            });
         if !port_ok {
             errs.add(
                 format!("agent.data_planes[{i}]"),
@@ -93,6 +100,36 @@ pub fn validate(raw: &RawConfig, base_dir: &Path) -> Result<Config, Vec<KeyError
     for (name, s) in &raw.services {
         if let Some(spec) = service(name, s, base_dir, &mut errs) {
             services.push(spec);
+        }
+    }
+    // Timings that depend on how often the data planes are read, or on how long they eject.
+    for spec in &services {
+        let key = |k: &str| format!("services.{}.{k}", spec.name);
+        if let Some(auto) = &spec.autoscale {
+            for (field, d) in [
+                ("autoscale.window", auto.window),
+                ("autoscale.cooldown", auto.cooldown),
+            ] {
+                if d < a.scrape_interval.0 {
+                    errs.add(
+                        key(field),
+                        format!("{d:?} is shorter than agent.scrape_interval ({}): it would act on a single sample", a.scrape_interval),
+                    );
+                }
+            }
+        }
+        if let Some(o) = &spec.outliers {
+            let eject = std::time::Duration::from_millis(spec.route.eject_ms);
+            let needed = eject * (o.ejections - 1);
+            if o.window <= needed {
+                errs.add(
+                    key("ejection_window"),
+                    format!(
+                        "{:?} cannot hold {} ejections of {eject:?} each (eject): make it longer than {needed:?}, or eject shorter",
+                        o.window, o.ejections
+                    ),
+                );
+            }
         }
     }
     if errs.0.is_empty() {
