@@ -95,15 +95,34 @@ pub struct FrontLimits {
 }
 
 /// State shared by every connection of one listener, and read by the admin and shutdown code.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FrontState {
     open: AtomicUsize,
     draining: AtomicBool,
+    /// The shutdown signal the proxy and the connections see: it flips only once the listener
+    /// has closed. Pingora's own flips at the signal, and the proxy would then tell clients to
+    /// reconnect while the listener still accepted them into a backlog it was about to reset.
+    drain: tokio::sync::watch::Sender<bool>,
     refused: AtomicU64,
     head_timeouts: AtomicU64,
     drained_idle: AtomicU64,
     bad_request_lines: AtomicU64,
     bad_chunks: AtomicU64,
+}
+
+impl Default for FrontState {
+    fn default() -> Self {
+        FrontState {
+            open: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+            drain: tokio::sync::watch::Sender::new(false),
+            refused: AtomicU64::new(0),
+            head_timeouts: AtomicU64::new(0),
+            drained_idle: AtomicU64::new(0),
+            bad_request_lines: AtomicU64::new(0),
+            bad_chunks: AtomicU64::new(0),
+        }
+    }
 }
 
 impl FrontState {
@@ -137,6 +156,7 @@ impl FrontState {
     }
     pub fn start_draining(&self) {
         self.draining.store(true, Relaxed);
+        self.drain.send_replace(true);
     }
 }
 
@@ -180,15 +200,18 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Front<A> {
             refuse(&mut stream).await;
             return None;
         }
+        // Our drain signal, not Pingora's (see `FrontState::drain`).
+        let drain = self.state.drain.subscribe();
+        let _ = shutdown;
         let guarded = Guarded::new(
             stream,
             self.limits.header_timeout,
             self.state.clone(),
-            shutdown.clone(),
+            drain.clone(),
         );
         // Pingora's HTTP/1 app runs the keep-alive loop itself and returns `None` when the
         // connection is done, so this wraps each connection exactly once.
-        self.inner.process_new(Box::new(guarded), shutdown).await
+        self.inner.process_new(Box::new(guarded), &drain).await
     }
 
     /// Runs once the listener has stopped. The proxy's own cleanup drops every idle keep-alive
