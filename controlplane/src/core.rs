@@ -592,7 +592,7 @@ impl Core {
             if s.deploy_in_progress() {
                 continue;
             }
-            let serving = s.instances.values().filter(|i| i.in_table()).count();
+            let serving = s.serving();
             let settled = serving >= s.replicas as usize;
             let Some(d) = scaler.observe(inflight, s.replicas, settled, complete, now) else {
                 continue;
@@ -630,7 +630,7 @@ impl Core {
             // Capacity first: one replacement per service at a time, only while every wanted
             // instance serves, and never the last one serving (a data plane whose own fault
             // ejects everything must not empty the table).
-            let serving = s.instances.values().filter(|i| i.in_table()).count();
+            let serving = s.serving();
             if replacing.contains(&svc) || serving < s.replicas as usize || serving <= 1 {
                 warn!(service = %svc, instance = %id, serving,
                     "outlier not replaced now: capacity is short already");
@@ -687,7 +687,7 @@ impl Core {
                         generation: s.generation,
                         replicas: s.replicas,
                         live: s.instances.values().filter(|i| i.live()).count(),
-                        healthy: s.instances.values().filter(|i| i.in_table()).count(),
+                        healthy: s.serving(),
                         command: run.command.clone(),
                         image: run.image.clone(),
                         args: run.args.clone(),

@@ -204,6 +204,11 @@ impl ServiceState {
 
     // ----- requests -------------------------------------------------------------------------
 
+    /// Instances in the table now.
+    pub fn serving(&self) -> usize {
+        self.instances.values().filter(|i| i.in_table()).count()
+    }
+
     /// A rolling deploy has not finished.
     pub fn deploy_in_progress(&self) -> bool {
         self.deploy

@@ -14,8 +14,9 @@
 //! - HTTP/1.1 without a `Host`, with more than one, or with one that is not `host[:port]`
 //!   (userinfo, commas, spaces, an empty or out-of-range port): refused. HTTP/1.0 without `Host`
 //!   is valid; the proxy supplies one upstream.
-//! - A request target with control bytes, spaces or non-ASCII, or that is not origin-form
-//!   (`/…`), absolute-form (`http://…`), or `*` for OPTIONS: refused.
+//! - A request target with control bytes, spaces, non-ASCII or a fragment (checked as sent, in
+//!   `front::scan`), or that is not origin-form (`/…`), absolute-form (`http://…`), or `*` for
+//!   OPTIONS: refused.
 //!
 //! Size limits come first, with nginx's and HAProxy's usual bounds as defaults ([`Limits`]): a
 //! request target over the limit gets 414, a header line, the whole head or the header count
@@ -86,33 +87,16 @@ fn check_body_size(req: &RequestHeader, limits: &Limits) -> Result<(), Refused> 
 }
 
 /// The request line exactly as the client sent it: `METHOD SP target SP version`, with one space
-/// on each side and a target of visible ASCII without a fragment. (Pingora's parser tolerates
-/// spaces inside the target and drops a fragment before we see the parsed form.)
+/// on each side and a target of visible ASCII without a fragment. The proxy checks it in the
+/// connection front's byte scan (`front::scan`), which sees every request before Pingora's
+/// parser escapes or drops anything; this runs the same scan over a raw head.
 pub fn check_request_line(raw_head: &[u8]) -> Result<(), Refused> {
-    let bad = Err(Refused(400, "bad request line"));
-    let end = raw_head
-        .iter()
-        .position(|b| *b == b'\n')
-        .unwrap_or(raw_head.len());
-    let line = raw_head[..end]
-        .strip_suffix(b"\r")
-        .unwrap_or(&raw_head[..end]);
-    let mut parts = line.split(|b| *b == b' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return bad;
-    };
-    if method.is_empty() || target.is_empty() || !version.starts_with(b"HTTP/") {
-        return bad;
+    use crate::front::scan::{feed, Bad, Phase};
+    match feed(&mut Phase::head(), raw_head) {
+        Err(Bad::Target) => Err(Refused(400, "bad request target")),
+        Err(_) => Err(Refused(400, "bad request line")),
+        Ok(_) => Ok(()),
     }
-    if target
-        .iter()
-        .any(|b| *b <= b' ' || *b >= 0x7f || *b == b'#')
-    {
-        return Err(Refused(400, "bad request target"));
-    }
-    Ok(())
 }
 
 fn check_sizes(req: &RequestHeader, limits: &Limits) -> Result<(), Refused> {
@@ -138,8 +122,8 @@ fn check_sizes(req: &RequestHeader, limits: &Limits) -> Result<(), Refused> {
     Ok(())
 }
 
-/// The form of the target. Its bytes were checked on the raw request line
-/// ([`check_request_line`]), before Pingora's parser escaped or dropped any of them.
+/// The form of the target. Its bytes were checked as sent ([`check_request_line`]), before
+/// Pingora's parser escaped or dropped any of them.
 fn check_target(req: &RequestHeader) -> Result<(), Refused> {
     let target = req.raw_path();
     if target.is_empty() {
@@ -163,7 +147,7 @@ fn starts_with_ignore_case(s: &[u8], prefix: &[u8]) -> bool {
 /// Parse a raw request head the way Pingora's HTTP/1 server does (httparse, up to 256 headers)
 /// and run every check on it. `None` when the parser itself refuses the head or has not seen
 /// all of it (Pingora answers the former 400). For the fuzz target and its corpus tests; the
-/// proxy calls [`check_request_line`] and [`check`] on what Pingora parsed.
+/// proxy runs the same request-line scan in `front` and [`check`] on what Pingora parsed.
 pub fn check_raw(head: &[u8], limits: &Limits) -> Option<Result<(), Refused>> {
     let mut headers = [httparse::EMPTY_HEADER; 256];
     let mut parsed = httparse::Request::new(&mut headers);

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, RETRY_AFTER};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::modules::http::HttpModules;
 use pingora::prelude::*;
@@ -118,22 +118,12 @@ impl ProxyHttp for Proxy {
     fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        let line = match session.as_downstream().as_http1() {
-            Some(h1) => check::check_request_line(&h1.get_headers_raw_bytes()),
-            None => Ok(()),
-        };
-        if let Err(Refused(status, why)) =
-            line.and_then(|()| check::check(session.req_header(), &self.limits))
-        {
+        // The request line as sent was checked by the connection front before Pingora parsed it.
+        if let Err(Refused(status, why)) = check::check(session.req_header(), &self.limits) {
             // Framing or routing that could be read two ways: answer, close, forward nothing.
             session.set_keepalive(None);
             let body = Bytes::from(format!("{why}\n"));
-            let mut resp = ResponseHeader::build(status, Some(3))?;
-            resp.insert_header(CONTENT_TYPE, "text/plain; charset=utf-8")?;
-            resp.insert_header(CONTENT_LENGTH, body.len())?;
-            resp.insert_header(http::header::CONNECTION, "close")?;
-            session.write_response_header(Box::new(resp), false).await?;
-            session.write_response_body(Some(body), true).await?;
+            respond(session, status, body, Some((CONNECTION, "close"))).await?;
             return Ok(true);
         }
         // Keep-alive, but not forever: 0 means "infinite" to Pingora, and a client's own
@@ -149,7 +139,8 @@ impl ProxyHttp for Proxy {
             session.as_downstream_mut().set_pipelining_enabled(true);
         }
         let Some(snapshot) = self.store.current() else {
-            respond(session, 503, b"no routing table installed yet\n").await?;
+            let body = Bytes::from_static(b"no routing table installed yet\n");
+            respond(session, 503, body, None).await?;
             return Ok(true);
         };
         let req = session.req_header();
@@ -173,7 +164,13 @@ impl ProxyHttp for Proxy {
         ctx.snapshot = Some(snapshot);
         match route {
             None => {
-                respond(session, 404, b"no route matched\n").await?;
+                respond(
+                    session,
+                    404,
+                    Bytes::from_static(b"no route matched\n"),
+                    None,
+                )
+                .await?;
                 Ok(true)
             }
             Some(service) => {
@@ -560,22 +557,24 @@ async fn respond_shed(session: &mut Session, class: RequestClass) -> Result<()> 
         "service unavailable: overloaded, {} request shed; retry shortly\n",
         class.as_str()
     ));
-    let mut resp = ResponseHeader::build(503, Some(4))?;
-    resp.insert_header(CONTENT_TYPE, "text/plain; charset=utf-8")?;
-    resp.insert_header(CONTENT_LENGTH, body.len())?;
-    resp.insert_header(http::header::RETRY_AFTER, "1")?;
-    session.write_response_header(Box::new(resp), false).await?;
-    session.write_response_body(Some(body), true).await
+    respond(session, 503, body, Some((RETRY_AFTER, "1"))).await
 }
 
-async fn respond(session: &mut Session, code: u16, body: &'static [u8]) -> Result<()> {
-    let mut resp = ResponseHeader::build(code, Some(3))?;
+/// A short plain-text response written by the proxy itself, with at most one extra header.
+async fn respond(
+    session: &mut Session,
+    code: u16,
+    body: Bytes,
+    extra: Option<(http::HeaderName, &'static str)>,
+) -> Result<()> {
+    let mut resp = ResponseHeader::build(code, Some(4))?;
     resp.insert_header(CONTENT_TYPE, "text/plain; charset=utf-8")?;
     resp.insert_header(CONTENT_LENGTH, body.len())?;
+    if let Some((name, value)) = extra {
+        resp.insert_header(name, value)?;
+    }
     session.write_response_header(Box::new(resp), false).await?;
-    session
-        .write_response_body(Some(Bytes::from_static(body)), true)
-        .await
+    session.write_response_body(Some(body), true).await
 }
 
 /// `X-Forwarded-For`, `X-Forwarded-Proto`, and an `X-Request-Id` when the client sent none.

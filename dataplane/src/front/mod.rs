@@ -46,7 +46,7 @@ use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-mod scan;
+pub(crate) mod scan;
 use scan::{feed, switches_protocols, Bad, Phase};
 
 /// How long a connection idle between requests stays open once a graceful shutdown began.
@@ -191,7 +191,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Front<A> {
     async fn process_new(
         self: &Arc<Self>,
         mut stream: Stream,
-        shutdown: &ShutdownWatch,
+        _pingora_shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let count = self.state.open.fetch_add(1, Relaxed) + 1;
         let _open = OpenGuard(&self.state.open);
@@ -202,7 +202,6 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Front<A> {
         }
         // Our drain signal, not Pingora's (see `FrontState::drain`).
         let drain = self.state.drain.subscribe();
-        let _ = shutdown;
         let guarded = Guarded::new(
             stream,
             self.limits.header_timeout,
@@ -332,7 +331,7 @@ impl AsyncRead for Guarded {
                         // may already be under way for a request before this one; the client
                         // then sees it cut short, as with any connection closed mid-response.)
                         let (counter, response, why) = match bad {
-                            Bad::RequestLine => (
+                            Bad::RequestLine | Bad::Target => (
                                 &this.state.bad_request_lines,
                                 &*RESPONSE_400_LINE,
                                 "malformed request line",

@@ -54,6 +54,8 @@ impl Phase {
 pub enum Bad {
     /// Not `METHOD SP target SP version` in visible ASCII.
     RequestLine,
+    /// A target byte no URI may hold (control, space-like, non-ASCII, `"<>`), or a fragment.
+    Target,
     /// Chunked framing that RFC 9112 §7.1 does not allow.
     Chunk,
 }
@@ -163,10 +165,13 @@ impl HeadScan {
                 match b {
                     b'\n' if self.spaces == 2 => self.request_line = false,
                     b' ' if !self.cr => self.spaces += 1,
-                    // Not allowed in a URI, and what Pingora would silently percent-escape.
-                    b'"' | b'<' | b'>' if self.spaces == 1 => return Err(Bad::RequestLine),
                     b'\r' if !self.cr => self.cr = true,
+                    // Not allowed in a URI and silently percent-escaped by Pingora (`"<>`), or
+                    // a fragment, which Pingora drops: never sent by a client that means well.
+                    b'"' | b'<' | b'>' | b'#' if self.spaces == 1 => return Err(Bad::Target),
                     0x21..=0x7e if !self.cr => {}
+                    b'\r' | b'\n' | b' ' => return Err(Bad::RequestLine),
+                    _ if self.spaces == 1 && !self.cr => return Err(Bad::Target),
                     _ => return Err(Bad::RequestLine),
                 }
             } else if self.seen {
@@ -470,14 +475,24 @@ mod tests {
             assert_eq!(refusal(&with(ok)), None, "{}", ok.escape_ascii());
         }
         for bad in [
+            &b"GET /a\x01 HTTP/1.1"[..],
+            b"GET /a\x7f HTTP/1.1",
+            b"GET /a\"b HTTP/1.1",
+            b"GET /a#b HTTP/1.1",
+            b"GET /\xc3\xa9 HTTP/1.1",
+        ] {
+            assert_eq!(
+                refusal(&with(bad)),
+                Some(Bad::Target),
+                "{}",
+                bad.escape_ascii()
+            );
+        }
+        for bad in [
             &b"GET /a b HTTP/1.1"[..],
             b"GET  / HTTP/1.1",
             b"GET / HTTP/1.1 ",
             b"GET\t/ HTTP/1.1",
-            b"GET /a\x01 HTTP/1.1",
-            b"GET /a\x7f HTTP/1.1",
-            b"GET /a\"b HTTP/1.1",
-            b"GET /\xc3\xa9 HTTP/1.1",
             b"GET / HTTP/1.1\r\r",
             b" GET / HTTP/1.1",
             b"GET /",
@@ -608,7 +623,7 @@ mod tests {
         assert_eq!(refusal(post), None);
         // A pipelined request after a body in the same read is checked like any other.
         let two = [&post[..], b"GET /a\"b HTTP/1.1\r\n\r\n"].concat();
-        assert_eq!(refusal(&two), Some(Bad::RequestLine));
+        assert_eq!(refusal(&two), Some(Bad::Target));
         // A body still arriving keeps its place.
         let mut phase = Phase::head();
         feed(
