@@ -33,8 +33,15 @@ ROOT = os.path.dirname(HERE)
 TICK = os.sysconf("SC_CLK_TCK")
 
 BACKEND_PORTS = [19101, 19102, 19103]
-PORTS = {"direct": BACKEND_PORTS[0], "nginx": 18081, "haproxy": 18082, "rusty-lb": 18083}
-RUSTY_ADMIN = 18183
+PORTS = {
+    "direct": BACKEND_PORTS[0],
+    "nginx": 18081,
+    "haproxy": 18082,
+    "rusty-lb": 18083,
+    # rusty-lb with every request through Pingora's full proxy pipeline (--no-fast-lane): the
+    # fast lane's own yardstick.
+    "rusty-lb-pipeline": 18084,
+}
 SMALL_BODY = "x" * 99 + "\n"
 
 procs = []
@@ -164,17 +171,19 @@ def table(version, weights=(1, 1, 1)):
     )
 
 
-def start_rusty(work, workers, binary):
+def start_rusty(work, workers, binary, name="rusty-lb"):
     write(f"{work}/table.json", table(1))
+    extra = ["--no-fast-lane"] if name == "rusty-lb-pipeline" else []
     return start(
-        "rusty-lb",
+        name,
         [
             binary,
-            "--listen", f"127.0.0.1:{PORTS['rusty-lb']}",
-            "--admin", f"127.0.0.1:{RUSTY_ADMIN}",
+            "--listen", f"127.0.0.1:{PORTS[name]}",
+            "--admin", f"127.0.0.1:{PORTS[name] + 100}",
             "--table", f"{work}/table.json",
             "--threads", str(workers),
             "--log", "warn",
+            *extra,
         ],
         logdir=work,
     )
@@ -325,13 +334,18 @@ def main():
     results = {}
     try:
         start_backends(work)
-        started = {
-            "direct": None,
-            "nginx": start_nginx(work, args.workers),
-            "haproxy": start_haproxy(work, args.workers),
-            "rusty-lb": start_rusty(work, args.workers, args.binary),
-        }
         targets = [t for t in args.targets.split(",") if t]
+        starters = {
+            "direct": lambda: None,
+            "nginx": lambda: start_nginx(work, args.workers),
+            "haproxy": lambda: start_haproxy(work, args.workers),
+            "rusty-lb": lambda: start_rusty(work, args.workers, args.binary),
+            "rusty-lb-pipeline": lambda: start_rusty(work, args.workers, args.binary, "rusty-lb-pipeline"),
+        }
+        unknown = [t for t in targets if t not in starters]
+        if unknown:
+            ap.error(f"unknown targets {unknown}; known: {', '.join(starters)}")
+        started = {t: starters[t]() for t in targets}
         for t in targets:
             wait_port(PORTS[t])
         paths = {"small": "/", "big": "/big"}

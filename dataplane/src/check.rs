@@ -254,7 +254,7 @@ fn check_host(req: &RequestHeader) -> Result<(), Refused> {
 }
 
 /// `host[:port]` where host is a reg-name, an IPv4 address or a bracketed IPv6 literal.
-fn valid_host(h: &[u8]) -> Result<(), Refused> {
+pub(crate) fn valid_host(h: &[u8]) -> Result<(), Refused> {
     let bad = Err(Refused(400, "bad Host"));
     let (name, port) = if h.first() == Some(&b'[') {
         let Some(end) = h.iter().position(|b| *b == b']') else {

@@ -89,6 +89,12 @@ pub struct Args {
     #[arg(long, default_value_t = 100, value_name = "N")]
     pub max_headers: usize,
 
+    /// Send every request through Pingora's full proxy pipeline instead of serving plain
+    /// requests (bodiless GET and HEAD) on the fast lane. For comparing the two; the answers are
+    /// the same.
+    #[arg(long)]
+    pub no_fast_lane: bool,
+
     /// Zero-downtime binary upgrade: take the listening sockets over from the running rusty-lb
     /// (start this one, then send the old one SIGQUIT within 5 s). Both accept until the old one
     /// drains and exits.

@@ -7,6 +7,7 @@
 //! - [`admission`]: per-backend concurrency limits and the overload queue by request class.
 //! - [`snapshot`]: the installed table, prepared for the two above.
 //! - [`proxy`]: the Pingora `ProxyHttp` that ties them to real connections.
+//! - [`lane`]: the fast lane: plain requests proxied without the pipeline's phases.
 //! - [`front`]: client connections before and between requests: cap, head deadline, drain.
 //! - [`store`]: validates, installs and persists tables; the only writer of the snapshot.
 //! - [`source`]: table file (SIGHUP) and agent WebSocket, feeding the store.
@@ -19,6 +20,7 @@ pub mod check;
 pub mod cli;
 pub mod clock;
 pub mod front;
+pub mod lane;
 pub mod metrics;
 pub mod proxy;
 pub mod router;

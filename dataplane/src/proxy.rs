@@ -31,13 +31,13 @@ use crate::snapshot::{ServiceState, Snapshot};
 use crate::store::TableStore;
 
 /// Attempts per request: the first plus at most `RETRIES_MAX` retries.
-const MAX_TRIES: usize = rusty_shared::limits::RETRIES_MAX as usize + 1;
+pub(crate) const MAX_TRIES: usize = rusty_shared::limits::RETRIES_MAX as usize + 1;
 
 pub struct Proxy {
     store: Arc<TableStore>,
     /// Requests in flight in this process, for graceful shutdown.
     active: Arc<AtomicI64>,
-    request_ids: RequestIds,
+    request_ids: Arc<RequestIds>,
     limits: Limits,
     /// Seconds an idle keep-alive client connection is kept (Pingora's default is forever).
     keepalive_secs: u64,
@@ -47,13 +47,14 @@ impl Proxy {
     pub fn new(
         store: Arc<TableStore>,
         active: Arc<AtomicI64>,
+        request_ids: Arc<RequestIds>,
         limits: Limits,
         keepalive_secs: u64,
     ) -> Self {
         Proxy {
             store,
             active,
-            request_ids: RequestIds::new(),
+            request_ids,
             limits,
             keepalive_secs: keepalive_secs.max(1),
         }
@@ -368,16 +369,9 @@ impl ProxyHttp for Proxy {
             };
         }
         if code > 0 {
-            let body: &'static [u8] = match code {
-                502 => b"bad gateway: the backend failed to answer\n",
-                503 => b"service unavailable: no backend available\n",
-                504 => b"gateway timeout: the backend did not answer in time\n",
-                413 => b"payload too large: the request body is over the limit\n",
-                _ => b"",
-            };
             // The connection may be unusable (a half-read body); the error path closes it.
             let _ = session
-                .respond_error_with_body(code, Bytes::from_static(body))
+                .respond_error_with_body(code, Bytes::from_static(error_body(code)))
                 .await;
         }
         FailToProxy {
@@ -577,6 +571,17 @@ async fn respond(
     session.write_response_body(Some(body), true).await
 }
 
+/// The body of the proxy's answer when no backend answered a request (here and in `lane`).
+pub(crate) fn error_body(code: u16) -> &'static [u8] {
+    match code {
+        502 => b"bad gateway: the backend failed to answer\n",
+        503 => b"service unavailable: no backend available\n",
+        504 => b"gateway timeout: the backend did not answer in time\n",
+        413 => b"payload too large: the request body is over the limit\n",
+        _ => b"",
+    }
+}
+
 /// `X-Forwarded-For`, `X-Forwarded-Proto`, and an `X-Request-Id` when the client sent none.
 pub fn add_forwarding_headers(
     upstream: &mut RequestHeader,
@@ -632,6 +637,12 @@ impl RequestIds {
     pub fn next(&self) -> String {
         let n = self.counter.fetch_add(1, Relaxed);
         format!("{:08x}-{:016x}", self.prefix, n)
+    }
+
+    /// The next id, written where it is needed instead of allocated.
+    pub fn write_next(&self, out: &mut Vec<u8>) {
+        let n = self.counter.fetch_add(1, Relaxed);
+        crate::lane::head::write_request_id(out, self.prefix, n);
     }
 }
 

@@ -28,8 +28,9 @@ use tracing::info;
 
 use crate::admin::Admin;
 use crate::cli::Args;
+use crate::lane::Lane;
 use crate::metrics::Registry;
-use crate::proxy::Proxy;
+use crate::proxy::{Proxy, RequestIds};
 use crate::source::{agent::AgentSource, file::FileSource};
 use crate::state::StateDir;
 use crate::store::TableStore;
@@ -111,32 +112,42 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let active = Arc::new(AtomicI64::new(0));
     let front = store.registry.front.clone();
+    let limits = Limits {
+        max_target: args.max_uri_bytes,
+        max_header: args.max_header_bytes,
+        max_head: args.max_head_bytes,
+        max_headers: args.max_headers,
+        max_body: args.max_body_bytes,
+    };
+    let ids = Arc::new(RequestIds::new());
     let proxy_app = pingora::proxy::http_proxy(
         &server.configuration,
         Proxy::new(
             store.clone(),
             active.clone(),
-            Limits {
-                max_target: args.max_uri_bytes,
-                max_header: args.max_header_bytes,
-                max_head: args.max_head_bytes,
-                max_headers: args.max_headers,
-                max_body: args.max_body_bytes,
-            },
+            ids.clone(),
+            limits,
             args.keepalive_timeout,
         ),
     );
-    let mut proxy = Service::new(
-        "proxy".to_owned(),
-        Front::new(
-            proxy_app,
-            FrontLimits {
-                max_connections: args.max_connections,
-                header_timeout: Duration::from_secs(args.header_timeout),
-            },
-            front.clone(),
-        ),
+    let mut front_app = Front::new(
+        proxy_app,
+        FrontLimits {
+            max_connections: args.max_connections,
+            header_timeout: Duration::from_secs(args.header_timeout),
+        },
+        front.clone(),
     );
+    if !args.no_fast_lane {
+        front_app = front_app.with_lane(Lane::new(
+            store.clone(),
+            active.clone(),
+            ids,
+            limits,
+            args.keepalive_timeout,
+        ));
+    }
+    let mut proxy = Service::new("proxy".to_owned(), front_app);
     proxy.add_tcp(&args.listen.to_string());
     server.add_service(proxy);
 

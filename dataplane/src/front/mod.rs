@@ -49,6 +49,8 @@ use tokio::time::{Instant, Sleep};
 pub(crate) mod scan;
 use scan::{feed, switches_protocols, Bad, Phase};
 
+use crate::lane::{Lane, Served};
+
 /// How long a connection idle between requests stays open once a graceful shutdown began.
 pub const DRAIN_IDLE: Duration = Duration::from_millis(500);
 
@@ -160,11 +162,13 @@ impl FrontState {
     }
 }
 
-/// Wraps an application (the HTTP proxy) with the connection cap and the guarded stream.
+/// Wraps an application (the HTTP proxy) with the connection cap and the guarded stream, and
+/// serves plain requests on the fast lane before handing a connection to it.
 pub struct Front<A> {
     inner: Arc<A>,
     limits: FrontLimits,
     state: Arc<FrontState>,
+    lane: Option<Lane>,
 }
 
 impl<A> Front<A> {
@@ -173,7 +177,14 @@ impl<A> Front<A> {
             inner: Arc::new(inner),
             limits,
             state,
+            lane: None,
         }
+    }
+
+    /// Serve plain requests on `lane`; the wrapped application gets the rest.
+    pub fn with_lane(mut self, lane: Lane) -> Self {
+        self.lane = Some(lane);
+        self
     }
 }
 
@@ -202,12 +213,22 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Front<A> {
         }
         // Our drain signal, not Pingora's (see `FrontState::drain`).
         let drain = self.state.drain.subscribe();
-        let guarded = Guarded::new(
+        let peer = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        let mut guarded = Guarded::new(
             stream,
             self.limits.header_timeout,
             self.state.clone(),
             drain.clone(),
         );
+        if let Some(lane) = &self.lane {
+            match lane.serve(&mut guarded, peer, &self.state).await {
+                Served::Done => return None,
+                // What the lane read and did not answer is read again by the pipeline.
+                Served::HandOver(read) => guarded.unread = read,
+            }
+        }
         // Pingora's HTTP/1 app runs the keep-alive loop itself and returns `None` when the
         // connection is done, so this wraps each connection exactly once.
         self.inner.process_new(Box::new(guarded), &drain).await
@@ -254,6 +275,8 @@ pub struct Guarded {
     drained: bool,
     shutdown: ShutdownWatch,
     state: Arc<FrontState>,
+    /// Bytes read and scanned already (by the fast lane), returned before any new read.
+    unread: Vec<u8>,
 }
 
 impl Guarded {
@@ -273,6 +296,7 @@ impl Guarded {
             drained: false,
             shutdown,
             state,
+            unread: Vec::new(),
         }
     }
 
@@ -319,6 +343,12 @@ impl AsyncRead for Guarded {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if !this.unread.is_empty() {
+            let n = this.unread.len().min(buf.remaining());
+            buf.put_slice(&this.unread[..n]);
+            this.unread.drain(..n);
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
@@ -468,6 +498,12 @@ impl GetSocketDigest for Guarded {
 #[async_trait]
 impl Peek for Guarded {
     async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        // Pingora peeks for the HTTP/2 preface; bytes handed back by the lane come first.
+        if !self.unread.is_empty() {
+            let n = self.unread.len().min(buf.len());
+            buf[..n].copy_from_slice(&self.unread[..n]);
+            return Ok(n == buf.len());
+        }
         self.inner.try_peek(buf).await
     }
 }

@@ -288,7 +288,7 @@ const MAX_SIZE_DIGITS: u8 = 16;
 
 impl ChunkScan {
     /// Scan bytes; `Some(n)` if the body ended after `n` of them.
-    fn scan(&mut self, bytes: &[u8]) -> Result<Option<usize>, Bad> {
+    pub(crate) fn scan(&mut self, bytes: &[u8]) -> Result<Option<usize>, Bad> {
         let mut i = 0;
         while i < bytes.len() {
             let b = bytes[i];

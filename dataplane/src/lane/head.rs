@@ -1,0 +1,496 @@
+//! Request and response heads on the fast lane: pure functions over bytes, no I/O.
+//!
+//! [`plain_request`] decides whether a request is one the lane serves (a bodiless `GET` or
+//! `HEAD` over HTTP/1.1 with one valid `Host` and nothing that changes how the connection or
+//! its framing works) and, if so, writes the head that goes upstream. Anything else is `None`
+//! and goes to the full Pingora pipeline, which owns every rule about unusual requests; so the
+//! lane only has to recognise the ordinary, never to judge the odd.
+//!
+//! [`response_head`] reads a backend's response head and writes the one the client gets,
+//! with the body's framing, so the body can be passed through byte for byte.
+
+use std::io::Write as _;
+use std::net::IpAddr;
+use std::ops::Range;
+
+use crate::check::Limits;
+
+/// Header lines a plain request may have; a request with more takes the full pipeline.
+pub const MAX_HEADERS: usize = 64;
+
+/// A request the lane serves: where its parts are in the read buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plain {
+    /// Bytes of the head, empty line included.
+    pub len: usize,
+    /// `HEAD`: the response has no body whatever its headers say.
+    pub head: bool,
+    /// The client asked for `Connection: close`.
+    pub close: bool,
+    pub host: Range<usize>,
+    /// The target's path, without the query.
+    pub path: Range<usize>,
+}
+
+/// A request the lane leaves to the full pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotPlain;
+
+/// Headers that make a request other than plain: a body, a protocol switch, an expectation or
+/// hop-by-hop connection handling. Lowercase.
+const NOT_PLAIN: [&[u8]; 8] = [
+    b"content-length",
+    b"transfer-encoding",
+    b"upgrade",
+    b"expect",
+    b"te",
+    b"trailer",
+    b"keep-alive",
+    b"proxy-connection",
+];
+
+/// Parse a complete head at the start of `buf`. `Ok(None)`: not all of it has arrived (and it
+/// is still within the size limit). `Err(NotPlain)`: not a plain request, for the full pipeline.
+/// On success the upstream head is in `out` (cleared first): the request line and headers as
+/// received, with `X-Forwarded-For`, `X-Forwarded-Proto` and, if the client sent none,
+/// `X-Request-Id` set as the proxy's `add_forwarding_headers` sets them.
+pub fn plain_request(
+    buf: &[u8],
+    limits: &Limits,
+    client: Option<IpAddr>,
+    request_id: impl FnOnce(&mut Vec<u8>),
+    out: &mut Vec<u8>,
+) -> Result<Option<Plain>, NotPlain> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() <= limits.max_head => return Ok(None),
+        _ => return Err(NotPlain),
+    };
+    let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
+        return Err(NotPlain);
+    };
+    let head = match method {
+        "GET" => false,
+        "HEAD" => true,
+        _ => return Err(NotPlain),
+    };
+    if len > limits.max_head
+        || target.len() > limits.max_target
+        || !target.starts_with('/')
+        || req.headers.len() > limits.max_headers
+    {
+        return Err(NotPlain);
+    }
+    let mut host = None;
+    let mut xff: Option<&[u8]> = None;
+    let (mut xfp, mut rid, mut close) = (false, false, false);
+    for h in req.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.len() + h.value.len() + 4 > limits.max_header {
+            return Err(NotPlain);
+        }
+        if name.eq_ignore_ascii_case(b"host") {
+            if host.replace(h.value).is_some() {
+                return Err(NotPlain);
+            }
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            // `close` or `keep-alive`; anything else (an upgrade, a list naming hop-by-hop
+            // headers) is the pipeline's business.
+            for token in h.value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if !token.eq_ignore_ascii_case(b"keep-alive") {
+                    return Err(NotPlain);
+                }
+            }
+        } else if name.eq_ignore_ascii_case(b"x-forwarded-for") {
+            if xff.replace(h.value).is_some() {
+                return Err(NotPlain);
+            }
+        } else if name.eq_ignore_ascii_case(b"x-forwarded-proto") {
+            if xfp {
+                return Err(NotPlain);
+            }
+            xfp = true;
+        } else if name.eq_ignore_ascii_case(b"x-request-id") {
+            rid = true;
+        } else if NOT_PLAIN.iter().any(|n| name.eq_ignore_ascii_case(n)) {
+            return Err(NotPlain);
+        }
+    }
+    let host = host.ok_or(NotPlain)?;
+    if crate::check::valid_host(host).is_err() {
+        return Err(NotPlain);
+    }
+    // The forwarded chain must read as text, as the pipeline requires of it.
+    let xff = match xff {
+        Some(v) => Some(std::str::from_utf8(v).map_err(|_| NotPlain)?),
+        None => None,
+    };
+
+    out.clear();
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for h in req.headers.iter() {
+        let name = h.name.as_bytes();
+        // The client's connection options are about its connection, not the upstream one.
+        if name.eq_ignore_ascii_case(b"x-forwarded-for")
+            || name.eq_ignore_ascii_case(b"x-forwarded-proto")
+            || name.eq_ignore_ascii_case(b"connection")
+        {
+            continue;
+        }
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(h.value);
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some(ip) = client {
+        out.extend_from_slice(b"x-forwarded-for: ");
+        match xff.filter(|v| !v.is_empty()) {
+            Some(chain) => {
+                let _ = write!(out, "{chain}, {ip}");
+            }
+            None => {
+                let _ = write!(out, "{ip}");
+            }
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"x-forwarded-proto: http\r\n");
+    if !rid {
+        out.extend_from_slice(b"x-request-id: ");
+        request_id(out);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+
+    let at = |s: &[u8]| {
+        let start = s.as_ptr() as usize - buf.as_ptr() as usize;
+        start..start + s.len()
+    };
+    let path = target.split('?').next().unwrap_or(target);
+    Ok(Some(Plain {
+        len,
+        head,
+        close,
+        host: at(host),
+        path: at(path.as_bytes()),
+    }))
+}
+
+/// How a response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Body {
+    None,
+    Length(u64),
+    Chunked,
+    /// Until the backend closes: the client's connection closes after it too.
+    UntilClose,
+}
+
+/// A backend's response head, as read by [`response_head`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Response {
+    /// Bytes of the head, empty line included.
+    pub len: usize,
+    pub status: u16,
+    pub body: Body,
+    /// The backend's connection can carry another request after this response.
+    pub reusable: bool,
+}
+
+/// Why a backend's response head cannot be passed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadResponse {
+    /// Not HTTP/1 a parser accepts, or a head over the size limit.
+    Malformed,
+    /// Framing the lane cannot pass through safely (a transfer coding other than `chunked`,
+    /// conflicting or unparsable lengths).
+    Framing,
+}
+
+/// Largest response head the lane reads.
+pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+/// Parse a backend's response head at the start of `buf`; `Ok(None)` if incomplete. On
+/// success the client's head is in `out` (cleared first): status and headers as received
+/// minus the backend's hop-by-hop `Connection` and `Keep-Alive`, plus the client connection's
+/// own `Connection` (as the pipeline writes it): `close` when `close` or when the body runs
+/// until the backend closes, else `keep-alive`.
+pub fn response_head(
+    buf: &[u8],
+    head_request: bool,
+    close: bool,
+    out: &mut Vec<u8>,
+) -> Result<Option<Response>, BadResponse> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS * 2];
+    let mut resp = httparse::Response::new(&mut headers);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() <= MAX_RESPONSE_HEAD => return Ok(None),
+        _ => return Err(BadResponse::Malformed),
+    };
+    let (Some(version), Some(status)) = (resp.version, resp.code) else {
+        return Err(BadResponse::Malformed);
+    };
+    let mut reusable = version == 1;
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    for h in resp.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"connection") {
+            for token in h.value.split(|b| *b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    reusable = false;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") && version == 0 {
+                    reusable = true;
+                }
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            if chunked || !h.value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                return Err(BadResponse::Framing);
+            }
+            chunked = true;
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            let n = std::str::from_utf8(h.value)
+                .ok()
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or(BadResponse::Framing)?;
+            if length.is_some_and(|l| l != n) {
+                return Err(BadResponse::Framing);
+            }
+            length = Some(n);
+        }
+    }
+    let body = if head_request || status < 200 || status == 204 || status == 304 {
+        Body::None
+    } else if chunked {
+        Body::Chunked
+    } else {
+        match length {
+            Some(0) => Body::None,
+            Some(n) => Body::Length(n),
+            None => Body::UntilClose,
+        }
+    };
+    if body == Body::UntilClose {
+        reusable = false;
+    }
+
+    out.clear();
+    let _ = write!(out, "HTTP/1.1 {status}");
+    if let Some(reason) = resp.reason.filter(|r| !r.is_empty()) {
+        out.push(b' ');
+        out.extend_from_slice(reason.as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+    for h in resp.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"connection") || name.eq_ignore_ascii_case(b"keep-alive") {
+            continue;
+        }
+        // A chunked body wins over a length (RFC 9112 §6.3); the length is not passed on.
+        if chunked && name.eq_ignore_ascii_case(b"content-length") {
+            continue;
+        }
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(h.value);
+        out.extend_from_slice(b"\r\n");
+    }
+    if status >= 200 {
+        if close || body == Body::UntilClose {
+            out.extend_from_slice(b"Connection: close\r\n");
+        } else {
+            out.extend_from_slice(b"Connection: keep-alive\r\n");
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(Some(Response {
+        len,
+        status,
+        body,
+        reusable,
+    }))
+}
+
+/// A request id in the pipeline's format: a per-process prefix and a counter, in hex.
+pub fn write_request_id(out: &mut Vec<u8>, prefix: u32, n: u64) {
+    let _ = write!(out, "{prefix:08x}-{n:016x}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plain(req: &str) -> (Result<Option<Plain>, NotPlain>, String) {
+        let mut out = Vec::new();
+        let r = plain_request(
+            req.as_bytes(),
+            &Limits::default(),
+            Some("10.0.0.7".parse().unwrap()),
+            |o| o.extend_from_slice(b"id-1"),
+            &mut out,
+        );
+        (r, String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn a_plain_get_goes_upstream_with_forwarding_headers() {
+        let req = "GET /a/b?x=1 HTTP/1.1\r\nHost: example.com:8080\r\nAccept: */*\r\n\r\nGET /next";
+        let (r, out) = plain(req);
+        let p = r.unwrap().unwrap();
+        assert_eq!(&req[p.host.clone()], "example.com:8080");
+        assert_eq!(&req[p.path.clone()], "/a/b");
+        assert_eq!(&req[p.len..], "GET /next");
+        assert!(!p.head);
+        assert_eq!(
+            out,
+            "GET /a/b?x=1 HTTP/1.1\r\nHost: example.com:8080\r\nAccept: */*\r\n\
+             x-forwarded-for: 10.0.0.7\r\nx-forwarded-proto: http\r\nx-request-id: id-1\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn an_existing_chain_is_extended_and_a_client_request_id_kept() {
+        let req = "HEAD / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 1.2.3.4\r\n\
+                   X-Forwarded-Proto: https\r\nX-Request-Id: mine\r\nConnection: keep-alive\r\n\r\n";
+        let (r, out) = plain(req);
+        let p = r.unwrap().unwrap();
+        assert!(p.head && !p.close);
+        assert_eq!(
+            out,
+            "HEAD / HTTP/1.1\r\nHost: a\r\nX-Request-Id: mine\r\n\
+             x-forwarded-for: 1.2.3.4, 10.0.0.7\r\nx-forwarded-proto: http\r\n\r\n"
+        );
+        let (r, out) = plain("GET / HTTP/1.1\r\nConnection: Keep-Alive, close\r\nHost: a\r\n\r\n");
+        assert!(r.unwrap().unwrap().close);
+        assert!(!out.to_ascii_lowercase().contains("connection"));
+    }
+
+    #[test]
+    fn an_incomplete_head_waits_for_more() {
+        assert_eq!(plain("GET / HTTP/1.1\r\nHost: a\r\n").0, Ok(None));
+        assert_eq!(plain("GE").0, Ok(None));
+    }
+
+    #[test]
+    fn anything_but_a_plain_request_takes_the_pipeline() {
+        for req in [
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx",
+            "GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            "GET / HTTP/1.0\r\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n",
+            "GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET * HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 1\r\nX-Forwarded-For: 2\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nBad Name: x\r\n\r\n",
+            "GET / HTTP/1.1\nHost: a\r\n folded\r\n\r\n",
+        ] {
+            assert_eq!(plain(req).0, Err(NotPlain), "{req:?}");
+        }
+    }
+
+    #[test]
+    fn heads_over_a_limit_take_the_pipeline() {
+        let long = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "x".repeat(9000));
+        assert_eq!(plain(&long).0, Err(NotPlain));
+        let many: String = (0..70).map(|i| format!("X-{i}: v\r\n")).collect();
+        assert_eq!(
+            plain(&format!("GET / HTTP/1.1\r\nHost: a\r\n{many}\r\n")).0,
+            Err(NotPlain)
+        );
+        // A head that never ends is refused once it passes the head limit.
+        let endless = format!("GET / HTTP/1.1\r\nHost: a\r\nX: {}", "y".repeat(40_000));
+        assert_eq!(plain(&endless).0, Err(NotPlain));
+    }
+
+    fn response(
+        raw: &str,
+        head: bool,
+        close: bool,
+    ) -> (Result<Option<Response>, BadResponse>, String) {
+        let mut out = Vec::new();
+        let r = response_head(raw.as_bytes(), head, close, &mut out);
+        (r, String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn response_framing_is_read_from_the_head() {
+        let (r, out) = response(
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\nhello",
+            false,
+            false,
+        );
+        let r = r.unwrap().unwrap();
+        assert_eq!((r.status, r.body, r.reusable), (200, Body::Length(5), true));
+        assert_eq!(
+            out,
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: keep-alive\r\n\r\n"
+        );
+
+        let (r, _) = response("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true, false);
+        assert_eq!(r.unwrap().unwrap().body, Body::None);
+        let (r, _) = response(
+            "HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
+            false,
+            false,
+        );
+        assert_eq!(r.unwrap().unwrap().body, Body::None);
+
+        let (r, out) = response(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n",
+            false,
+            true,
+        );
+        assert_eq!(r.unwrap().unwrap().body, Body::Chunked);
+        assert_eq!(
+            out,
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        );
+
+        let (r, out) = response("HTTP/1.0 200 OK\r\n\r\nuntil close", false, false);
+        let r = r.unwrap().unwrap();
+        assert_eq!((r.body, r.reusable), (Body::UntilClose, false));
+        assert!(out.ends_with("Connection: close\r\n\r\n"));
+
+        let (r, _) = response(
+            "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n",
+            false,
+            false,
+        );
+        assert!(!r.unwrap().unwrap().reusable);
+    }
+
+    #[test]
+    fn unsafe_response_framing_is_refused() {
+        for raw in [
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+        ] {
+            assert_eq!(
+                response(raw, false, false).0,
+                Err(BadResponse::Framing),
+                "{raw:?}"
+            );
+        }
+        assert_eq!(
+            response("HTTP/1.1 2000 OK\r\n\r\n", false, false).0,
+            Err(BadResponse::Malformed)
+        );
+        assert_eq!(response("HTTP/1.1 200 OK\r\n", false, false).0, Ok(None));
+    }
+}
