@@ -470,6 +470,18 @@ impl Registry {
                 "Idle keep-alive connections closed by a graceful shutdown.",
                 f.drained_idle(),
             ),
+            (
+                "rustybalancer_fast_lane_requests_total",
+                "counter",
+                "Requests served on the fast lane, without the full proxy pipeline.",
+                f.lane_requests(),
+            ),
+            (
+                "rustybalancer_fast_lane_handovers_total",
+                "counter",
+                "Connections the fast lane handed to the full proxy pipeline (a request it does not serve).",
+                f.lane_handovers(),
+            ),
         ] {
             header(w, name, kind, help);
             let _ = writeln!(w, "{name} {value}");

@@ -110,6 +110,8 @@ pub struct FrontState {
     drained_idle: AtomicU64,
     bad_request_lines: AtomicU64,
     bad_chunks: AtomicU64,
+    pub(crate) lane_requests: AtomicU64,
+    lane_handovers: AtomicU64,
 }
 
 impl Default for FrontState {
@@ -123,6 +125,8 @@ impl Default for FrontState {
             drained_idle: AtomicU64::new(0),
             bad_request_lines: AtomicU64::new(0),
             bad_chunks: AtomicU64::new(0),
+            lane_requests: AtomicU64::new(0),
+            lane_handovers: AtomicU64::new(0),
         }
     }
 }
@@ -147,6 +151,14 @@ impl FrontState {
     /// Requests refused with 400 for chunked framing that is not RFC 9112 §7.1.
     pub fn bad_chunks(&self) -> u64 {
         self.bad_chunks.load(Relaxed)
+    }
+    /// Requests the fast lane served.
+    pub fn lane_requests(&self) -> u64 {
+        self.lane_requests.load(Relaxed)
+    }
+    /// Connections the fast lane handed to the pipeline.
+    pub fn lane_handovers(&self) -> u64 {
+        self.lane_handovers.load(Relaxed)
     }
     /// Idle connections closed by a graceful shutdown.
     pub fn drained_idle(&self) -> u64 {
@@ -226,7 +238,10 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Front<A> {
             match lane.serve(&mut guarded, peer, &self.state).await {
                 Served::Done => return None,
                 // What the lane read and did not answer is read again by the pipeline.
-                Served::HandOver(read) => guarded.unread = read,
+                Served::HandOver(read) => {
+                    self.state.lane_handovers.fetch_add(1, Relaxed);
+                    guarded.unread = read;
+                }
             }
         }
         // Pingora's HTTP/1 app runs the keep-alive loop itself and returns `None` when the

@@ -188,6 +188,7 @@ impl Lane {
                 None => svc.no_backend.count_response(status),
             }
             svc.counters.observe(start.elapsed().as_nanos() as u64);
+            front.lane_requests.fetch_add(1, Relaxed);
             if !keep {
                 let _ = client.shutdown().await;
                 return Served::Done;

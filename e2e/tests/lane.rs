@@ -1,0 +1,351 @@
+//! The fast lane through the real `rusty-lb`: plain requests are served without Pingora's
+//! proxy pipeline, so these tests check what that must not change. Every response framing a
+//! backend may use reaches the client byte-exact on one kept-alive connection; a connection
+//! moves to the pipeline mid-stream without losing or reordering a request; pooled upstream
+//! connections that died while idle cost no failed request; and the lane and the pipeline
+//! (`--no-fast-lane`) forward the same request and give the same answers.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
+
+use rusty_e2e::*;
+
+/// A backend of canned answers, one per path, on a real socket: the framings rusty-echo does
+/// not produce. Keep-alive unless the answer runs until close.
+fn canned_backend() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || serve_canned(conn));
+        }
+    });
+    port
+}
+
+fn serve_canned(conn: TcpStream) {
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut out = conn;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut parts = line.split_whitespace();
+        let (method, path) = (
+            parts.next().unwrap_or("").to_owned(),
+            parts.next().unwrap_or("").to_owned(),
+        );
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            if h.trim_end().is_empty() {
+                break;
+            }
+        }
+        let pieces: Vec<Vec<u8>> = match (method.as_str(), path.as_str()) {
+            (_, "/chunked") => vec![
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel".to_vec(),
+                b"lo\r\n6\r\n world\r\n".to_vec(),
+                b"0\r\n\r\n".to_vec(),
+            ],
+            (_, "/early") => vec![
+                b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n".to_vec(),
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+            ],
+            (_, "/not-modified") => {
+                vec![b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n".to_vec()]
+            }
+            ("HEAD", "/big") => vec![b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n".to_vec()],
+            (_, "/big") => {
+                let mut v = vec![b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n".to_vec()];
+                v.extend((0..20).map(|i| vec![b'a' + i as u8; 10_000]));
+                v
+            }
+            (_, "/until-close") => {
+                vec![
+                    b"HTTP/1.1 200 OK\r\n\r\nstreamed ".to_vec(),
+                    b"until close".to_vec(),
+                ]
+            }
+            _ => vec![b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec()],
+        };
+        for piece in pieces {
+            if out.write_all(&piece).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if path == "/until-close" {
+            return;
+        }
+    }
+}
+
+/// One response read off a client connection, framed as a client must frame it.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+}
+
+fn read_answer(r: &mut BufReader<TcpStream>, head_request: bool) -> Answer {
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(
+            r.read_line(&mut line).unwrap() > 0,
+            "closed mid-head: {head:?}"
+        );
+        head.push_str(&line);
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let status: u16 = head[9..12].parse().unwrap();
+    let mut a = Answer {
+        status,
+        head,
+        body: Vec::new(),
+    };
+    if head_request || status < 200 || status == 204 || status == 304 {
+        return a;
+    }
+    if a.header("transfer-encoding").is_some() {
+        loop {
+            let mut size = String::new();
+            r.read_line(&mut size).unwrap();
+            let n = usize::from_str_radix(size.trim_end(), 16).unwrap();
+            let mut chunk = vec![0; n + 2];
+            r.read_exact(&mut chunk).unwrap();
+            if n == 0 {
+                assert_eq!(chunk, b"\r\n", "no trailers expected");
+                return a;
+            }
+            a.body.extend_from_slice(&chunk[..n]);
+        }
+    }
+    match a.header("content-length") {
+        Some(n) => {
+            let mut body = vec![0; n.parse().unwrap()];
+            r.read_exact(&mut body).unwrap();
+            a.body = body;
+        }
+        None => {
+            r.read_to_end(&mut a.body).unwrap();
+        }
+    }
+    a
+}
+
+fn connect(port: u16) -> (TcpStream, BufReader<TcpStream>) {
+    let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let r = BufReader::new(s.try_clone().unwrap());
+    (s, r)
+}
+
+fn lb_for(addr: &str, tag: &str, extra: &[&str]) -> (TempDir, Lb) {
+    let dir = TempDir::new(tag);
+    let path = dir.path("table.json");
+    write_atomic(&path, &table(1, &[("a", addr, 1, 0)]));
+    let mut args = vec!["--table".to_owned(), path.display().to_string()];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let lb = Lb::start(&args);
+    lb.wait_version(1, Duration::from_secs(10));
+    (dir, lb)
+}
+
+#[test]
+fn every_response_framing_reaches_the_client_intact_on_one_connection() {
+    let backend = canned_backend();
+    let (_dir, lb) = lb_for(&format!("127.0.0.1:{backend}"), "lane-framing", &[]);
+    let (mut s, mut r) = connect(lb.port);
+    let mut ask = |r: &mut BufReader<TcpStream>, method: &str, path: &str| {
+        write!(s, "{method} {path} HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+        read_answer(r, method == "HEAD")
+    };
+
+    let a = ask(&mut r, "GET", "/chunked");
+    assert_eq!((a.status, a.body.as_slice()), (200, &b"hello world"[..]));
+    assert_eq!(a.header("transfer-encoding"), Some("chunked"));
+
+    // An interim response is passed on, then the final one.
+    let a = ask(&mut r, "GET", "/early");
+    assert_eq!(a.status, 103);
+    assert_eq!(a.header("link"), Some("</a.css>"));
+    let a = read_answer(&mut r, false);
+    assert_eq!((a.status, a.body.as_slice()), (200, &b"ok"[..]));
+
+    let a = ask(&mut r, "GET", "/not-modified");
+    assert_eq!(a.status, 304);
+    let a = ask(&mut r, "HEAD", "/big");
+    assert_eq!(
+        (a.status, a.header("content-length")),
+        (200, Some("200000"))
+    );
+    let a = ask(&mut r, "GET", "/big");
+    assert_eq!(a.body.len(), 200_000);
+    assert!(a.body.starts_with(b"aaa") && a.body.ends_with(b"ttt"));
+
+    // Each answer above ended exactly where its framing said: this one is still in step.
+    let a = ask(&mut r, "GET", "/plain");
+    assert_eq!((a.status, a.body.as_slice()), (200, &b"ok"[..]));
+    assert_eq!(a.header("connection"), Some("keep-alive"));
+
+    // A body that runs until the backend closes closes the client's connection after it.
+    let a = ask(&mut r, "GET", "/until-close");
+    assert_eq!(a.body, b"streamed until close");
+    assert_eq!(a.header("connection"), Some("close"));
+    let mut rest = Vec::new();
+    assert_eq!(
+        r.read_to_end(&mut rest).unwrap(),
+        0,
+        "closed after the body"
+    );
+
+    let all = "rustybalancer_requests_total{service=\"web\",backend=\"a\",code=";
+    lb.wait_metric(&format!("{all}\"200\"}}"), 6.0, Duration::from_secs(5));
+    assert_eq!(lb.metric(&format!("{all}\"304\"}}")), 1.0);
+    assert_eq!(lb.metric("rustybalancer_fast_lane_requests_total"), 7.0);
+    assert_eq!(lb.metric("rustybalancer_fast_lane_handovers_total"), 0.0);
+}
+
+#[test]
+fn a_connection_moves_to_the_pipeline_mid_stream_without_losing_or_reordering_a_request() {
+    let a = Echo::start_with("a", &["--echo-headers"]);
+    let (_dir, lb) = proxy_to(&a, "lane-handover", &[]);
+    let (mut s, mut r) = connect(lb.port);
+    // Pipelined in one write: plain, then one the lane hands over (a body), then plain again.
+    s.write_all(
+        b"GET /one HTTP/1.1\r\nHost: a\r\n\r\n\
+          POST /two HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello\
+          GET /three HTTP/1.1\r\nHost: a\r\n\r\n",
+    )
+    .unwrap();
+    for line in ["GET /one ", "POST /two ", "GET /three "] {
+        let answer = read_answer(&mut r, false);
+        assert_eq!(answer.status, 200);
+        let body = String::from_utf8_lossy(&answer.body);
+        assert!(
+            body.contains(line),
+            "expected {line:?} answered next, got {body}"
+        );
+    }
+    // The connection is still good, now with the pipeline.
+    s.write_all(b"GET /four HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    let answer = read_answer(&mut r, false);
+    assert!(String::from_utf8_lossy(&answer.body).contains("GET /four "));
+    assert_eq!(lb.metric("rustybalancer_fast_lane_requests_total"), 1.0);
+    assert_eq!(lb.metric("rustybalancer_fast_lane_handovers_total"), 1.0);
+}
+
+#[test]
+fn pooled_connections_to_a_restarted_backend_cost_no_failed_request() {
+    let mut a = Echo::start("a");
+    let port = a.port;
+    let (_dir, lb) = proxy_to(&a, "lane-restart", &[]);
+    let mut clients: Vec<Client> = (0..4).map(|_| Client::new(lb.port)).collect();
+    for c in clients.iter_mut() {
+        assert_eq!(c.get("a", "/").unwrap().status, 200);
+    }
+    // Every pooled upstream connection now leads to a process that is gone.
+    a.proc.signal("KILL");
+    a.proc.wait_exit(Duration::from_secs(5));
+    let _a = Echo::start_on("a", port, &[]);
+    for c in clients.iter_mut() {
+        for _ in 0..3 {
+            assert_eq!(c.get("a", "/").unwrap().status, 200);
+        }
+    }
+    let series = |kind: &str| {
+        format!(
+            "rustybalancer_upstream_errors_total{{service=\"web\",backend=\"a\",kind=\"{kind}\"}}"
+        )
+    };
+    lb.wait_metric(
+        "rustybalancer_requests_total{service=\"web\",backend=\"a\",code=\"200\"}",
+        16.0,
+        Duration::from_secs(5),
+    );
+    assert_eq!(lb.metric(&series("upstream_closed")), 0.0);
+    assert_eq!(lb.metric(&series("connect_refused")), 0.0);
+}
+
+/// What a backend saw, minus the one line that differs by design (a fresh request id).
+fn forwarded(body: &[u8]) -> Vec<String> {
+    let mut lines: Vec<String> = String::from_utf8_lossy(body)
+        .lines()
+        .filter(|l| !l.to_ascii_lowercase().starts_with("x-request-id:"))
+        .map(str::to_owned)
+        .collect();
+    lines.sort();
+    lines
+}
+
+fn response_headers(a: &Answer) -> Vec<String> {
+    let mut lines: Vec<String> = a
+        .head
+        .lines()
+        .filter(|l| !l.to_ascii_lowercase().starts_with("date:"))
+        .map(str::to_ascii_lowercase)
+        .collect();
+    lines.sort();
+    lines
+}
+
+#[test]
+fn the_lane_and_the_pipeline_forward_the_same_request_and_answer_alike() {
+    let a = Echo::start_with("a", &["--echo-headers"]);
+    let (_d1, lane) = proxy_to(&a, "lane-same", &[]);
+    let (_d2, pipeline) = proxy_to(&a, "lane-same-pipeline", &["--no-fast-lane"]);
+    let request = "GET /x?y=1 HTTP/1.1\r\nHost: a:80\r\nUser-Agent: t\r\n\
+                   X-Forwarded-For: 192.0.2.1\r\nX-Forwarded-Proto: https\r\n\r\n";
+    let ask = |port: u16, request: &str| {
+        let (mut s, mut r) = connect(port);
+        s.write_all(request.as_bytes()).unwrap();
+        read_answer(&mut r, request.starts_with("HEAD"))
+    };
+    let (x, y) = (ask(lane.port, request), ask(pipeline.port, request));
+    assert_eq!(forwarded(&x.body), forwarded(&y.body));
+    assert!(String::from_utf8_lossy(&x.body).contains("x-forwarded-for: 192.0.2.1, 127.0.0.1"));
+    assert!(String::from_utf8_lossy(&x.body).contains("x-request-id: "));
+    assert_eq!(response_headers(&x), response_headers(&y));
+    assert_eq!(lane.metric("rustybalancer_fast_lane_requests_total"), 1.0);
+    assert_eq!(
+        pipeline.metric("rustybalancer_fast_lane_requests_total"),
+        0.0
+    );
+
+    let head = request.replacen("GET", "HEAD", 1);
+    let (x, y) = (ask(lane.port, &head), ask(pipeline.port, &head));
+    assert_eq!(response_headers(&x), response_headers(&y));
+
+    // No backend accepts a connection: the same 503, and the same close.
+    let dead = free_port();
+    let (_d3, lane) = lb_for(&format!("127.0.0.1:{dead}"), "lane-dead", &[]);
+    let (_d4, pipeline) = lb_for(
+        &format!("127.0.0.1:{dead}"),
+        "lane-dead-p",
+        &["--no-fast-lane"],
+    );
+    let (x, y) = (ask(lane.port, request), ask(pipeline.port, request));
+    assert_eq!((x.status, y.status), (503, 503));
+    assert_eq!(x.body, y.body);
+    assert_eq!(x.header("connection"), Some("close"));
+    assert_eq!(x.header("connection"), y.header("connection"));
+}
