@@ -41,7 +41,10 @@ PORTS = {
     # rusty-lb with every request through Pingora's full proxy pipeline (--no-fast-lane): the
     # fast lane's own yardstick.
     "rusty-lb-pipeline": 18084,
+    # rusty-lb with the extra flags of --alt-args: for trying a setting side by side.
+    "rusty-lb-alt": 18085,
 }
+ALT_ARGS = []
 SMALL_BODY = "x" * 99 + "\n"
 
 procs = []
@@ -173,7 +176,7 @@ def table(version, weights=(1, 1, 1)):
 
 def start_rusty(work, workers, binary, name="rusty-lb"):
     write(f"{work}/table.json", table(1))
-    extra = ["--no-fast-lane"] if name == "rusty-lb-pipeline" else []
+    extra = {"rusty-lb-pipeline": ["--no-fast-lane"], "rusty-lb-alt": ALT_ARGS}.get(name, [])
     return start(
         name,
         [
@@ -326,7 +329,9 @@ def main():
     ap.add_argument("--targets", default="direct,nginx,haproxy,rusty-lb")
     ap.add_argument("--swap-rates", default="10,100,1000", help="table swaps per second; empty: none")
     ap.add_argument("--out", help="write the markdown report here too")
+    ap.add_argument("--alt-args", default="", help="extra rusty-lb flags for the target rusty-lb-alt")
     args = ap.parse_args()
+    ALT_ARGS.extend(args.alt_args.split())
 
     work = tempfile.mkdtemp(prefix="rusty-loadtest-")
     os.chmod(work, 0o755)  # nginx workers run as nobody and serve /big from here
@@ -341,6 +346,7 @@ def main():
             "haproxy": lambda: start_haproxy(work, args.workers),
             "rusty-lb": lambda: start_rusty(work, args.workers, args.binary),
             "rusty-lb-pipeline": lambda: start_rusty(work, args.workers, args.binary, "rusty-lb-pipeline"),
+            "rusty-lb-alt": lambda: start_rusty(work, args.workers, args.binary, "rusty-lb-alt"),
         }
         unknown = [t for t in targets if t not in starters]
         if unknown:
@@ -386,6 +392,9 @@ def render(info, args, results, targets, swaps, base):
         f"- every proxy: {args.workers} workers/threads, upstream keep-alive, logging off; backends: 3 nginx "
         f"ports (1 worker) on the same machine; load: `wrk -t1 -cC -d{args.duration}s`; "
         f"{args.rounds} interleaved rounds per scenario, median (min–max)",
+        *([f"- rusty-lb-pipeline: rusty-lb with `--no-fast-lane` (every request through Pingora's proxy pipeline)"]
+          if "rusty-lb-pipeline" in targets else []),
+        *([f"- rusty-lb-alt: rusty-lb with `{' '.join(ALT_ARGS)}`"] if "rusty-lb-alt" in targets else []),
         "- CPU/req is the proxy's own utime+stime from /proc over the run, divided by the requests wrk "
         "counted; the load generator and the backends share the same 2 cores, so absolute figures are noisy: "
         "compare ratios within this file",

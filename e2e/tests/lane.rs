@@ -206,21 +206,34 @@ fn every_response_framing_reaches_the_client_intact_on_one_connection() {
     assert_eq!((a.status, a.body.as_slice()), (200, &b"ok"[..]));
     assert_eq!(a.header("connection"), Some("keep-alive"));
 
-    // A body that runs until the backend closes closes the client's connection after it.
+    // A body that runs until the backend closes reaches the client chunked, and the client
+    // keeps its connection.
     let a = ask(&mut r, "GET", "/until-close");
     assert_eq!(a.body, b"streamed until close");
+    assert_eq!(a.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(a.header("connection"), Some("keep-alive"));
+    let a = ask(&mut r, "GET", "/plain");
+    assert_eq!((a.status, a.body.as_slice()), (200, &b"ok"[..]));
+
+    // Asked to close, it does, after the answer.
+    write!(
+        s,
+        "GET /plain HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let a = read_answer(&mut r, false);
     assert_eq!(a.header("connection"), Some("close"));
     let mut rest = Vec::new();
     assert_eq!(
         r.read_to_end(&mut rest).unwrap(),
         0,
-        "closed after the body"
+        "closed after the answer"
     );
 
     let all = "rustybalancer_requests_total{service=\"web\",backend=\"a\",code=";
-    lb.wait_metric(&format!("{all}\"200\"}}"), 6.0, Duration::from_secs(5));
+    lb.wait_metric(&format!("{all}\"200\"}}"), 8.0, Duration::from_secs(5));
     assert_eq!(lb.metric(&format!("{all}\"304\"}}")), 1.0);
-    assert_eq!(lb.metric("rustybalancer_fast_lane_requests_total"), 7.0);
+    assert_eq!(lb.metric("rustybalancer_fast_lane_requests_total"), 9.0);
     assert_eq!(lb.metric("rustybalancer_fast_lane_handovers_total"), 0.0);
 }
 
@@ -348,4 +361,23 @@ fn the_lane_and_the_pipeline_forward_the_same_request_and_answer_alike() {
     assert_eq!(x.body, y.body);
     assert_eq!(x.header("connection"), Some("close"));
     assert_eq!(x.header("connection"), y.header("connection"));
+}
+
+#[test]
+fn empty_lines_after_a_request_do_not_keep_an_idle_connection_open() {
+    let a = Echo::start("a");
+    let (_dir, lb) = proxy_to(&a, "lane-blank", &["--keepalive-timeout", "1"]);
+    let (mut s, mut r) = connect(lb.port);
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_answer(&mut r, false).status, 200);
+    // Only empty lines follow: the connection is idle, and the keep-alive timeout closes it.
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    assert_eq!(r.read_to_end(&mut rest).unwrap(), 0);
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(3),
+        "closed after {waited:?}, keep-alive timeout 1 s"
+    );
 }

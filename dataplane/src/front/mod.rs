@@ -235,12 +235,16 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Front<A> {
             drain.clone(),
         );
         if let Some(lane) = &self.lane {
+            // The lane never switches protocols (it answers a 101 it did not ask for with a
+            // 502), and body bytes it passes on must not look like one to the stream.
+            guarded.upgrades = false;
             match lane.serve(&mut guarded, peer, &self.state).await {
                 Served::Done => return None,
                 // What the lane read and did not answer is read again by the pipeline.
                 Served::HandOver(read) => {
                     self.state.lane_handovers.fetch_add(1, Relaxed);
                     guarded.unread = read;
+                    guarded.upgrades = true;
                 }
             }
         }
@@ -292,6 +296,8 @@ pub struct Guarded {
     state: Arc<FrontState>,
     /// Bytes read and scanned already (by the fast lane), returned before any new read.
     unread: Vec<u8>,
+    /// Whether a write beginning `HTTP/1.x 101 ` turns the connection into a tunnel.
+    upgrades: bool,
 }
 
 impl Guarded {
@@ -312,6 +318,7 @@ impl Guarded {
             shutdown,
             state,
             unread: Vec::new(),
+            upgrades: true,
         }
     }
 
@@ -435,7 +442,7 @@ impl AsyncWrite for Guarded {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if switches_protocols(buf) {
+        if self.upgrades && switches_protocols(buf) {
             self.phase = Phase::Tunnel;
         }
         Pin::new(&mut self.inner).poll_write(cx, buf)
@@ -446,10 +453,11 @@ impl AsyncWrite for Guarded {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        if bufs
-            .iter()
-            .find(|b| !b.is_empty())
-            .is_some_and(|b| switches_protocols(b))
+        if self.upgrades
+            && bufs
+                .iter()
+                .find(|b| !b.is_empty())
+                .is_some_and(|b| switches_protocols(b))
         {
             self.phase = Phase::Tunnel;
         }

@@ -124,11 +124,11 @@ pub fn plain_request(
     if crate::check::valid_host(host).is_err() {
         return Err(NotPlain);
     }
-    // The forwarded chain must read as text, as the pipeline requires of it.
-    let xff = match xff {
-        Some(v) => Some(std::str::from_utf8(v).map_err(|_| NotPlain)?),
-        None => None,
-    };
+    // A chain that is not visible ASCII is dropped, as the pipeline's `HeaderValue::to_str`
+    // drops it.
+    let xff = xff
+        .filter(|v| v.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)))
+        .and_then(|v| std::str::from_utf8(v).ok());
 
     out.clear();
     out.extend_from_slice(method.as_bytes());
@@ -214,23 +214,30 @@ pub enum BadResponse {
     Framing,
 }
 
-/// Largest response head the lane reads.
-pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Largest response head the lane reads, and most header lines: Pingora's limits for the
+/// pipeline, so a backend answer one accepts the other does too.
+pub const MAX_RESPONSE_HEAD: usize = 1024 * 1024 - 1;
+const MAX_RESPONSE_HEADERS: usize = 256;
 
 /// Parse a backend's response head at the start of `buf`; `Ok(None)` if incomplete. On
 /// success the client's head is in `out` (cleared first): status and headers as received
 /// minus the backend's hop-by-hop `Connection` and `Keep-Alive`, plus the client connection's
-/// own `Connection` (as the pipeline writes it): `close` when `close` or when the body runs
-/// until the backend closes, else `keep-alive`.
+/// own `Connection` (as the pipeline writes it): `close` when `close`, else `keep-alive`. A
+/// body that runs until the backend closes is sent to the client chunked.
 pub fn response_head(
     buf: &[u8],
     head_request: bool,
     close: bool,
     out: &mut Vec<u8>,
 ) -> Result<Option<Response>, BadResponse> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS * 2];
+    let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
-    let len = match resp.parse(buf) {
+    // Pingora's leniencies for responses (backends are trusted more than clients).
+    let mut config = httparse::ParserConfig::default();
+    config
+        .allow_spaces_after_header_name_in_responses(true)
+        .allow_obsolete_multiline_headers_in_responses(true);
+    let len = match config.parse_response(&mut resp, buf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() <= MAX_RESPONSE_HEAD => return Ok(None),
         _ => return Err(BadResponse::Malformed),
@@ -238,6 +245,9 @@ pub fn response_head(
     let (Some(version), Some(status)) = (resp.version, resp.code) else {
         return Err(BadResponse::Malformed);
     };
+    if status < 100 {
+        return Err(BadResponse::Malformed);
+    }
     let mut reusable = version == 1;
     let mut length: Option<u64> = None;
     let mut chunked = false;
@@ -253,20 +263,26 @@ pub fn response_head(
                 }
             }
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            if chunked || !h.value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+            // Chunked must be the final coding (RFC 9112 §6.1); the codings before it are
+            // the client's to undo, and pass through with it.
+            let last = h.value.rsplit(|b| *b == b',').next().unwrap_or(b"");
+            if chunked || !last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
                 return Err(BadResponse::Framing);
             }
             chunked = true;
         } else if name.eq_ignore_ascii_case(b"content-length") {
-            let n = std::str::from_utf8(h.value)
-                .ok()
-                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|v| v.parse::<u64>().ok())
-                .ok_or(BadResponse::Framing)?;
-            if length.is_some_and(|l| l != n) {
-                return Err(BadResponse::Framing);
+            // One length, possibly repeated as a list or in several lines (RFC 9110 §8.6).
+            for value in h.value.split(|b| *b == b',') {
+                let n = std::str::from_utf8(value.trim_ascii())
+                    .ok()
+                    .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .ok_or(BadResponse::Framing)?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(BadResponse::Framing);
+                }
+                length = Some(n);
             }
-            length = Some(n);
         }
     }
     let body = if head_request || status < 200 || status == 204 || status == 304 {
@@ -281,6 +297,11 @@ pub fn response_head(
         }
     };
     if body == Body::UntilClose {
+        reusable = false;
+    }
+    // After a HEAD, a backend that sends the body anyway would leave it in the connection for
+    // the next request: not worth pooling for a method this rare.
+    if head_request {
         reusable = false;
     }
 
@@ -302,11 +323,20 @@ pub fn response_head(
         }
         out.extend_from_slice(name);
         out.extend_from_slice(b": ");
-        out.extend_from_slice(h.value);
+        // An obsolete line fold becomes spaces (RFC 9112 §5.2).
+        out.extend(
+            h.value
+                .iter()
+                .map(|&b| if b == b'\r' || b == b'\n' { b' ' } else { b }),
+        );
         out.extend_from_slice(b"\r\n");
     }
     if status >= 200 {
-        if close || body == Body::UntilClose {
+        if body == Body::UntilClose {
+            // Re-framed for the client, which keeps its connection (the pipeline does the same).
+            out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
+        }
+        if close {
             out.extend_from_slice(b"Connection: close\r\n");
         } else {
             out.extend_from_slice(b"Connection: keep-alive\r\n");
@@ -370,6 +400,8 @@ mod tests {
             "HEAD / HTTP/1.1\r\nHost: a\r\nX-Request-Id: mine\r\n\
              x-forwarded-for: 1.2.3.4, 10.0.0.7\r\nx-forwarded-proto: http\r\n\r\n"
         );
+        let (_, out) = plain("GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: \u{fc}\r\n\r\n");
+        assert!(out.contains("x-forwarded-for: 10.0.0.7\r\n"), "{out:?}");
         let (r, out) = plain("GET / HTTP/1.1\r\nConnection: Keep-Alive, close\r\nHost: a\r\n\r\n");
         assert!(r.unwrap().unwrap().close);
         assert!(!out.to_ascii_lowercase().contains("connection"));
@@ -464,7 +496,21 @@ mod tests {
         let (r, out) = response("HTTP/1.0 200 OK\r\n\r\nuntil close", false, false);
         let r = r.unwrap().unwrap();
         assert_eq!((r.body, r.reusable), (Body::UntilClose, false));
-        assert!(out.ends_with("Connection: close\r\n\r\n"));
+        assert!(out.ends_with("Transfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n"));
+
+        let (r, out) = response(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 3, 3\r\nX: a\r\n b\r\n\r\n",
+            false,
+            false,
+        );
+        assert_eq!(r.unwrap().unwrap().body, Body::Chunked);
+        assert!(out.contains("X: a   b\r\n"), "{out:?}");
+        let (r, _) = response(
+            "HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\n\r\n",
+            false,
+            false,
+        );
+        assert_eq!(r.unwrap().unwrap().body, Body::Length(3));
 
         let (r, _) = response(
             "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n",
@@ -477,8 +523,9 @@ mod tests {
     #[test]
     fn unsafe_response_framing_is_refused() {
         for raw in [
-            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
             "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 1, 2\r\n\r\n",
             "HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
         ] {
             assert_eq!(
@@ -487,10 +534,9 @@ mod tests {
                 "{raw:?}"
             );
         }
-        assert_eq!(
-            response("HTTP/1.1 2000 OK\r\n\r\n", false, false).0,
-            Err(BadResponse::Malformed)
-        );
+        for raw in ["HTTP/1.1 2000 OK\r\n\r\n", "HTTP/1.1 000 X\r\n\r\n"] {
+            assert_eq!(response(raw, false, false).0, Err(BadResponse::Malformed));
+        }
         assert_eq!(response("HTTP/1.1 200 OK\r\n", false, false).0, Ok(None));
     }
 }

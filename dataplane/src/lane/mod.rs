@@ -46,6 +46,10 @@ use head::{Body, Response};
 /// Room kept free in a read buffer before each read.
 const READ_CHUNK: usize = 16 * 1024;
 
+/// Room for each read of a body that did not come with its head: large bodies move in few
+/// reads and writes. Only connections that stream such bodies grow their buffer to it.
+const BODY_CHUNK: usize = 64 * 1024;
+
 /// What the lane did with a connection.
 pub enum Served {
     /// The connection is finished.
@@ -119,7 +123,7 @@ impl Lane {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let mut bufs = Buffers {
-            client: Vec::with_capacity(READ_CHUNK),
+            client: Vec::with_capacity(READ_CHUNK / 4),
             request: Vec::with_capacity(1024),
             upstream: Vec::with_capacity(READ_CHUNK),
             response: Vec::with_capacity(1024),
@@ -128,6 +132,16 @@ impl Lane {
         loop {
             // The next head: parsed from what is buffered, else read for.
             let plain = loop {
+                // Empty lines before a request line are ignored (RFC 9112 §2.2); dropped here
+                // so a client that sends only those waits as an idle one.
+                let blank = bufs
+                    .client
+                    .iter()
+                    .take_while(|b| matches!(b, b'\r' | b'\n'))
+                    .count();
+                if blank > 0 {
+                    bufs.client.drain(..blank);
+                }
                 if !bufs.client.is_empty() {
                     let ids = &self.ids;
                     match head::plain_request(
@@ -348,13 +362,12 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let timeout = backend.peer.options.read_timeout;
-    // Closing after this response: the client asked, or the process is draining.
-    let close = plain.close || front.draining();
     let mut pooled = pool::take(backend.addr);
-    let (mut up, response) = loop {
+    let (mut up, response, close) = loop {
         // A pooled connection the backend closed while idle fails before any byte of a
         // response: that is the pool's staleness, not the backend's failure, and the request
-        // goes again on a new connection to the same backend.
+        // goes again on a new connection to the same backend, outside the retry budget, as
+        // nginx does for its cached upstream connections.
         let reused = pooled.is_some();
         let mut up = match pooled.take() {
             Some(conn) => conn,
@@ -367,9 +380,10 @@ where
             return Err(Failed::Upstream(UpstreamError::Closed, 502));
         }
         bufs.upstream.clear();
-        match read_response_head(&mut up, plain.head, close, bufs, client, timeout).await {
-            Ok(r) => break (up, r),
-            Err(HeadError::Closed) if reused && bufs.upstream.is_empty() => continue,
+        let mut heard = false;
+        match read_response_head(&mut up, plain, front, bufs, client, timeout, &mut heard).await {
+            Ok((r, close)) => break (up, r, close),
+            Err(HeadError::Closed) if reused && !heard => continue,
             Err(HeadError::Failed(kind, status)) => return Err(Failed::Upstream(kind, status)),
             Err(HeadError::Closed) => return Err(Failed::Upstream(UpstreamError::Closed, 502)),
             Err(HeadError::Client) => return Ok(Err(Cut(499))),
@@ -378,7 +392,7 @@ where
 
     let status = response.status;
     let mut reusable = response.reusable;
-    let keep = !close && response.body != Body::UntilClose;
+    let keep = !close;
     // The head and as much of the body as arrived with it go in one write.
     let have = &bufs.upstream[response.len..];
     let (mut left, mut chunks, mut until_close) = (0u64, None, false);
@@ -412,16 +426,27 @@ where
             have
         }
     };
-    bufs.response.extend_from_slice(first_part);
+    if until_close {
+        chunk(&mut bufs.response, first_part);
+    } else {
+        bufs.response.extend_from_slice(first_part);
+    }
     if client.write_all(&bufs.response).await.is_err() {
-        return Ok(Err(Cut(status)));
+        // Nothing reached a client that is gone (nginx's 499).
+        return Ok(Err(Cut(499)));
     }
 
     // The rest of the body, read by read and passed on as it comes.
     while left > 0 || chunks.is_some() || until_close {
         bufs.upstream.clear();
+        bufs.upstream.reserve(BODY_CHUNK);
         let n = match read_upstream(&mut up, &mut bufs.upstream, timeout).await {
-            Ok(0) if until_close => break,
+            Ok(0) if until_close => {
+                if client.write_all(b"0\r\n\r\n").await.is_err() {
+                    return Ok(Err(Cut(status)));
+                }
+                break;
+            }
             Ok(0) | Err(_) => return Ok(Err(Cut(status))),
             Ok(n) => n,
         };
@@ -442,7 +467,9 @@ where
                 Err(_) => return Ok(Err(Cut(status))),
             }
         } else {
-            part
+            bufs.response.clear();
+            chunk(&mut bufs.response, part);
+            &bufs.response
         };
         if client.write_all(part).await.is_err() {
             return Ok(Err(Cut(status)));
@@ -457,6 +484,16 @@ where
     Ok(Ok(Answered { status, keep }))
 }
 
+/// Append `data` as one chunk of a chunked body (nothing for no data: that would end it).
+fn chunk(out: &mut Vec<u8>, data: &[u8]) {
+    use std::io::Write as _;
+    if !data.is_empty() {
+        let _ = write!(out, "{:x}\r\n", data.len());
+        out.extend_from_slice(data);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
 /// Why no response head could be passed on.
 enum HeadError {
     /// The backend closed, or reset, before a complete head.
@@ -468,21 +505,26 @@ enum HeadError {
 }
 
 /// Read the backend's final response head into `bufs.upstream` and write the client's into
-/// `bufs.response`. Interim (1xx) responses are passed on as they come.
+/// `bufs.response`; also whether the client connection closes after it (the client asked, or
+/// the process is draining by the time the answer comes). Interim (1xx) responses are passed
+/// on as they come. `heard` is set once any byte came from the backend.
 async fn read_response_head<S>(
     up: &mut TcpStream,
-    head_request: bool,
-    close: bool,
+    plain: &head::Plain,
+    front: &FrontState,
     bufs: &mut Buffers,
     client: &mut S,
     timeout: Option<Duration>,
-) -> Result<Response, HeadError>
+    heard: &mut bool,
+) -> Result<(Response, bool), HeadError>
 where
     S: AsyncWrite + Unpin,
 {
     loop {
         if !bufs.upstream.is_empty() {
-            match head::response_head(&bufs.upstream, head_request, close, &mut bufs.response) {
+            *heard = true;
+            let close = plain.close || front.draining();
+            match head::response_head(&bufs.upstream, plain.head, close, &mut bufs.response) {
                 Ok(Some(r)) if r.status == 101 => {
                     // Never asked for: the request carried no Upgrade.
                     return Err(HeadError::Failed(UpstreamError::Other, 502));
@@ -494,7 +536,7 @@ where
                     bufs.upstream.drain(..r.len);
                     continue;
                 }
-                Ok(Some(r)) => return Ok(r),
+                Ok(Some(r)) => return Ok((r, close)),
                 Ok(None) => {}
                 Err(_) => return Err(HeadError::Failed(UpstreamError::Other, 502)),
             }

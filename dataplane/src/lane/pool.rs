@@ -3,9 +3,15 @@
 //! A thread-local map needs no lock and no atomic: a connection is taken and put back between
 //! awaits, so no borrow is held across a suspension point. A task that moves to another worker
 //! just uses that worker's pool. Connections are reused most-recent first, which keeps the hot
-//! ones hot and lets the rest age out: one idle longer than [`IDLE`] is dropped when reached,
-//! and a backend's pool holds at most [`MAX_IDLE`]. A pooled connection the backend has closed
-//! in the meantime is found on use; the lane then retries once on a new connection (`mod.rs`).
+//! ones hot and lets the rest age out: one idle longer than [`IDLE`] is dropped when reached or
+//! by a sweep of the whole map every [`IDLE`] (backends that left a table), and a backend's
+//! pool holds at most [`MAX_IDLE`].
+//!
+//! A connection is checked before reuse with one non-blocking read: anything there (bytes a
+//! backend sent after its response, or its close) and the connection is dropped, so nothing a
+//! backend sent for one request can be read as the answer to another. A close that lands
+//! between that check and the request is found on use; the lane then retries once on a new
+//! connection (`mod.rs`).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -23,16 +29,24 @@ pub const MAX_IDLE: usize = 128;
 
 type Idle = Vec<(TcpStream, Instant)>;
 
-thread_local! {
-    static POOL: RefCell<HashMap<SocketAddr, Idle>> = RefCell::new(HashMap::new());
+struct Pool {
+    idle: HashMap<SocketAddr, Idle>,
+    swept: Instant,
 }
 
-/// An idle connection to `addr`, if this thread has a fresh one.
+thread_local! {
+    static POOL: RefCell<Pool> = RefCell::new(Pool {
+        idle: HashMap::new(),
+        swept: Instant::now(),
+    });
+}
+
+/// An idle connection to `addr`, if this thread has a fresh one that is still quiet.
 pub fn take(addr: SocketAddr) -> Option<TcpStream> {
     POOL.with_borrow_mut(|pool| {
-        let idle = pool.get_mut(&addr)?;
+        let idle = pool.idle.get_mut(&addr)?;
         while let Some((conn, since)) = idle.pop() {
-            if since.elapsed() < IDLE {
+            if since.elapsed() < IDLE && quiet(&conn) {
                 return Some(conn);
             }
         }
@@ -40,12 +54,26 @@ pub fn take(addr: SocketAddr) -> Option<TcpStream> {
     })
 }
 
+/// Nothing to read and no close: the backend has not spoken since its last response.
+fn quiet(conn: &TcpStream) -> bool {
+    let mut probe = [0u8; 1];
+    matches!(conn.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
 /// Keep a connection that finished a response cleanly, for the next request to `addr`.
 pub fn put(addr: SocketAddr, conn: TcpStream) {
     POOL.with_borrow_mut(|pool| {
-        let idle = pool.entry(addr).or_default();
+        let now = Instant::now();
+        if now.duration_since(pool.swept) > IDLE {
+            pool.swept = now;
+            pool.idle.retain(|_, idle| {
+                idle.retain(|(_, since)| now.duration_since(*since) < IDLE);
+                !idle.is_empty()
+            });
+        }
+        let idle = pool.idle.entry(addr).or_default();
         if idle.len() < MAX_IDLE {
-            idle.push((conn, Instant::now()));
+            idle.push((conn, now));
         }
     });
 }
@@ -68,6 +96,29 @@ mod tests {
         assert!(take(other).is_none());
         assert_eq!(take(addr).unwrap().local_addr().unwrap(), b_port);
         assert_eq!(take(addr).unwrap().local_addr().unwrap(), a_port);
+        assert!(take(addr).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_backend_spoke_on_or_closed_is_not_reused() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stray = TcpStream::connect(addr).await.unwrap();
+        let (mut server_side, _) = listener.accept().await.unwrap();
+        let closed = TcpStream::connect(addr).await.unwrap();
+        let (server_closed, _) = listener.accept().await.unwrap();
+        let fine = TcpStream::connect(addr).await.unwrap();
+        let (_server_fine, _) = listener.accept().await.unwrap();
+        let fine_port = fine.local_addr().unwrap();
+        put(addr, fine);
+        put(addr, stray);
+        put(addr, closed);
+        // Bytes after a response, and a close, both arrive while the connections sit idle.
+        server_side.write_all(b"late body").await.unwrap();
+        drop(server_closed);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(take(addr).unwrap().local_addr().unwrap(), fine_port);
         assert!(take(addr).is_none());
     }
 }
