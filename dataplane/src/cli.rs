@@ -89,10 +89,11 @@ pub struct Args {
     #[arg(long, default_value_t = 100, value_name = "N")]
     pub max_headers: usize,
 
-    /// Run the proxy's threads as separate single-threaded runtimes, each connection staying on
-    /// the thread it was given, instead of one runtime whose threads steal work from each other.
+    /// Run the proxy's threads as one runtime whose threads steal work from each other, instead
+    /// of one single-threaded runtime per thread with each connection staying on the thread it
+    /// was given (the default, as nginx's workers: measured faster, see loadtest/TUNING.md).
     #[arg(long)]
-    pub no_work_stealing: bool,
+    pub work_stealing: bool,
 
     /// Send every request through Pingora's full proxy pipeline instead of serving plain
     /// requests (bodiless GET and HEAD) on the fast lane. For comparing the two; the answers are

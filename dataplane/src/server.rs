@@ -93,7 +93,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         threads: args
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
-        work_stealing: !args.no_work_stealing,
+        work_stealing: args.work_stealing,
         grace_period_seconds: Some(args.grace_period),
         graceful_shutdown_timeout_seconds: Some(1),
         max_retries: rusty_shared::limits::RETRIES_MAX as usize + 1,
@@ -136,6 +136,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         FrontLimits {
             max_connections: args.max_connections,
             header_timeout: Duration::from_secs(args.header_timeout),
+            rehome: !args.work_stealing,
         },
         front.clone(),
     );

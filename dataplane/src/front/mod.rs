@@ -94,6 +94,9 @@ pub struct FrontLimits {
     pub max_connections: usize,
     /// Longest time a whole request head may take to arrive.
     pub header_timeout: Duration,
+    /// Register each accepted socket with the runtime that serves it ([`rehome`]): needed when
+    /// the proxy runs one runtime per thread.
+    pub rehome: bool,
 }
 
 /// State shared by every connection of one listener, and read by the admin and shutdown code.
@@ -223,6 +226,14 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Front<A> {
             refuse(&mut stream).await;
             return None;
         }
+        let stream = if self.limits.rehome {
+            match rehome(stream) {
+                Ok(s) => s,
+                Err(_) => return None,
+            }
+        } else {
+            stream
+        };
         // Our drain signal, not Pingora's (see `FrontState::drain`).
         let drain = self.state.drain.subscribe();
         let peer = stream
@@ -264,6 +275,41 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Front<A> {
         tokio::time::sleep(DRAIN_IDLE * 2).await;
         self.inner.cleanup().await;
     }
+}
+
+/// Move an accepted socket's registration to the runtime this task runs on.
+///
+/// With one runtime per thread, Pingora's listener accepts on one runtime and hands the
+/// connection to another picked at random, while the socket stays registered with the
+/// accepting runtime's reactor: each readiness event then crossed threads, an `eventfd` write
+/// and a wake-up of the serving thread for about every other request (`strace -f -k`, see
+/// loadtest/TUNING.md). A duplicate of the socket registered here, and the original dropped
+/// (deregistering it there), keeps all of the connection's I/O on one thread, as in nginx.
+/// Costs a few system calls per connection, none per request. Sockets that are not TCP are
+/// returned as they are.
+fn rehome(stream: Stream) -> io::Result<Stream> {
+    use std::os::fd::BorrowedFd;
+    let fd = stream.id();
+    if fd < 0 {
+        return Ok(stream);
+    }
+    // SAFETY: `fd` is the open socket `stream` owns, and `stream` outlives this borrow.
+    let dup = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()?;
+    let std_stream = std::net::TcpStream::from(dup);
+    let Ok(peer) = std_stream.peer_addr() else {
+        return Ok(stream);
+    };
+    std_stream.set_nonblocking(true)?;
+    let here = tokio::net::TcpStream::from_std(std_stream)?;
+    drop(stream);
+    let new_fd = std::os::fd::AsRawFd::as_raw_fd(&here);
+    let mut l4 = pingora::protocols::l4::stream::Stream::from(here);
+    let digest = pingora::protocols::SocketDigest::from_raw_fd(new_fd);
+    let _ = digest
+        .peer_addr
+        .set(Some(pingora::protocols::l4::socket::SocketAddr::Inet(peer)));
+    l4.set_socket_digest(digest);
+    Ok(Box::new(l4))
 }
 
 /// Answer 503 without reading the request, then close cleanly.
