@@ -5,6 +5,8 @@
 //! - `request_path`: everything our proxy does for one request outside Pingora (snapshot load,
 //!   route, pick, peer copy, forwarding headers, metrics). It also copies the request header,
 //!   which Pingora does per request anyway, so the figure is an upper bound for our share.
+//! - `lane/…`: the fast lane's pure parts per request: reading a client's head and writing the
+//!   upstream one, and reading a backend's response head and writing the client's.
 
 use std::hint::black_box;
 use std::net::IpAddr;
@@ -116,5 +118,30 @@ fn request_path(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, pick, install, request_path);
+fn lane(c: &mut Criterion) {
+    use rusty_lb::check::Limits;
+    use rusty_lb::lane::head::{plain_request, response_head, write_request_id};
+    let limits = Limits::default();
+    // What wrk and a typical backend send.
+    let request = b"GET /api/users?id=7 HTTP/1.1\r\nHost: www.example.com\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n";
+    let response = b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Thu, 26 Nov 2026 00:00:00 GMT\r\nContent-Type: text/plain\r\nContent-Length: 100\r\nConnection: keep-alive\r\n\r\n";
+    let mut out = Vec::with_capacity(1024);
+    c.bench_function("lane/request_head", |b| {
+        b.iter(|| {
+            let plain = plain_request(
+                black_box(request),
+                &limits,
+                Some(b"127.0.0.1"),
+                |o| write_request_id(o, 7, 42),
+                &mut out,
+            );
+            black_box(plain.is_ok_and(|p| p.is_some()))
+        })
+    });
+    c.bench_function("lane/response_head", |b| {
+        b.iter(|| black_box(response_head(black_box(response), false, false, &mut out).is_ok()))
+    });
+}
+
+criterion_group!(benches, pick, install, request_path, lane);
 criterion_main!(benches);

@@ -9,8 +9,7 @@
 //! [`response_head`] reads a backend's response head and writes the one the client gets,
 //! with the body's framing, so the body can be passed through byte for byte.
 
-use std::io::Write as _;
-use std::net::IpAddr;
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use crate::check::Limits;
@@ -52,18 +51,19 @@ const NOT_PLAIN: [&[u8]; 8] = [
 /// Parse a complete head at the start of `buf`. `Ok(None)`: not all of it has arrived (and it
 /// is still within the size limit). `Err(NotPlain)`: not a plain request, for the full pipeline.
 /// On success the upstream head is in `out` (cleared first): the request line and headers as
-/// received, with `X-Forwarded-For`, `X-Forwarded-Proto` and, if the client sent none,
+/// received (`client` is the client's address as text, made once per connection), with `X-Forwarded-For`, `X-Forwarded-Proto` and, if the client sent none,
 /// `X-Request-Id` set as the proxy's `add_forwarding_headers` sets them.
 pub fn plain_request(
     buf: &[u8],
     limits: &Limits,
-    client: Option<IpAddr>,
+    client: Option<&[u8]>,
     request_id: impl FnOnce(&mut Vec<u8>),
     out: &mut Vec<u8>,
 ) -> Result<Option<Plain>, NotPlain> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    let len = match req.parse(buf) {
+    // Uninitialised: zeroing the array would cost more than parsing a short head.
+    let mut headers = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, &mut headers) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() <= limits.max_head => return Ok(None),
         _ => return Err(NotPlain),
@@ -151,14 +151,11 @@ pub fn plain_request(
     }
     if let Some(ip) = client {
         out.extend_from_slice(b"x-forwarded-for: ");
-        match xff.filter(|v| !v.is_empty()) {
-            Some(chain) => {
-                let _ = write!(out, "{chain}, {ip}");
-            }
-            None => {
-                let _ = write!(out, "{ip}");
-            }
+        if let Some(chain) = xff.filter(|v| !v.is_empty()) {
+            out.extend_from_slice(chain.as_bytes());
+            out.extend_from_slice(b", ");
         }
+        out.extend_from_slice(ip);
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"x-forwarded-proto: http\r\n");
@@ -230,14 +227,14 @@ pub fn response_head(
     close: bool,
     out: &mut Vec<u8>,
 ) -> Result<Option<Response>, BadResponse> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
+    let mut headers = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_RESPONSE_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
     // Pingora's leniencies for responses (backends are trusted more than clients).
     let mut config = httparse::ParserConfig::default();
     config
         .allow_spaces_after_header_name_in_responses(true)
         .allow_obsolete_multiline_headers_in_responses(true);
-    let len = match config.parse_response(&mut resp, buf) {
+    let len = match config.parse_response_with_uninit_headers(&mut resp, buf, &mut headers) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() <= MAX_RESPONSE_HEAD => return Ok(None),
         _ => return Err(BadResponse::Malformed),
@@ -306,7 +303,10 @@ pub fn response_head(
     }
 
     out.clear();
-    let _ = write!(out, "HTTP/1.1 {status}");
+    // httparse reads exactly three digits.
+    let digits = [status / 100, status / 10 % 10, status % 10].map(|d| b'0' + d as u8);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(&digits);
     if let Some(reason) = resp.reason.filter(|r| !r.is_empty()) {
         out.push(b' ');
         out.extend_from_slice(reason.as_bytes());
@@ -353,7 +353,14 @@ pub fn response_head(
 
 /// A request id in the pipeline's format: a per-process prefix and a counter, in hex.
 pub fn write_request_id(out: &mut Vec<u8>, prefix: u32, n: u64) {
-    let _ = write!(out, "{prefix:08x}-{n:016x}");
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.extend(
+        (0..8)
+            .rev()
+            .map(|i| HEX[(prefix >> (i * 4)) as usize & 0xf]),
+    );
+    out.push(b'-');
+    out.extend((0..16).rev().map(|i| HEX[(n >> (i * 4)) as usize & 0xf]));
 }
 
 #[cfg(test)]
@@ -365,7 +372,7 @@ mod tests {
         let r = plain_request(
             req.as_bytes(),
             &Limits::default(),
-            Some("10.0.0.7".parse().unwrap()),
+            Some(b"10.0.0.7"),
             |o| o.extend_from_slice(b"id-1"),
             &mut out,
         );
@@ -405,6 +412,23 @@ mod tests {
         let (r, out) = plain("GET / HTTP/1.1\r\nConnection: Keep-Alive, close\r\nHost: a\r\n\r\n");
         assert!(r.unwrap().unwrap().close);
         assert!(!out.to_ascii_lowercase().contains("connection"));
+    }
+
+    #[test]
+    fn request_ids_are_written_as_the_pipeline_formats_them() {
+        for (prefix, n) in [
+            (0, 0),
+            (0xdead_beef, 1),
+            (u32::MAX, u64::MAX),
+            (7, 0x0123_4567_89ab),
+        ] {
+            let mut out = Vec::new();
+            write_request_id(&mut out, prefix, n);
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                format!("{prefix:08x}-{n:016x}")
+            );
+        }
     }
 
     #[test]

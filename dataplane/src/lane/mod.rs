@@ -132,6 +132,9 @@ impl Lane {
             response: Vec::with_capacity(1024),
         };
         let mut first = true;
+        // The client's address as `X-Forwarded-For` writes it, made once per connection.
+        let peer = peer.map(|ip| ip.to_string());
+        let peer = peer.as_deref().map(str::as_bytes);
         loop {
             // The next head: parsed from what is buffered, else read for.
             let plain = loop {
