@@ -314,7 +314,7 @@ def machine():
         "haproxy": ver(["haproxy", "-v"]),
         "wrk": ver(["wrk", "--version"]),
         "rustc": ver(["rustc", "--version"]),
-        "rusty-lb": subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "rusty-lb": subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip(),
     }
 
 

@@ -171,11 +171,47 @@ pub fn check_raw(head: &[u8], limits: &Limits) -> Option<Result<(), Refused>> {
     Some(check_request_line(&head[..len]).and_then(|()| check(&req, limits)))
 }
 
-/// What must hold for any bytes (the fuzz target `request`): no panic, and whatever passes has
-/// one way to read its body and exactly one valid Host (or none, on HTTP/1.0).
+/// What must hold for any bytes (the fuzz target `request`): no panic; whatever passes has one
+/// way to read its body and exactly one valid Host (or none, on HTTP/1.0); and the fast lane
+/// never takes as plain a request the pipeline would refuse (the byte scan runs before either).
 pub fn request_invariants(data: &[u8]) {
     let limits = Limits::default();
-    let Some(Ok(())) = check_raw(data, &limits) else {
+    let verdict = check_raw(data, &limits);
+    let mut upstream = Vec::new();
+    let plain = crate::lane::head::plain_request(
+        data,
+        &limits,
+        Some(b"127.0.0.1"),
+        |out| out.extend_from_slice(b"id"),
+        &mut upstream,
+    );
+    if let Ok(Some(p)) = plain {
+        if check_request_line(&data[..p.len]).is_ok() {
+            assert_eq!(
+                verdict,
+                Some(Ok(())),
+                "the lane takes what the pipeline refuses: {data:?}"
+            );
+            // What goes upstream is one complete head, of the same request, with one Host.
+            let mut headers = [httparse::EMPTY_HEADER; 256];
+            let mut sent = httparse::Request::new(&mut headers);
+            let mut got = [httparse::EMPTY_HEADER; 256];
+            let mut received = httparse::Request::new(&mut got);
+            let _ = received.parse(data);
+            assert_eq!(
+                sent.parse(&upstream).ok(),
+                Some(httparse::Status::Complete(upstream.len())),
+                "the upstream head is not one complete head: {upstream:?}"
+            );
+            assert_eq!((sent.method, sent.path), (received.method, received.path));
+            let hosts = sent
+                .headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("host"));
+            assert_eq!(hosts.count(), 1, "{upstream:?}");
+        }
+    }
+    let Some(Ok(())) = verdict else {
         return;
     };
     let mut headers = [httparse::EMPTY_HEADER; 256];

@@ -76,9 +76,12 @@ pub fn plain_request(
         "HEAD" => true,
         _ => return Err(NotPlain),
     };
+    // A target of RFC 3986 characters only: Pingora percent-escapes the others (a backtick, a
+    // brace, a backslash…) before forwarding, and such a request goes there to be treated alike.
     if len > limits.max_head
         || target.len() > limits.max_target
         || !target.starts_with('/')
+        || !target.bytes().all(uri_char)
         || req.headers.len() > limits.max_headers
     {
         return Err(NotPlain);
@@ -178,6 +181,11 @@ pub fn plain_request(
         host: at(host),
         path: at(path.as_bytes()),
     }))
+}
+
+/// A byte RFC 3986 allows in a path or query: unreserved, sub-delims, `:@/?` and `%`.
+fn uri_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b)
 }
 
 /// How a response body is delimited.
@@ -454,6 +462,8 @@ mod tests {
             "GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 1\r\nX-Forwarded-For: 2\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: a\r\nBad Name: x\r\n\r\n",
             "GET / HTTP/1.1\nHost: a\r\n folded\r\n\r\n",
+            "GET /a`b HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET /{x}|\\^ HTTP/1.1\r\nHost: a\r\n\r\n",
         ] {
             assert_eq!(plain(req).0, Err(NotPlain), "{req:?}");
         }
