@@ -246,10 +246,41 @@ def wrk(port, path, conns, duration):
     return {"rps": rps, "requests": reqs, "p50": lat["50"], "p99": lat["99"], "errors": errors}
 
 
+def oha(port, path, conns, duration):
+    """The same measurement with oha (one worker thread, as wrk -t1), from its JSON report.
+    Requests still in flight at the deadline are waited for (-w), so none counts as an error."""
+    out = subprocess.run(
+        ["oha", "-z", f"{duration}s", "-c", str(conns), "-w", "--no-tui", "--worker-threads", "1",
+         "--output-format", "json", f"http://127.0.0.1:{port}{path}"],
+        capture_output=True, text=True,
+    ).stdout
+    d = json.loads(out)
+    codes = {int(k): v for k, v in (d.get("statusCodeDistribution") or {}).items()}
+    reqs = sum(codes.values())
+    errors = sum(v for k, v in codes.items() if not 200 <= k < 400)
+    errors += sum((d.get("errorDistribution") or {}).values())
+    lat = d.get("latencyPercentiles") or {}
+    return {
+        "rps": reqs / d["summary"]["total"] if d["summary"].get("total") else 0.0,
+        "requests": reqs,
+        "p50": (lat.get("p50") or float("nan")) * 1000,
+        "p99": (lat.get("p99") or float("nan")) * 1000,
+        "errors": errors,
+    }
+
+
+LOAD = {"wrk": wrk, "oha": oha}
+LOADER = ["wrk"]
+
+
+def load(port, path, conns, duration):
+    return LOAD[LOADER[0]](port, path, conns, duration)
+
+
 def measure(target, proc, path, conns, duration):
     pids = pids_of(proc) if proc else []
     before = cpu_seconds(pids)
-    r = wrk(PORTS[target], path, conns, duration)
+    r = load(PORTS[target], path, conns, duration)
     used = cpu_seconds(pids) - before
     r["cpu_us"] = used / r["requests"] * 1e6 if proc and r["requests"] else float("nan")
     r["rss"] = peak_rss_mb(pids) if proc else float("nan")
@@ -312,7 +343,7 @@ def machine():
         "kernel": platform.release(),
         "nginx": ver(["nginx", "-v"]),
         "haproxy": ver(["haproxy", "-v"]),
-        "wrk": ver(["wrk", "--version"]),
+        "wrk": ver(["wrk", "--version"]) if LOADER[0] == "wrk" else ver(["oha", "--version"]),
         "rustc": ver(["rustc", "--version"]),
         "rusty-lb": subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip(),
     }
@@ -330,8 +361,12 @@ def main():
     ap.add_argument("--swap-rates", default="10,100,1000", help="table swaps per second; empty: none")
     ap.add_argument("--out", help="write the markdown report here too")
     ap.add_argument("--alt-args", default="", help="extra rusty-lb flags for the target rusty-lb-alt")
+    ap.add_argument("--alt-binary", help="another rusty-lb build for the target rusty-lb-alt")
+    ap.add_argument("--load", choices=sorted(LOAD), default="wrk",
+                    help="load generator: wrk -t1, or oha with one worker thread")
     args = ap.parse_args()
     ALT_ARGS.extend(args.alt_args.split())
+    LOADER[0] = args.load
 
     work = tempfile.mkdtemp(prefix="rusty-loadtest-")
     os.chmod(work, 0o755)  # nginx workers run as nobody and serve /big from here
@@ -346,7 +381,7 @@ def main():
             "haproxy": lambda: start_haproxy(work, args.workers),
             "rusty-lb": lambda: start_rusty(work, args.workers, args.binary),
             "rusty-lb-pipeline": lambda: start_rusty(work, args.workers, args.binary, "rusty-lb-pipeline"),
-            "rusty-lb-alt": lambda: start_rusty(work, args.workers, args.binary, "rusty-lb-alt"),
+            "rusty-lb-alt": lambda: start_rusty(work, args.workers, args.alt_binary or args.binary, "rusty-lb-alt"),
         }
         unknown = [t for t in targets if t not in starters]
         if unknown:
@@ -358,7 +393,7 @@ def main():
         for body in [b for b in args.bodies.split(",") if b]:
             for conns in [int(c) for c in args.conns.split(",") if c]:
                 for t in targets:  # warm every upstream pool first
-                    wrk(PORTS[t], paths[body], conns, 1)
+                    load(PORTS[t], paths[body], conns, 1)
                 for rnd in range(args.rounds):
                     for t in targets:
                         r = measure(t, started[t], paths[body], conns, args.duration)
@@ -390,12 +425,15 @@ def render(info, args, results, targets, swaps, base):
         f"- date: {info['date']}; machine: {info['cpus']} CPUs, Linux {info['kernel']}",
         f"- {info['nginx']}; {info['haproxy']}; {info['wrk']}; {info['rustc']}; rusty-lb at {info['rusty-lb']}",
         f"- every proxy: {args.workers} workers/threads, upstream keep-alive, logging off; backends: 3 nginx "
-        f"ports (1 worker) on the same machine; load: `wrk -t1 -cC -d{args.duration}s`; "
-        f"{args.rounds} interleaved rounds per scenario, median (min–max)",
+        f"ports (1 worker) on the same machine; load: "
+        + (f"`wrk -t1 -cC -d{args.duration}s`; " if args.load == "wrk"
+           else f"`oha -z {args.duration}s -c C -w --worker-threads 1`; ")
+        + f"{args.rounds} interleaved rounds per scenario, median (min–max)",
         *([f"- rusty-lb-pipeline: rusty-lb with `--no-fast-lane` (every request through Pingora's proxy pipeline)"]
           if "rusty-lb-pipeline" in targets else []),
-        *([f"- rusty-lb-alt: rusty-lb with `{' '.join(ALT_ARGS)}`"] if "rusty-lb-alt" in targets else []),
-        "- CPU/req is the proxy's own utime+stime from /proc over the run, divided by the requests wrk "
+        *([f"- rusty-lb-alt: rusty-lb with `{' '.join(ALT_ARGS)}`"
+           + (f" built as `{args.alt_binary}`" if args.alt_binary else "")] if "rusty-lb-alt" in targets else []),
+        "- CPU/req is the proxy's own utime+stime from /proc over the run, divided by the requests the load generator "
         "counted; the load generator and the backends share the same 2 cores, so absolute figures are noisy: "
         "compare ratios within this file",
         "",

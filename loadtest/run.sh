@@ -4,6 +4,7 @@
 #   loadtest/run.sh                       full run (about 12 minutes), report on stdout
 #   loadtest/run.sh --out loadtest/results/$(date +%F).md
 #   loadtest/run.sh --smoke               a few seconds: checks the harness still works (CI)
+#   loadtest/run.sh --load oha            oha instead of wrk (installed with cargo when missing)
 #   loadtest/run.sh --help                every option (durations, rounds, connections, targets)
 #
 # Installs wrk, nginx and HAProxy from Debian's packages when missing and builds rusty-lb in
@@ -13,6 +14,10 @@ cd "$(dirname "$0")/.."
 
 source loadtest/prepare.sh
 prepare wrk=wrk nginx=nginx-light haproxy=haproxy
+# oha, when asked for (`--load oha` or `--load=oha`), comes from crates.io (a few minutes to build).
+if [[ " $* " == *" --load oha "* || " $* " == *" --load=oha "* ]] && ! command -v oha >/dev/null; then
+  cargo install --locked oha
+fi
 
 if [ "${1:-}" = "--smoke" ]; then
   shift

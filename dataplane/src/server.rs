@@ -143,7 +143,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if !args.no_fast_lane {
         front_app = front_app.with_lane(Lane::new(
             store.clone(),
-            active.clone(),
             ids,
             limits,
             args.keepalive_timeout,

@@ -338,7 +338,12 @@ fn the_lane_and_the_pipeline_forward_the_same_request_and_answer_alike() {
     assert!(String::from_utf8_lossy(&x.body).contains("x-forwarded-for: 192.0.2.1, 127.0.0.1"));
     assert!(String::from_utf8_lossy(&x.body).contains("x-request-id: "));
     assert_eq!(response_headers(&x), response_headers(&y));
-    assert_eq!(lane.metric("rustybalancer_fast_lane_requests_total"), 1.0);
+    // Counted when the connection leaves the lane (here: when the client closes it).
+    lane.wait_metric(
+        "rustybalancer_fast_lane_requests_total",
+        1.0,
+        Duration::from_secs(5),
+    );
     assert_eq!(
         pipeline.metric("rustybalancer_fast_lane_requests_total"),
         0.0

@@ -29,7 +29,7 @@ pub mod pool;
 
 use std::io;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -65,8 +65,6 @@ pub enum Served {
 /// The lane's settings and the state it shares with the pipeline.
 pub struct Lane {
     store: Arc<TableStore>,
-    /// Requests in flight in this process (the pipeline counts into the same), for shutdown.
-    active: Arc<AtomicI64>,
     ids: Arc<RequestIds>,
     limits: Limits,
     keepalive: Duration,
@@ -106,14 +104,12 @@ struct Cut(u16);
 impl Lane {
     pub fn new(
         store: Arc<TableStore>,
-        active: Arc<AtomicI64>,
         ids: Arc<RequestIds>,
         limits: Limits,
         keepalive_secs: u64,
     ) -> Self {
         Lane {
             store,
-            active,
             ids,
             limits,
             keepalive: Duration::from_secs(keepalive_secs.max(1)),
@@ -198,7 +194,7 @@ impl Lane {
                 return Served::HandOver(bufs.client);
             };
 
-            let _inflight = InFlight::new(svc, &self.active);
+            let _inflight = InFlight::new(svc);
             let start = Instant::now();
             let (status, backend, keep) = self
                 .proxy(client, svc, first_pick, &plain, front, &mut bufs)
@@ -276,24 +272,23 @@ impl Lane {
     }
 }
 
-/// Counts a request in flight for its service and the process while it lives.
+/// Counts a request in flight for its service while it lives. (The process-wide count the
+/// pipeline keeps for the graceful shutdown is not needed here: a lane request always has its
+/// connection open, and the shutdown waits for those.)
 struct InFlight<'a> {
     svc: &'a ServiceState,
-    active: &'a AtomicI64,
 }
 
 impl<'a> InFlight<'a> {
-    fn new(svc: &'a ServiceState, active: &'a AtomicI64) -> Self {
+    fn new(svc: &'a ServiceState) -> Self {
         svc.counters.inflight_add(1);
-        active.fetch_add(1, Relaxed);
-        InFlight { svc, active }
+        InFlight { svc }
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.svc.counters.inflight_add(-1);
-        self.active.fetch_sub(1, Relaxed);
     }
 }
 
