@@ -27,6 +27,11 @@ fn bump(map: &Mutex<BTreeMap<(String, &'static str), u64>>, service: &str, label
     *m.entry((service.to_owned(), label)).or_default() += 1;
 }
 
+fn bump_service(map: &Mutex<BTreeMap<String, u64>>, service: &str) {
+    let mut m = map.lock().unwrap_or_else(|p| p.into_inner());
+    *m.entry(service.to_owned()).or_default() += 1;
+}
+
 impl Metrics {
     pub fn check(&self, service: &str, ok: bool) {
         bump(&self.checks, service, if ok { "pass" } else { "fail" });
@@ -43,13 +48,11 @@ impl Metrics {
 
     /// An instance replaced because the data planes kept ejecting it.
     pub fn outlier(&self, service: &str) {
-        let mut m = self.outliers.lock().unwrap_or_else(|p| p.into_inner());
-        *m.entry(service.to_owned()).or_default() += 1;
+        bump_service(&self.outliers, service);
     }
 
     pub fn restart(&self, service: &str) {
-        let mut m = self.restarts.lock().unwrap_or_else(|p| p.into_inner());
-        *m.entry(service.to_owned()).or_default() += 1;
+        bump_service(&self.restarts, service);
     }
 
     /// The text exposition format, with the state gauges taken from `status`.
@@ -93,18 +96,12 @@ impl Metrics {
             "result",
             &self.checks,
         );
-        out.push_str("# HELP rusty_agent_instance_restarts_total Instances restarted after they exited on their own.\n# TYPE rusty_agent_instance_restarts_total counter\n");
-        for (svc, n) in self
-            .restarts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            let _ = writeln!(
-                out,
-                "rusty_agent_instance_restarts_total{{service=\"{svc}\"}} {n}"
-            );
-        }
+        service_counters(
+            &mut out,
+            "rusty_agent_instance_restarts_total",
+            "Instances restarted after they exited on their own.",
+            &self.restarts,
+        );
         counters(
             &mut out,
             "rusty_agent_deploys_total",
@@ -119,18 +116,12 @@ impl Metrics {
             "direction",
             &self.autoscales,
         );
-        out.push_str("# HELP rusty_agent_outlier_replacements_total Instances replaced because the data planes kept ejecting them.\n# TYPE rusty_agent_outlier_replacements_total counter\n");
-        for (svc, n) in self
-            .outliers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            let _ = writeln!(
-                out,
-                "rusty_agent_outlier_replacements_total{{service=\"{svc}\"}} {n}"
-            );
-        }
+        service_counters(
+            &mut out,
+            "rusty_agent_outlier_replacements_total",
+            "Instances replaced because the data planes kept ejecting them.",
+            &self.outliers,
+        );
         out.push_str("# HELP rusty_agent_observed_inflight Requests in flight the data planes last reported, by autoscaled service.\n# TYPE rusty_agent_observed_inflight gauge\n");
         for s in &status.services {
             if let Some(load) = s.autoscale.as_ref().and_then(|a| a.load) {
@@ -181,5 +172,13 @@ fn counters(
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
     for ((svc, value), n) in map.lock().unwrap_or_else(|p| p.into_inner()).iter() {
         let _ = writeln!(out, "{name}{{service=\"{svc}\",{label}=\"{value}\"}} {n}");
+    }
+}
+
+/// A counter labelled by service only.
+fn service_counters(out: &mut String, name: &str, help: &str, map: &Mutex<BTreeMap<String, u64>>) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (svc, n) in map.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        let _ = writeln!(out, "{name}{{service=\"{svc}\"}} {n}");
     }
 }

@@ -99,7 +99,8 @@ pub async fn run(
     commands: mpsc::Sender<Command>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut failing: HashMap<String, bool> = HashMap::new();
+    // Data planes whose last scrape failed: a change either way is logged once.
+    let mut failing: HashSet<String> = HashSet::new();
     // Each data plane's last ejected set, kept while it does not answer: a failed scrape must
     // not look like its ejections ended (and then began again).
     let mut last_ejected: HashMap<String, HashSet<(String, String)>> = HashMap::new();
@@ -110,7 +111,7 @@ pub async fn run(
             match fetch(plane, token.as_deref()).await {
                 Ok(text) => {
                     answered += 1;
-                    if failing.insert(plane.clone(), false) == Some(true) {
+                    if failing.remove(plane) {
                         warn!(data_plane = %plane, "metrics answer again");
                     }
                     for (svc, v) in inflight_by_service(&text) {
@@ -119,7 +120,7 @@ pub async fn run(
                     last_ejected.insert(plane.clone(), ejected_backends(&text));
                 }
                 Err(e) => {
-                    if failing.insert(plane.clone(), true) != Some(true) {
+                    if failing.insert(plane.clone()) {
                         warn!(data_plane = %plane, error = %e,
                             "cannot read the data plane's metrics; autoscaling uses the others");
                     }

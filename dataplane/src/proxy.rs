@@ -153,8 +153,11 @@ impl ProxyHttp for Proxy {
                 .map_or(&b""[..], |a| a.as_str().as_bytes()),
         };
         let route = snapshot.router.route(host, req.uri.path().as_bytes());
-        if let Some(service) = route {
-            let svc = &snapshot.services[service as usize];
+        // The class only matters where admission does: services with capped backends.
+        if let Some(svc) = route
+            .map(|s| &snapshot.services[s as usize])
+            .filter(|s| s.limited)
+        {
             ctx.class = svc
                 .class_header
                 .as_ref()
@@ -635,8 +638,9 @@ impl RequestIds {
     }
 
     pub fn next(&self) -> String {
-        let n = self.counter.fetch_add(1, Relaxed);
-        format!("{:08x}-{:016x}", self.prefix, n)
+        let mut id = Vec::with_capacity(25);
+        self.write_next(&mut id);
+        id.into_iter().map(char::from).collect()
     }
 
     /// The next id, written where it is needed instead of allocated.

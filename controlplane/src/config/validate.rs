@@ -84,13 +84,8 @@ pub fn validate(raw: &RawConfig, base_dir: &Path) -> Result<Config, Vec<KeyError
     if a.scrape_interval.0 < std::time::Duration::from_millis(100) {
         errs.add("agent.scrape_interval", "must be at least 100ms");
     }
-    let autoscaled: Vec<&String> = raw
-        .services
-        .iter()
-        .filter(|(_, s)| s.autoscale.is_some())
-        .map(|(n, _)| n)
-        .collect();
-    if let (Some(first), true) = (autoscaled.first(), a.data_planes.is_empty()) {
+    let autoscaled = raw.services.iter().find(|(_, s)| s.autoscale.is_some());
+    if let (Some((first, _)), true) = (autoscaled, a.data_planes.is_empty()) {
         errs.add(
             "agent.data_planes",
             format!("services.{first}.autoscale needs the load of at least one data plane: list their admin addresses, e.g. [\"127.0.0.1:9100\"]"),

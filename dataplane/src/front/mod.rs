@@ -100,7 +100,7 @@ pub struct FrontLimits {
 }
 
 /// State shared by every connection of one listener, and read by the admin and shutdown code.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct FrontState {
     open: AtomicUsize,
     draining: AtomicBool,
@@ -115,23 +115,6 @@ pub struct FrontState {
     bad_chunks: AtomicU64,
     pub(crate) lane_requests: AtomicU64,
     lane_handovers: AtomicU64,
-}
-
-impl Default for FrontState {
-    fn default() -> Self {
-        FrontState {
-            open: AtomicUsize::new(0),
-            draining: AtomicBool::new(false),
-            drain: tokio::sync::watch::Sender::new(false),
-            refused: AtomicU64::new(0),
-            head_timeouts: AtomicU64::new(0),
-            drained_idle: AtomicU64::new(0),
-            bad_request_lines: AtomicU64::new(0),
-            bad_chunks: AtomicU64::new(0),
-            lane_requests: AtomicU64::new(0),
-            lane_handovers: AtomicU64::new(0),
-        }
-    }
 }
 
 impl FrontState {

@@ -38,7 +38,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::check::Limits;
-use crate::front::scan::ChunkScan;
+use crate::front::scan::{Bad, ChunkScan};
 use crate::front::FrontState;
 use crate::metrics::UpstreamError;
 use crate::proxy::{error_body, RequestIds, MAX_TRIES};
@@ -199,10 +199,9 @@ impl Lane {
             let (status, backend, keep) = self
                 .proxy(client, svc, first_pick, &plain, front, &mut bufs)
                 .await;
-            match backend {
-                Some(i) => svc.backends[i as usize].counters.count_response(status),
-                None => svc.no_backend.count_response(status),
-            }
+            svc.backends[backend as usize]
+                .counters
+                .count_response(status);
             svc.counters.observe(start.elapsed().as_nanos() as u64);
             front.lane_requests.fetch_add(1, Relaxed);
             if !keep {
@@ -218,8 +217,8 @@ impl Lane {
     }
 
     /// One request, through as many attempts as the service allows. Returns the status the
-    /// client got (499 if it left first), the backend counted for it, and whether the client
-    /// connection stays open.
+    /// client got (499 if it left first), the backend counted for it (the last one tried), and
+    /// whether the client connection stays open.
     async fn proxy<S>(
         &self,
         client: &mut S,
@@ -228,21 +227,21 @@ impl Lane {
         plain: &head::Plain,
         front: &FrontState,
         bufs: &mut Buffers,
-    ) -> (u16, Option<u32>, bool)
+    ) -> (u16, u32, bool)
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let mut tried = [0u32; MAX_TRIES];
         let mut tries = 0;
-        let mut pick = Some(first);
-        let mut last_failure = 503;
-        while let Some(i) = pick {
+        let mut i = first;
+        let mut last_failure;
+        loop {
             tried[tries] = i;
             tries += 1;
             let backend = &svc.backends[i as usize];
             match exchange(client, backend, plain, front, bufs).await {
-                Ok(Ok(done)) => return (done.status, Some(i), done.keep),
-                Ok(Err(Cut(status))) => return (status, Some(i), false),
+                Ok(Ok(done)) => return (done.status, i, done.keep),
+                Ok(Err(Cut(status))) => return (status, i, false),
                 Err(Failed::Connect(kind)) => {
                     backend.counters.count_error(kind);
                     svc.eject(i);
@@ -255,20 +254,18 @@ impl Lane {
                     last_failure = status;
                 }
             }
+            // Out of attempts: no pick, so no round-robin position is spent.
             let budget_left = tries <= svc.retries as usize && tries < MAX_TRIES;
-            pick = if budget_left {
-                svc.pick(&tried[..tries])
-            } else {
-                None
-            };
+            match budget_left.then(|| svc.pick(&tried[..tries])).flatten() {
+                Some(next) => i = next,
+                None => break,
+            }
         }
         // Every attempt failed: answered for the last one, and the connection closes, as the
         // pipeline does after a proxy error.
-        let status = last_failure;
-        let response = error_response(status);
+        let response = error_response(last_failure);
         let sent = client.write_all(&response).await.is_ok() && client.flush().await.is_ok();
-        let counted = tried[..tries].last().copied();
-        (if sent { status } else { 499 }, counted, false)
+        (if sent { last_failure } else { 499 }, i, false)
     }
 }
 
@@ -395,39 +392,16 @@ where
     let mut reusable = response.reusable;
     let keep = !close;
     // The head and as much of the body as arrived with it go in one write.
-    let have = &bufs.upstream[response.len..];
-    let (mut left, mut chunks, mut until_close) = (0u64, None, false);
-    let first_part = match response.body {
-        Body::None => {
-            reusable &= have.is_empty();
-            &have[..0]
-        }
-        Body::Length(n) => {
-            let take = (have.len() as u64).min(n) as usize;
-            reusable &= have.len() as u64 <= n;
-            left = n - take as u64;
-            &have[..take]
-        }
-        Body::Chunked => {
-            let mut scan = ChunkScan::default();
-            match scan.scan(have) {
-                Ok(Some(end)) => {
-                    reusable &= end == have.len();
-                    &have[..end]
-                }
-                Ok(None) => {
-                    chunks = Some(scan);
-                    have
-                }
-                Err(_) => return Err(Failed::Upstream(UpstreamError::Other, 502)),
-            }
-        }
-        Body::UntilClose => {
-            until_close = true;
-            have
-        }
+    let mut rest = match response.body {
+        Body::None => Rest::Length(0),
+        Body::Length(n) => Rest::Length(n),
+        Body::Chunked => Rest::Chunked(ChunkScan::default()),
+        Body::UntilClose => Rest::UntilClose,
     };
-    if until_close {
+    let Ok(first_part) = rest.take(&bufs.upstream[response.len..], &mut reusable) else {
+        return Err(Failed::Upstream(UpstreamError::Other, 502));
+    };
+    if rest == Rest::UntilClose {
         chunk(&mut bufs.response, first_part);
     } else {
         bufs.response.extend_from_slice(first_part);
@@ -438,39 +412,26 @@ where
     }
 
     // The rest of the body, read by read and passed on as it comes.
-    while left > 0 || chunks.is_some() || until_close {
+    while rest != Rest::Length(0) {
         bufs.upstream.clear();
         bufs.upstream.reserve(BODY_CHUNK);
-        let n = match read_upstream(&mut up, &mut bufs.upstream, timeout).await {
-            Ok(0) if until_close => {
+        let part = match read_upstream(&mut up, &mut bufs.upstream, timeout).await {
+            Ok(0) if rest == Rest::UntilClose => {
                 if client.write_all(b"0\r\n\r\n").await.is_err() {
                     return Ok(Err(Cut(status)));
                 }
                 break;
             }
             Ok(0) | Err(_) => return Ok(Err(Cut(status))),
-            Ok(n) => n,
-        };
-        let part = &bufs.upstream[..n];
-        let part = if left > 0 {
-            let take = (n as u64).min(left) as usize;
-            left -= take as u64;
-            reusable &= take == n;
-            &part[..take]
-        } else if let Some(scan) = chunks.as_mut() {
-            match scan.scan(part) {
-                Ok(Some(end)) => {
-                    chunks = None;
-                    reusable &= end == n;
-                    &part[..end]
+            Ok(n) => match rest.take(&bufs.upstream[..n], &mut reusable) {
+                Ok(part) if rest == Rest::UntilClose => {
+                    bufs.response.clear();
+                    chunk(&mut bufs.response, part);
+                    &bufs.response[..]
                 }
-                Ok(None) => part,
+                Ok(part) => part,
                 Err(_) => return Ok(Err(Cut(status))),
-            }
-        } else {
-            bufs.response.clear();
-            chunk(&mut bufs.response, part);
-            &bufs.response
+            },
         };
         if client.write_all(part).await.is_err() {
             return Ok(Err(Cut(status)));
@@ -483,6 +444,41 @@ where
         pool::put(backend.addr, up);
     }
     Ok(Ok(Answered { status, keep }))
+}
+
+/// What is still to come of a response body after what has been passed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rest {
+    /// This many bytes (0: the body is complete).
+    Length(u64),
+    /// Chunked framing, scanned to find its end.
+    Chunked(ChunkScan),
+    /// Everything until the backend closes.
+    UntilClose,
+}
+
+impl Rest {
+    /// The part of `read` that belongs to the body, advancing past it. Bytes after the body's
+    /// end make the connection not `reusable`. Fails on broken chunked framing.
+    fn take<'a>(&mut self, read: &'a [u8], reusable: &mut bool) -> Result<&'a [u8], Bad> {
+        let end = match self {
+            Rest::Length(left) => {
+                let take = (read.len() as u64).min(*left);
+                *left -= take;
+                take as usize
+            }
+            Rest::Chunked(scan) => match scan.scan(read)? {
+                Some(end) => {
+                    *self = Rest::Length(0);
+                    end
+                }
+                None => read.len(),
+            },
+            Rest::UntilClose => read.len(),
+        };
+        *reusable &= end == read.len();
+        Ok(&read[..end])
+    }
 }
 
 /// Append `data` as one chunk of a chunked body (nothing for no data: that would end it).
