@@ -9,21 +9,47 @@
 //!   upstream one, and reading a backend's response head and writing the client's.
 
 use std::hint::black_box;
-use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use pingora::http::RequestHeader;
 use rusty_benches::table;
+use rusty_lb::attempt::Routed;
+use rusty_lb::http1::editor::{self, HeaderOut, Origin, Proto, RequestIds};
 use rusty_lb::metrics::Registry;
-use rusty_lb::proxy::{add_forwarding_headers, RequestIds};
+use rusty_lb::queue::Queue;
 use rusty_lb::snapshot::Snapshot;
 use rusty_lb::store::TableStore;
 use rusty_shared::{validate, RequestClass};
 
+const NOW: u64 = 1_000;
+
 fn snapshot(n: usize, weights: &[u32]) -> Snapshot {
-    Snapshot::build(validate(table(n, weights)).unwrap(), &Registry::default())
+    Snapshot::fresh(validate(table(n, weights)).unwrap(), &Registry::default())
+}
+
+fn store() -> TableStore {
+    TableStore::new(
+        Arc::new(Registry::default()),
+        Arc::new(Queue::default()),
+        None,
+    )
+}
+
+/// The headers the editor adds, as the pipeline collects them before inserting them.
+struct Added(Vec<(&'static str, Vec<u8>)>);
+
+impl HeaderOut for Added {
+    fn start(&mut self, name: &'static str) {
+        self.0.push((name, Vec::new()));
+    }
+    fn value(&mut self, value: &[u8]) {
+        if let Some((_, v)) = self.0.last_mut() {
+            v.extend_from_slice(value);
+        }
+    }
+    fn finish(&mut self) {}
 }
 
 fn pick(c: &mut Criterion) {
@@ -32,16 +58,16 @@ fn pick(c: &mut Criterion) {
         let snap = snapshot(n, &[5, 3, 1]);
         let svc = &snap.services[0];
         g.bench_with_input(BenchmarkId::new("healthy", n), &n, |b, _| {
-            b.iter(|| black_box(svc.pick(black_box(&[]))))
+            b.iter(|| black_box(svc.pick(black_box(&[]), NOW)))
         });
     }
     let snap = snapshot(100, &[1]);
     let svc = &snap.services[0];
     for i in (0..100).step_by(4) {
-        svc.eject(i);
+        svc.balancer.eject(i, NOW);
     }
     g.bench_function("quarter_ejected/100", |b| {
-        b.iter(|| black_box(svc.pick(black_box(&[]))))
+        b.iter(|| black_box(svc.pick(black_box(&[]), NOW)))
     });
     g.finish();
 }
@@ -57,10 +83,7 @@ fn install(c: &mut Criterion) {
         let json = table(10_000, weights).to_json();
         g.bench_function(BenchmarkId::new(name, 10_000), |b| {
             // A fresh store each time so the version check passes; building it is negligible.
-            b.iter(|| {
-                let store = TableStore::new(Arc::new(Registry::default()), None);
-                black_box(store.offer(json.as_bytes(), "bench").unwrap())
-            })
+            b.iter(|| black_box(store().offer(json.as_bytes(), "bench").unwrap()))
         });
     }
     g.finish();
@@ -76,13 +99,16 @@ fn request_path(c: &mut Criterion) {
         let mut t = table(3, &[5, 3, 1]);
         t.services[0].max_inflight = cap;
         t.services[0].class_header = Some("x-priority".into());
-        let store = TableStore::new(Arc::new(Registry::default()), None);
+        let queue = Arc::new(Queue::default());
+        let store = TableStore::new(Arc::new(Registry::default()), queue.clone(), None);
         store.offer(t.to_json().as_bytes(), "bench").unwrap();
         let ids = RequestIds::new();
-        let client: IpAddr = [127, 0, 0, 1].into();
+        let origin = Origin {
+            client: Some(b"127.0.0.1"),
+            proto: Proto::Http,
+        };
         let mut req = RequestHeader::build("GET", b"/api/users?id=7", None).unwrap();
         req.insert_header("host", "www.example.com").unwrap();
-        let admission = &store.registry.admission;
         c.bench_function(name, |b| {
             b.iter(|| {
                 let snap = store.current().unwrap();
@@ -97,21 +123,31 @@ fn request_path(c: &mut Criterion) {
                     .and_then(|h| req.headers.get(h))
                     .and_then(|v| RequestClass::from_bytes(v.as_bytes()))
                     .unwrap_or(svc.class);
-                svc.counters.inflight_add(1);
-                let i = svc.pick(&[]).unwrap();
-                let limiter = svc.backends[i as usize].limiter.as_ref();
-                if svc.limited {
-                    assert!(admission.queued() == 0 && limiter.is_some_and(|l| l.try_acquire()));
+                let limited = svc.limited;
+                let mut routed = Routed::new(snap, svc_idx, Instant::now());
+                let i = routed.next(NOW).unwrap();
+                let backend = &routed.service().backends[i as usize];
+                let limiter = backend.limiter.as_ref();
+                if limited {
+                    assert!(queue.queued() == 0 && limiter.is_some_and(|l| l.try_acquire()));
                 }
-                let peer = Box::new(svc.backends[i as usize].peer.clone());
+                let peer = Box::new(backend.peer.clone());
+                // The pipeline's header edit: the downstream head copied, read, trimmed and added to.
                 let mut upstream = req.clone();
-                add_forwarding_headers(&mut upstream, Some(client), &ids).unwrap();
-                svc.backends[i as usize].counters.count_response(200);
-                svc.counters.observe(1_000_000);
-                svc.counters.inflight_add(-1);
-                if let Some(l) = limiter {
-                    admission.release(l);
+                let lines = upstream
+                    .headers
+                    .iter()
+                    .map(|(n, v)| editor::Line::new(n.as_str().as_bytes(), v.as_bytes()));
+                let edit = editor::read_request(lines, true).unwrap();
+                let mut added = Added(Vec::new());
+                edit.add_headers(&origin, &ids, None, &mut added);
+                for (n, v) in added.0 {
+                    upstream.insert_header(n, v.as_slice()).unwrap();
                 }
+                if let Some(l) = limiter {
+                    queue.release(l, NOW);
+                }
+                routed.end(200);
                 black_box((peer, upstream, class))
             })
         });
@@ -119,22 +155,21 @@ fn request_path(c: &mut Criterion) {
 }
 
 fn lane(c: &mut Criterion) {
-    use rusty_lb::check::Limits;
-    use rusty_lb::lane::head::{plain_request, response_head, write_request_id};
+    use rusty_lb::http1::head::{plain_request, response_head};
+    use rusty_lb::http1::Limits;
     let limits = Limits::default();
+    let ids = RequestIds::with_prefix(7);
+    let origin = Origin {
+        client: Some(b"127.0.0.1"),
+        proto: Proto::Http,
+    };
     // What wrk and a typical backend send.
     let request = b"GET /api/users?id=7 HTTP/1.1\r\nHost: www.example.com\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n";
     let response = b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Thu, 26 Nov 2026 00:00:00 GMT\r\nContent-Type: text/plain\r\nContent-Length: 100\r\nConnection: keep-alive\r\n\r\n";
     let mut out = Vec::with_capacity(1024);
     c.bench_function("lane/request_head", |b| {
         b.iter(|| {
-            let plain = plain_request(
-                black_box(request),
-                &limits,
-                Some(b"127.0.0.1"),
-                |o| write_request_id(o, 7, 42),
-                &mut out,
-            );
+            let plain = plain_request(black_box(request), &limits, &origin, &ids, &mut out);
             black_box(plain.is_ok_and(|p| p.is_some()))
         })
     });

@@ -15,18 +15,9 @@
 //!   usual scale-down takes instances out of the tables and drains them before stopping them.
 //! - No sample (no data plane answered) is not a zero load: it changes nothing.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-/// A service's autoscaling settings, validated.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AutoscaleSpec {
-    pub min_replicas: u32,
-    pub max_replicas: u32,
-    /// Requests in flight per instance the service is sized for.
-    pub target_inflight: f64,
-    pub window: Duration,
-    pub cooldown: Duration,
-}
+use crate::spec::AutoscaleSpec;
 
 /// One decision, kept for `rusty-agent status`.
 #[derive(Debug, Clone, PartialEq)]
@@ -140,6 +131,7 @@ impl Autoscaler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn scaler() -> Autoscaler {
         Autoscaler::new(AutoscaleSpec {

@@ -24,9 +24,10 @@ use crate::health;
 use crate::metrics::Metrics;
 use crate::outlier::OutlierTracker;
 use crate::publish::{self, Publisher};
-use crate::reconcile::{Action, InstanceRef, Outcome, Phase, Refusal, ServiceState};
+use crate::reconcile::{Action, Outcome, Phase, Refusal, ServiceState};
 use crate::runtime::{InstanceSpec, Runtime, RuntimeEvent};
-use crate::spec::{RunSpec, RuntimeKind, ServiceSpec};
+use crate::scrape::Sample;
+use crate::spec::{InstanceRef, RunSpec, RuntimeKind, ServiceSpec};
 use crate::state::{Desired, SavedService};
 
 /// How long the first table waits for every service to have a healthy instance. Until then a
@@ -52,14 +53,6 @@ pub enum Command {
         service: String,
         seq: u64,
         reply: oneshot::Sender<Result<(), ApiError>>,
-    },
-    /// One reading of the data planes: requests in flight per service (summed), and the
-    /// backends any of them reports ejected.
-    Sample {
-        inflight: HashMap<String, f64>,
-        ejected: std::collections::HashSet<(String, String)>,
-        /// Every data plane answered.
-        complete: bool,
     },
 }
 
@@ -200,10 +193,12 @@ impl Core {
         }
     }
 
-    /// Run until `shutdown` flips, then stop every instance and return.
+    /// Run until `shutdown` flips, then stop every instance and return. `samples` are the
+    /// data planes' load, read by `scrape`.
     pub async fn run(
         mut self,
         mut commands: mpsc::Receiver<Command>,
+        mut samples: mpsc::Receiver<Sample>,
         mut runtime_events: mpsc::UnboundedReceiver<RuntimeEvent>,
         mut shutdown: watch::Receiver<bool>,
     ) {
@@ -223,6 +218,11 @@ impl Core {
                 });
             tokio::select! {
                 Some(cmd) = commands.recv() => self.command(cmd).await,
+                Some(sample) = samples.recv() => {
+                    let now = Instant::now();
+                    self.autoscale(&sample.inflight, sample.complete, now);
+                    self.replace_outliers(sample.ejected, now);
+                }
                 Some(ev) = events_rx.recv() => {
                     self.event(ev);
                     while let Ok(ev) = events_rx.try_recv() {
@@ -569,14 +569,6 @@ impl Core {
                     Some(s) => s.drain(seq, now).map_err(ApiError::from),
                 };
                 let _ = reply.send(r);
-            }
-            Command::Sample {
-                inflight,
-                ejected,
-                complete,
-            } => {
-                self.autoscale(&inflight, complete, now);
-                self.replace_outliers(ejected, now);
             }
         }
     }

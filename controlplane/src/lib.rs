@@ -15,9 +15,12 @@
 //! - [`outlier`] spots instances the data planes keep ejecting (pure);
 //! - [`core`] is the single task that owns the state and drives the others;
 //! - [`server`] is the listener: admin API, metrics, and the table stream;
-//! - [`client`] and [`cli`] are the command line.
+//! - [`client`] and [`cli`] are the command line;
+//! - [`wiring`] builds all of it for `rusty-agent run` and owns the shutdown.
+//!
+//! The validated spec types ([`spec`]) sit below everything that uses them; no module imports
+//! one above it in a cycle (`e2e/tests/layers.rs` checks).
 
-pub mod agent;
 pub mod api;
 pub mod auth;
 pub mod autoscale;
@@ -35,3 +38,4 @@ pub mod scrape;
 pub mod server;
 pub mod spec;
 pub mod state;
+pub mod wiring;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use rusty_agent::api::DeployRequest;
 use rusty_agent::cli::{Cli, Cmd};
-use rusty_agent::{agent, client, config};
+use rusty_agent::{client, config, wiring};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -66,7 +66,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            report(rt.block_on(agent::run(loaded.config)))
+            report(rt.block_on(wiring::run(loaded.config)))
         }
         other => {
             let rt = match tokio::runtime::Builder::new_current_thread()

@@ -15,13 +15,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
-/// A service's outlier settings, validated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OutlierSpec {
-    /// Ejection episodes that make an outlier; at least 2.
-    pub ejections: u32,
-    pub window: Duration,
-}
+use crate::spec::OutlierSpec;
 
 /// (service, backend id as in the table).
 pub type BackendKey = (String, String);

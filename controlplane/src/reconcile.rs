@@ -15,26 +15,12 @@
 //!   old version back to full strength and retire the new one.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::health::Tracker;
-use crate::spec::{RunSpec, RuntimeKind, ServiceSpec, MAX_REPLICAS, SLOW_START_STEPS};
-
-/// Names one instance: `web-7` is instance 7 of service `web`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct InstanceRef {
-    pub service: String,
-    pub seq: u64,
-}
-
-impl fmt::Display for InstanceRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{}", self.service, self.seq)
-    }
-}
+use crate::spec::{InstanceRef, RunSpec, RuntimeKind, ServiceSpec, MAX_REPLICAS, SLOW_START_STEPS};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {

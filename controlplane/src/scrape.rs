@@ -15,7 +15,15 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
-use crate::core::Command;
+/// One reading of the data planes: requests in flight per service (summed), and the backends
+/// any of them reports ejected. Sent to the core on its own channel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub inflight: HashMap<String, f64>,
+    pub ejected: HashSet<(String, String)>,
+    /// Every data plane answered.
+    pub complete: bool,
+}
 
 /// How long one scrape of one data plane may take.
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -96,7 +104,7 @@ pub async fn run(
     planes: Vec<String>,
     token: Option<String>,
     interval: Duration,
-    commands: mpsc::Sender<Command>,
+    samples: mpsc::Sender<Sample>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     // Data planes whose last scrape failed: a change either way is logged once.
@@ -129,12 +137,12 @@ pub async fn run(
         }
         if answered > 0 {
             debug!(?total, answered, "load sampled");
-            let sample = Command::Sample {
+            let sample = Sample {
                 inflight: total,
                 ejected: last_ejected.values().flatten().cloned().collect(),
                 complete: answered == planes.len(),
             };
-            if commands.send(sample).await.is_err() {
+            if samples.send(sample).await.is_err() {
                 return;
             }
         }

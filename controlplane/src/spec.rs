@@ -2,6 +2,7 @@
 //! [`crate::config::validate`] trusts these values and never re-checks them.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -112,9 +113,9 @@ pub struct ServiceSpec {
     pub slow_start: Duration,
     pub health: HealthSpec,
     pub rollout: RolloutPolicy,
-    pub autoscale: Option<crate::autoscale::AutoscaleSpec>,
+    pub autoscale: Option<AutoscaleSpec>,
     /// Replace instances the data planes keep ejecting; `None`: off.
-    pub outliers: Option<crate::outlier::OutlierSpec>,
+    pub outliers: Option<OutlierSpec>,
 }
 
 /// Most instances one service may ask for.
@@ -139,4 +140,36 @@ pub fn max_weight(slow_start: bool) -> u32 {
 pub struct ContainerPlacement {
     pub port: u16,
     pub network: String,
+}
+
+/// Names one instance: `web-7` is instance 7 of service `web`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct InstanceRef {
+    pub service: String,
+    pub seq: u64,
+}
+
+impl fmt::Display for InstanceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.service, self.seq)
+    }
+}
+
+/// A service's autoscaling settings, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AutoscaleSpec {
+    pub min_replicas: u32,
+    pub max_replicas: u32,
+    /// Requests in flight per instance the service is sized for.
+    pub target_inflight: f64,
+    pub window: Duration,
+    pub cooldown: Duration,
+}
+
+/// A service's outlier settings, validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutlierSpec {
+    /// Ejection episodes that make an outlier; at least 2.
+    pub ejections: u32,
+    pub window: Duration,
 }

@@ -1,4 +1,5 @@
-//! The admin listener: `/metrics`, `/healthz` and `/table`. Loopback by default; it exposes the
+//! The admin listener: `/metrics`, `/healthz` and `/table`, served by Pingora's HTTP app on
+//! `--admin`. It reads the plane; it never changes it. Loopback by default; it exposes the
 //! whole routing table, so binding it elsewhere needs a bearer token (`--admin-token-file`), which
 //! then guards `/metrics` and `/table` (compared in constant time). `/healthz` stays open for
 //! liveness probes.
@@ -10,18 +11,19 @@ use http::{Method, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
-use crate::metrics::LiveState;
-use crate::store::TableStore;
+use crate::clock;
+use crate::metrics::Installed;
+use crate::plane::Plane;
 
 pub struct Admin {
-    store: Arc<TableStore>,
+    plane: Arc<Plane>,
     token: Option<Vec<u8>>,
 }
 
 impl Admin {
-    pub fn new(store: Arc<TableStore>, token: Option<String>) -> Self {
+    pub fn new(plane: Arc<Plane>, token: Option<String>) -> Self {
         Admin {
-            store,
+            plane,
             token: token.map(String::into_bytes),
         }
     }
@@ -51,9 +53,11 @@ impl Admin {
                 b"missing or wrong bearer token\n".to_vec(),
             );
         }
-        let snap = self.store.current();
+        let plane = &*self.plane;
+        let snap = plane.store.current();
         match path {
             "/metrics" => {
+                let now = clock::now_ms();
                 let ejected = snap
                     .as_ref()
                     .map(|s| {
@@ -61,17 +65,20 @@ impl Admin {
                             .iter()
                             .flat_map(|svc| {
                                 svc.backends.iter().enumerate().map(move |(i, b)| {
-                                    (&*svc.name, &*b.id, svc.ejected_now(i as u32))
+                                    (&*svc.name, &*b.id, svc.balancer.ejected(i as u32, now))
                                 })
                             })
                             .collect()
                     })
                     .unwrap_or_default();
-                let live = LiveState {
+                let installed = Installed {
                     table_version: snap.as_ref().map(|s| s.version),
                     ejected,
                 };
-                let body = self.store.registry.render(&live);
+                let mut body = String::new();
+                plane.metrics.render(&installed, &mut body);
+                plane.queue.render(&mut body);
+                plane.connections.render(&mut body);
                 (
                     StatusCode::OK,
                     "text/plain; version=0.0.4",

@@ -1,38 +1,33 @@
-//! Admission under overload: per-backend concurrency limits and one queue ordered by class.
+//! Admission under overload, the decisions: per-backend concurrency slots and who of the
+//! requests waiting gets a freed one.
 //!
 //! A service may cap the requests in flight per backend address (`max_inflight` in the table).
 //! The cap belongs to the address, so services sharing a backend share its slots; an address
 //! takes the smallest cap of the services that list it. While a backend has a free slot a
-//! request takes it with one compare-and-swap: no lock, no allocation, and nothing at all for
-//! addresses without a cap. When every backend a request may use is full it waits here, in a
-//! queue shared by the whole data plane:
+//! request takes it with one compare-and-swap ([`Limiter`]): no lock, no allocation, and
+//! nothing at all for addresses without a cap. When every backend a request may use is full it
+//! waits in the overload queue (`queue`), which asks this module:
 //!
-//! - A freed slot goes straight to the waiting request of the **highest class** (`critical` > `normal` >
-//!   `bulk`) that can use that backend, first come first served within a class.
-//! - **Minimum share**: while lower classes wait, every [`SHARE_EVERY`]th slot handed over goes
-//!   to the longest-waiting request of a class below the best one waiting. So a lower class gets
-//!   at least 1 in 10 freed slots and is never starved, and a higher class at least 9 in 10.
-//! - A request waits at most its service's `queue_timeout_ms`, then gets 503 with `Retry-After`.
-//! - The queue holds at most `--queue-size` requests. When it is full, a newcomer of a higher
-//!   class than the lowest one waiting takes the place of the **newest** request of that lowest
-//!   class (which is shed: 503); otherwise the newcomer is shed.
+//! - [`choose`]: a freed slot goes straight to the waiting request of the **highest class**
+//!   (`critical` > `normal` > `bulk`) that can use that backend, first come first served within
+//!   a class; but while lower classes wait, every [`SHARE_EVERY`]th slot handed over goes to the
+//!   longest-waiting request of a class below the best one waiting. So a lower class gets at
+//!   least 1 in 10 freed slots and is never starved, and a higher class at least 9 in 10.
+//! - [`victim`]: when the queue is full, a newcomer of a higher class than the lowest one
+//!   waiting takes the place of the **newest** request of that lowest class (which is shed:
+//!   503); otherwise the newcomer is shed.
 //!
-//! The choice of waiter and of victim are plain functions ([`choose`], [`victim`]) with unit
-//! tests; the rest is bookkeeping under one mutex that only overloaded requests ever take.
+//! Pure functions and one atomic counter: no clock, no I/O, no lock.
 
-use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
-use std::sync::atomic::{fence, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use rusty_shared::RequestClass;
-use tokio::sync::oneshot;
-
-use crate::snapshot::Snapshot;
 
 /// Every this many slots handed over while lower classes wait, one goes to a lower class.
 pub const SHARE_EVERY: u64 = 10;
+
+/// Default `--queue-size`.
+pub const DEFAULT_QUEUE_SIZE: usize = 1024;
 
 /// Slots of one backend address.
 #[derive(Debug, Default)]
@@ -66,258 +61,16 @@ impl Limiter {
     pub fn inflight(&self) -> u32 {
         self.inflight.load(Ordering::Relaxed)
     }
-}
 
-/// Queue metrics, by class (index = `RequestClass as usize`).
-#[derive(Debug, Default)]
-pub struct QueueStats {
-    pub waiting: [AtomicI64; 3],
-    pub wait_nanos: [AtomicU64; 3],
-    pub waits: [AtomicU64; 3],
-}
-
-/// A request waiting for a slot.
-struct Waiter {
-    seq: u64,
-    class: RequestClass,
-    since: Instant,
-    snapshot: Arc<Snapshot>,
-    service: u32,
-    /// Receives the index of the backend whose slot was handed over.
-    grant: oneshot::Sender<u32>,
-}
-
-impl Waiter {
-    /// The backend of this waiter's service that uses `limiter`, if any and if it is in good
-    /// standing (an ejected one only when every backend of the service is ejected, as picks do).
-    fn backend_for(&self, limiter: &Arc<Limiter>) -> Option<u32> {
-        let svc = &self.snapshot.services[self.service as usize];
-        let i = svc
-            .backends
-            .iter()
-            .position(|b| b.limiter.as_ref().is_some_and(|l| Arc::ptr_eq(l, limiter)))?
-            as u32;
-        let usable =
-            !svc.ejected_now(i) || (0..svc.backends.len() as u32).all(|j| svc.ejected_now(j));
-        usable.then_some(i)
-    }
-}
-
-#[derive(Default)]
-struct Queue {
-    /// In arrival order.
-    waiters: VecDeque<Waiter>,
-    next_seq: u64,
-    handed: u64,
-}
-
-/// What happened to a request that found every backend full.
-pub enum Admit {
-    /// A slot came free while it queued up: this backend.
-    Now(u32),
-    /// It waits: a backend index arrives on the receiver (a dropped sender means it was shed to
-    /// make room). Cancel with its sequence number on timeout.
-    Wait(oneshot::Receiver<u32>, u64),
-    /// The queue is full of requests of its class or higher.
-    Shed,
-}
-
-pub struct Admission {
-    queue: Mutex<Queue>,
-    /// Requests in the queue, read by every release before it takes the lock.
-    queued: AtomicUsize,
-    capacity: AtomicUsize,
-    limiters: Mutex<HashMap<SocketAddr, Arc<Limiter>>>,
-    pub stats: QueueStats,
-}
-
-/// Default `--queue-size`.
-pub const DEFAULT_QUEUE_SIZE: usize = 1024;
-
-impl Default for Admission {
-    fn default() -> Self {
-        Admission {
-            queue: Mutex::default(),
-            queued: AtomicUsize::new(0),
-            capacity: AtomicUsize::new(DEFAULT_QUEUE_SIZE),
-            limiters: Mutex::default(),
-            stats: QueueStats::default(),
-        }
-    }
-}
-
-impl Admission {
-    /// Most requests the queue holds (at least 1).
-    pub fn set_capacity(&self, n: usize) {
-        self.capacity.store(n.max(1), Ordering::Relaxed);
+    /// Give a slot back to the counter (the queue hands it to a waiter instead when one can
+    /// use it).
+    pub fn give_back(&self) {
+        self.inflight.fetch_sub(1, Ordering::SeqCst);
     }
 
-    /// Limiters for a table being installed: one per capped address (`limits`: address → the
-    /// smallest cap of the services that list it). Limiters live across tables, so requests in
-    /// flight under the old table count against the new one's caps.
-    pub fn limiters_for(
-        &self,
-        limits: &HashMap<SocketAddr, u32>,
-    ) -> HashMap<SocketAddr, Arc<Limiter>> {
-        let mut all = self.limiters.lock().unwrap_or_else(|p| p.into_inner());
-        all.retain(|addr, l| limits.contains_key(addr) || l.inflight() > 0);
-        // Each address goes straight from its old cap to its new one; only addresses no
-        // service caps any more lose theirs.
-        for (addr, l) in all.iter() {
-            if !limits.contains_key(addr) {
-                l.limit.store(0, Ordering::Relaxed);
-            }
-        }
-        let now: HashMap<SocketAddr, Arc<Limiter>> = limits
-            .iter()
-            .map(|(addr, &limit)| {
-                let l = all.entry(*addr).or_default().clone();
-                l.limit.store(limit, Ordering::Relaxed);
-                (*addr, l)
-            })
-            .collect();
-        // A cap that rose, or went away, frees slots that waiters are owed now.
-        if self.queued.load(Ordering::SeqCst) > 0 {
-            let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-            for l in all.values() {
-                self.fill(&mut q, l);
-            }
-        }
-        now
-    }
-
-    /// Every backend of the service is full: queue up (or, if a slot freed meanwhile, take it).
-    pub fn enqueue(&self, snapshot: &Arc<Snapshot>, service: u32, class: RequestClass) -> Admit {
-        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        // Announce before the last look, so a release either sees us waiting or we see its slot.
-        self.queued.fetch_add(1, Ordering::SeqCst);
-        fence(Ordering::SeqCst);
-        let svc = &snapshot.services[service as usize];
-        for (i, b) in svc.backends.iter().enumerate() {
-            if svc.ejected_now(i as u32) {
-                continue;
-            }
-            if b.limiter.as_ref().is_some_and(|l| l.try_acquire()) {
-                self.queued.fetch_sub(1, Ordering::SeqCst);
-                return Admit::Now(i as u32);
-            }
-        }
-        if q.waiters.len() >= self.capacity.load(Ordering::Relaxed) {
-            let classes: Vec<RequestClass> = q.waiters.iter().map(|w| w.class).collect();
-            match victim(&classes, class) {
-                Some(v) => {
-                    let shed = q.waiters.remove(v).expect("victim index is in range");
-                    self.left(&shed, false);
-                    self.queued.fetch_sub(1, Ordering::SeqCst);
-                    // Dropping its sender tells the victim it was shed.
-                }
-                None => {
-                    self.queued.fetch_sub(1, Ordering::SeqCst);
-                    return Admit::Shed;
-                }
-            }
-        }
-        let (tx, rx) = oneshot::channel();
-        let seq = q.next_seq;
-        q.next_seq += 1;
-        q.waiters.push_back(Waiter {
-            seq,
-            class,
-            since: Instant::now(),
-            snapshot: snapshot.clone(),
-            service,
-            grant: tx,
-        });
-        self.stats.waiting[class as usize].fetch_add(1, Ordering::Relaxed);
-        Admit::Wait(rx, seq)
-    }
-
-    /// A waiter gave up (timeout, or its client left). True if it was still queued; false if a
-    /// slot was handed to it meanwhile (the caller then owns that slot).
-    pub fn cancel(&self, seq: u64) -> bool {
-        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        match q.waiters.iter().position(|w| w.seq == seq) {
-            Some(i) => {
-                let w = q.waiters.remove(i).expect("position is in range");
-                self.left(&w, false);
-                self.queued.fetch_sub(1, Ordering::SeqCst);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Give back a slot: to the best waiter that can use it, else to the limiter.
-    pub fn release(&self, limiter: &Arc<Limiter>) {
-        // Waiters first: the slot goes straight to one and never passes through the counter,
-        // where a newcomer could take it ahead of the queue.
-        if self.queued.load(Ordering::SeqCst) > 0 {
-            let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-            if self.hand_over(&mut q, limiter) {
-                return;
-            }
-        }
-        limiter.inflight.fetch_sub(1, Ordering::SeqCst);
-        fence(Ordering::SeqCst);
-        // A request that queued after the look above either saw this slot free when it last
-        // tried, or is seen here.
-        if self.queued.load(Ordering::SeqCst) > 0 {
-            let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-            self.fill(&mut q, limiter);
-        }
-    }
-
-    /// Give a slot of `limiter` that the caller holds to the best waiter that can use it.
-    /// False when none can (the caller still holds the slot).
-    fn hand_over(&self, q: &mut Queue, limiter: &Arc<Limiter>) -> bool {
-        loop {
-            let eligible: Vec<(RequestClass, Option<u32>)> = q
-                .waiters
-                .iter()
-                .map(|w| (w.class, w.backend_for(limiter)))
-                .collect();
-            let classes: Vec<(RequestClass, bool)> =
-                eligible.iter().map(|(c, b)| (*c, b.is_some())).collect();
-            let Some(pick) = choose(&classes, q.handed) else {
-                return false;
-            };
-            let w = q.waiters.remove(pick).expect("chosen index is in range");
-            self.queued.fetch_sub(1, Ordering::SeqCst);
-            q.handed += 1;
-            self.left(&w, true);
-            let backend = eligible[pick]
-                .1
-                .expect("chosen waiters can use the backend");
-            if w.grant.send(backend).is_ok() {
-                return true;
-            }
-            // Its request is gone (the client left): the next waiter.
-        }
-    }
-
-    /// Hand free slots of `limiter` to waiters while there are both.
-    fn fill(&self, q: &mut Queue, limiter: &Arc<Limiter>) {
-        while q.waiters.iter().any(|w| w.backend_for(limiter).is_some()) && limiter.try_acquire() {
-            if !self.hand_over(q, limiter) {
-                limiter.inflight.fetch_sub(1, Ordering::SeqCst);
-                return;
-            }
-        }
-    }
-
-    /// Requests waiting now (a hint for the fast path: while any wait, newcomers queue too).
-    pub fn queued(&self) -> usize {
-        self.queued.load(Ordering::SeqCst)
-    }
-
-    fn left(&self, w: &Waiter, served: bool) {
-        let c = w.class as usize;
-        self.stats.waiting[c].fetch_sub(1, Ordering::Relaxed);
-        if served {
-            self.stats.wait_nanos[c]
-                .fetch_add(w.since.elapsed().as_nanos() as u64, Ordering::Relaxed);
-            self.stats.waits[c].fetch_add(1, Ordering::Relaxed);
-        }
+    /// The cap of this address from now on (0: none).
+    pub fn set_limit(&self, limit: u32) {
+        self.limit.store(limit, Ordering::Relaxed);
     }
 }
 
@@ -357,116 +110,8 @@ pub fn victim(waiters: &[RequestClass], class: RequestClass) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::Registry;
+    use proptest::prelude::*;
     use RequestClass::*;
-
-    /// A one-service snapshot whose one backend takes `cap` requests at a time.
-    fn snapshot(registry: &Registry, version: u64, cap: u32) -> Arc<Snapshot> {
-        let text = format!(
-            r#"{{"version": {version}, "services": [{{"name": "s", "max_inflight": {cap},
-                "backends": [{{"id": "a", "addr": "127.0.0.1:1"}}]}}]}}"#
-        );
-        let valid = rusty_shared::validate(rusty_shared::decode(text.as_bytes()).unwrap()).unwrap();
-        Arc::new(Snapshot::build(valid, registry))
-    }
-
-    fn wait(
-        a: &Admission,
-        snap: &Arc<Snapshot>,
-        class: RequestClass,
-    ) -> (oneshot::Receiver<u32>, u64) {
-        match a.enqueue(snap, 0, class) {
-            Admit::Wait(rx, seq) => (rx, seq),
-            Admit::Now(_) => panic!("a slot was free"),
-            Admit::Shed => panic!("shed"),
-        }
-    }
-
-    #[test]
-    fn a_freed_slot_goes_straight_to_the_best_waiter_and_cannot_be_taken_on_the_way() {
-        let registry = Registry::default();
-        let snap = snapshot(&registry, 1, 1);
-        let a = &registry.admission;
-        let limiter = snap.services[0].backends[0].limiter.clone().unwrap();
-        assert!(limiter.try_acquire());
-        let (mut bulk, _) = wait(a, &snap, Bulk);
-        let (mut crit, _) = wait(a, &snap, Critical);
-        assert_eq!(a.stats.waiting[Bulk as usize].load(Ordering::Relaxed), 1);
-
-        a.release(&limiter);
-        assert_eq!(crit.try_recv(), Ok(0), "critical first");
-        assert!(bulk.try_recv().is_err());
-        // Handed over, not freed: a newcomer cannot slip in.
-        assert_eq!(limiter.inflight(), 1);
-        assert!(!limiter.try_acquire());
-
-        a.release(&limiter);
-        assert_eq!(bulk.try_recv(), Ok(0));
-        a.release(&limiter);
-        assert_eq!(limiter.inflight(), 0);
-        assert_eq!(a.queued(), 0);
-        assert_eq!(a.stats.waiting[Bulk as usize].load(Ordering::Relaxed), 0);
-        assert_eq!(a.stats.waits[Critical as usize].load(Ordering::Relaxed), 1);
-    }
-
-    #[test]
-    fn a_raised_cap_serves_waiters_at_once() {
-        let registry = Registry::default();
-        let old = snapshot(&registry, 1, 1);
-        let a = &registry.admission;
-        let limiter = old.services[0].backends[0].limiter.clone().unwrap();
-        assert!(limiter.try_acquire());
-        let (mut rx, _) = wait(a, &old, Normal);
-        // Version 2 doubles the cap: the waiter gets the new slot without any release.
-        let new = snapshot(&registry, 2, 2);
-        assert!(Arc::ptr_eq(
-            new.services[0].backends[0].limiter.as_ref().unwrap(),
-            &limiter
-        ));
-        assert_eq!(rx.try_recv(), Ok(0));
-        assert_eq!(limiter.inflight(), 2);
-    }
-
-    #[test]
-    fn a_waiter_that_gives_up_leaves_nothing_behind() {
-        let registry = Registry::default();
-        let snap = snapshot(&registry, 1, 1);
-        let a = &registry.admission;
-        let limiter = snap.services[0].backends[0].limiter.clone().unwrap();
-        assert!(limiter.try_acquire());
-        let (_rx, seq) = wait(a, &snap, Normal);
-        assert!(a.cancel(seq));
-        assert!(!a.cancel(seq));
-        assert_eq!(a.queued(), 0);
-        assert_eq!(a.stats.waiting[Normal as usize].load(Ordering::Relaxed), 0);
-        // A waiter whose request is gone is skipped: the slot goes to the counter.
-        let (rx, _) = wait(a, &snap, Normal);
-        drop(rx);
-        a.release(&limiter);
-        assert_eq!(limiter.inflight(), 0);
-        assert_eq!(a.queued(), 0);
-    }
-
-    #[test]
-    fn a_full_queue_makes_room_for_a_higher_class_by_shedding_the_newest_lowest() {
-        let registry = Registry::default();
-        registry.admission.set_capacity(2);
-        let snap = snapshot(&registry, 1, 1);
-        let a = &registry.admission;
-        let limiter = snap.services[0].backends[0].limiter.clone().unwrap();
-        assert!(limiter.try_acquire());
-        let (mut first, _) = wait(a, &snap, Bulk);
-        let (mut second, _) = wait(a, &snap, Bulk);
-        assert!(matches!(a.enqueue(&snap, 0, Bulk), Admit::Shed));
-        let (mut crit, _) = wait(a, &snap, Critical);
-        assert!(matches!(
-            second.try_recv(),
-            Err(oneshot::error::TryRecvError::Closed)
-        ));
-        assert!(first.try_recv().is_err());
-        a.release(&limiter);
-        assert_eq!(crit.try_recv(), Ok(0));
-    }
 
     #[test]
     fn the_highest_class_goes_first_then_arrival_order() {
@@ -526,15 +171,79 @@ mod tests {
     #[test]
     fn a_limiter_hands_out_at_most_its_limit() {
         let l = Limiter::default();
-        l.limit.store(2, Ordering::Relaxed);
+        l.set_limit(2);
         assert!(l.try_acquire());
         assert!(l.try_acquire());
         assert!(!l.try_acquire());
-        l.inflight.fetch_sub(1, Ordering::SeqCst);
+        l.give_back();
         assert!(l.try_acquire());
         // Unlimited: counts, never refuses.
         let u = Limiter::default();
         assert!((0..100).all(|_| u.try_acquire()));
         assert_eq!(u.inflight(), 100);
+    }
+
+    fn class() -> impl Strategy<Value = RequestClass> {
+        prop_oneof![Just(Bulk), Just(Normal), Just(Critical)]
+    }
+
+    proptest! {
+        #[test]
+        fn the_chosen_waiter_is_the_best_eligible_or_the_oldest_lower_on_a_share_turn(
+            waiters in proptest::collection::vec((class(), any::<bool>()), 0..12),
+            handed in 0u64..1000,
+        ) {
+            let eligible: Vec<(usize, RequestClass)> = waiters
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, ok))| *ok)
+                .map(|(i, (c, _))| (i, *c))
+                .collect();
+            let got = choose(&waiters, handed);
+            let Some(&(_, top)) = eligible.iter().max_by_key(|(_, c)| *c) else {
+                prop_assert_eq!(got, None);
+                return Ok(());
+            };
+            let i = got.expect("someone eligible");
+            prop_assert!(waiters[i].1, "chose a waiter that cannot use the slot");
+            let oldest_lower = eligible.iter().find(|(_, c)| *c < top).map(|(i, _)| *i);
+            let oldest_top = eligible.iter().find(|(_, c)| *c == top).map(|(i, _)| *i);
+            if handed % SHARE_EVERY == SHARE_EVERY - 1 && oldest_lower.is_some() {
+                prop_assert_eq!(Some(i), oldest_lower);
+            } else {
+                prop_assert_eq!(Some(i), oldest_top);
+            }
+        }
+
+        #[test]
+        fn while_two_classes_wait_each_run_of_ten_slots_gives_the_lower_one_and_the_top_nine(
+            waiters in proptest::collection::vec(class(), 2..10),
+            start in 0u64..10_000,
+        ) {
+            let w: Vec<(RequestClass, bool)> = waiters.iter().map(|c| (*c, true)).collect();
+            let top = *waiters.iter().max().expect("non-empty");
+            prop_assume!(waiters.iter().any(|c| *c < top));
+            let picks: Vec<RequestClass> = (start..start + SHARE_EVERY)
+                .map(|h| w[choose(&w, h).expect("all eligible")].0)
+                .collect();
+            prop_assert_eq!(picks.iter().filter(|c| **c < top).count(), 1);
+            prop_assert_eq!(picks.iter().filter(|c| **c == top).count(), 9);
+        }
+
+        #[test]
+        fn a_full_queue_sheds_only_a_lower_class_and_then_its_newest(
+            waiters in proptest::collection::vec(class(), 0..12),
+            newcomer in class(),
+        ) {
+            match victim(&waiters, newcomer) {
+                None => prop_assert!(waiters.iter().all(|c| *c >= newcomer)),
+                Some(v) => {
+                    let lowest = *waiters.iter().min().expect("someone to shed");
+                    prop_assert!(lowest < newcomer);
+                    prop_assert_eq!(waiters[v], lowest);
+                    prop_assert!(waiters[v + 1..].iter().all(|c| *c != lowest));
+                }
+            }
+        }
     }
 }

@@ -1,32 +1,42 @@
-//! `rusty-lb`, RustyBalancer's data plane.
+//! `rusty-lb`, RustyBalancer's data plane: a Pingora reverse proxy that routes each request by
+//! an immutable table, swapped atomically whenever a new one arrives.
 //!
-//! A Pingora reverse proxy that routes each request by an immutable table, swapped atomically
-//! whenever a new one arrives. Module map, from the request path outwards:
-//! - [`router`]: host + path → service.
-//! - [`select`]: service → backend (round robin in tiers, spill, local ejection).
-//! - [`admission`]: per-backend concurrency limits and the overload queue by request class.
-//! - [`snapshot`]: the installed table, prepared for the two above.
-//! - [`proxy`]: the Pingora `ProxyHttp` that ties them to real connections.
-//! - [`lane`]: the fast lane: plain requests proxied without the pipeline's phases.
-//! - [`front`]: client connections before and between requests: cap, head deadline, drain.
-//! - [`store`]: validates, installs and persists tables; the only writer of the snapshot.
-//! - [`source`]: table file (SIGHUP) and agent WebSocket, feeding the store.
-//! - [`metrics`], [`admin`]: what operators scrape and query.
-//! - [`server`]: wires it all into a Pingora server with explicit shutdown.
+//! The modules are layers, and each imports only from the layers below it (a test, `e2e/tests/
+//! layers.rs`, keeps it so):
+//! 1. pure pieces, no I/O: [`http1`] (limits, byte scan, request checks, heads, the header
+//!    editor), [`answers`] (the proxy's own responses), [`router`], [`select`], [`admission`],
+//!    [`clock`];
+//! 2. state that outlives a request: [`metrics`], [`connections`], [`shutdown`], [`snapshot`],
+//!    [`queue`], [`state_dir`], [`store`], and [`plane`], which bundles them for the paths;
+//! 3. the attempt core every request path drives: [`attempt`];
+//! 4. I/O edges: [`front`] (which may call [`lane`], the one edge-to-edge import), [`lane`],
+//!    [`pipeline`], [`admin`], [`source`];
+//! 5. wiring: [`cli`], [`server`].
+//!
+//! `docs/request-path.md` walks a request through both paths. The modules benches, the fuzz
+//! target and the end-to-end tests use are public; the rest are the crate's own.
 
-pub mod admin;
 pub mod admission;
-pub mod check;
-pub mod cli;
+pub mod answers;
+pub mod attempt;
 pub mod clock;
-pub mod front;
-pub mod lane;
+pub mod connections;
+pub mod http1;
 pub mod metrics;
-pub mod proxy;
+pub mod plane;
+pub mod queue;
 pub mod router;
 pub mod select;
-pub mod server;
+pub mod shutdown;
 pub mod snapshot;
-pub mod source;
-pub mod state;
+pub mod state_dir;
 pub mod store;
+
+pub(crate) mod admin;
+pub(crate) mod front;
+pub(crate) mod lane;
+pub(crate) mod pipeline;
+pub(crate) mod source;
+
+pub mod cli;
+pub mod server;

@@ -7,6 +7,10 @@
 //! label lookup per request. Series of services and backends that leave the table are dropped at
 //! the next install, so churn in backend ids does not grow memory without bound.
 //!
+//! Only metrics live here: the connection counters (`connections`), the drain flag
+//! (`shutdown`) and the overload queue (`queue`) are their own, and render their own series
+//! with [`header`].
+//!
 //! Status codes are counted in fixed slots: every code RFC 9110 defines plus the common extras
 //! get their own slot; any other code is counted under its class (`code="5xx"`).
 
@@ -108,6 +112,14 @@ impl BackendCounters {
     pub fn count_error(&self, kind: UpstreamError) {
         self.errors[kind as usize].fetch_add(1, Relaxed);
     }
+    /// Responses counted with this code's slot (for tests and the status page).
+    pub fn responses(&self, code: u16) -> u64 {
+        self.requests[slot(code)].load(Relaxed)
+    }
+    /// Failures of this kind counted.
+    pub fn errors(&self, kind: UpstreamError) -> u64 {
+        self.errors[kind as usize].load(Relaxed)
+    }
 }
 
 /// Latency buckets, in seconds (Prometheus' defaults, which suit an HTTP proxy).
@@ -150,6 +162,10 @@ impl ServiceCounters {
     pub fn inflight(&self) -> i64 {
         self.inflight.load(Relaxed)
     }
+    /// Requests observed by the duration histogram.
+    pub fn observed(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
     pub fn count_shed(&self, class: rusty_shared::RequestClass) {
         self.shed[class as usize].fetch_add(1, Relaxed);
     }
@@ -170,10 +186,6 @@ pub struct Registry {
     updates: [AtomicU64; 3],
     /// Requests that matched no service (`service=""`).
     unrouted: Arc<BackendCounters>,
-    /// Client connections: open, refused, timed out, drained.
-    pub front: Arc<crate::front::FrontState>,
-    /// Per-backend slots and the overload queue; like the counters, they outlive tables.
-    pub admission: crate::admission::Admission,
 }
 
 #[derive(Default)]
@@ -183,10 +195,10 @@ struct Series {
     backends: BTreeMap<(String, String), Arc<BackendCounters>>,
 }
 
-/// Live values that are read from the installed snapshot at scrape time.
-pub struct LiveState<'a> {
+/// What the installed table says at scrape time: its version and which backends are ejected,
+/// as (service, backend, ejected).
+pub struct Installed<'a> {
     pub table_version: Option<u64>,
-    /// (service, backend, ejected)
     pub ejected: Vec<(&'a str, &'a str, bool)>,
 }
 
@@ -240,11 +252,11 @@ impl Registry {
             .collect()
     }
 
-    /// Render everything in the Prometheus text exposition format.
-    pub fn render(&self, live: &LiveState<'_>) -> String {
+    /// Render the request and table series in the Prometheus text exposition format, appended
+    /// to `w` (the connection and queue series are rendered by their owners, with [`header`]).
+    pub fn render(&self, live: &Installed<'_>, w: &mut String) {
         let s = self.series.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out = String::with_capacity(4096 + s.backends.len() * 256);
-        let w = &mut out;
+        w.reserve(4096 + s.backends.len() * 256);
 
         header(w, "rustybalancer_requests_total", "counter",
             "Requests answered, by service, backend and status code (backend \"\" when none was used).");
@@ -400,93 +412,6 @@ impl Registry {
                 }
             }
         }
-        let q = &self.admission.stats;
-        header(
-            w,
-            "rustybalancer_queue_waiting",
-            "gauge",
-            "Requests waiting for a backend slot, by class.",
-        );
-        for class in rusty_shared::RequestClass::ALL {
-            let _ = writeln!(
-                w,
-                "rustybalancer_queue_waiting{{class=\"{}\"}} {}",
-                class.as_str(),
-                q.waiting[class as usize].load(Relaxed)
-            );
-        }
-        header(
-            w,
-            "rustybalancer_queue_wait_seconds",
-            "summary",
-            "Time requests that got a slot spent waiting for it, by class.",
-        );
-        for class in rusty_shared::RequestClass::ALL {
-            let c = class as usize;
-            let _ = writeln!(
-                w,
-                "rustybalancer_queue_wait_seconds_sum{{class=\"{0}\"}} {1}\nrustybalancer_queue_wait_seconds_count{{class=\"{0}\"}} {2}",
-                class.as_str(),
-                q.wait_nanos[c].load(Relaxed) as f64 / 1e9,
-                q.waits[c].load(Relaxed)
-            );
-        }
-
-        let f = &self.front;
-        for (name, kind, help, value) in [
-            (
-                "rustybalancer_client_connections",
-                "gauge",
-                "Client connections open now.",
-                f.open() as u64,
-            ),
-            (
-                "rustybalancer_client_connections_refused_total",
-                "counter",
-                "Client connections answered 503 because --max-connections were open.",
-                f.refused(),
-            ),
-            (
-                "rustybalancer_request_head_timeouts_total",
-                "counter",
-                "Client connections closed with 408: a request head took longer than --header-timeout.",
-                f.head_timeouts(),
-            ),
-            (
-                "rustybalancer_bad_request_lines_total",
-                "counter",
-                "Requests refused with 400 because the request line as sent was malformed.",
-                f.bad_request_lines(),
-            ),
-            (
-                "rustybalancer_bad_chunked_bodies_total",
-                "counter",
-                "Requests refused with 400 because their chunked framing was malformed.",
-                f.bad_chunks(),
-            ),
-            (
-                "rustybalancer_drained_idle_connections_total",
-                "counter",
-                "Idle keep-alive connections closed by a graceful shutdown.",
-                f.drained_idle(),
-            ),
-            (
-                "rustybalancer_fast_lane_requests_total",
-                "counter",
-                "Requests served on the fast lane, without the full proxy pipeline.",
-                f.lane_requests(),
-            ),
-            (
-                "rustybalancer_fast_lane_handovers_total",
-                "counter",
-                "Connections the fast lane handed to the full proxy pipeline (a request it does not serve).",
-                f.lane_handovers(),
-            ),
-        ] {
-            header(w, name, kind, help);
-            let _ = writeln!(w, "{name} {value}");
-        }
-        out
     }
 }
 
@@ -497,13 +422,14 @@ pub struct ServiceHandles {
     pub backends: Vec<Arc<BackendCounters>>,
 }
 
-fn header(w: &mut String, name: &str, kind: &str, help: &str) {
+/// `# HELP` and `# TYPE` lines of one metric.
+pub fn header(w: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(w, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
 /// Label values are names validated by `shared` (no quotes or backslashes), but escape anyway:
 /// the exposition must stay parseable whatever a future schema allows.
-fn esc(s: &str) -> std::borrow::Cow<'_, str> {
+pub fn esc(s: &str) -> std::borrow::Cow<'_, str> {
     if s.bytes().any(|b| matches!(b, b'"' | b'\\' | b'\n')) {
         s.replace('\\', "\\\\")
             .replace('"', "\\\"")
@@ -537,10 +463,14 @@ mod tests {
         h[0].service.observe(3_000_000);
         let h2 = r.handles_for(&[("web", vec!["a"])]);
         h2[0].backends[0].count_response(200);
-        let text = r.render(&LiveState {
-            table_version: Some(3),
-            ejected: vec![("web", "a", false)],
-        });
+        let mut text = String::new();
+        r.render(
+            &Installed {
+                table_version: Some(3),
+                ejected: vec![("web", "a", false)],
+            },
+            &mut text,
+        );
         assert!(text.contains(
             "rustybalancer_requests_total{service=\"web\",backend=\"a\",code=\"200\"} 2"
         ));
@@ -559,10 +489,14 @@ mod tests {
         r.count_update(UpdateResult::Applied);
         r.count_update(UpdateResult::Stale);
         r.count_update(UpdateResult::Stale);
-        let text = r.render(&LiveState {
-            table_version: None,
-            ejected: vec![],
-        });
+        let mut text = String::new();
+        r.render(
+            &Installed {
+                table_version: None,
+                ejected: vec![],
+            },
+            &mut text,
+        );
         assert!(text.contains("rustybalancer_table_updates_total{result=\"applied\"} 1"));
         assert!(text.contains("rustybalancer_table_updates_total{result=\"stale\"} 2"));
         assert!(text.contains("rustybalancer_table_updates_total{result=\"rejected\"} 0"));

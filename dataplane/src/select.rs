@@ -1,6 +1,10 @@
 //! Picking a backend for one request: round robin within a tier, Envoy-style spill across tiers,
 //! passive health by local ejection.
 //!
+//! A [`Balancer`] holds one service's tiers, schedules and ejection deadlines; it is built
+//! when a table is installed and lives in its snapshot. It never reads the clock: every call
+//! that depends on time takes `now` (milliseconds of `clock::now_ms`), so tests step time.
+//!
 //! The fast path, taken whenever no backend of the service is ejected, is one `arc-swap` load
 //! (no refcount change), one relaxed `fetch_add` and an index into the precomputed schedule:
 //! O(1), no lock, no allocation. With every backend in good standing tier 0 always takes all
@@ -12,14 +16,12 @@
 //! backend in good standing is left it ignores ejections (Envoy's panic mode) rather than fail a
 //! request a recovered backend could serve; each backend is still tried at most once per request.
 
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use rusty_shared::spill::{tier_loads, TierHealth, FULL};
-use tracing::warn;
-
-use crate::clock::now_ms;
-use crate::snapshot::{ServiceState, TierState};
+use rusty_shared::ValidTier;
 
 /// Tier loads as of the last change in ejections.
 #[derive(Debug)]
@@ -32,7 +34,7 @@ pub struct Spill {
 }
 
 impl Spill {
-    pub fn all_healthy(tiers: usize) -> Spill {
+    fn all_healthy(tiers: usize) -> Spill {
         let mut loads = vec![0; tiers];
         if let Some(first) = loads.first_mut() {
             *first = FULL;
@@ -45,13 +47,112 @@ impl Spill {
     }
 }
 
+/// One priority tier: its smooth weighted round-robin cycle and where picks are in it.
+#[derive(Debug)]
+pub struct Tier {
+    pub priority: u32,
+    schedule: Box<[u32]>,
+    /// The tier's backends, each once (for scans that must not loop over a long schedule).
+    members: Box<[u32]>,
+    total_weight: u64,
+    /// Position in `schedule`: one relaxed `fetch_add` per pick.
+    next: AtomicUsize,
+}
+
+/// Backend selection for one service of an installed table.
+#[derive(Debug)]
+pub struct Balancer {
+    /// Non-empty tiers, most preferred first.
+    tiers: Box<[Tier]>,
+    weights: Box<[u32]>,
+    /// Each backend's index in `tiers`.
+    tier_of: Box<[u32]>,
+    /// `now` until which each backend is skipped; 0 when in good standing.
+    ejected_until_ms: Box<[AtomicU64]>,
+    overprovisioning_pct: u32,
+    eject_for_ms: u64,
+    spill: ArcSwap<Spill>,
+    /// Drives the choice of tier when traffic is split across tiers.
+    tier_turn: AtomicU64,
+}
+
 /// How many schedule positions a pick walks before scanning the tier's members instead.
 const WALK: usize = 16;
 
-impl ServiceState {
-    /// The backend for the next attempt of a request that already tried `tried`, or `None` when
-    /// every backend has been tried.
-    pub fn pick(&self, tried: &[u32]) -> Option<u32> {
+impl Balancer {
+    /// A balancer over `weights.len()` backends in `tiers` (as validated by `shared`), whose
+    /// backends start ejected until `ejected_until_ms` (carried over from the table before).
+    pub fn new(
+        tiers: &[ValidTier],
+        weights: Vec<u32>,
+        ejected_until_ms: impl IntoIterator<Item = u64>,
+        overprovisioning_pct: u32,
+        eject_for_ms: u64,
+        now: u64,
+    ) -> Balancer {
+        let mut tier_of = vec![0u32; weights.len()];
+        let tiers: Box<[Tier]> = tiers
+            .iter()
+            .enumerate()
+            .map(|(t, tier)| {
+                for &m in &tier.members {
+                    tier_of[m as usize] = t as u32;
+                }
+                Tier {
+                    priority: tier.priority,
+                    schedule: tier.schedule.clone().into(),
+                    members: tier.members.clone().into(),
+                    total_weight: tier.total_weight,
+                    next: AtomicUsize::new(0),
+                }
+            })
+            .collect();
+        let ejected: Box<[AtomicU64]> = ejected_until_ms.into_iter().map(AtomicU64::new).collect();
+        debug_assert_eq!(ejected.len(), weights.len());
+        let carried = ejected.iter().any(|e| e.load(Relaxed) > now);
+        let b = Balancer {
+            spill: ArcSwap::from_pointee(Spill::all_healthy(tiers.len())),
+            tiers,
+            weights: weights.into(),
+            tier_of: tier_of.into(),
+            ejected_until_ms: ejected,
+            overprovisioning_pct,
+            eject_for_ms,
+            tier_turn: AtomicU64::new(0),
+        };
+        if carried {
+            b.refresh_spill(now);
+        }
+        b
+    }
+
+    /// Backends, counted.
+    pub fn len(&self) -> usize {
+        self.weights.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.weights.is_empty()
+    }
+
+    /// The tiers, most preferred first.
+    pub fn tiers(&self) -> &[Tier] {
+        &self.tiers
+    }
+
+    /// Every backend once, tier by tier (most preferred first).
+    pub fn members(&self) -> impl Iterator<Item = u32> + '_ {
+        self.tiers.iter().flat_map(|t| t.members.iter().copied())
+    }
+
+    /// The tier backend `i` is in.
+    pub fn tier_of(&self, i: u32) -> u32 {
+        self.tier_of[i as usize]
+    }
+
+    /// The backend for the next attempt of a request that already tried `tried`, or `None`
+    /// when every backend has been tried.
+    pub fn pick(&self, tried: &[u32], now: u64) -> Option<u32> {
         let spill = self.spill.load();
         if !spill.any_ejected {
             if let Some(tier) = self.tiers.first() {
@@ -61,17 +162,16 @@ impl ServiceState {
                 }
             }
         }
-        self.pick_slow(tried)
+        self.pick_slow(tried, now)
     }
 
     #[cold]
-    fn pick_slow(&self, tried: &[u32]) -> Option<u32> {
-        let now = now_ms();
+    fn pick_slow(&self, tried: &[u32], now: u64) -> Option<u32> {
         let mut spill = self.spill.load_full();
         if now >= spill.valid_until_ms {
             spill = self.refresh_spill(now);
         }
-        let usable = |i: u32| !tried.contains(&i) && !self.is_ejected(i, now);
+        let usable = |i: u32| !tried.contains(&i) && !self.ejected(i, now);
         if let Some(t) = self.choose_tier(&spill.loads) {
             if let Some(i) = walk(&self.tiers[t], usable) {
                 return Some(i);
@@ -104,29 +204,32 @@ impl ServiceState {
         None
     }
 
-    fn is_ejected(&self, i: u32, now: u64) -> bool {
-        self.backends[i as usize].ejected_until_ms.load(Relaxed) > now
+    /// Whether backend `i` is ejected at `now`.
+    pub fn ejected(&self, i: u32, now: u64) -> bool {
+        self.ejected_until_ms[i as usize].load(Relaxed) > now
     }
 
-    /// Skip backend `i` for `eject_for_ms` after a failed connect.
-    pub fn eject(&self, i: u32) {
-        let now = now_ms();
-        let b = &self.backends[i as usize];
-        let before = b.ejected_until_ms.swap(now + self.eject_for_ms, Relaxed);
-        if before <= now {
-            warn!(service = %self.name, backend = %b.id, for_ms = self.eject_for_ms,
-                "backend ejected after a failed connect");
-        }
+    /// Whether every backend is ejected at `now` (picks then ignore ejections).
+    pub fn all_ejected(&self, now: u64) -> bool {
+        (0..self.len() as u32).all(|i| self.ejected(i, now))
+    }
+
+    /// When backend `i`'s ejection ends (0: it is in good standing), for the next table.
+    pub fn ejected_until(&self, i: u32) -> u64 {
+        self.ejected_until_ms[i as usize].load(Relaxed)
+    }
+
+    /// Skip backend `i` for the service's eject time from `now`, after a failed connect. True
+    /// when it was in good standing until now (a new ejection, worth a log line).
+    pub fn eject(&self, i: u32, now: u64) -> bool {
+        let before = self.ejected_until_ms[i as usize].swap(now + self.eject_for_ms, Relaxed);
         self.refresh_spill(now);
-    }
-
-    pub fn ejected_now(&self, i: u32) -> bool {
-        self.is_ejected(i, now_ms())
+        before <= now
     }
 
     /// Recompute tier loads from the ejection deadlines. Concurrent refreshes compute the same
     /// answer from the same atomics, so the last store wins harmlessly.
-    pub(crate) fn refresh_spill(&self, now: u64) -> Arc<Spill> {
+    fn refresh_spill(&self, now: u64) -> Arc<Spill> {
         let mut health: Vec<TierHealth> = self
             .tiers
             .iter()
@@ -137,13 +240,13 @@ impl ServiceState {
             .collect();
         let mut any_ejected = false;
         let mut valid_until_ms = u64::MAX;
-        for b in self.backends.iter() {
-            let until = b.ejected_until_ms.load(Relaxed);
+        for (i, until) in self.ejected_until_ms.iter().enumerate() {
+            let until = until.load(Relaxed);
             if until > now {
                 any_ejected = true;
                 valid_until_ms = valid_until_ms.min(until);
             } else {
-                health[b.tier as usize].healthy_weight += u64::from(b.weight);
+                health[self.tier_of[i] as usize].healthy_weight += u64::from(self.weights[i]);
             }
         }
         let spill = Arc::new(Spill {
@@ -154,10 +257,16 @@ impl ServiceState {
         self.spill.store(spill.clone());
         spill
     }
+
+    /// Whether no backend is ejected as far as the current loads know.
+    #[cfg(test)]
+    fn nothing_ejected(&self) -> bool {
+        !self.spill.load().any_ejected
+    }
 }
 
 /// The next usable backend of a tier in schedule order, or `None`.
-fn walk(tier: &TierState, usable: impl Fn(u32) -> bool) -> Option<u32> {
+fn walk(tier: &Tier, usable: impl Fn(u32) -> bool) -> Option<u32> {
     let len = tier.schedule.len();
     let start = tier.next.fetch_add(1, Relaxed);
     for k in 0..len.min(WALK) {
@@ -176,11 +285,11 @@ fn walk(tier: &TierState, usable: impl Fn(u32) -> bool) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::Registry;
-    use crate::snapshot::Snapshot;
     use rusty_shared::{validate, Backend, Service, Table};
 
-    fn service(backends: &[(u32, u32)]) -> Snapshot {
+    const NOW: u64 = 1_000;
+
+    fn balancer_with(backends: &[(u32, u32)], eject_ms: u64) -> Balancer {
         let backends = backends
             .iter()
             .enumerate()
@@ -188,31 +297,45 @@ mod tests {
                 Backend::new(format!("b{i}"), format!("127.0.0.1:{}", 9000 + i), w, p)
             })
             .collect();
-        let t = validate(Table::new(1, vec![Service::new("web", backends)])).unwrap();
-        Snapshot::build(t, &Registry::default())
+        let mut svc = Service::new("web", backends);
+        svc.eject_ms = eject_ms;
+        let t = validate(Table::new(1, vec![svc])).unwrap();
+        let s = &t.services[0];
+        let weights = s.backends.iter().map(|b| b.weight).collect();
+        Balancer::new(
+            &s.tiers,
+            weights,
+            vec![0; s.backends.len()],
+            s.overprovisioning_pct,
+            s.eject_for.as_millis() as u64,
+            NOW,
+        )
     }
 
-    fn counts(s: &ServiceState, n: usize) -> Vec<u32> {
-        let mut c = vec![0; s.backends.len()];
+    fn balancer(backends: &[(u32, u32)]) -> Balancer {
+        balancer_with(backends, 10_000)
+    }
+
+    fn counts(b: &Balancer, n: usize) -> Vec<u32> {
+        let mut c = vec![0; b.len()];
         for _ in 0..n {
-            c[s.pick(&[]).unwrap() as usize] += 1;
+            c[b.pick(&[], NOW).unwrap() as usize] += 1;
         }
         c
     }
 
     #[test]
     fn weights_5_3_1_get_exactly_500_300_100_of_900_and_the_spare_nothing() {
-        let snap = service(&[(5, 0), (3, 0), (1, 0), (1, 1)]);
-        assert_eq!(counts(&snap.services[0], 900), vec![500, 300, 100, 0]);
+        let b = balancer(&[(5, 0), (3, 0), (1, 0), (1, 1)]);
+        assert_eq!(counts(&b, 900), vec![500, 300, 100, 0]);
     }
 
     #[test]
     fn sequential_picks_never_repeat_a_backend_another_could_take() {
-        let snap = service(&[(2, 0), (1, 0), (1, 0), (1, 0), (1, 0)]);
-        let s = &snap.services[0];
+        let b = balancer(&[(2, 0), (1, 0), (1, 0), (1, 0), (1, 0)]);
         let mut last = None;
         for _ in 0..600 {
-            let i = s.pick(&[]);
+            let i = b.pick(&[], NOW);
             assert_ne!(i, last);
             last = i;
         }
@@ -220,10 +343,9 @@ mod tests {
 
     #[test]
     fn half_of_tier_zero_ejected_spills_thirty_percent_to_tier_one() {
-        let snap = service(&[(1, 0), (1, 0), (1, 1)]);
-        let s = &snap.services[0];
-        s.eject(0);
-        let c = counts(s, 10_000);
+        let b = balancer(&[(1, 0), (1, 0), (1, 1)]);
+        assert!(b.eject(0, NOW));
+        let c = counts(&b, 10_000);
         assert_eq!(c[0], 0);
         // 50 % healthy × 1.4 = 70 % stays on tier 0; the Weyl sequence is within a few per mille.
         assert!((6_950..=7_050).contains(&c[1]), "{c:?}");
@@ -232,19 +354,17 @@ mod tests {
 
     #[test]
     fn all_of_tier_zero_ejected_sends_everything_to_tier_one() {
-        let snap = service(&[(1, 0), (1, 0), (1, 1)]);
-        let s = &snap.services[0];
-        s.eject(0);
-        s.eject(1);
-        assert_eq!(counts(s, 1_000), vec![0, 0, 1_000]);
+        let b = balancer(&[(1, 0), (1, 0), (1, 1)]);
+        b.eject(0, NOW);
+        b.eject(1, NOW);
+        assert_eq!(counts(&b, 1_000), vec![0, 0, 1_000]);
     }
 
     #[test]
     fn one_ejected_backend_of_four_keeps_traffic_in_tier_zero() {
-        let snap = service(&[(1, 0), (1, 0), (1, 0), (1, 0), (1, 1)]);
-        let s = &snap.services[0];
-        s.eject(2);
-        let c = counts(s, 3_000);
+        let b = balancer(&[(1, 0), (1, 0), (1, 0), (1, 0), (1, 1)]);
+        b.eject(2, NOW);
+        let c = counts(&b, 3_000);
         assert_eq!(c[2], 0);
         assert_eq!(c[4], 0, "75 % x 1.4 > 100 %: no spill");
         assert_eq!(c[0] + c[1] + c[3], 3_000);
@@ -252,82 +372,67 @@ mod tests {
 
     #[test]
     fn retries_skip_backends_the_request_already_tried() {
-        let snap = service(&[(1, 0), (1, 0), (1, 1)]);
-        let s = &snap.services[0];
-        let first = s.pick(&[]).unwrap();
-        let second = s.pick(&[first]).unwrap();
-        let third = s.pick(&[first, second]).unwrap();
+        let b = balancer(&[(1, 0), (1, 0), (1, 1)]);
+        let first = b.pick(&[], NOW).unwrap();
+        let second = b.pick(&[first], NOW).unwrap();
+        let third = b.pick(&[first, second], NOW).unwrap();
         let mut all = vec![first, second, third];
         all.sort();
         assert_eq!(all, vec![0, 1, 2]);
-        assert_eq!(s.pick(&[0, 1, 2]), None);
+        assert_eq!(b.pick(&[0, 1, 2], NOW), None);
     }
 
     #[test]
     fn with_everything_ejected_backends_are_still_tried_once_each() {
-        let snap = service(&[(1, 0), (1, 1)]);
-        let s = &snap.services[0];
-        s.eject(0);
-        s.eject(1);
-        let a = s.pick(&[]).unwrap();
-        let b = s.pick(&[a]).unwrap();
-        assert_ne!(a, b);
-        assert_eq!(s.pick(&[a, b]), None);
+        let b = balancer(&[(1, 0), (1, 1)]);
+        b.eject(0, NOW);
+        b.eject(1, NOW);
+        assert!(b.all_ejected(NOW));
+        let x = b.pick(&[], NOW).unwrap();
+        let y = b.pick(&[x], NOW).unwrap();
+        assert_ne!(x, y);
+        assert_eq!(b.pick(&[x, y], NOW), None);
     }
 
     #[test]
     fn a_service_without_backends_picks_nothing() {
-        let snap = service(&[]);
-        assert_eq!(snap.services[0].pick(&[]), None);
+        assert_eq!(balancer(&[]).pick(&[], NOW), None);
     }
 
     #[test]
     fn ejections_expire_and_traffic_returns() {
-        let mut svc = Service::new(
-            "web",
-            vec![
-                Backend::new("a", "127.0.0.1:9000", 1, 0),
-                Backend::new("spare", "127.0.0.1:9001", 1, 1),
-            ],
-        );
-        svc.eject_ms = 20;
-        let snap = Snapshot::build(
-            validate(Table::new(1, vec![svc])).unwrap(),
-            &Registry::default(),
-        );
-        let s = &snap.services[0];
-        s.eject(0);
-        assert!(s.ejected_now(0));
-        assert_eq!(counts(s, 10), vec![0, 10]);
-        std::thread::sleep(std::time::Duration::from_millis(30));
-        assert_eq!(counts(s, 100), vec![100, 0]);
-        assert!(!s.spill.load().any_ejected);
+        let b = balancer_with(&[(1, 0), (1, 1)], 20);
+        assert!(b.eject(0, NOW));
+        assert!(!b.eject(0, NOW + 5), "already ejected: not a new ejection");
+        assert!(b.ejected(0, NOW + 24));
+        assert_eq!(counts(&b, 10), vec![0, 10]);
+        let later = NOW + 30;
+        assert!(!b.ejected(0, later));
+        let mut c = vec![0; 2];
+        for _ in 0..100 {
+            c[b.pick(&[], later).unwrap() as usize] += 1;
+        }
+        assert_eq!(c, vec![100, 0]);
+        assert!(b.nothing_ejected());
     }
 
     #[test]
-    fn a_new_table_keeps_the_ejections_of_backends_it_lists_unchanged() {
-        let registry = Registry::default();
-        let table = |v, b_addr: &str| {
-            let backends = vec![
-                Backend::new("a", "127.0.0.1:9000", 1, 0),
-                Backend::new("b", b_addr, 1, 0),
-                Backend::new("c", "127.0.0.1:9002", 1, 0),
-            ];
-            validate(Table::new(v, vec![Service::new("web", backends)])).unwrap()
-        };
-        let old = Snapshot::build(table(1, "127.0.0.1:9001"), &registry);
-        old.services[0].eject(0);
-        old.services[0].eject(1);
-        // Version 2 lists `a` unchanged and `b` at a new address.
-        let new = Snapshot::build_after(table(2, "127.0.0.1:9011"), &registry, Some(&old));
-        let s = &new.services[0];
-        assert!(s.ejected_now(0), "a is still failing as far as we know");
-        assert!(!s.ejected_now(1), "b moved: a new backend in good standing");
-        let c = counts(s, 10);
-        assert_eq!(c[0], 0, "{c:?}");
-        assert!(c[1] > 0 && c[2] > 0, "{c:?}");
-        // Without a previous table nothing is ejected.
-        let fresh = Snapshot::build(table(3, "127.0.0.1:9001"), &registry);
-        assert_eq!(counts(&fresh.services[0], 9), vec![3, 3, 3]);
+    fn ejections_carried_into_a_new_balancer_steer_traffic_until_they_end() {
+        let t = validate(Table::new(
+            1,
+            vec![Service::new(
+                "web",
+                vec![
+                    Backend::new("a", "127.0.0.1:9000", 1, 0),
+                    Backend::new("b", "127.0.0.1:9001", 1, 0),
+                ],
+            )],
+        ))
+        .unwrap();
+        let s = &t.services[0];
+        let b = Balancer::new(&s.tiers, vec![1, 1], [NOW + 50, 0], 140, 10_000, NOW);
+        assert!(b.ejected(0, NOW));
+        assert_eq!(counts(&b, 10), vec![0, 10]);
+        assert_eq!(b.ejected_until(0), NOW + 50);
     }
 }

@@ -7,13 +7,10 @@
 //! [`Drain`] then ends the process as soon as no request is in flight and no connection is open,
 //! bounded by the grace period, instead of always sleeping the whole period. SIGQUIT is the
 //! same after handing the listening sockets to a new process started with `--upgrade` (which
-//! serves the state dir's table from its first request).
+//! serves the state dir's table from its first request). This is the wiring: it builds the
+//! plane and hands it to every part; nothing else constructs them.
 
-use crate::check::Limits;
-use crate::front::{Front, FrontLimits, FrontState};
-use rusty_shared::auth::read_token;
 use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,13 +23,19 @@ use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 use tracing::info;
 
+use rusty_shared::auth::read_token;
+
 use crate::admin::Admin;
 use crate::cli::Args;
+use crate::front::{Front, FrontLimits};
+use crate::http1::Limits;
 use crate::lane::Lane;
 use crate::metrics::Registry;
-use crate::proxy::{Proxy, RequestIds};
+use crate::pipeline::Pipeline;
+use crate::plane::Plane;
+use crate::queue::Queue;
 use crate::source::{agent::AgentSource, file::FileSource};
-use crate::state::StateDir;
+use crate::state_dir::StateDir;
 use crate::store::TableStore;
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -67,9 +70,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let registry = Registry::default();
-    registry.admission.set_capacity(args.queue_size);
-    let store = Arc::new(TableStore::new(Arc::new(registry), state));
+    let metrics = Arc::new(Registry::default());
+    let queue = Arc::new(Queue::default());
+    queue.set_capacity(args.queue_size);
+    let store = Arc::new(TableStore::new(metrics.clone(), queue.clone(), state));
     if let Some(v) = store.restore() {
         info!(version = v, "serving the table saved in the state dir");
     }
@@ -111,8 +115,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    let active = Arc::new(AtomicI64::new(0));
-    let front = store.registry.front.clone();
     let limits = Limits {
         max_target: args.max_uri_bytes,
         max_header: args.max_header_bytes,
@@ -120,17 +122,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         max_headers: args.max_headers,
         max_body: args.max_body_bytes,
     };
-    let ids = Arc::new(RequestIds::new());
-    let proxy_app = pingora::proxy::http_proxy(
-        &server.configuration,
-        Proxy::new(
-            store.clone(),
-            active.clone(),
-            ids.clone(),
-            limits,
-            args.keepalive_timeout,
-        ),
-    );
+    let plane = Arc::new(Plane::new(
+        store.clone(),
+        metrics,
+        queue,
+        limits,
+        Duration::from_secs(args.keepalive_timeout),
+    ));
+    let proxy_app = pingora::proxy::http_proxy(&server.configuration, Pipeline::new(plane.clone()));
     let mut front_app = Front::new(
         proxy_app,
         FrontLimits {
@@ -138,15 +137,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             header_timeout: Duration::from_secs(args.header_timeout),
             rehome: !args.work_stealing,
         },
-        front.clone(),
+        plane.clone(),
     );
     if !args.no_fast_lane {
-        front_app = front_app.with_lane(Lane::new(
-            store.clone(),
-            ids,
-            limits,
-            args.keepalive_timeout,
-        ));
+        front_app = front_app.with_lane(Lane::new(plane.clone()));
     }
     let mut proxy = Service::new("proxy".to_owned(), front_app);
     proxy.add_tcp(&args.listen.to_string());
@@ -154,7 +148,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let mut admin = Service::new(
         "admin".to_owned(),
-        AdminApp(Admin::new(store.clone(), admin_token)),
+        AdminApp(Admin::new(plane.clone(), admin_token)),
     );
     admin.add_tcp(&args.admin.to_string());
     server.add_service(admin);
@@ -168,8 +162,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     server.add_service(background_service(
         "drain",
         Drain {
-            active,
-            front,
+            plane,
             grace: Duration::from_secs(args.grace_period),
         },
     ));
@@ -197,11 +190,11 @@ impl ServeHttp for AdminApp {
     }
 }
 
-/// Ends the process once a graceful shutdown has no request in flight and no client connection
-/// left open (idle ones are closed by the front after its drain window).
+/// Ends the process once a graceful shutdown has no client connection left open (idle ones
+/// are closed by the front after its drain window; a request in flight always holds its
+/// connection, and Pingora counts it until its `logging` phase has run).
 struct Drain {
-    active: Arc<AtomicI64>,
-    front: Arc<FrontState>,
+    plane: Arc<Plane>,
     grace: Duration,
 }
 
@@ -216,13 +209,13 @@ impl BackgroundService for Drain {
         while tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
             // Two quiet polls in a row: the last response has been written and logged.
-            idle_polls = if self.active.load(Relaxed) <= 0 && self.front.open() == 0 {
+            idle_polls = if self.plane.connections.open() == 0 {
                 idle_polls + 1
             } else {
                 0
             };
             if idle_polls >= 2 {
-                info!("graceful shutdown: no request in flight and no connection open, exiting");
+                info!("graceful shutdown: no connection open, exiting");
                 std::process::exit(0);
             }
         }

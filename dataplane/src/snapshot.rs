@@ -1,30 +1,27 @@
-//! The installed table, in the shape the request path reads it.
+//! The installed table, in the shape the request paths read it.
 //!
-//! A [`Snapshot`] is built once per table from a validated table: the router, each service's
-//! tiers and schedules, a ready-made upstream peer per backend and the metric handles of every
-//! series the table can produce. It is immutable apart from atomics (round-robin counters and
-//! local ejection deadlines) and is swapped in whole with `arc-swap`, so a request sees either the
-//! old table or the new one, never a mix. Ejections live in the snapshot, and a new table takes
-//! them over for the backends it lists unchanged (same service, id and address): agents publish
-//! often (every slow-start step, every health change), and a backend that keeps refusing
-//! connections must not be forgiven by each of those tables.
+//! A [`Snapshot`] is built once per table from a validated table by the store: the router,
+//! each service's balancer, a ready-made upstream peer per backend, the metric handles of
+//! every series the table can produce and the concurrency slots of capped addresses. It is
+//! immutable apart from atomics (round-robin positions and ejection deadlines) and is swapped
+//! in whole, so a request sees either the old table or the new one, never a mix. A new table
+//! takes over the ejections of the backends it lists unchanged (same service, id and address):
+//! agents publish often, and a backend that keeps refusing connections must not be forgiven by
+//! each of those tables.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use http::HeaderName;
-use pingora::upstreams::peer::HttpPeer;
+use pingora::upstreams::peer::{HttpPeer, HttpUpstreamRequestPolicy};
 use rusty_shared::{RequestClass, Table, ValidTable};
 
 use crate::admission::Limiter;
-
 use crate::metrics::{BackendCounters, Registry, ServiceCounters};
 use crate::router::Router;
-use crate::select::Spill;
+use crate::select::Balancer;
 
 /// How long an idle pooled upstream connection is kept (nginx's upstream keepalive_timeout).
 const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
@@ -35,23 +32,17 @@ pub struct Snapshot {
     pub table: Table,
     pub backend_count: usize,
     pub router: Router,
-    pub services: Box<[ServiceState]>,
+    pub services: Box<[Service]>,
     /// Counters for requests no service matched.
     pub unrouted: Arc<BackendCounters>,
 }
 
-pub struct ServiceState {
+/// One service of the installed table.
+pub struct Service {
     pub name: Arc<str>,
-    pub backends: Box<[BackendState]>,
-    /// Non-empty tiers, most preferred first.
-    pub tiers: Box<[TierState]>,
-    pub overprovisioning_pct: u32,
+    pub backends: Box<[Backend]>,
+    pub balancer: Balancer,
     pub retries: u32,
-    pub eject_for_ms: u64,
-    /// Current tier loads given local ejections; replaced only when ejections change.
-    pub(crate) spill: ArcSwap<Spill>,
-    /// Drives the choice of tier when traffic is split across tiers.
-    pub(crate) tier_turn: AtomicU64,
     pub counters: Arc<ServiceCounters>,
     /// Requests of this service answered without a backend (none available).
     pub no_backend: Arc<BackendCounters>,
@@ -62,41 +53,47 @@ pub struct ServiceState {
     pub queue_timeout: Duration,
 }
 
-pub struct BackendState {
+/// One backend of a service.
+pub struct Backend {
     pub id: Arc<str>,
     pub addr: SocketAddr,
     pub peer: HttpPeer,
-    pub weight: u32,
-    pub tier: u32,
-    /// `clock::now_ms()` until which the backend is skipped; 0 when in good standing.
-    pub(crate) ejected_until_ms: AtomicU64,
     pub counters: Arc<BackendCounters>,
     /// The slots of this backend's address, when some service caps it.
     pub limiter: Option<Arc<Limiter>>,
 }
 
-pub struct TierState {
-    pub priority: u32,
-    pub schedule: Box<[u32]>,
-    /// The tier's backends, each once (for scans that must not loop over a long schedule).
-    pub members: Box<[u32]>,
-    pub total_weight: u64,
-    /// Position in `schedule`: one relaxed `fetch_add` per pick.
-    pub(crate) next: AtomicUsize,
+impl Service {
+    /// The backend for the next attempt (see [`Balancer::pick`]).
+    pub fn pick(&self, tried: &[u32], now: u64) -> Option<u32> {
+        self.balancer.pick(tried, now)
+    }
+}
+
+/// The concurrency cap of every capped address in `valid`: the smallest of the services that
+/// list it.
+pub fn caps(valid: &ValidTable) -> HashMap<SocketAddr, u32> {
+    let mut caps: HashMap<SocketAddr, u32> = HashMap::new();
+    for s in valid.services.iter().filter(|s| s.max_inflight > 0) {
+        for b in &s.backends {
+            let cap = caps.entry(b.addr).or_insert(s.max_inflight);
+            *cap = (*cap).min(s.max_inflight);
+        }
+    }
+    caps
 }
 
 impl Snapshot {
-    pub fn build(valid: ValidTable, registry: &Registry) -> Snapshot {
-        Snapshot::build_after(valid, registry, None)
-    }
-
-    /// Build the snapshot that replaces `previous`, keeping its ejections where they apply.
-    pub fn build_after(
+    /// Build the snapshot of `valid` that replaces `previous`, keeping its ejections where
+    /// they apply. `limiters` holds the slots of every address in [`caps`]; `now` is the
+    /// balancers' clock reading.
+    pub fn build(
         valid: ValidTable,
         registry: &Registry,
+        limiters: &HashMap<SocketAddr, Arc<Limiter>>,
         previous: Option<&Snapshot>,
+        now: u64,
     ) -> Snapshot {
-        let now = crate::clock::now_ms();
         let keep: Vec<(&str, Vec<&str>)> = valid
             .services
             .iter()
@@ -108,15 +105,6 @@ impl Snapshot {
             })
             .collect();
         let handles = registry.handles_for(&keep);
-        // An address's cap is the smallest of the services that list it.
-        let mut caps: HashMap<SocketAddr, u32> = HashMap::new();
-        for s in valid.services.iter().filter(|s| s.max_inflight > 0) {
-            for b in &s.backends {
-                let cap = caps.entry(b.addr).or_insert(s.max_inflight);
-                *cap = (*cap).min(s.max_inflight);
-            }
-        }
-        let limiters = registry.admission.limiters_for(&caps);
         let router = Router::new(&valid.services);
         let services = valid
             .services
@@ -126,14 +114,13 @@ impl Snapshot {
                 let before = previous.and_then(|p| p.services.iter().find(|o| *o.name == *s.name));
                 let ejected_until = |id: &str, addr: SocketAddr| {
                     before
-                        .and_then(|o| o.backends.iter().find(|b| &*b.id == id))
-                        .filter(|b| b.addr == addr)
-                        .map_or(0, |b| {
-                            b.ejected_until_ms
-                                .load(std::sync::atomic::Ordering::Relaxed)
+                        .and_then(|o| {
+                            let i = o.backends.iter().position(|b| &*b.id == id)?;
+                            (o.backends[i].addr == addr).then(|| o.balancer.ejected_until(i as u32))
                         })
+                        .unwrap_or(0)
                 };
-                let mut backends: Box<[BackendState]> = s
+                let backends: Box<[Backend]> = s
                     .backends
                     .iter()
                     .zip(h.backends)
@@ -143,51 +130,32 @@ impl Snapshot {
                         peer.options.total_connection_timeout = Some(s.connect_timeout);
                         peer.options.read_timeout = Some(s.read_timeout);
                         peer.options.idle_timeout = Some(UPSTREAM_IDLE);
-                        BackendState {
+                        // The editor decides which headers go upstream, on every path.
+                        peer.options.http_upstream_request_policy =
+                            HttpUpstreamRequestPolicy::preserve();
+                        Backend {
                             id: b.id.as_str().into(),
                             addr: b.addr,
                             peer,
-                            weight: b.weight,
-                            tier: 0,
-                            ejected_until_ms: AtomicU64::new(ejected_until(&b.id, b.addr)),
                             counters,
                             limiter: limiters.get(&b.addr).cloned(),
                         }
                     })
                     .collect();
-                let tiers: Box<[TierState]> = s
-                    .tiers
-                    .iter()
-                    .enumerate()
-                    .map(|(t, tier)| {
-                        for &m in &tier.members {
-                            backends[m as usize].tier = t as u32;
-                        }
-                        TierState {
-                            priority: tier.priority,
-                            schedule: tier.schedule.clone().into(),
-                            members: tier.members.clone().into(),
-                            total_weight: tier.total_weight,
-                            next: AtomicUsize::new(0),
-                        }
-                    })
-                    .collect();
-                let spill = Spill::all_healthy(tiers.len());
-                let carried = backends.iter().any(|b| {
-                    b.ejected_until_ms
-                        .load(std::sync::atomic::Ordering::Relaxed)
-                        > now
-                });
+                let balancer = Balancer::new(
+                    &s.tiers,
+                    s.backends.iter().map(|b| b.weight).collect(),
+                    s.backends.iter().map(|b| ejected_until(&b.id, b.addr)),
+                    s.overprovisioning_pct,
+                    s.eject_for.as_millis() as u64,
+                    now,
+                );
                 let limited = backends.iter().any(|b| b.limiter.is_some());
-                let svc = ServiceState {
+                Service {
                     name: s.name.as_str().into(),
                     backends,
-                    tiers,
-                    overprovisioning_pct: s.overprovisioning_pct,
+                    balancer,
                     retries: s.retries,
-                    eject_for_ms: s.eject_for.as_millis() as u64,
-                    spill: ArcSwap::from_pointee(spill),
-                    tier_turn: AtomicU64::new(0),
                     counters: h.service,
                     no_backend: h.no_backend,
                     class: s.class,
@@ -198,11 +166,7 @@ impl Snapshot {
                         .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok()),
                     limited,
                     queue_timeout: s.queue_timeout,
-                };
-                if carried {
-                    svc.refresh_spill(now);
                 }
-                svc
             })
             .collect();
         Snapshot {
@@ -213,5 +177,91 @@ impl Snapshot {
             services,
             unrouted: registry.unrouted(),
         }
+    }
+
+    /// A snapshot of `valid` with no table before it and no capped address: for tests and
+    /// benchmarks.
+    pub fn fresh(valid: ValidTable, registry: &Registry) -> Snapshot {
+        Snapshot::build(valid, registry, &HashMap::new(), None, 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rusty_shared::{validate, Backend as WireBackend, Service as WireService};
+
+    const NOW: u64 = 1_000;
+
+    fn table(version: u64, b_addr: &str) -> ValidTable {
+        let backends = vec![
+            WireBackend::new("a", "127.0.0.1:9000", 1, 0),
+            WireBackend::new("b", b_addr, 1, 0),
+            WireBackend::new("c", "127.0.0.1:9002", 1, 0),
+        ];
+        validate(Table::new(version, vec![WireService::new("web", backends)])).unwrap()
+    }
+
+    fn build(valid: ValidTable, registry: &Registry, previous: Option<&Snapshot>) -> Snapshot {
+        Snapshot::build(valid, registry, &HashMap::new(), previous, NOW)
+    }
+
+    fn counts(s: &Service, n: usize) -> Vec<u32> {
+        let mut c = vec![0; s.backends.len()];
+        for _ in 0..n {
+            c[s.pick(&[], NOW).unwrap() as usize] += 1;
+        }
+        c
+    }
+
+    #[test]
+    fn a_new_table_keeps_the_ejections_of_backends_it_lists_unchanged() {
+        let registry = Registry::default();
+        let old = build(table(1, "127.0.0.1:9001"), &registry, None);
+        old.services[0].balancer.eject(0, NOW);
+        old.services[0].balancer.eject(1, NOW);
+        // Version 2 lists `a` unchanged and `b` at a new address.
+        let new = build(table(2, "127.0.0.1:9011"), &registry, Some(&old));
+        let s = &new.services[0];
+        assert!(
+            s.balancer.ejected(0, NOW),
+            "a is still failing as far as we know"
+        );
+        assert!(
+            !s.balancer.ejected(1, NOW),
+            "b moved: a new backend in good standing"
+        );
+        let c = counts(s, 10);
+        assert_eq!(c[0], 0, "{c:?}");
+        assert!(c[1] > 0 && c[2] > 0, "{c:?}");
+        // Without a previous table nothing is ejected.
+        let fresh = build(table(3, "127.0.0.1:9001"), &registry, None);
+        assert_eq!(counts(&fresh.services[0], 9), vec![3, 3, 3]);
+    }
+
+    #[test]
+    fn an_address_listed_by_two_capped_services_takes_the_smaller_cap() {
+        let text = br#"{"version": 1, "services": [
+            {"name": "a", "hosts": ["a"], "max_inflight": 5,
+             "backends": [{"id": "x", "addr": "127.0.0.1:1"}]},
+            {"name": "b", "hosts": ["b"], "max_inflight": 3,
+             "backends": [{"id": "x", "addr": "127.0.0.1:1"}, {"id": "y", "addr": "127.0.0.1:2"}]},
+            {"name": "c", "hosts": ["c"],
+             "backends": [{"id": "z", "addr": "127.0.0.1:3"}]}]}"#;
+        let valid = validate(rusty_shared::decode(text).unwrap()).unwrap();
+        let caps = caps(&valid);
+        assert_eq!(caps.len(), 2);
+        assert_eq!(caps[&"127.0.0.1:1".parse().unwrap()], 3);
+        assert_eq!(caps[&"127.0.0.1:2".parse().unwrap()], 3);
+    }
+
+    #[test]
+    fn peers_leave_header_editing_to_the_editor() {
+        let snap = build(table(1, "127.0.0.1:9001"), &Registry::default(), None);
+        let b = &snap.services[0].backends[0];
+        assert_eq!(
+            b.peer.options.http_upstream_request_policy,
+            HttpUpstreamRequestPolicy::preserve()
+        );
     }
 }

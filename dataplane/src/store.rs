@@ -12,23 +12,28 @@ use arc_swap::ArcSwapOption;
 use rusty_shared::{check_succession, decode, validate, TableError};
 use tracing::{debug, info, warn};
 
+use crate::clock;
 use crate::metrics::{Registry, UpdateResult};
-use crate::snapshot::Snapshot;
-use crate::state::StateDir;
+use crate::queue::Queue;
+use crate::snapshot::{self, Snapshot};
+use crate::state_dir::StateDir;
 
 pub struct TableStore {
     current: ArcSwapOption<Snapshot>,
-    pub registry: Arc<Registry>,
+    registry: Arc<Registry>,
+    /// Where the slots of capped addresses live across tables.
+    queue: Arc<Queue>,
     state: Option<StateDir>,
     /// Serializes installs from concurrent sources (never taken on the request path).
     installing: Mutex<()>,
 }
 
 impl TableStore {
-    pub fn new(registry: Arc<Registry>, state: Option<StateDir>) -> Self {
+    pub fn new(registry: Arc<Registry>, queue: Arc<Queue>, state: Option<StateDir>) -> Self {
         TableStore {
             current: ArcSwapOption::empty(),
             registry,
+            queue,
             state,
             installing: Mutex::new(()),
         }
@@ -81,10 +86,15 @@ impl TableStore {
             .map(|s| (s.version, s.backend_count));
         check_succession(installed, &valid)?;
         let previous = self.current.load_full();
-        Ok(Snapshot::build_after(
+        // The one place an install reads the clock: carried ejections are judged against it.
+        let now = clock::now_ms();
+        let limiters = self.queue.limiters_for(&snapshot::caps(&valid), now);
+        Ok(Snapshot::build(
             valid,
             &self.registry,
+            &limiters,
             previous.as_deref(),
+            now,
         ))
     }
 

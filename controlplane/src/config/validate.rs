@@ -426,7 +426,7 @@ fn service(name: &str, s: &RawService, base_dir: &Path, errs: &mut Errors) -> Op
             }
             (errs.0.len() == before).then(|| {
                 replicas = replicas.clamp(auto.min_replicas, auto.max_replicas);
-                crate::autoscale::AutoscaleSpec {
+                crate::spec::AutoscaleSpec {
                     min_replicas: auto.min_replicas,
                     max_replicas: auto.max_replicas,
                     target_inflight: auto.target_inflight,
@@ -447,7 +447,7 @@ fn service(name: &str, s: &RawService, base_dir: &Path, errs: &mut Errors) -> Op
     }
     let outliers = (s.replace_after_ejections >= 2
         && matches!(s.runtime, RuntimeName::Process | RuntimeName::Docker))
-    .then_some(crate::outlier::OutlierSpec {
+    .then_some(crate::spec::OutlierSpec {
         ejections: s.replace_after_ejections,
         window: s.ejection_window.0,
     });

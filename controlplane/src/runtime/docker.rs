@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::{Adopted, InstanceInfo, InstanceSpec, Runtime, RuntimeError, RuntimeEvent};
-use crate::reconcile::InstanceRef;
+use crate::spec::InstanceRef;
 use crate::spec::{ContainerPlacement, DockerSettings, RunSpec};
 
 pub const LABEL_MANAGED: &str = "rustybalancer.managed-by";

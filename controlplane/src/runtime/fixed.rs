@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{InstanceInfo, InstanceSpec, Runtime, RuntimeError};
-use crate::reconcile::InstanceRef;
+use crate::spec::InstanceRef;
 
 pub struct StaticRuntime {
     /// Service → its addresses.

@@ -18,7 +18,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::Serialize;
 
-use crate::reconcile::InstanceRef;
+use crate::spec::InstanceRef;
 use crate::spec::RunSpec;
 
 /// What the runtime needs to start one instance.

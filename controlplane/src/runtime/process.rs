@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use super::{InstanceInfo, InstanceSpec, Runtime, RuntimeError, RuntimeEvent};
-use crate::reconcile::InstanceRef;
+use crate::spec::InstanceRef;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);

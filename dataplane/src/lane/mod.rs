@@ -1,35 +1,24 @@
 //! The fast lane: ordinary requests proxied without Pingora's per-request phase pipeline.
 //!
-//! Profiles of the data plane (`loadtest/TUNING.md`) put our own code at about 2 % of its CPU
-//! and Pingora's proxy pipeline at about 40 %: a dozen async phases per request, a header map
-//! built and rebuilt, allocations, a timer per phase. Most traffic in front of containers is
-//! the same simple exchange, a bodiless `GET` answered with a framed body, so the lane serves
-//! exactly that on the client connection Pingora's listener accepted, with the same routing,
-//! round robin, ejection, retries, forwarding headers and metrics as the pipeline, and hands
-//! everything else over to it.
+//! Most traffic in front of containers is the same simple exchange, a bodiless `GET` answered
+//! with a framed body, so the lane serves exactly that on the client connection Pingora's
+//! listener accepted — with the same routing, attempt core, header editor, answers and metrics
+//! as the pipeline — and hands everything else over to it (`docs/request-path.md` walks both).
+//! Called by the connection front, which owns the connection before and after.
 //!
-//! The rule for handing over is simple: the lane decides before anything goes upstream. A
-//! request that is not plain (see [`head::plain_request`]), that routes nowhere, to a service
-//! with capped backends (admission queues live in the pipeline) or to one with no backend at
-//! all, is handed to Pingora with every byte read so far put back in front of the stream; the
-//! connection then stays with Pingora. Once the lane has sent a request upstream it sees the
-//! request through, answering failures itself the way the pipeline does (503 when no backend
-//! accepts a connection, 502 when one fails to answer, 504 when it is too slow), so no request
-//! is ever attempted by both.
-//!
-//! Per request the lane reads the client once, writes the backend once, reads it once and
+//! The lane decides before anything goes upstream: a request that is not plain (see
+//! [`plain_request`]), that routes nowhere, to a service with capped backends (admission queues
+//! live in the pipeline) or to one with no backend at all, is handed to Pingora with every byte
+//! read so far put back in front of the stream; the connection then stays with Pingora. Once
+//! the lane has sent a request upstream it sees it through, so no request is ever attempted by
+//! both. Per request it reads the client once, writes the backend once, reads it once and
 //! writes the client once (for a response that fits in one read), with buffers owned by the
-//! connection and upstream connections pooled per thread ([`pool`]): no lock or header map on
-//! the way. The timeouts of reads that have to wait (the backend's answer, the client's next
-//! request) are Pingora's shared 10 ms-tick timers: a Tokio timer per read made the runtime
-//! wake its own I/O driver (an `eventfd` write) for most requests.
+//! connection and upstream connections pooled per thread ([`pool`]).
 
-pub mod head;
 pub mod pool;
 
 use std::io;
 use std::net::IpAddr;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,14 +26,15 @@ use pingora::prelude::fast_timeout::fast_timeout;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::check::Limits;
-use crate::front::scan::{Bad, ChunkScan};
-use crate::front::FrontState;
+use crate::attempt::{Failure, Routed};
+use crate::clock;
+use crate::http1::editor::{Origin, Proto};
+use crate::http1::head::{self, plain_request, Body, Response};
+use crate::http1::scan::{Bad, ChunkScan};
 use crate::metrics::UpstreamError;
-use crate::proxy::{error_body, RequestIds, MAX_TRIES};
-use crate::snapshot::{BackendState, ServiceState};
-use crate::store::TableStore;
-use head::{Body, Response};
+use crate::plane::Plane;
+use crate::shutdown::Shutdown;
+use crate::snapshot::Backend;
 
 /// Room kept free in a read buffer before each read.
 const READ_CHUNK: usize = 16 * 1024;
@@ -62,12 +52,9 @@ pub enum Served {
     HandOver(Vec<u8>),
 }
 
-/// The lane's settings and the state it shares with the pipeline.
+/// The fast lane of one listener.
 pub struct Lane {
-    store: Arc<TableStore>,
-    ids: Arc<RequestIds>,
-    limits: Limits,
-    keepalive: Duration,
+    plane: Arc<Plane>,
 }
 
 /// Buffers of one client connection, reused by each of its requests.
@@ -82,14 +69,6 @@ struct Buffers {
     response: Vec<u8>,
 }
 
-/// How an attempt on one backend failed, before any byte of a response reached the client.
-enum Failed {
-    /// No connection: the backend is ejected and any method may go elsewhere.
-    Connect(UpstreamError),
-    /// The backend took the request and did not answer it properly.
-    Upstream(UpstreamError, u16),
-}
-
 /// How an exchange that reached the client ended.
 struct Answered {
     status: u16,
@@ -102,25 +81,16 @@ struct Answered {
 struct Cut(u16);
 
 impl Lane {
-    pub fn new(
-        store: Arc<TableStore>,
-        ids: Arc<RequestIds>,
-        limits: Limits,
-        keepalive_secs: u64,
-    ) -> Self {
-        Lane {
-            store,
-            ids,
-            limits,
-            keepalive: Duration::from_secs(keepalive_secs.max(1)),
-        }
+    pub fn new(plane: Arc<Plane>) -> Self {
+        Lane { plane }
     }
 
     /// Serve a client connection for as long as its requests are plain.
-    pub async fn serve<S>(&self, client: &mut S, peer: Option<IpAddr>, front: &FrontState) -> Served
+    pub async fn serve<S>(&self, client: &mut S, peer: Option<IpAddr>) -> Served
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
+        let plane = &*self.plane;
         let mut bufs = Buffers {
             client: Vec::with_capacity(READ_CHUNK / 4),
             request: Vec::with_capacity(1024),
@@ -130,7 +100,10 @@ impl Lane {
         let mut first = true;
         // The client's address as `X-Forwarded-For` writes it, made once per connection.
         let peer = peer.map(|ip| ip.to_string());
-        let peer = peer.as_deref().map(str::as_bytes);
+        let origin = Origin {
+            client: peer.as_deref().map(str::as_bytes),
+            proto: Proto::Http,
+        };
         loop {
             // The next head: parsed from what is buffered, else read for.
             let plain = loop {
@@ -145,12 +118,11 @@ impl Lane {
                     bufs.client.drain(..blank);
                 }
                 if !bufs.client.is_empty() {
-                    let ids = &self.ids;
-                    match head::plain_request(
+                    match plain_request(
                         &bufs.client,
-                        &self.limits,
-                        peer,
-                        |out| ids.write_next(out),
+                        &plane.limits,
+                        &origin,
+                        &plane.ids,
                         &mut bufs.request,
                     ) {
                         Ok(Some(plain)) => break plain,
@@ -163,7 +135,7 @@ impl Lane {
                 let n = if idle {
                     // Between requests the keep-alive timeout applies; the head deadline and
                     // the drain are the stream's (`front::Guarded`).
-                    match fast_timeout(self.keepalive, read).await {
+                    match fast_timeout(plane.keepalive, read).await {
                         Ok(r) => r,
                         Err(_) => return Served::Done,
                     }
@@ -177,33 +149,25 @@ impl Lane {
             };
             first = false;
 
-            let Some(snapshot) = self.store.current() else {
+            let Some(snapshot) = plane.store.current() else {
                 return Served::HandOver(bufs.client);
             };
             let route = snapshot.router.route(
                 &bufs.client[plain.host.clone()],
                 &bufs.client[plain.path.clone()],
             );
-            let Some(svc) = route.map(|s| &snapshot.services[s as usize]) else {
+            let Some(s) = route else {
                 return Served::HandOver(bufs.client);
             };
-            if svc.limited {
+            let svc = &snapshot.services[s as usize];
+            // With no backend there is nothing to attempt; with capped ones, admission decides.
+            if svc.limited || svc.backends.is_empty() {
                 return Served::HandOver(bufs.client);
             }
-            let Some(first_pick) = svc.pick(&[]) else {
-                return Served::HandOver(bufs.client);
-            };
-
-            let _inflight = InFlight::new(svc);
-            let start = Instant::now();
-            let (status, backend, keep) = self
-                .proxy(client, svc, first_pick, &plain, front, &mut bufs)
-                .await;
-            svc.backends[backend as usize]
-                .counters
-                .count_response(status);
-            svc.counters.observe(start.elapsed().as_nanos() as u64);
-            front.lane_requests.fetch_add(1, Relaxed);
+            let mut routed = Routed::new(snapshot, s, Instant::now());
+            let (status, keep) = self.proxy(client, &mut routed, &plain, &mut bufs).await;
+            routed.end(status);
+            plane.connections.lane_request();
             if !keep {
                 let _ = client.shutdown().await;
                 return Served::Done;
@@ -216,93 +180,38 @@ impl Lane {
         }
     }
 
-    /// One request, through as many attempts as the service allows. Returns the status the
-    /// client got (499 if it left first), the backend counted for it (the last one tried), and
-    /// whether the client connection stays open.
+    /// One request, through as many attempts as the attempt core allows. Returns the status
+    /// the client got (499 if it left first) and whether the client connection stays open.
     async fn proxy<S>(
         &self,
         client: &mut S,
-        svc: &ServiceState,
-        first: u32,
+        routed: &mut Routed,
         plain: &head::Plain,
-        front: &FrontState,
         bufs: &mut Buffers,
-    ) -> (u16, u32, bool)
+    ) -> (u16, bool)
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let mut tried = [0u32; MAX_TRIES];
-        let mut tries = 0;
-        let mut i = first;
-        let mut last_failure;
-        loop {
-            tried[tries] = i;
-            tries += 1;
-            let backend = &svc.backends[i as usize];
-            match exchange(client, backend, plain, front, bufs).await {
-                Ok(Ok(done)) => return (done.status, i, done.keep),
-                Ok(Err(Cut(status))) => return (status, i, false),
-                Err(Failed::Connect(kind)) => {
-                    backend.counters.count_error(kind);
-                    svc.eject(i);
-                    last_failure = 503;
-                }
-                Err(Failed::Upstream(kind, status)) => {
-                    // GET and HEAD are idempotent and nothing reached the client: another
-                    // backend may try, as the pipeline retries them.
-                    backend.counters.count_error(kind);
-                    last_failure = status;
-                }
-            }
-            // Out of attempts: no pick, so no round-robin position is spent.
-            let budget_left = tries <= svc.retries as usize && tries < MAX_TRIES;
-            match budget_left.then(|| svc.pick(&tried[..tries])).flatten() {
-                Some(next) => i = next,
-                None => break,
+        let shutdown = &self.plane.shutdown;
+        while let Some(i) = routed.next(clock::now_ms()) {
+            let backend = &routed.service().backends[i as usize];
+            let failure = match exchange(client, backend, plain, shutdown, bufs).await {
+                Ok(Ok(done)) => return (done.status, done.keep),
+                Ok(Err(Cut(status))) => return (status, false),
+                Err(failure) => failure,
+            };
+            if !routed.fail(failure, clock::now_ms()) {
+                break;
             }
         }
         // Every attempt failed: answered for the last one, and the connection closes, as the
         // pipeline does after a proxy error.
-        let response = error_response(last_failure);
-        let sent = client.write_all(&response).await.is_ok() && client.flush().await.is_ok();
-        (if sent { last_failure } else { 499 }, i, false)
+        let answer = routed.answer();
+        bufs.response.clear();
+        answer.render(true, &mut bufs.response);
+        let sent = client.write_all(&bufs.response).await.is_ok() && client.flush().await.is_ok();
+        (if sent { answer.status() } else { 499 }, false)
     }
-}
-
-/// Counts a request in flight for its service while it lives. (The process-wide count the
-/// pipeline keeps for the graceful shutdown is not needed here: a lane request always has its
-/// connection open, and the shutdown waits for those.)
-struct InFlight<'a> {
-    svc: &'a ServiceState,
-}
-
-impl<'a> InFlight<'a> {
-    fn new(svc: &'a ServiceState) -> Self {
-        svc.counters.inflight_add(1);
-        InFlight { svc }
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.svc.counters.inflight_add(-1);
-    }
-}
-
-/// A plain-text error answer that closes the connection.
-fn error_response(status: u16) -> Vec<u8> {
-    let body = error_body(status);
-    let reason = http::StatusCode::from_u16(status)
-        .ok()
-        .and_then(|s| s.canonical_reason())
-        .unwrap_or("");
-    let mut out = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    out.extend_from_slice(body);
-    out
 }
 
 /// Read once more into `buf`, growing it when it is nearly full.
@@ -329,7 +238,7 @@ async fn read_upstream(
     r.map_err(|_| UpstreamError::Closed)
 }
 
-async fn connect(backend: &BackendState) -> Result<TcpStream, UpstreamError> {
+async fn connect(backend: &Backend) -> Result<TcpStream, UpstreamError> {
     let connect = TcpStream::connect(backend.addr);
     let conn = match backend.peer.options.connection_timeout {
         Some(t) => tokio::time::timeout(t, connect)
@@ -347,15 +256,16 @@ async fn connect(backend: &BackendState) -> Result<TcpStream, UpstreamError> {
 }
 
 /// One attempt on one backend: send the request, pass the response on. `Err` if it failed
-/// before the client got anything (another backend may try); `Ok(Err)` if the client
-/// connection must close after a response was begun or could not be delivered.
+/// before the client got anything (another backend may try: a plain request can be replayed);
+/// `Ok(Err)` if the client connection must close after a response was begun or could not be
+/// delivered.
 async fn exchange<S>(
     client: &mut S,
-    backend: &BackendState,
+    backend: &Backend,
     plain: &head::Plain,
-    front: &FrontState,
+    shutdown: &Shutdown,
     bufs: &mut Buffers,
-) -> Result<Result<Answered, Cut>, Failed>
+) -> Result<Result<Answered, Cut>, Failure>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -369,21 +279,22 @@ where
         let reused = pooled.is_some();
         let mut up = match pooled.take() {
             Some(conn) => conn,
-            None => connect(backend).await.map_err(Failed::Connect)?,
+            None => connect(backend).await.map_err(Failure::Connect)?,
         };
         if up.write_all(&bufs.request).await.is_err() {
             if reused {
                 continue;
             }
-            return Err(Failed::Upstream(UpstreamError::Closed, 502));
+            return Err(replayable(UpstreamError::Closed));
         }
         bufs.upstream.clear();
         let mut heard = false;
-        match read_response_head(&mut up, plain, front, bufs, client, timeout, &mut heard).await {
+        match read_response_head(&mut up, plain, shutdown, bufs, client, timeout, &mut heard).await
+        {
             Ok((r, close)) => break (up, r, close),
             Err(HeadError::Closed) if reused && !heard => continue,
-            Err(HeadError::Failed(kind, status)) => return Err(Failed::Upstream(kind, status)),
-            Err(HeadError::Closed) => return Err(Failed::Upstream(UpstreamError::Closed, 502)),
+            Err(HeadError::Failed(kind)) => return Err(replayable(kind)),
+            Err(HeadError::Closed) => return Err(replayable(UpstreamError::Closed)),
             Err(HeadError::Client) => return Ok(Err(Cut(499))),
         }
     };
@@ -399,7 +310,7 @@ where
         Body::UntilClose => Rest::UntilClose,
     };
     let Ok(first_part) = rest.take(&bufs.upstream[response.len..], &mut reusable) else {
-        return Err(Failed::Upstream(UpstreamError::Other, 502));
+        return Err(replayable(UpstreamError::Other));
     };
     if rest == Rest::UntilClose {
         chunk(&mut bufs.response, first_part);
@@ -444,6 +355,15 @@ where
         pool::put(backend.addr, up);
     }
     Ok(Ok(Answered { status, keep }))
+}
+
+/// A failure of a backend that took a plain request: a bodiless GET or HEAD, and nothing has
+/// reached the client yet, so another backend may take it again.
+fn replayable(kind: UpstreamError) -> Failure {
+    Failure::Answer {
+        kind,
+        replayable: true,
+    }
 }
 
 /// What is still to come of a response body after what has been passed on.
@@ -495,8 +415,8 @@ fn chunk(out: &mut Vec<u8>, data: &[u8]) {
 enum HeadError {
     /// The backend closed, or reset, before a complete head.
     Closed,
-    /// A timeout, or a head that cannot be passed on: the status it stands for.
-    Failed(UpstreamError, u16),
+    /// A timeout, or a head that cannot be passed on.
+    Failed(UpstreamError),
     /// The client went away while an interim (1xx) response was passed on.
     Client,
 }
@@ -508,7 +428,7 @@ enum HeadError {
 async fn read_response_head<S>(
     up: &mut TcpStream,
     plain: &head::Plain,
-    front: &FrontState,
+    shutdown: &Shutdown,
     bufs: &mut Buffers,
     client: &mut S,
     timeout: Option<Duration>,
@@ -520,11 +440,11 @@ where
     loop {
         if !bufs.upstream.is_empty() {
             *heard = true;
-            let close = plain.close || front.draining();
+            let close = plain.close || shutdown.draining();
             match head::response_head(&bufs.upstream, plain.head, close, &mut bufs.response) {
                 Ok(Some(r)) if r.status == 101 => {
                     // Never asked for: the request carried no Upgrade.
-                    return Err(HeadError::Failed(UpstreamError::Other, 502));
+                    return Err(HeadError::Failed(UpstreamError::Other));
                 }
                 Ok(Some(r)) if r.status < 200 => {
                     if client.write_all(&bufs.response).await.is_err() {
@@ -535,13 +455,13 @@ where
                 }
                 Ok(Some(r)) => return Ok((r, close)),
                 Ok(None) => {}
-                Err(_) => return Err(HeadError::Failed(UpstreamError::Other, 502)),
+                Err(_) => return Err(HeadError::Failed(UpstreamError::Other)),
             }
         }
         match read_upstream(up, &mut bufs.upstream, timeout).await {
             Ok(0) | Err(UpstreamError::Closed) => return Err(HeadError::Closed),
             Ok(_) => {}
-            Err(kind) => return Err(HeadError::Failed(kind, 504)),
+            Err(kind) => return Err(HeadError::Failed(kind)),
         }
     }
 }

@@ -2,9 +2,10 @@
 //!
 //! [`plain_request`] decides whether a request is one the lane serves (a bodiless `GET` or
 //! `HEAD` over HTTP/1.1 with one valid `Host` and nothing that changes how the connection or
-//! its framing works) and, if so, writes the head that goes upstream. Anything else is `None`
-//! and goes to the full Pingora pipeline, which owns every rule about unusual requests; so the
-//! lane only has to recognise the ordinary, never to judge the odd.
+//! its framing works) and, if so, writes the head that goes upstream, with the headers the
+//! editor keeps and adds. Anything else is `NotPlain` and goes to the full Pingora pipeline,
+//! which owns every rule about unusual requests; so the lane only has to recognise the
+//! ordinary, never to judge the odd.
 //!
 //! [`response_head`] reads a backend's response head and writes the one the client gets,
 //! with the body's framing, so the body can be passed through byte for byte.
@@ -12,7 +13,8 @@
 use std::mem::MaybeUninit;
 use std::ops::Range;
 
-use crate::check::Limits;
+use super::editor::{self, Line, Name, Origin, RequestIds};
+use super::Limits;
 
 /// Header lines a plain request may have; a request with more takes the full pipeline.
 pub const MAX_HEADERS: usize = 64;
@@ -35,29 +37,15 @@ pub struct Plain {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NotPlain;
 
-/// Headers that make a request other than plain: a body, a protocol switch, an expectation or
-/// hop-by-hop connection handling. Lowercase.
-const NOT_PLAIN: [&[u8]; 8] = [
-    b"content-length",
-    b"transfer-encoding",
-    b"upgrade",
-    b"expect",
-    b"te",
-    b"trailer",
-    b"keep-alive",
-    b"proxy-connection",
-];
-
 /// Parse a complete head at the start of `buf`. `Ok(None)`: not all of it has arrived (and it
 /// is still within the size limit). `Err(NotPlain)`: not a plain request, for the full pipeline.
-/// On success the upstream head is in `out` (cleared first): the request line and headers as
-/// received (`client` is the client's address as text, made once per connection), with `X-Forwarded-For`, `X-Forwarded-Proto` and, if the client sent none,
-/// `X-Request-Id` set as the proxy's `add_forwarding_headers` sets them.
+/// On success the upstream head is in `out` (cleared first): the request line and the headers
+/// the editor forwards, as received, then the ones it adds for `origin`.
 pub fn plain_request(
     buf: &[u8],
     limits: &Limits,
-    client: Option<&[u8]>,
-    request_id: impl FnOnce(&mut Vec<u8>),
+    origin: &Origin<'_>,
+    ids: &RequestIds,
     out: &mut Vec<u8>,
 ) -> Result<Option<Plain>, NotPlain> {
     // Uninitialised: zeroing the array would cost more than parsing a short head.
@@ -87,86 +75,61 @@ pub fn plain_request(
         return Err(NotPlain);
     }
     let mut host = None;
-    let mut xff: Option<&[u8]> = None;
-    let (mut xfp, mut rid, mut close) = (false, false, false);
-    for h in req.headers.iter() {
+    // One pass for the checks here and the editor's reading; each name classified once.
+    let mut edit = editor::Request::new(true);
+    let mut kinds = [Name::Other; MAX_HEADERS];
+    for (h, kind) in req.headers.iter().zip(kinds.iter_mut()) {
         let name = h.name.as_bytes();
         if name.len() + h.value.len() + 4 > limits.max_header {
             return Err(NotPlain);
         }
-        if name.eq_ignore_ascii_case(b"host") {
-            if host.replace(h.value).is_some() {
-                return Err(NotPlain);
-            }
-        } else if name.eq_ignore_ascii_case(b"connection") {
-            // `close` or `keep-alive`; anything else (an upgrade, a list naming hop-by-hop
-            // headers) is the pipeline's business.
-            for token in h.value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
-                if token.eq_ignore_ascii_case(b"close") {
-                    close = true;
-                } else if !token.eq_ignore_ascii_case(b"keep-alive") {
-                    return Err(NotPlain);
-                }
-            }
-        } else if name.eq_ignore_ascii_case(b"x-forwarded-for") {
-            if xff.replace(h.value).is_some() {
-                return Err(NotPlain);
-            }
-        } else if name.eq_ignore_ascii_case(b"x-forwarded-proto") {
-            if xfp {
-                return Err(NotPlain);
-            }
-            xfp = true;
-        } else if name.eq_ignore_ascii_case(b"x-request-id") {
-            rid = true;
-        } else if NOT_PLAIN.iter().any(|n| name.eq_ignore_ascii_case(n)) {
-            return Err(NotPlain);
+        let line = Line::new(name, h.value);
+        *kind = line.kind;
+        edit.read(&line).map_err(|_| NotPlain)?;
+        match line.kind {
+            Name::Host if host.replace(h.value).is_some() => return Err(NotPlain),
+            // `close` or `keep-alive`; anything else (an upgrade, a list naming other headers)
+            // is the pipeline's business.
+            Name::Connection if !only_close_or_keep_alive(h.value) => return Err(NotPlain),
+            // A body, a protocol switch, an expectation or the connection's own handling.
+            Name::ContentLength
+            | Name::TransferEncoding
+            | Name::Upgrade
+            | Name::Expect
+            | Name::KeepAlive
+            | Name::Te
+            | Name::Trailer => return Err(NotPlain),
+            _ => {}
         }
     }
     let host = host.ok_or(NotPlain)?;
-    if crate::check::valid_host(host).is_err() {
+    if super::request::valid_host(host).is_err() {
         return Err(NotPlain);
     }
-    // A chain that is not visible ASCII is dropped, as the pipeline's `HeaderValue::to_str`
-    // drops it.
-    let xff = xff
-        .filter(|v| v.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)))
-        .and_then(|v| std::str::from_utf8(v).ok());
+    let lines = req
+        .headers
+        .iter()
+        .zip(kinds.iter().copied())
+        .map(|(h, kind)| Line {
+            kind,
+            name: h.name.as_bytes(),
+            value: h.value,
+        });
 
     out.clear();
     out.extend_from_slice(method.as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for h in req.headers.iter() {
-        let name = h.name.as_bytes();
-        // The client's connection options are about its connection, not the upstream one.
-        if name.eq_ignore_ascii_case(b"x-forwarded-for")
-            || name.eq_ignore_ascii_case(b"x-forwarded-proto")
-            || name.eq_ignore_ascii_case(b"connection")
-        {
-            continue;
+    for line in lines {
+        if edit.forwards(&line) {
+            out.extend_from_slice(line.name);
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(line.value);
+            out.extend_from_slice(b"\r\n");
         }
-        out.extend_from_slice(name);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(h.value);
-        out.extend_from_slice(b"\r\n");
     }
-    if let Some(ip) = client {
-        out.extend_from_slice(b"x-forwarded-for: ");
-        if let Some(chain) = xff.filter(|v| !v.is_empty()) {
-            out.extend_from_slice(chain.as_bytes());
-            out.extend_from_slice(b", ");
-        }
-        out.extend_from_slice(ip);
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"x-forwarded-proto: http\r\n");
-    if !rid {
-        out.extend_from_slice(b"x-request-id: ");
-        request_id(out);
-        out.extend_from_slice(b"\r\n");
-    }
+    edit.add_headers(origin, ids, None, out);
     out.extend_from_slice(b"\r\n");
 
     let at = |s: &[u8]| {
@@ -177,10 +140,23 @@ pub fn plain_request(
     Ok(Some(Plain {
         len,
         head,
-        close,
+        close: edit.close,
         host: at(host),
         path: at(path.as_bytes()),
     }))
+}
+
+/// A `Connection` value of `close` and `keep-alive` options only.
+fn only_close_or_keep_alive(value: &[u8]) -> bool {
+    value
+        .split(|b| *b == b',')
+        .map(<[u8]>::trim_ascii)
+        .all(|t| t.eq_ignore_ascii_case(b"close") || t.eq_ignore_ascii_case(b"keep-alive"))
+}
+
+/// A status's three digits.
+pub fn status_digits(status: u16) -> [u8; 3] {
+    [status / 100 % 10, status / 10 % 10, status % 10].map(|d| b'0' + d as u8)
 }
 
 /// A byte RFC 3986 allows in a path or query: unreserved, sub-delims, `:@/?` and `%`.
@@ -226,7 +202,7 @@ const MAX_RESPONSE_HEADERS: usize = 256;
 
 /// Parse a backend's response head at the start of `buf`; `Ok(None)` if incomplete. On
 /// success the client's head is in `out` (cleared first): status and headers as received
-/// minus the backend's hop-by-hop `Connection` and `Keep-Alive`, plus the client connection's
+/// minus those the editor keeps back (hop-by-hop), plus the client connection's
 /// own `Connection` (as the pipeline writes it): `close` when `close`, else `keep-alive`. A
 /// body that runs until the backend closes is sent to the client chunked.
 pub fn response_head(
@@ -256,18 +232,23 @@ pub fn response_head(
     let mut reusable = version == 1;
     let mut length: Option<u64> = None;
     let mut chunked = false;
-    for h in resp.headers.iter() {
-        let name = h.name.as_bytes();
-        if name.eq_ignore_ascii_case(b"connection") {
+    let mut options = false;
+    let mut kinds = [Name::Other; MAX_RESPONSE_HEADERS];
+    for (h, k) in resp.headers.iter().zip(kinds.iter_mut()) {
+        let kind = editor::classify(h.name.as_bytes());
+        *k = kind;
+        if kind == Name::Connection {
             for token in h.value.split(|b| *b == b',') {
                 let token = token.trim_ascii();
                 if token.eq_ignore_ascii_case(b"close") {
                     reusable = false;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") && version == 0 {
-                    reusable = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    reusable |= version == 0;
+                } else {
+                    options = true;
                 }
             }
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+        } else if kind == Name::TransferEncoding {
             // Chunked must be the final coding (RFC 9112 §6.1); the codings before it are
             // the client's to undo, and pass through with it.
             let last = h.value.rsplit(|b| *b == b',').next().unwrap_or(b"");
@@ -275,7 +256,7 @@ pub fn response_head(
                 return Err(BadResponse::Framing);
             }
             chunked = true;
-        } else if name.eq_ignore_ascii_case(b"content-length") {
+        } else if kind == Name::ContentLength {
             // One length, possibly repeated as a list or in several lines (RFC 9110 §8.6).
             for value in h.value.split(|b| *b == b',') {
                 let n = std::str::from_utf8(value.trim_ascii())
@@ -311,29 +292,40 @@ pub fn response_head(
     }
 
     out.clear();
-    // httparse reads exactly three digits.
-    let digits = [status / 100, status / 10 % 10, status % 10].map(|d| b'0' + d as u8);
     out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(&digits);
+    // httparse reads exactly three digits.
+    out.extend_from_slice(&status_digits(status));
     if let Some(reason) = resp.reason.filter(|r| !r.is_empty()) {
         out.push(b' ');
         out.extend_from_slice(reason.as_bytes());
     }
     out.extend_from_slice(b"\r\n");
-    for h in resp.headers.iter() {
-        let name = h.name.as_bytes();
-        if name.eq_ignore_ascii_case(b"connection") || name.eq_ignore_ascii_case(b"keep-alive") {
+    let lines = || {
+        resp.headers
+            .iter()
+            .zip(kinds.iter().copied())
+            .map(|(h, kind)| Line {
+                kind,
+                name: h.name.as_bytes(),
+                value: h.value,
+            })
+    };
+    // Most responses name nothing in `Connection` but `keep-alive` or `close`: then there is
+    // nothing for the editor to read.
+    let edit = editor::read_response(status, lines().filter(|_| options));
+    for line in lines() {
+        if !edit.forwards(&line) {
             continue;
         }
         // A chunked body wins over a length (RFC 9112 §6.3); the length is not passed on.
-        if chunked && name.eq_ignore_ascii_case(b"content-length") {
+        if chunked && line.kind == Name::ContentLength {
             continue;
         }
-        out.extend_from_slice(name);
+        out.extend_from_slice(line.name);
         out.extend_from_slice(b": ");
         // An obsolete line fold becomes spaces (RFC 9112 §5.2).
         out.extend(
-            h.value
+            line.value
                 .iter()
                 .map(|&b| if b == b'\r' || b == b'\n' { b' ' } else { b }),
         );
@@ -359,31 +351,19 @@ pub fn response_head(
     }))
 }
 
-/// A request id in the pipeline's format: a per-process prefix and a counter, in hex.
-pub fn write_request_id(out: &mut Vec<u8>, prefix: u32, n: u64) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    out.extend(
-        (0..8)
-            .rev()
-            .map(|i| HEX[(prefix >> (i * 4)) as usize & 0xf]),
-    );
-    out.push(b'-');
-    out.extend((0..16).rev().map(|i| HEX[(n >> (i * 4)) as usize & 0xf]));
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http1::editor::Proto;
 
     fn plain(req: &str) -> (Result<Option<Plain>, NotPlain>, String) {
         let mut out = Vec::new();
-        let r = plain_request(
-            req.as_bytes(),
-            &Limits::default(),
-            Some(b"10.0.0.7"),
-            |o| o.extend_from_slice(b"id-1"),
-            &mut out,
-        );
+        let origin = Origin {
+            client: Some(b"10.0.0.7"),
+            proto: Proto::Http,
+        };
+        let ids = RequestIds::with_prefix(1);
+        let r = plain_request(req.as_bytes(), &Limits::default(), &origin, &ids, &mut out);
         (r, String::from_utf8(out).unwrap())
     }
 
@@ -399,7 +379,7 @@ mod tests {
         assert_eq!(
             out,
             "GET /a/b?x=1 HTTP/1.1\r\nHost: example.com:8080\r\nAccept: */*\r\n\
-             x-forwarded-for: 10.0.0.7\r\nx-forwarded-proto: http\r\nx-request-id: id-1\r\n\r\n"
+             x-forwarded-for: 10.0.0.7\r\nx-forwarded-proto: http\r\nx-request-id: 00000001-0000000000000000\r\n\r\n"
         );
     }
 
@@ -423,20 +403,20 @@ mod tests {
     }
 
     #[test]
-    fn request_ids_are_written_as_the_pipeline_formats_them() {
-        for (prefix, n) in [
-            (0, 0),
-            (0xdead_beef, 1),
-            (u32::MAX, u64::MAX),
-            (7, 0x0123_4567_89ab),
-        ] {
-            let mut out = Vec::new();
-            write_request_id(&mut out, prefix, n);
-            assert_eq!(
-                String::from_utf8(out).unwrap(),
-                format!("{prefix:08x}-{n:016x}")
-            );
-        }
+    fn hop_by_hop_headers_stay_behind_as_on_the_pipeline() {
+        let (r, out) = plain(
+            "GET / HTTP/1.1\r\nHost: a\r\nProxy-Authorization: Basic eA==\r\n\
+             HTTP2-Settings: AAMAAABkAAQAAP__\r\nX-Forwarded-For: 1.1.1.1\r\n\
+             X-Forwarded-For: 2.2.2.2\r\n\r\n",
+        );
+        assert!(r.unwrap().is_some());
+        let lower = out.to_ascii_lowercase();
+        assert!(!lower.contains("proxy-authorization"), "{out}");
+        assert!(!lower.contains("http2-settings"), "{out}");
+        assert!(
+            lower.contains("x-forwarded-for: 1.1.1.1, 2.2.2.2, 10.0.0.7\r\n"),
+            "{out}"
+        );
     }
 
     #[test]
@@ -459,7 +439,7 @@ mod tests {
             "GET / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n",
             "GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n",
             "GET * HTTP/1.1\r\nHost: a\r\n\r\n",
-            "GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 1\r\nX-Forwarded-For: 2\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection: host\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: a\r\nBad Name: x\r\n\r\n",
             "GET / HTTP/1.1\nHost: a\r\n folded\r\n\r\n",
             "GET /a`b HTTP/1.1\r\nHost: a\r\n\r\n",

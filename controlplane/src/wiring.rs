@@ -1,4 +1,4 @@
-//! `rusty-agent run`: wire the parts together and own the shutdown.
+//! The wiring of `rusty-agent run`: build every part, connect them, own the shutdown.
 //!
 //! Shutdown is explicit: SIGTERM or SIGINT flips one `watch` flag; the listener stops accepting,
 //! subscriber sessions send a close frame, and the core stops every instance (each gets its stop
@@ -65,6 +65,8 @@ pub async fn run(config: Config) -> Result<()> {
     )
     .with_saved_state(agent.state_dir.join("desired.json"));
     let (commands_tx, commands_rx) = mpsc::channel(64);
+    // Kept here for the whole run, so the core's sample channel stays open without a scraper.
+    let (samples_tx, samples_rx) = mpsc::channel(4);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     let shared = Arc::new(Shared {
@@ -94,14 +96,14 @@ pub async fn run(config: Config) -> Result<()> {
             agent.data_planes.clone(),
             token,
             agent.scrape_interval,
-            commands_tx.clone(),
+            samples_tx.clone(),
             shutdown_rx.clone(),
         )))
     } else {
         None
     };
     let server = tokio::spawn(server::serve(listener, shared));
-    let core = tokio::spawn(core.run(commands_rx, runtime_rx, shutdown_rx));
+    let core = tokio::spawn(core.run(commands_rx, samples_rx, runtime_rx, shutdown_rx));
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -115,6 +117,7 @@ pub async fn run(config: Config) -> Result<()> {
         let _ = scraper.await;
     }
     let _ = core.await;
+    drop(samples_tx);
     info!("agent stopped");
     Ok(())
 }

@@ -15,7 +15,7 @@
 //!   (userinfo, commas, spaces, an empty or out-of-range port): refused. HTTP/1.0 without `Host`
 //!   is valid; the proxy supplies one upstream.
 //! - A request target with control bytes, spaces, non-ASCII or a fragment (checked as sent, in
-//!   `front::scan`), or that is not origin-form (`/…`), absolute-form (`http://…`), or `*` for
+//!   `scan`), or that is not origin-form (`/…`), absolute-form (`http://…`), or `*` for
 //!   OPTIONS: refused.
 //!
 //! Size limits come first, with nginx's and HAProxy's usual bounds as defaults ([`Limits`]): a
@@ -30,38 +30,11 @@ use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::{Method, Version};
 use pingora::http::RequestHeader;
 
+use super::Limits;
+
 /// Why a request is refused: the status and the text that goes into the body and the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Refused(pub u16, pub &'static str);
-
-/// Size limits of a request head.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    /// Longest request target (nginx's `large_client_header_buffers` line: 8 KiB).
-    pub max_target: usize,
-    /// Longest header line, name and value.
-    pub max_header: usize,
-    /// Largest head: request line and every header line (nginx's 4 x 8 KiB).
-    pub max_head: usize,
-    /// Most header lines (HAProxy's `tune.http.maxhdr` is 101).
-    pub max_headers: usize,
-    /// Largest request body, if limited (nginx's `client_max_body_size`; HAProxy and Envoy set
-    /// none by default, and neither do we). A larger `Content-Length` gets 413 here; a chunked
-    /// body is counted as it streams (`proxy`).
-    pub max_body: Option<u64>,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_target: 8 * 1024,
-            max_header: 8 * 1024,
-            max_head: 32 * 1024,
-            max_headers: 100,
-            max_body: None,
-        }
-    }
-}
 
 pub fn check(req: &RequestHeader, limits: &Limits) -> Result<(), Refused> {
     check_sizes(req, limits)?;
@@ -88,10 +61,10 @@ fn check_body_size(req: &RequestHeader, limits: &Limits) -> Result<(), Refused> 
 
 /// The request line exactly as the client sent it: `METHOD SP target SP version`, with one space
 /// on each side and a target of visible ASCII without a fragment. The proxy checks it in the
-/// connection front's byte scan (`front::scan`), which sees every request before Pingora's
+/// connection front's byte scan (`http1::scan`), which sees every request before Pingora's
 /// parser escapes or drops anything; this runs the same scan over a raw head.
 pub fn check_request_line(raw_head: &[u8]) -> Result<(), Refused> {
-    use crate::front::scan::{feed, Bad, Phase};
+    use super::scan::{feed, Bad, Phase};
     match feed(&mut Phase::head(), raw_head) {
         Err(Bad::Target) => Err(Refused(400, "bad request target")),
         Err(_) => Err(Refused(400, "bad request line")),
@@ -169,81 +142,6 @@ pub fn check_raw(head: &[u8], limits: &Limits) -> Option<Result<(), Refused>> {
         req.append_header(h.name.to_owned(), h.value).ok()?;
     }
     Some(check_request_line(&head[..len]).and_then(|()| check(&req, limits)))
-}
-
-/// What must hold for any bytes (the fuzz target `request`): no panic; whatever passes has one
-/// way to read its body and exactly one valid Host (or none, on HTTP/1.0); and the fast lane
-/// never takes as plain a request the pipeline would refuse (the byte scan runs before either).
-pub fn request_invariants(data: &[u8]) {
-    let limits = Limits::default();
-    let verdict = check_raw(data, &limits);
-    let mut upstream = Vec::new();
-    let plain = crate::lane::head::plain_request(
-        data,
-        &limits,
-        Some(b"127.0.0.1"),
-        |out| out.extend_from_slice(b"id"),
-        &mut upstream,
-    );
-    if let Ok(Some(p)) = plain {
-        if check_request_line(&data[..p.len]).is_ok() {
-            assert_eq!(
-                verdict,
-                Some(Ok(())),
-                "the lane takes what the pipeline refuses: {data:?}"
-            );
-            // What goes upstream is one complete head, of the same request, with one Host.
-            let mut headers = [httparse::EMPTY_HEADER; 256];
-            let mut sent = httparse::Request::new(&mut headers);
-            let mut got = [httparse::EMPTY_HEADER; 256];
-            let mut received = httparse::Request::new(&mut got);
-            let _ = received.parse(data);
-            assert_eq!(
-                sent.parse(&upstream).ok(),
-                Some(httparse::Status::Complete(upstream.len())),
-                "the upstream head is not one complete head: {upstream:?}"
-            );
-            assert_eq!((sent.method, sent.path), (received.method, received.path));
-            let hosts = sent
-                .headers
-                .iter()
-                .filter(|h| h.name.eq_ignore_ascii_case("host"));
-            assert_eq!(hosts.count(), 1, "{upstream:?}");
-        }
-    }
-    let Some(Ok(())) = verdict else {
-        return;
-    };
-    let mut headers = [httparse::EMPTY_HEADER; 256];
-    let mut parsed = httparse::Request::new(&mut headers);
-    parsed.parse(data).expect("parsed once already");
-    let count = |name: &str| {
-        parsed
-            .headers
-            .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case(name))
-            .count()
-    };
-    let (te, cl, host) = (
-        count("transfer-encoding"),
-        count("content-length"),
-        count("host"),
-    );
-    assert!(te + cl <= 1, "passed with {te} TE and {cl} CL: {data:?}");
-    assert!(
-        host == 1 || (host == 0 && parsed.version == Some(0)),
-        "passed with {host} Host headers: {data:?}"
-    );
-    let target = parsed.path.unwrap_or("");
-    assert!(
-        target.starts_with('/')
-            || target
-                .get(..4)
-                .is_some_and(|s| s.eq_ignore_ascii_case("http"))
-            || target == "*",
-        "passed with target {target:?}"
-    );
-    assert!(target.len() <= limits.max_target);
 }
 
 /// The first two values of a header: enough to tell none, one and repeated apart without
@@ -344,18 +242,6 @@ pub(crate) fn valid_host(h: &[u8]) -> Result<(), Refused> {
 mod tests {
     use super::*;
 
-    /// Every input of the committed fuzz corpus, replayed on each test run.
-    #[test]
-    fn the_request_fuzz_corpus_replays() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/request");
-        let mut n = 0;
-        for entry in std::fs::read_dir(&dir).expect("fuzz/corpus/request") {
-            request_invariants(&std::fs::read(entry.expect("entry").path()).expect("read"));
-            n += 1;
-        }
-        assert!(n >= 50, "only {n} inputs in {}", dir.display());
-    }
-
     #[test]
     fn check_raw_sees_what_the_proxy_sees() {
         let limits = Limits::default();
@@ -365,8 +251,8 @@ mod tests {
             b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n";
         assert_eq!(check_raw(smuggle, &limits).map(|r| r.is_err()), Some(true));
         assert_eq!(check_raw(b"GET / HTTP/1.1\r\nHost: x\r\n", &limits), None);
-        request_invariants(ok);
-        request_invariants(smuggle);
+        super::super::invariants::request_invariants(ok);
+        super::super::invariants::request_invariants(smuggle);
     }
 
     fn req(

@@ -1,0 +1,168 @@
+//! Client connections, counted: how many are open and what happened to the ones that ended
+//! early. Written by the connection front and the fast lane, read by the admin listener and
+//! the graceful shutdown. Plain atomics, no I/O.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+
+use crate::metrics::header;
+
+/// Counters of every client connection of the proxy listener.
+#[derive(Debug, Default)]
+pub struct Connections {
+    open: AtomicUsize,
+    refused: AtomicU64,
+    head_timeouts: AtomicU64,
+    drained_idle: AtomicU64,
+    bad_request_lines: AtomicU64,
+    bad_chunks: AtomicU64,
+    lane_requests: AtomicU64,
+    lane_handovers: AtomicU64,
+}
+
+/// Something that ended a client connection early, or moved it between request paths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// Answered 503 at once: `--max-connections` were open.
+    Refused,
+    /// A request head did not arrive within `--header-timeout`.
+    HeadTimeout,
+    /// Idle while a graceful shutdown drained the listener.
+    DrainedIdle,
+    /// The request line as sent was malformed.
+    BadRequestLine,
+    /// A request body's chunked framing was malformed.
+    BadChunk,
+    /// The fast lane handed the connection to the pipeline.
+    LaneHandover,
+}
+
+/// Decrements the open count however a connection ends.
+pub struct Open<'a>(&'a AtomicUsize);
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+impl Connections {
+    /// A connection was accepted: counted open until the returned guard drops. Also returns how
+    /// many are open with it.
+    pub fn open_one(&self) -> (Open<'_>, usize) {
+        let n = self.open.fetch_add(1, Relaxed) + 1;
+        (Open(&self.open), n)
+    }
+
+    /// Client connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Relaxed)
+    }
+
+    pub fn count(&self, event: Event) {
+        self.counter(event).fetch_add(1, Relaxed);
+    }
+
+    pub fn counted(&self, event: Event) -> u64 {
+        self.counter(event).load(Relaxed)
+    }
+
+    fn counter(&self, event: Event) -> &AtomicU64 {
+        match event {
+            Event::Refused => &self.refused,
+            Event::HeadTimeout => &self.head_timeouts,
+            Event::DrainedIdle => &self.drained_idle,
+            Event::BadRequestLine => &self.bad_request_lines,
+            Event::BadChunk => &self.bad_chunks,
+            Event::LaneHandover => &self.lane_handovers,
+        }
+    }
+
+    /// A request the fast lane served.
+    pub fn lane_request(&self) {
+        self.lane_requests.fetch_add(1, Relaxed);
+    }
+
+    pub fn lane_requests(&self) -> u64 {
+        self.lane_requests.load(Relaxed)
+    }
+
+    /// The connection series, in the Prometheus text format.
+    pub fn render(&self, w: &mut String) {
+        for (name, kind, help, value) in [
+            (
+                "rustybalancer_client_connections",
+                "gauge",
+                "Client connections open now.",
+                self.open() as u64,
+            ),
+            (
+                "rustybalancer_client_connections_refused_total",
+                "counter",
+                "Client connections answered 503 because --max-connections were open.",
+                self.counted(Event::Refused),
+            ),
+            (
+                "rustybalancer_request_head_timeouts_total",
+                "counter",
+                "Client connections closed with 408: a request head took longer than --header-timeout.",
+                self.counted(Event::HeadTimeout),
+            ),
+            (
+                "rustybalancer_bad_request_lines_total",
+                "counter",
+                "Requests refused with 400 because the request line as sent was malformed.",
+                self.counted(Event::BadRequestLine),
+            ),
+            (
+                "rustybalancer_bad_chunked_bodies_total",
+                "counter",
+                "Requests refused with 400 because their chunked framing was malformed.",
+                self.counted(Event::BadChunk),
+            ),
+            (
+                "rustybalancer_drained_idle_connections_total",
+                "counter",
+                "Idle keep-alive connections closed by a graceful shutdown.",
+                self.counted(Event::DrainedIdle),
+            ),
+            (
+                "rustybalancer_fast_lane_requests_total",
+                "counter",
+                "Requests served on the fast lane, without the full proxy pipeline.",
+                self.lane_requests(),
+            ),
+            (
+                "rustybalancer_fast_lane_handovers_total",
+                "counter",
+                "Connections the fast lane handed to the full proxy pipeline (a request it does not serve).",
+                self.counted(Event::LaneHandover),
+            ),
+        ] {
+            header(w, name, kind, help);
+            let _ = writeln!(w, "{name} {value}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_open_connection_is_counted_until_its_guard_drops() {
+        let c = Connections::default();
+        let (a, n) = c.open_one();
+        assert_eq!(n, 1);
+        let (b, n) = c.open_one();
+        assert_eq!((n, c.open()), (2, 2));
+        drop(a);
+        drop(b);
+        assert_eq!(c.open(), 0);
+        c.count(Event::Refused);
+        let mut text = String::new();
+        c.render(&mut text);
+        assert!(text.contains("rustybalancer_client_connections 0\n"));
+        assert!(text.contains("rustybalancer_client_connections_refused_total 1\n"));
+    }
+}

@@ -1,0 +1,486 @@
+//! The pipeline: every request the fast lane does not serve, through Pingora's `ProxyHttp`.
+//!
+//! Pingora calls these phases per request; each hands the decision to the shared pieces below
+//! it, so the pipeline answers as the lane does: the request checks and the header editor
+//! (`http1`), routing and the attempt core (`attempt`: which backend, what a failure means,
+//! the final answer, the accounting), the overload queue for capped services (`queue`) and
+//! the proxy's own answers (`answers`). What stays here is the mapping between Pingora's
+//! phases and errors and those decisions. Called by Pingora, under the connection front.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::modules::http::HttpModules;
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorSource, ErrorType};
+use rusty_shared::RequestClass;
+
+use crate::answers::Answer;
+use crate::attempt::{Failure, Routed};
+use crate::clock;
+use crate::http1::editor::{self, HeaderOut, Line, Origin, Proto};
+use crate::http1::request;
+use crate::metrics::UpstreamError;
+use crate::plane::Plane;
+
+pub struct Pipeline {
+    plane: Arc<Plane>,
+}
+
+impl Pipeline {
+    pub fn new(plane: Arc<Plane>) -> Self {
+        Pipeline { plane }
+    }
+}
+
+/// What one request carries between the phases.
+#[derive(Default)]
+pub struct Ctx {
+    /// Set once the request is routed to a service.
+    routed: Option<Routed>,
+    /// The answer the request gets when it fails, decided where the failure was understood.
+    answer: Option<Answer>,
+    response_started: bool,
+    /// Request body bytes seen so far, counted only when a body limit is set.
+    body_bytes: u64,
+    /// The request's priority class: its service's, or the one its class header names.
+    class: RequestClass,
+    /// The backend whose concurrency slot this request holds, if its address is capped.
+    held: Option<u32>,
+    /// The backend whose slot `request_filter` took, for the first attempt.
+    assigned: Option<u32>,
+}
+
+/// The headers the editor adds, collected to be inserted into Pingora's header map.
+#[derive(Default)]
+struct Added(Vec<(&'static str, Vec<u8>)>);
+
+impl HeaderOut for Added {
+    fn start(&mut self, name: &'static str) {
+        self.0.push((name, Vec::new()));
+    }
+    fn value(&mut self, value: &[u8]) {
+        if let Some((_, v)) = self.0.last_mut() {
+            v.extend_from_slice(value);
+        }
+    }
+    fn finish(&mut self) {}
+}
+
+/// The failure a Pingora error stands for, as the attempt core counts it.
+fn connect_failure(e: &Error) -> Failure {
+    Failure::Connect(match e.etype() {
+        ErrorType::ConnectRefused => UpstreamError::ConnectRefused,
+        ErrorType::ConnectTimedout => UpstreamError::ConnectTimeout,
+        _ => UpstreamError::ConnectOther,
+    })
+}
+
+fn upstream_error(e: &Error) -> UpstreamError {
+    match e.etype() {
+        ErrorType::ReadTimedout | ErrorType::WriteTimedout => UpstreamError::ReadTimeout,
+        ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError => {
+            UpstreamError::Closed
+        }
+        _ => UpstreamError::Other,
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Pipeline {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx::default()
+    }
+
+    /// No compression or other downstream modules: nothing to run per request.
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let plane = &*self.plane;
+        // The request line as sent was checked by the connection front before Pingora parsed
+        // it; these are the checks on the parsed head, and the editor's on its headers.
+        let req = session.req_header();
+        let refused = request::check(req, &plane.limits).and_then(|()| {
+            let lines = req
+                .headers
+                .iter()
+                .map(|(n, v)| Line::new(n.as_str().as_bytes(), v.as_bytes()));
+            editor::read_request(lines, req.version == http::Version::HTTP_11).map(drop)
+        });
+        if let Err(why) = refused {
+            // Framing or routing that could be read two ways: answer, close, forward nothing.
+            respond(session, Answer::Refused(why), true).await?;
+            return Ok(true);
+        }
+        // Keep-alive, but not forever: 0 means "infinite" to Pingora, and a client's own
+        // `Keep-Alive: timeout=` may only shorten ours.
+        if let Some(current) = session.get_keepalive() {
+            let ours = plane.keepalive.as_secs();
+            let secs = match current {
+                0 => ours,
+                n => n.min(ours),
+            };
+            session.set_keepalive(Some(secs));
+            // Requests a client pipelines are answered one by one, in order (RFC 9112 §9.3.2),
+            // instead of Pingora's default of answering the first and closing.
+            session.as_downstream_mut().set_pipelining_enabled(true);
+        }
+        let Some(snapshot) = plane.store.current() else {
+            respond(session, Answer::NoTable, false).await?;
+            return Ok(true);
+        };
+        let req = session.req_header();
+        let host = match req.headers.get(http::header::HOST) {
+            Some(h) => h.as_bytes(),
+            None => req
+                .uri
+                .authority()
+                .map_or(&b""[..], |a| a.as_str().as_bytes()),
+        };
+        let Some(service) = snapshot.router.route(host, req.uri.path().as_bytes()) else {
+            respond(session, Answer::NoRoute, false).await?;
+            return Ok(true);
+        };
+        let svc = &snapshot.services[service as usize];
+        // The class only matters where admission does: services with capped backends.
+        if svc.limited {
+            ctx.class = svc
+                .class_header
+                .as_ref()
+                .and_then(|h| req.headers.get(h))
+                .and_then(|v| RequestClass::from_bytes(v.as_bytes()))
+                .unwrap_or(svc.class);
+        }
+        let limited = svc.limited;
+        let routed = ctx
+            .routed
+            .insert(Routed::new(snapshot, service, Instant::now()));
+        // Capped backends: take a slot (or wait for one) before going upstream, so a request
+        // that is shed gets its 503 on a connection that stays open.
+        if limited {
+            if let Some(first) = routed.candidate(clock::now_ms()) {
+                match self.take_slot(ctx, first).await {
+                    Some(i) => ctx.assigned = Some(i),
+                    None => {
+                        let answer = Answer::Shed(ctx.class);
+                        respond(session, answer, false).await?;
+                        return Ok(true);
+                    }
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let pick = match ctx.assigned.take() {
+            // The first attempt goes where request_filter found a slot.
+            Some(i) => Some(i),
+            None => {
+                // A previous attempt failed: its slot goes back before another is taken.
+                self.release_slot(ctx);
+                let routed = ctx.routed.as_mut().ok_or_else(not_routed)?;
+                if routed.service().limited {
+                    match routed.candidate(clock::now_ms()) {
+                        Some(first) => match self.take_slot(ctx, first).await {
+                            Some(i) => Some(i),
+                            None => {
+                                ctx.answer = Some(Answer::Shed(ctx.class));
+                                return Error::e_explain(
+                                    ErrorType::HTTPStatus(503),
+                                    "request shed",
+                                );
+                            }
+                        },
+                        None => None,
+                    }
+                } else {
+                    routed.next(clock::now_ms())
+                }
+            }
+        };
+        let routed = ctx.routed.as_ref().ok_or_else(not_routed)?;
+        match pick {
+            Some(i) => Ok(Box::new(routed.service().backends[i as usize].peer.clone())),
+            // No attempt left: answered for the last failure (a 504 after a timeout, as nginx
+            // does), or 503 when there was no backend at all.
+            None => {
+                let answer = routed.answer();
+                ctx.answer = Some(answer);
+                Error::e_explain(ErrorType::HTTPStatus(answer.status()), "no attempt left")
+            }
+        }
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let routed = ctx.routed.as_ref().ok_or_else(not_routed)?;
+        let client = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip().to_string());
+        let origin = Origin {
+            client: client.as_deref().map(str::as_bytes),
+            proto: Proto::Http,
+        };
+        // HTTP/1.0 clients may send no Host; the request goes upstream as HTTP/1.1, which
+        // needs one.
+        let host = (!upstream.headers.contains_key(http::header::HOST))
+            .then(|| routed.backend())
+            .flatten()
+            .map(|i| routed.service().backends[i as usize].addr.to_string());
+        let host = host.as_deref().map(str::as_bytes);
+        // The downstream head passed `request_filter`'s editor check, so this reads the same.
+        let (remove, added) = {
+            let lines = upstream
+                .headers
+                .iter()
+                .map(|(n, v)| Line::new(n.as_str().as_bytes(), v.as_bytes()));
+            let edit = editor::read_request(lines, upstream.version == http::Version::HTTP_11)
+                .map_err(|why| Error::explain(ErrorType::InvalidHTTPHeader, why.1))?;
+            let remove: Vec<http::HeaderName> = upstream
+                .headers
+                .keys()
+                .filter(|n| !edit.forwards(&Line::new(n.as_str().as_bytes(), b"")))
+                .cloned()
+                .collect();
+            let mut added = Added::default();
+            edit.add_headers(&origin, &self.plane.ids, host, &mut added);
+            (remove, added)
+        };
+        for name in remove {
+            upstream.remove_header(&name);
+        }
+        for (name, value) in added.0 {
+            // The editor writes tokens, addresses and ids: always a valid value.
+            upstream.insert_header(name, value.as_slice())?;
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        ctx.response_started = true;
+        let status = upstream_response.status.as_u16();
+        let names: Vec<http::HeaderName> = {
+            let lines = upstream_response
+                .headers
+                .iter()
+                .map(|(n, v)| Line::new(n.as_str().as_bytes(), v.as_bytes()));
+            let edit = editor::read_response(status, lines);
+            upstream_response
+                .headers
+                .keys()
+                .filter(|n| !edit.forwards(&Line::new(n.as_str().as_bytes(), b"")))
+                .cloned()
+                .collect()
+        };
+        for name in names {
+            upstream_response.remove_header(&name);
+        }
+        if self.plane.shutdown.draining() {
+            // Shutting down: this response tells the client to take its next request elsewhere.
+            session.set_keepalive(None);
+        }
+        Ok(())
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if let Some(routed) = ctx.routed.as_mut() {
+            e.set_retry(routed.fail(connect_failure(&e), clock::now_ms()));
+        }
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        _peer: &HttpPeer,
+        session: &mut Session,
+        mut e: Box<Error>,
+        ctx: &mut Ctx,
+        _client_reused: bool,
+    ) -> Box<Error> {
+        let replayable = session.req_header().method.is_idempotent()
+            && !ctx.response_started
+            && !session.as_ref().retry_buffer_truncated();
+        if let Some(routed) = ctx.routed.as_mut() {
+            let failure = Failure::Answer {
+                kind: upstream_error(&e),
+                replayable,
+            };
+            e.set_retry(routed.fail(failure, clock::now_ms()));
+        }
+        e
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let answer = ctx.answer.take().or_else(|| {
+            if let ErrorType::HTTPStatus(code) = e.etype() {
+                return Some(match *code {
+                    502..=504 => Answer::for_failure(*code),
+                    413 => Answer::PayloadTooLarge,
+                    400..=499 => Answer::Refused(request::Refused(*code, "bad request")),
+                    _ => Answer::Internal,
+                });
+            }
+            let upstream = matches!(
+                e.etype(),
+                ErrorType::ConnectRefused
+                    | ErrorType::ConnectTimedout
+                    | ErrorType::ConnectNoRoute
+                    | ErrorType::ConnectError
+            ) || e.esource() == &ErrorSource::Upstream;
+            match e.esource() {
+                _ if upstream => Some(
+                    ctx.routed
+                        .as_ref()
+                        .map_or(Answer::BadGateway, Routed::answer),
+                ),
+                ErrorSource::Downstream => match e.etype() {
+                    // The client is gone: nothing to answer.
+                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => {
+                        None
+                    }
+                    _ => Some(Answer::Refused(request::Refused(400, "bad request"))),
+                },
+                _ => Some(Answer::Internal),
+            }
+        });
+        if let Some(answer) = answer {
+            // The connection may be unusable (a half-read body): the error path closes it.
+            session.set_keepalive(None);
+            let _ = session
+                .write_error_response(answer.response_header(), answer.body_bytes())
+                .await;
+        }
+        FailToProxy {
+            error_code: answer.map_or(0, Answer::status),
+            can_reuse_downstream: false,
+        }
+    }
+
+    /// Counts a streamed body against `--max-body-bytes` (a `Content-Length` was checked in
+    /// `request_filter`; this catches chunked bodies). Over the limit the request fails with 413
+    /// if no response has begun; the backend sees an aborted upload, never a complete request.
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let (Some(max), Some(chunk)) = (self.plane.limits.max_body, body.as_ref()) {
+            ctx.body_bytes += chunk.len() as u64;
+            if ctx.body_bytes > max {
+                ctx.answer = Some(Answer::PayloadTooLarge);
+                return Error::e_explain(
+                    ErrorType::HTTPStatus(413),
+                    "request body larger than --max-body-bytes",
+                );
+            }
+        }
+        Ok(())
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        self.release_slot(ctx);
+        let code = match session.response_written() {
+            Some(r) => r.status.as_u16(),
+            // Nothing was answered: the client went away (nginx's 499) or we failed.
+            None if e.is_some_and(|e| e.esource() == &ErrorSource::Downstream) => 499,
+            None => 502,
+        };
+        match ctx.routed.as_mut() {
+            Some(routed) => routed.end(code),
+            // Refused, before any table, or matching no service.
+            None => self.plane.metrics.unrouted().count_response(code),
+        }
+    }
+}
+
+fn not_routed() -> Box<Error> {
+    Error::explain(ErrorType::InternalError, "no service routed")
+}
+
+impl Pipeline {
+    /// Give back the slot a request holds, to the best waiter or the backend.
+    fn release_slot(&self, ctx: &mut Ctx) {
+        let Some(i) = ctx.held.take() else { return };
+        if let Some(limiter) = ctx
+            .routed
+            .as_ref()
+            .and_then(|r| r.service().backends[i as usize].limiter.as_ref())
+        {
+            self.plane.queue.release(limiter, clock::now_ms());
+        }
+    }
+
+    /// A slot for the next attempt of a request to a service with capped backends, starting
+    /// from `first` (the round robin's candidate): the backend it is on, which the attempt
+    /// then goes to, or `None` when the request is shed (counted here).
+    async fn take_slot(&self, ctx: &mut Ctx, first: u32) -> Option<u32> {
+        let routed = ctx.routed.as_mut()?;
+        let snap = routed.snapshot().clone();
+        let service = routed.service_index();
+        let granted = self
+            .plane
+            .queue
+            .acquire(
+                &snap,
+                service,
+                ctx.class,
+                first,
+                routed.tried(),
+                clock::now_ms(),
+            )
+            .await;
+        let svc = &snap.services[service as usize];
+        match granted {
+            Some(i) => {
+                routed.begin(i);
+                if svc.backends[i as usize].limiter.is_some() {
+                    ctx.held = Some(i);
+                }
+                Some(i)
+            }
+            None => {
+                svc.counters.count_shed(ctx.class);
+                None
+            }
+        }
+    }
+}
+
+/// A short answer of ours on a connection Pingora keeps unless `close` (or the answer) says so.
+async fn respond(session: &mut Session, answer: Answer, close: bool) -> Result<()> {
+    if close || answer.closes() {
+        session.set_keepalive(None);
+    }
+    session
+        .write_response_header(Box::new(answer.response_header()), false)
+        .await?;
+    session
+        .write_response_body(Some(answer.body_bytes()), true)
+        .await
+}

@@ -1,0 +1,50 @@
+//! What every request path shares, in one value: the table store, the metrics, the overload
+//! queue, the connection counters, the shutdown, the limits and the request ids. Built once by
+//! `server` and handed (in an `Arc`) to the front, the lane, the pipeline and the admin
+//! listener, so none of them reaches into another for state.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::connections::Connections;
+use crate::http1::editor::RequestIds;
+use crate::http1::Limits;
+use crate::metrics::Registry;
+use crate::queue::Queue;
+use crate::shutdown::Shutdown;
+use crate::store::TableStore;
+
+pub struct Plane {
+    pub store: Arc<TableStore>,
+    pub metrics: Arc<Registry>,
+    pub queue: Arc<Queue>,
+    pub connections: Connections,
+    pub shutdown: Shutdown,
+    pub limits: Limits,
+    pub ids: RequestIds,
+    /// How long an idle keep-alive client connection is kept (at least a second).
+    pub keepalive: Duration,
+}
+
+impl Plane {
+    /// A plane around `store` (which shares `metrics` and `queue`), with default connection
+    /// state.
+    pub fn new(
+        store: Arc<TableStore>,
+        metrics: Arc<Registry>,
+        queue: Arc<Queue>,
+        limits: Limits,
+        keepalive: Duration,
+    ) -> Plane {
+        Plane {
+            store,
+            metrics,
+            queue,
+            connections: Connections::default(),
+            shutdown: Shutdown::default(),
+            limits,
+            ids: RequestIds::new(),
+            keepalive: keepalive.max(Duration::from_secs(1)),
+        }
+    }
+}
