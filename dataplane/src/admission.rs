@@ -1,23 +1,9 @@
-//! Admission under overload, the decisions: per-backend concurrency slots and who of the
-//! requests waiting gets a freed one.
-//!
-//! A service may cap the requests in flight per backend address (`max_inflight` in the table).
-//! The cap belongs to the address, so services sharing a backend share its slots; an address
-//! takes the smallest cap of the services that list it. While a backend has a free slot a
-//! request takes it with one compare-and-swap ([`Limiter`]): no lock, no allocation, and
-//! nothing at all for addresses without a cap. When every backend a request may use is full it
-//! waits in the overload queue (`queue`), which asks this module:
-//!
-//! - [`choose`]: a freed slot goes straight to the waiting request of the **highest class**
-//!   (`critical` > `normal` > `bulk`) that can use that backend, first come first served within
-//!   a class; but while lower classes wait, every [`SHARE_EVERY`]th slot handed over goes to the
-//!   longest-waiting request of a class below the best one waiting. So a lower class gets at
-//!   least 1 in 10 freed slots and is never starved, and a higher class at least 9 in 10.
-//! - [`victim`]: when the queue is full, a newcomer of a higher class than the lowest one
-//!   waiting takes the place of the **newest** request of that lowest class (which is shed:
-//!   503); otherwise the newcomer is shed.
-//!
-//! Pure functions and one atomic counter: no clock, no I/O, no lock.
+//! Admission under overload, the decisions: a backend address's concurrency slots
+//! ([`Limiter`], one compare-and-swap) and, for the overload queue (`queue`), who gets a freed
+//! slot ([`choose`]: highest class first, but every [`SHARE_EVERY`]th to a lower class) and whom
+//! a full queue sheds ([`victim`]: the newest of the lowest class below the newcomer). Pure
+//! functions and atomics: no clock, no I/O, no lock. The rules are in `docs/dataplane.md`
+//! ("Priorities under overload").
 
 use std::sync::atomic::{AtomicU32, Ordering};
 

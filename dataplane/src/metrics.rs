@@ -1,18 +1,9 @@
-//! Prometheus metrics of the data plane, kept in atomics and rendered on scrape.
-//!
-//! Counters live in [`Registry`] keyed by service and backend, so they survive table swaps (a
-//! counter must not reset just because version 8 replaced version 7). When a table is installed
-//! the snapshot receives `Arc` handles to the counters of everything it lists; the request path
-//! then only does relaxed atomic adds on handles it already holds: no lock, no allocation and no
-//! label lookup per request. Series of services and backends that leave the table are dropped at
-//! the next install, so churn in backend ids does not grow memory without bound.
-//!
-//! Only metrics live here: the connection counters (`connections`), the drain flag
-//! (`shutdown`) and the overload queue (`queue`) are their own, and render their own series
+//! The data plane's Prometheus metrics, kept in atomics and rendered on scrape. Counters live in
+//! the [`Registry`] across table swaps; a snapshot holds `Arc` handles to the series its table
+//! can produce, so a request does relaxed adds on handles it already has — no lock, no
+//! allocation, no label lookup — and series of what left the table are dropped at the next
+//! install. Only metrics: connections, the drain flag and the queue render their own series
 //! with [`header`].
-//!
-//! Status codes are counted in fixed slots: every code RFC 9110 defines plus the common extras
-//! get their own slot; any other code is counted under its class (`code="5xx"`).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

@@ -1,20 +1,10 @@
-//! Picking a backend for one request: round robin within a tier, Envoy-style spill across tiers,
-//! passive health by local ejection.
-//!
-//! A [`Balancer`] holds one service's tiers, schedules and ejection deadlines; it is built
-//! when a table is installed and lives in its snapshot. It never reads the clock: every call
-//! that depends on time takes `now` (milliseconds of `clock::now_ms`), so tests step time.
-//!
-//! The fast path, taken whenever no backend of the service is ejected, is one `arc-swap` load
-//! (no refcount change), one relaxed `fetch_add` and an index into the precomputed schedule:
-//! O(1), no lock, no allocation. With every backend in good standing tier 0 always takes all
-//! traffic (its health is 100 % × overprovisioning), so the tier loads need not be consulted.
-//!
-//! The slow path runs while some backend is ejected: it chooses a tier by the spill loads
-//! (recomputed only when an ejection starts or expires), walks that tier's schedule past ejected
-//! backends and backends this request already tried, and falls back to the other tiers. When no
-//! backend in good standing is left it ignores ejections (Envoy's panic mode) rather than fail a
-//! request a recovered backend could serve; each backend is still tried at most once per request.
+//! Picking a backend for one request: smooth weighted round robin within a tier, Envoy-style
+//! spill across tiers, passive health by local ejection. A [`Balancer`] per service is built
+//! when a table is installed and lives in its snapshot; every call that depends on time takes
+//! `now`, so tests step time instead of sleeping. The fast path (nothing ejected) is one
+//! `arc-swap` load, one relaxed `fetch_add` and an index; the slow path walks past ejected and
+//! already-tried backends and, with nothing in good standing left, ignores ejections (Envoy's
+//! panic mode). The rules are in `docs/dataplane.md` ("Selection").
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;

@@ -1,14 +1,7 @@
-//! Startup and shutdown of the data plane.
-//!
-//! Startup order matters: the state dir and the table file are loaded *before* any listener
-//! accepts, so a restarted data plane serves its last good table from the first connection even
-//! with the agent down. Shutdown on SIGTERM: Pingora stops accepting, responses tell keep-alive
-//! clients to close and the front closes idle connections after a short window (see `front`);
-//! [`Drain`] then ends the process as soon as no request is in flight and no connection is open,
-//! bounded by the grace period, instead of always sleeping the whole period. SIGQUIT is the
-//! same after handing the listening sockets to a new process started with `--upgrade` (which
-//! serves the state dir's table from its first request). This is the wiring: it builds the
-//! plane and hands it to every part; nothing else constructs them.
+//! The wiring: flags to a running data plane. It builds the plane and hands it to every part
+//! (nothing else constructs them), loads the state dir and the table file *before* any listener
+//! accepts, and owns the end: after SIGTERM (or SIGQUIT once an `--upgrade` took the sockets)
+//! [`Drain`] exits as soon as no client connection is left, bounded by the grace period.
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;

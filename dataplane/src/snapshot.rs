@@ -1,13 +1,8 @@
-//! The installed table, in the shape the request paths read it.
-//!
-//! A [`Snapshot`] is built once per table from a validated table by the store: the router,
-//! each service's balancer, a ready-made upstream peer per backend, the metric handles of
-//! every series the table can produce and the concurrency slots of capped addresses. It is
-//! immutable apart from atomics (round-robin positions and ejection deadlines) and is swapped
-//! in whole, so a request sees either the old table or the new one, never a mix. A new table
-//! takes over the ejections of the backends it lists unchanged (same service, id and address):
-//! agents publish often, and a backend that keeps refusing connections must not be forgiven by
-//! each of those tables.
+//! The installed table, in the shape the request paths read it: the router, each service's
+//! balancer, a ready-made upstream peer per backend, the metric handles and the slots of capped
+//! addresses. Built once per table by the store, immutable apart from atomics, swapped in whole.
+//! A new table takes over the ejections of the backends it lists unchanged (same service, id
+//! and address), so frequent tables do not forgive a backend that keeps failing.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

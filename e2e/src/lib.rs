@@ -700,3 +700,112 @@ pub fn proxy_to(a: &Echo, tag: &str, extra: &[&str]) -> (TempDir, Lb) {
     lb.wait_version(1, Duration::from_secs(10));
     (dir, lb)
 }
+
+/// Reading answers off a raw client connection exactly as a client must frame them, for tests
+/// that compare answers byte for byte (the lane against the pipeline).
+pub mod wire {
+    use std::io::{BufRead, BufReader, Read};
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    /// One response read off a client connection.
+    #[derive(Debug)]
+    pub struct Answer {
+        pub status: u16,
+        pub head: String,
+        pub body: Vec<u8>,
+    }
+
+    impl Answer {
+        pub fn header(&self, name: &str) -> Option<&str> {
+            self.head.lines().skip(1).find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case(name).then(|| v.trim())
+            })
+        }
+
+        /// The head's lines (status line first), lower-cased and sorted, without `Date`.
+        pub fn head_lines(&self) -> Vec<String> {
+            let mut lines: Vec<String> = self
+                .head
+                .lines()
+                .filter(|l| !l.to_ascii_lowercase().starts_with("date:"))
+                .filter(|l| !l.is_empty())
+                .map(str::to_ascii_lowercase)
+                .collect();
+            lines.sort();
+            lines
+        }
+    }
+
+    /// A connection and a buffered reader on it, with a 10 s read timeout.
+    pub fn connect(port: u16) -> (TcpStream, BufReader<TcpStream>) {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let r = BufReader::new(s.try_clone().unwrap());
+        (s, r)
+    }
+
+    /// The next answer: its head, then the body its framing gives (none after a `HEAD`).
+    pub fn read_answer(r: &mut BufReader<TcpStream>, head_request: bool) -> Answer {
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            assert!(
+                r.read_line(&mut line).unwrap() > 0,
+                "closed mid-head: {head:?}"
+            );
+            head.push_str(&line);
+            if line == "\r\n" {
+                break;
+            }
+        }
+        let status: u16 = head[9..12].parse().unwrap();
+        let mut a = Answer {
+            status,
+            head,
+            body: Vec::new(),
+        };
+        if head_request || status < 200 || status == 204 || status == 304 {
+            return a;
+        }
+        if a.header("transfer-encoding").is_some() {
+            loop {
+                let mut size = String::new();
+                r.read_line(&mut size).unwrap();
+                let n = usize::from_str_radix(size.trim_end(), 16).unwrap();
+                let mut chunk = vec![0; n + 2];
+                r.read_exact(&mut chunk).unwrap();
+                if n == 0 {
+                    assert_eq!(chunk, b"\r\n", "no trailers expected");
+                    return a;
+                }
+                a.body.extend_from_slice(&chunk[..n]);
+            }
+        }
+        match a.header("content-length") {
+            Some(n) => {
+                let mut body = vec![0; n.parse().unwrap()];
+                r.read_exact(&mut body).unwrap();
+                a.body = body;
+            }
+            None => {
+                r.read_to_end(&mut a.body).unwrap();
+            }
+        }
+        a
+    }
+
+    /// Send `request` on a new connection and read one answer, or `None` if the connection
+    /// closed without one.
+    pub fn exchange(port: u16, request: &[u8]) -> Option<Answer> {
+        use std::io::Write;
+        let (mut s, mut r) = connect(port);
+        s.write_all(request).unwrap();
+        if r.fill_buf().map_or(true, |b| b.is_empty()) {
+            return None;
+        }
+        let head = request.starts_with(b"HEAD");
+        Some(read_answer(&mut r, head))
+    }
+}

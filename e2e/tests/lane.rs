@@ -9,6 +9,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
+use rusty_e2e::wire::{connect, read_answer, Answer};
 use rusty_e2e::*;
 
 /// A backend of canned answers, one per path, on a real socket: the framings rusty-echo does
@@ -83,79 +84,6 @@ fn serve_canned(conn: TcpStream) {
             return;
         }
     }
-}
-
-/// One response read off a client connection, framed as a client must frame it.
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    head: String,
-    body: Vec<u8>,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.head.lines().skip(1).find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case(name).then(|| v.trim())
-        })
-    }
-}
-
-fn read_answer(r: &mut BufReader<TcpStream>, head_request: bool) -> Answer {
-    let mut head = String::new();
-    loop {
-        let mut line = String::new();
-        assert!(
-            r.read_line(&mut line).unwrap() > 0,
-            "closed mid-head: {head:?}"
-        );
-        head.push_str(&line);
-        if line == "\r\n" {
-            break;
-        }
-    }
-    let status: u16 = head[9..12].parse().unwrap();
-    let mut a = Answer {
-        status,
-        head,
-        body: Vec::new(),
-    };
-    if head_request || status < 200 || status == 204 || status == 304 {
-        return a;
-    }
-    if a.header("transfer-encoding").is_some() {
-        loop {
-            let mut size = String::new();
-            r.read_line(&mut size).unwrap();
-            let n = usize::from_str_radix(size.trim_end(), 16).unwrap();
-            let mut chunk = vec![0; n + 2];
-            r.read_exact(&mut chunk).unwrap();
-            if n == 0 {
-                assert_eq!(chunk, b"\r\n", "no trailers expected");
-                return a;
-            }
-            a.body.extend_from_slice(&chunk[..n]);
-        }
-    }
-    match a.header("content-length") {
-        Some(n) => {
-            let mut body = vec![0; n.parse().unwrap()];
-            r.read_exact(&mut body).unwrap();
-            a.body = body;
-        }
-        None => {
-            r.read_to_end(&mut a.body).unwrap();
-        }
-    }
-    a
-}
-
-fn connect(port: u16) -> (TcpStream, BufReader<TcpStream>) {
-    let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let r = BufReader::new(s.try_clone().unwrap());
-    (s, r)
 }
 
 fn lb_for(addr: &str, tag: &str, extra: &[&str]) -> (TempDir, Lb) {
@@ -311,14 +239,7 @@ fn forwarded(body: &[u8]) -> Vec<String> {
 }
 
 fn response_headers(a: &Answer) -> Vec<String> {
-    let mut lines: Vec<String> = a
-        .head
-        .lines()
-        .filter(|l| !l.to_ascii_lowercase().starts_with("date:"))
-        .map(str::to_ascii_lowercase)
-        .collect();
-    lines.sort();
-    lines
+    a.head_lines()
 }
 
 #[test]

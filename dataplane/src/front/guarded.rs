@@ -1,21 +1,8 @@
-//! The guarded client stream: a whole-head deadline, checks on the bytes as sent, and a
-//! graceful close of idle connections while draining. The front wraps every client stream in
-//! one; the lane and the pipeline read through it without knowing.
-//!
-//! Pingora times each read of a request head, not the whole head, so a client that trickles a
-//! byte every few seconds would hold its connection forever (slowloris). The deadline here is
-//! for each whole request head, counted from accept for the first request and from the first
-//! byte of the head for later ones on a keep-alive connection (HAProxy's `timeout
-//! http-request`); past it the client gets `408` and the connection is closed. Waiting
-//! *between* requests is the keep-alive timeout's business. While draining, a connection idle
-//! between requests is closed [`DRAIN_IDLE`] after the shutdown began — long enough for a
-//! client that just got a keep-alive response to send its next request and get an answer,
-//! instead of an RST.
-//!
-//! The stream sees bytes, not HTTP: `http1::scan` tells it where heads begin and end and
-//! refuses a malformed request line or chunked framing (`400` and a close), which Pingora's
-//! parser would otherwise normalise away. Bodies and upgraded tunnels pass unscanned, and the
-//! common case (a whole head in one read) arms no timer.
+//! The guarded client stream: a deadline for each whole request head (408), the byte scan's
+//! checks on the bytes as sent (400), and the graceful close of a connection idle while
+//! draining. The front wraps every client stream in one; the lane and the pipeline read
+//! through it without knowing. It sees bytes, not HTTP, and arms no timer when a head arrives
+//! in one read. Why each guard exists: `docs/request-path.md` ("Why the front guards").
 
 use std::fmt;
 use std::future::Future;

@@ -1,14 +1,7 @@
-//! Request and response heads on the fast lane: pure functions over bytes, no I/O.
-//!
-//! [`plain_request`] decides whether a request is one the lane serves (a bodiless `GET` or
-//! `HEAD` over HTTP/1.1 with one valid `Host` and nothing that changes how the connection or
-//! its framing works) and, if so, writes the head that goes upstream, with the headers the
-//! editor keeps and adds. Anything else is `NotPlain` and goes to the full Pingora pipeline,
-//! which owns every rule about unusual requests; so the lane only has to recognise the
-//! ordinary, never to judge the odd.
-//!
-//! [`response_head`] reads a backend's response head and writes the one the client gets,
-//! with the body's framing, so the body can be passed through byte for byte.
+//! The fast lane's heads, as pure functions over bytes: [`plain_request`] says whether a
+//! request is one the lane serves and writes its upstream head with the editor's rules;
+//! [`response_head`] reads a backend's head, finds the body's framing and writes the client's
+//! head. The lane only recognises the ordinary; anything else is `NotPlain`, for the pipeline.
 
 use std::mem::MaybeUninit;
 use std::ops::Range;

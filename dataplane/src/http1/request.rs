@@ -1,30 +1,9 @@
-//! Request validation: what a proxy must refuse before forwarding anything, in one place.
-//!
-//! Pingora's parser rejects what `httparse` cannot parse (bad tokens in header names, control
-//! bytes in values, obs-fold). This adds the framing and routing rules of RFC 9112 §3.2, §6.1,
-//! §6.3 and RFC 9110 §7.2 that a parser alone does not enforce, where a lenient proxy lets a
-//! request be read one way here and another way by the backend (request smuggling):
-//!
-//! - `Transfer-Encoding` together with `Content-Length`: Pingora's parser already takes the other
-//!   way RFC 9112 §6.1 allows: it drops `Content-Length`, reads the body as chunked and closes the
-//!   connection after the response, so nothing can follow the body on that connection. The check
-//!   below refuses the pair if it ever reaches us.
-//! - `Transfer-Encoding` other than exactly one `chunked`, or on an HTTP/1.0 request: refused.
-//! - `Content-Length` that is not a single run of digits (lists, signs, spaces, repeats): refused.
-//! - HTTP/1.1 without a `Host`, with more than one, or with one that is not `host[:port]`
-//!   (userinfo, commas, spaces, an empty or out-of-range port): refused. HTTP/1.0 without `Host`
-//!   is valid; the proxy supplies one upstream.
-//! - A request target with control bytes, spaces, non-ASCII or a fragment (checked as sent, in
-//!   `scan`), or that is not origin-form (`/…`), absolute-form (`http://…`), or `*` for
-//!   OPTIONS: refused.
-//!
-//! Size limits come first, with nginx's and HAProxy's usual bounds as defaults ([`Limits`]): a
-//! request target over the limit gets 414, a header line, the whole head or the header count
-//! over theirs 431. (Pingora itself reads heads up to 1 MiB; these keep what we forward, and what
-//! a backend must parse, within ordinary bounds.)
-//!
-//! Every refusal closes the connection: after a framing error nothing that follows on that
-//! connection can be trusted.
+//! The request checks: what a proxy must refuse before forwarding anything — sizes over the
+//! limits (414, 431, 413), framing a backend could read another way (RFC 9112 §6.1, §6.3), a
+//! missing, repeated or malformed `Host`, a target that is not origin-, absolute- or asterisk-
+//! form. Called by the pipeline on Pingora's parsed head (the lane hands anything unusual
+//! over). Every refusal closes the connection. The rules, and why each, are in
+//! `docs/dataplane.md` ("Request validation").
 
 use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::{Method, Version};

@@ -1,16 +1,8 @@
-//! Byte-level scanning of what a client sends, for [`super::Guarded`]: where each request
-//! begins and ends, whether its request line is well-formed as sent, and whether a chunked
-//! body's framing is. Pure state machines fed one read at a time, so a message split anywhere
-//! scans the same.
-//!
-//! Request boundaries come from the requests alone (the head, then a body framed by
-//! `Content-Length` or chunked coding), never from the responses: a response may begin before
-//! its request's body is in, and pipelined requests may arrive while a response streams.
-//!
-//! This is not a second HTTP parser: Pingora parses every request. It only sees what Pingora
-//! normalises away before our checks in `check` could: spaces or control bytes in a target
-//! (percent-escaped by Pingora), and chunk framing (Pingora accepts control bytes in a chunk
-//! extension and reads an empty chunk-size line as the last chunk).
+//! The byte scan of what a client sends: where each request begins and ends (from the requests'
+//! own framing, never the responses), whether its request line is well formed as sent, and
+//! whether a chunked body's framing is — what Pingora's parser would normalise away before our
+//! checks could see it. Pure state machines fed one read at a time, so bytes split anywhere
+//! scan the same. Fed by the front's guarded stream.
 
 /// Where the client's side of a connection is, as far as its bytes tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -653,6 +645,109 @@ mod tests {
             b"5;name=\"caf\xc3\xa9\"\r\nabcde\r\n0\r\n\r\n",
         ] {
             assert_eq!(refusal(&chunked(body)), None, "{}", body.escape_ascii());
+        }
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// One request of a pipelined stream: a head and the body its framing announces.
+        fn request() -> impl Strategy<Value = Vec<u8>> {
+            let body = prop_oneof![
+                Just(None),
+                proptest::collection::vec(any::<u8>(), 0..40).prop_map(Some),
+            ];
+            let chunked = any::<bool>();
+            let path = "/[a-z0-9/?=]{0,12}";
+            (path, body, chunked).prop_map(|(path, body, chunked)| match body {
+                None => format!("GET /{path} HTTP/1.1\r\nHost: a\r\n\r\n").into_bytes(),
+                Some(b) if chunked => {
+                    let mut out = format!(
+                        "POST /{path} HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    )
+                    .into_bytes();
+                    for part in b.chunks(7) {
+                        out.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+                        out.extend_from_slice(part);
+                        out.extend_from_slice(b"\r\n");
+                    }
+                    out.extend_from_slice(b"0\r\n\r\n");
+                    out
+                }
+                Some(b) => {
+                    let mut out = format!(
+                        "PUT /{path} HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
+                        b.len()
+                    )
+                    .into_bytes();
+                    out.extend_from_slice(&b);
+                    out
+                }
+            })
+        }
+
+        /// Which of `chunks` a head ended in, the phase after all of them, and the first
+        /// refusal (after which nothing more is fed).
+        fn scan(chunks: &[&[u8]]) -> (Vec<usize>, Phase, Option<Bad>) {
+            let mut phase = Phase::head();
+            let mut ended = vec![];
+            for (i, c) in chunks.iter().enumerate() {
+                match feed(&mut phase, c) {
+                    Ok(true) => ended.push(i),
+                    Ok(false) => {}
+                    Err(bad) => return (ended, phase, Some(bad)),
+                }
+            }
+            (ended, phase, None)
+        }
+
+        /// The chunks of `bytes` cut at `cuts`.
+        fn split<'a>(bytes: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
+            let mut at: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+            at.sort();
+            let mut out = vec![];
+            let mut last = 0;
+            for a in at.into_iter().chain([bytes.len()]) {
+                out.push(&bytes[last..a]);
+                last = a;
+            }
+            out
+        }
+
+        proptest! {
+            #[test]
+            fn the_scan_finds_the_same_boundaries_however_the_bytes_are_split(
+                stream in proptest::collection::vec(request(), 1..5),
+                noise in proptest::collection::vec(any::<u8>(), 0..8),
+                cuts in proptest::collection::vec(any::<usize>(), 0..12),
+            ) {
+                let mut bytes = stream.concat();
+                // Whatever follows the requests (a refusal, or the start of another head).
+                bytes.extend_from_slice(&noise);
+                // The reference: one byte at a time, so each boundary is at a known byte.
+                let bytewise: Vec<&[u8]> = bytes.chunks(1).collect();
+                let (ends, phase, bad) = scan(&bytewise);
+                let chunks = split(&bytes, &cuts);
+                let (got_ends, got_phase, got_bad) = scan(&chunks);
+                prop_assert_eq!(got_bad, bad);
+                if bad.is_none() {
+                    prop_assert_eq!(got_phase, phase);
+                    // Each head ends in the chunk holding its last byte.
+                    let mut starts = vec![0];
+                    for c in &chunks {
+                        starts.push(starts.last().unwrap() + c.len());
+                    }
+                    let chunk_of = |byte: usize| starts.iter().rposition(|&s| s <= byte).unwrap();
+                    let mut want: Vec<usize> = ends.iter().map(|&b| chunk_of(b)).collect();
+                    want.dedup();
+                    prop_assert_eq!(got_ends, want);
+                }
+                // The whole valid stream scans as whole requests: every head found.
+                let (whole_ends, _, whole_bad) = scan(&bytewise[..stream.concat().len()]);
+                prop_assert_eq!(whole_bad, None);
+                prop_assert_eq!(whole_ends.len(), stream.len());
+            }
         }
     }
 }

@@ -1,19 +1,9 @@
-//! The fast lane: ordinary requests proxied without Pingora's per-request phase pipeline.
-//!
-//! Most traffic in front of containers is the same simple exchange, a bodiless `GET` answered
-//! with a framed body, so the lane serves exactly that on the client connection Pingora's
-//! listener accepted — with the same routing, attempt core, header editor, answers and metrics
-//! as the pipeline — and hands everything else over to it (`docs/request-path.md` walks both).
-//! Called by the connection front, which owns the connection before and after.
-//!
-//! The lane decides before anything goes upstream: a request that is not plain (see
-//! [`plain_request`]), that routes nowhere, to a service with capped backends (admission queues
-//! live in the pipeline) or to one with no backend at all, is handed to Pingora with every byte
-//! read so far put back in front of the stream; the connection then stays with Pingora. Once
-//! the lane has sent a request upstream it sees it through, so no request is ever attempted by
-//! both. Per request it reads the client once, writes the backend once, reads it once and
-//! writes the client once (for a response that fits in one read), with buffers owned by the
-//! connection and upstream connections pooled per thread ([`pool`]).
+//! The fast lane: plain requests (a bodiless `GET` or `HEAD` over HTTP/1.1) served on the
+//! connection the front gives it, without Pingora's per-request phases, through the same
+//! router, attempt core, header editor and answers as the pipeline. It decides before anything
+//! goes upstream: whatever it does not serve (see [`plain_request`]) it hands back, with the
+//! bytes it read, and never attempts a request the pipeline will. Called by the front only.
+//! `docs/request-path.md` walks both paths.
 
 pub mod pool;
 

@@ -1,17 +1,7 @@
-//! Idle upstream connections of the fast lane, kept per worker thread.
-//!
-//! A thread-local map needs no lock and no atomic: a connection is taken and put back between
-//! awaits, so no borrow is held across a suspension point. A task that moves to another worker
-//! just uses that worker's pool. Connections are reused most-recent first, which keeps the hot
-//! ones hot and lets the rest age out: one idle longer than [`IDLE`] is dropped when reached or
-//! by a sweep of the whole map every [`IDLE`] (backends that left a table), and a backend's
-//! pool holds at most [`MAX_IDLE`].
-//!
-//! A connection is checked before reuse with one non-blocking read: anything there (bytes a
-//! backend sent after its response, or its close) and the connection is dropped, so nothing a
-//! backend sent for one request can be read as the answer to another. A close that lands
-//! between that check and the request is found on use; the lane then retries once on a new
-//! connection (`mod.rs`).
+//! Idle upstream connections of the fast lane, per worker thread (no lock, no atomic), reused
+//! most recent first, swept when idle past [`IDLE`], at most [`MAX_IDLE`] per backend. A
+//! connection is checked quiet with one non-blocking read before reuse, so bytes a backend sent
+//! after one answer are never read as another's. Used by the lane only.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
