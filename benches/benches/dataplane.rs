@@ -105,6 +105,7 @@ fn request_path(c: &mut Criterion) {
         let ids = RequestIds::new();
         let origin = Origin {
             client: Some(b"127.0.0.1"),
+            trusted: false,
             proto: Proto::Http,
         };
         let mut req = RequestHeader::build("GET", b"/api/users?id=7", None).unwrap();
@@ -138,7 +139,7 @@ fn request_path(c: &mut Criterion) {
                     .headers
                     .iter()
                     .map(|(n, v)| editor::Line::new(n.as_str().as_bytes(), v.as_bytes()));
-                let edit = editor::read_request(lines, true).unwrap();
+                let edit = editor::read_request(lines, true, false).unwrap();
                 let mut added = Added(Vec::new());
                 edit.add_headers(&origin, &ids, None, &mut added);
                 for (n, v) in added.0 {
@@ -161,6 +162,7 @@ fn lane(c: &mut Criterion) {
     let ids = RequestIds::with_prefix(7);
     let origin = Origin {
         client: Some(b"127.0.0.1"),
+        trusted: false,
         proto: Proto::Http,
     };
     // What wrk and a typical backend send.

@@ -34,6 +34,10 @@ pub enum Failure {
         kind: UpstreamError,
         replayable: bool,
     },
+    /// A pooled connection turned out closed before any byte of an answer: the backend is not
+    /// to blame, but the request may have reached it, so the attempt counts. A replayable
+    /// request may go again, to the same backend, on a new connection.
+    Stale { replayable: bool },
 }
 
 impl Failure {
@@ -46,13 +50,7 @@ impl Failure {
                 kind: UpstreamError::ReadTimeout,
                 ..
             } => 504,
-            Failure::Answer { .. } => 502,
-        }
-    }
-
-    fn kind(self) -> UpstreamError {
-        match self {
-            Failure::Connect(kind) | Failure::Answer { kind, .. } => kind,
+            Failure::Answer { .. } | Failure::Stale { .. } => 502,
         }
     }
 }
@@ -65,6 +63,8 @@ pub struct Routed {
     tried: [u32; MAX_TRIES],
     tries: usize,
     last: Option<Failure>,
+    /// The failure before `last`.
+    before_last: Option<Failure>,
     ended: bool,
 }
 
@@ -80,6 +80,7 @@ impl Routed {
             tried: [0; MAX_TRIES],
             tries: 0,
             last: None,
+            before_last: None,
             ended: false,
         }
     }
@@ -108,9 +109,13 @@ impl Routed {
     }
 
     /// The backend for the next attempt, which begins: `None` when the retry budget is spent
-    /// or every backend has been tried.
+    /// or every backend has been tried. After a stale pooled connection it is the same backend
+    /// again.
     pub fn next(&mut self, now: u64) -> Option<u32> {
-        let i = self.candidate(now)?;
+        let i = match (self.last, self.backend()) {
+            (Some(Failure::Stale { .. }), Some(same)) if self.budget_left() => same,
+            _ => self.candidate(now)?,
+        };
         self.begin(i);
         Some(i)
     }
@@ -141,22 +146,36 @@ impl Routed {
     /// connection. True when another attempt may follow (budget left, and nothing was sent or
     /// the request can be replayed); the path then asks [`Routed::next`] for the backend.
     pub fn fail(&mut self, failure: Failure, now: u64) -> bool {
-        self.last = Some(failure);
+        self.before_last = self.last.replace(failure);
         let Some(i) = self.backend() else {
             return false;
         };
+        // A pooled connection went stale and a new one to the same backend is refused: the
+        // backend is gone, and neither attempt reached it. They count as one.
+        if matches!(failure, Failure::Connect(_))
+            && matches!(self.before_last, Some(Failure::Stale { .. }))
+            && self.tries >= 2
+            && self.tried[self.tries - 2] == i
+        {
+            self.tries -= 1;
+        }
         let svc = self.service();
         let backend = &svc.backends[i as usize];
-        backend.counters.count_error(failure.kind());
         let may_retry = match failure {
-            Failure::Connect(_) => {
+            Failure::Connect(kind) => {
+                backend.counters.count_error(kind);
                 if svc.balancer.eject(i, now) {
                     warn!(service = %svc.name, backend = %backend.id,
                         "backend ejected after a failed connect");
                 }
                 true
             }
-            Failure::Answer { replayable, .. } => replayable,
+            Failure::Answer { kind, replayable } => {
+                backend.counters.count_error(kind);
+                replayable
+            }
+            // The pool's staleness, not the backend's failure: not counted against it.
+            Failure::Stale { replayable } => replayable,
         };
         may_retry && self.budget_left()
     }
@@ -299,6 +318,62 @@ mod tests {
         assert!(r.fail(CLOSED_GET, NOW), "the budget allows more");
         assert_eq!(r.next(NOW), None, "but both backends were tried");
         assert_eq!(r.answer(), Answer::BadGateway);
+    }
+
+    #[test]
+    fn a_stale_pooled_connection_costs_an_attempt_on_the_same_backend() {
+        let snap = snapshot(3, 2);
+        let mut r = routed(&snap);
+        let first = r.next(NOW).unwrap();
+        let stale = Failure::Stale { replayable: true };
+        assert!(r.fail(stale, NOW));
+        assert_eq!(
+            r.next(NOW),
+            Some(first),
+            "the same backend, on a new connection"
+        );
+        assert!(r.fail(stale, NOW));
+        assert_eq!(r.next(NOW), Some(first));
+        assert!(
+            !r.fail(stale, NOW),
+            "three arrivals: the budget of 2 retries is spent"
+        );
+        assert_eq!(r.next(NOW), None);
+        assert_eq!(r.tried(), &[first, first, first]);
+        let counters = &r.service().backends[first as usize].counters;
+        assert_eq!(
+            counters.errors(UpstreamError::Closed),
+            0,
+            "not the backend's failure"
+        );
+        assert!(!r.service().balancer.ejected(first, NOW));
+        // A request that cannot be replayed does not go again.
+        let mut post = routed(&snap);
+        post.next(NOW).unwrap();
+        assert!(!post.fail(Failure::Stale { replayable: false }, NOW));
+    }
+
+    #[test]
+    fn a_stale_connection_to_a_backend_that_is_gone_costs_one_attempt_not_two() {
+        let snap = snapshot(3, 2);
+        let mut r = routed(&snap);
+        // Two backends died: each one's pooled connection is stale, each new one refused.
+        let first = r.next(NOW).unwrap();
+        assert!(r.fail(Failure::Stale { replayable: true }, NOW));
+        assert_eq!(r.next(NOW), Some(first));
+        assert!(r.fail(REFUSED, NOW));
+        let second = r.next(NOW).unwrap();
+        assert_ne!(second, first);
+        assert!(r.fail(Failure::Stale { replayable: true }, NOW));
+        assert_eq!(r.next(NOW), Some(second));
+        assert!(
+            r.fail(REFUSED, NOW),
+            "two attempts spent, one left of 2 retries"
+        );
+        // The third backend takes it: within the budget of three attempts.
+        let third = r.next(NOW).unwrap();
+        assert!(third != first && third != second);
+        assert_eq!(r.tried(), &[first, second, third]);
     }
 
     #[test]

@@ -54,6 +54,11 @@ pub struct Args {
     #[arg(long, default_value_t = 60, value_name = "SECONDS")]
     pub keepalive_timeout: u64,
 
+    /// Seconds a write to a client may wait for the client to read before the connection is
+    /// closed (nginx's send_timeout).
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    pub send_timeout: u64,
+
     /// Seconds a whole request head may take to arrive, however slowly its bytes trickle in
     /// (counted from accept for a connection's first request); later gets 408 and a close.
     #[arg(long, default_value_t = 10, value_name = "SECONDS")]
@@ -111,6 +116,12 @@ pub struct Args {
     /// the temp dir, so both processes agree on it without being told).
     #[arg(long, value_name = "PATH")]
     pub upgrade_sock: Option<PathBuf>,
+
+    /// Proxies whose X-Forwarded-For, X-Forwarded-Host, Forwarded and X-Real-IP are believed:
+    /// addresses or address/prefix ranges, comma-separated (e.g. 10.0.0.0/8,192.0.2.7). From
+    /// any other client those headers are dropped and X-Forwarded-For starts at the client.
+    #[arg(long, value_name = "CIDRS", value_delimiter = ',')]
+    pub trusted_proxies: Vec<crate::http1::trust::Cidr>,
 
     /// Log filter (tracing's env-filter syntax); RUST_LOG overrides it.
     #[arg(long, default_value = "info")]

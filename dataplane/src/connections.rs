@@ -1,8 +1,11 @@
-//! Client connections, counted: how many are open and what happened to the ones that ended
-//! early. Written by the connection front and the fast lane, read by the admin listener and
-//! the graceful shutdown. Plain atomics, no I/O.
+//! Client connections: how many are open, what happened to the ones that ended early (written
+//! by the front and the lane, read by the admin listener and the graceful shutdown), and the
+//! one fact about a connection that two request paths share while it lives: whether it has
+//! switched protocols ([`switch_protocols`], [`switched`]). Atomics and a task-local, no I/O.
 
+use std::cell::Cell;
 use std::fmt::Write as _;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 use crate::metrics::header;
@@ -44,6 +47,29 @@ impl Drop for Open<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Relaxed);
     }
+}
+
+tokio::task_local! {
+    /// Set once the connection's answer to a WebSocket upgrade was a `101`: from then on it
+    /// carries another protocol. Each connection is one task, so one value per connection.
+    static SWITCHED: Cell<bool>;
+}
+
+/// Run a connection's future with its own switch, unset.
+pub fn with_switch<F: Future>(connection: F) -> impl Future<Output = F::Output> {
+    SWITCHED.scope(Cell::new(false), connection)
+}
+
+/// The connection of the task calling this switched protocols (the pipeline, on the `101` it
+/// lets through).
+pub fn switch_protocols() {
+    let _ = SWITCHED.try_with(|s| s.set(true));
+}
+
+/// Whether the connection of the calling task switched protocols (the front's guarded stream,
+/// which then stops reading HTTP from it). False outside a connection's task.
+pub fn switched() -> bool {
+    SWITCHED.try_with(Cell::get).unwrap_or(false)
 }
 
 impl Connections {
@@ -148,6 +174,20 @@ impl Connections {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_switch_belongs_to_the_connection_that_set_it() {
+        assert!(!switched(), "outside any connection");
+        let first = with_switch(async {
+            assert!(!switched());
+            switch_protocols();
+            switched()
+        });
+        let second = with_switch(async { switched() });
+        assert_eq!(tokio::join!(first, second), (true, false));
+        switch_protocols();
+        assert!(!switched(), "no connection here to switch");
+    }
 
     #[test]
     fn an_open_connection_is_counted_until_its_guard_drops() {

@@ -23,7 +23,11 @@ use rusty_shared::RequestClass;
 use crate::answers::Answer;
 use crate::attempt::{Failure, Routed};
 use crate::clock;
+use crate::connections;
+use crate::http1;
 use crate::http1::editor::{self, HeaderOut, Line, Origin, Proto};
+use crate::http1::head;
+use crate::http1::limits::MAX_INTERIM_RESPONSES;
 use crate::http1::request;
 use crate::metrics::UpstreamError;
 use crate::plane::Plane;
@@ -54,6 +58,15 @@ pub struct Ctx {
     held: Option<u32>,
     /// The backend whose slot `request_filter` took, for the first attempt.
     assigned: Option<u32>,
+    /// The request is a WebSocket upgrade: the one a `101` may answer.
+    websocket: bool,
+    /// The socket of the current attempt's upstream connection.
+    upstream_fd: Option<std::os::fd::RawFd>,
+    /// Interim (1xx) responses relayed so far.
+    interim: u8,
+    /// A final answer came before the request body was all in: the rest of the body is read
+    /// and dropped, never forwarded, and the client connection closes after the answer.
+    discard_body: bool,
 }
 
 /// The headers the editor adds, collected to be inserted into Pingora's header map.
@@ -106,19 +119,31 @@ impl ProxyHttp for Pipeline {
         let plane = &*self.plane;
         // The request line as sent was checked by the connection front before Pingora parsed
         // it; these are the checks on the parsed head, and the editor's on its headers.
+        let trusted = plane.trusted.trusts(client_ip(session));
         let req = session.req_header();
-        let refused = request::check(req, &plane.limits).and_then(|()| {
+        let checked = request::check(req, &plane.limits).and_then(|()| {
             let lines = req
                 .headers
                 .iter()
                 .map(|(n, v)| Line::new(n.as_str().as_bytes(), v.as_bytes()));
-            editor::read_request(lines, req.version == http::Version::HTTP_11).map(drop)
+            let edit = editor::read_request(lines, req.version == http::Version::HTTP_11, trusted)?;
+            Ok(edit.websocket)
         });
-        if let Err(why) = refused {
-            // Framing or routing that could be read two ways: answer, close, forward nothing.
-            respond(session, Answer::Refused(why), true).await?;
-            return Ok(true);
+        let checked = checked.and_then(|websocket| {
+            normalize_path(session.req_header_mut())?;
+            Ok(websocket)
+        });
+        match checked {
+            Ok(websocket) => ctx.websocket = websocket,
+            Err(why) => {
+                // Framing or routing that could be read two ways: answer, close, forward
+                // nothing.
+                respond(session, Answer::Refused(why), true).await?;
+                return Ok(true);
+            }
         }
+        // A client that stops reading holds its connection only this long.
+        session.set_write_timeout(Some(plane.send_timeout));
         // Keep-alive, but not forever: 0 means "infinite" to Pingora, and a client's own
         // `Keep-Alive: timeout=` may only shorten ours.
         if let Some(current) = session.get_keepalive() {
@@ -226,12 +251,12 @@ impl ProxyHttp for Pipeline {
         ctx: &mut Ctx,
     ) -> Result<()> {
         let routed = ctx.routed.as_ref().ok_or_else(not_routed)?;
-        let client = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip().to_string());
+        let ip = client_ip(session);
+        let trusted = self.plane.trusted.trusts(ip);
+        let client = ip.map(|ip| ip.to_string());
         let origin = Origin {
             client: client.as_deref().map(str::as_bytes),
+            trusted,
             proto: Proto::Http,
         };
         // HTTP/1.0 clients may send no Host; the request goes upstream as HTTP/1.1, which
@@ -247,14 +272,18 @@ impl ProxyHttp for Pipeline {
                 .headers
                 .iter()
                 .map(|(n, v)| Line::new(n.as_str().as_bytes(), v.as_bytes()));
-            let edit = editor::read_request(lines, upstream.version == http::Version::HTTP_11)
-                .map_err(|why| Error::explain(ErrorType::InvalidHTTPHeader, why.1))?;
+            let mut edit =
+                editor::read_request(lines, upstream.version == http::Version::HTTP_11, trusted)
+                    .map_err(|why| Error::explain(ErrorType::InvalidHTTPHeader, why.1))?;
             let remove: Vec<http::HeaderName> = upstream
                 .headers
                 .keys()
                 .filter(|n| !edit.forwards(&Line::new(n.as_str().as_bytes(), b"")))
                 .cloned()
                 .collect();
+            // After a HEAD the backend's connection is not reused (Pingora honours the
+            // request's own close).
+            edit.closes_upstream = upstream.method == http::Method::HEAD;
             let mut added = Added::default();
             edit.add_headers(&origin, &self.plane.ids, host, &mut added);
             (remove, added)
@@ -275,8 +304,12 @@ impl ProxyHttp for Pipeline {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        ctx.response_started = true;
         let status = upstream_response.status.as_u16();
+        if let Err(why) = self.check_response(session, upstream_response, ctx) {
+            ctx.answer = Some(Answer::BadGateway);
+            return Error::e_explain(ErrorType::InvalidHTTPHeader, why);
+        }
+        ctx.response_started = true;
         let names: Vec<http::HeaderName> = {
             let lines = upstream_response
                 .headers
@@ -293,10 +326,34 @@ impl ProxyHttp for Pipeline {
         for name in names {
             upstream_response.remove_header(&name);
         }
+        if status == 101 {
+            // The rest of this connection is the upgraded protocol's.
+            connections::switch_protocols();
+        } else if status >= 200 && !session.is_body_done() {
+            // Answered before the request body was all in (an `Expect: 100-continue` refused,
+            // say): nothing the client sends after this may reach the backend as this
+            // request's body, and the connection ends with the answer.
+            ctx.discard_body = true;
+            session.set_keepalive(None);
+            self.retire_upstream(ctx);
+        }
         if self.plane.shutdown.draining() {
             // Shutting down: this response tells the client to take its next request elsewhere.
             session.set_keepalive(None);
         }
+        Ok(())
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        _reused: bool,
+        _peer: &HttpPeer,
+        fd: std::os::fd::RawFd,
+        _digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        ctx.upstream_fd = Some(fd);
         Ok(())
     }
 
@@ -319,15 +376,26 @@ impl ProxyHttp for Pipeline {
         session: &mut Session,
         mut e: Box<Error>,
         ctx: &mut Ctx,
-        _client_reused: bool,
+        client_reused: bool,
     ) -> Box<Error> {
         let replayable = session.req_header().method.is_idempotent()
             && !ctx.response_started
             && !session.as_ref().retry_buffer_truncated();
+        // A pooled connection found closed before any answer: the lane's `Stale`, too.
+        let stale = client_reused
+            && !ctx.response_started
+            && matches!(
+                e.etype(),
+                ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+            );
         if let Some(routed) = ctx.routed.as_mut() {
-            let failure = Failure::Answer {
-                kind: upstream_error(&e),
-                replayable,
+            let failure = if stale {
+                Failure::Stale { replayable }
+            } else {
+                Failure::Answer {
+                    kind: upstream_error(&e),
+                    replayable,
+                }
             };
             e.set_retry(routed.fail(failure, clock::now_ms()));
         }
@@ -390,6 +458,10 @@ impl ProxyHttp for Pipeline {
         _end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        if ctx.discard_body {
+            *body = None;
+            return Ok(());
+        }
         if let (Some(max), Some(chunk)) = (self.plane.limits.max_body, body.as_ref()) {
             ctx.body_bytes += chunk.len() as u64;
             if ctx.body_bytes > max {
@@ -419,11 +491,89 @@ impl ProxyHttp for Pipeline {
     }
 }
 
+/// The request's path in its normal form (`http1::path`), which it is routed and forwarded
+/// by. (An absolute-form target reaches the pipeline in origin form already: the connection
+/// front rewrote it.)
+fn normalize_path(req: &mut RequestHeader) -> std::result::Result<(), request::Refused> {
+    let bad = request::Refused(400, "bad request target");
+    let normal = http1::path::normalize(req.uri.path().as_bytes())?;
+    if matches!(normal, std::borrow::Cow::Borrowed(_)) {
+        return Ok(());
+    }
+    let mut target = normal.into_owned();
+    if let Some(query) = req.uri.query() {
+        target.push(b'?');
+        target.extend_from_slice(query.as_bytes());
+    }
+    let uri = http::Uri::builder()
+        .path_and_query(target)
+        .build()
+        .map_err(|_| bad)?;
+    req.set_uri(uri);
+    Ok(())
+}
+
+/// The client's address, as the socket tells it.
+fn client_ip(session: &Session) -> Option<std::net::IpAddr> {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
+}
+
 fn not_routed() -> Box<Error> {
     Error::explain(ErrorType::InternalError, "no service routed")
 }
 
 impl Pipeline {
+    /// The rules every response head must pass before anything of it reaches the client: a
+    /// bounded number of interim responses, a `101` only to a WebSocket upgrade, framing that
+    /// reads one way (`response_framing`, shared with the lane). A response that has no body
+    /// by rule also ends its upstream connection's reuse.
+    fn check_response(
+        &self,
+        session: &mut Session,
+        resp: &ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> std::result::Result<(), &'static str> {
+        let status = resp.status.as_u16();
+        if status == 101 && !ctx.websocket {
+            return Err("a 101 to a request that asked for no upgrade");
+        }
+        if (100..200).contains(&status) && status != 101 {
+            ctx.interim += 1;
+            if ctx.interim > MAX_INTERIM_RESPONSES {
+                return Err("too many interim responses");
+            }
+        }
+        let version = u8::from(resp.version != http::Version::HTTP_10);
+        let head = session.req_header().method == http::Method::HEAD;
+        let lines = resp
+            .headers
+            .iter()
+            .map(|(n, v)| Line::new(n.as_str().as_bytes(), v.as_bytes()));
+        let framing = head::response_framing(version, status, head, lines)
+            .map_err(|_| "response framing that reads more than one way")?;
+        if status >= 200 && status != 101 && framing.body == head::Body::None && !framing.reusable {
+            self.retire_upstream(ctx);
+        }
+        Ok(())
+    }
+
+    /// Make sure the current upstream connection is not pooled: shut down, its next reuse
+    /// check (Pingora reads it before reuse) sees it closed, and whatever it still sends is
+    /// never read as another request's answer.
+    fn retire_upstream(&self, ctx: &mut Ctx) {
+        if let Some(fd) = ctx.upstream_fd.take() {
+            // SAFETY: `fd` is the socket of this request's upstream connection, open while the
+            // request is being proxied (Pingora closes it only after this phase); `shutdown`
+            // neither closes nor frees it.
+            unsafe {
+                libc::shutdown(fd, libc::SHUT_RDWR);
+            }
+        }
+    }
+
     /// Give back the slot a request holds, to the best waiter or the backend.
     fn release_slot(&self, ctx: &mut Ctx) {
         let Some(i) = ctx.held.take() else { return };

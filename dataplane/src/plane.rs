@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::connections::Connections;
 use crate::http1::editor::RequestIds;
+use crate::http1::trust::TrustedProxies;
 use crate::http1::Limits;
 use crate::metrics::Registry;
 use crate::queue::Queue;
@@ -21,9 +22,13 @@ pub struct Plane {
     pub connections: Connections,
     pub shutdown: Shutdown,
     pub limits: Limits,
+    /// Clients whose forwarding headers are believed (`--trusted-proxies`).
+    pub trusted: TrustedProxies,
     pub ids: RequestIds,
     /// How long an idle keep-alive client connection is kept (at least a second).
     pub keepalive: Duration,
+    /// How long a write to a client may wait for it to read (nginx's `send_timeout`).
+    pub send_timeout: Duration,
 }
 
 impl Plane {
@@ -34,7 +39,9 @@ impl Plane {
         metrics: Arc<Registry>,
         queue: Arc<Queue>,
         limits: Limits,
+        trusted: TrustedProxies,
         keepalive: Duration,
+        send_timeout: Duration,
     ) -> Plane {
         Plane {
             store,
@@ -43,8 +50,10 @@ impl Plane {
             connections: Connections::default(),
             shutdown: Shutdown::default(),
             limits,
+            trusted,
             ids: RequestIds::new(),
             keepalive: keepalive.max(Duration::from_secs(1)),
+            send_timeout: send_timeout.max(Duration::from_secs(1)),
         }
     }
 }

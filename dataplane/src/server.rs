@@ -21,6 +21,7 @@ use rusty_shared::auth::read_token;
 use crate::admin::Admin;
 use crate::cli::Args;
 use crate::front::{Front, FrontLimits};
+use crate::http1::trust::TrustedProxies;
 use crate::http1::Limits;
 use crate::lane::Lane;
 use crate::metrics::Registry;
@@ -120,7 +121,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         metrics,
         queue,
         limits,
+        TrustedProxies::new(args.trusted_proxies.clone()),
         Duration::from_secs(args.keepalive_timeout),
+        Duration::from_secs(args.send_timeout),
     ));
     let proxy_app = pingora::proxy::http_proxy(&server.configuration, Pipeline::new(plane.clone()));
     let mut front_app = Front::new(

@@ -152,11 +152,13 @@ impl Lb {
             format!("127.0.0.1:{port}"),
             "--admin".to_owned(),
             format!("127.0.0.1:{admin}"),
-            "--threads".to_owned(),
-            "2".to_owned(),
             "--grace-period".to_owned(),
             "5".to_owned(),
         ];
+        // Two worker threads unless the test asks for another number.
+        if !extra.iter().any(|a| a == "--threads") {
+            args.extend(["--threads".to_owned(), "2".to_owned()]);
+        }
         args.extend(extra.iter().cloned());
         let proc = Proc::spawn("rusty-lb", &bin("rusty-lb"), &args);
         wait_for_port(admin, Duration::from_secs(20));

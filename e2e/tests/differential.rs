@@ -188,7 +188,12 @@ fn get(host: &str, path: &str, extra: &str) -> String {
 fn both_paths_forward_the_same_heads_by_the_editor_rules() {
     let (good, seen) = scripted(false);
     let (closer, _) = scripted(true);
-    let pair = Pair::start("diff-heads", &table(good, closer, free_port()), &[]);
+    // Loopback is a trusted proxy here, so the chain rules are seen (`holes.rs` has the rest).
+    let pair = Pair::start(
+        "diff-heads",
+        &table(good, closer, free_port()),
+        &["--trusted-proxies", "127.0.0.1"],
+    );
     let at = [(&seen, "/head")];
     let forwarded = |name: &str, extra: &str| -> String {
         let a = same(&pair, name, &get("main", "/head", extra), 200, &at);

@@ -245,8 +245,13 @@ fn response_headers(a: &Answer) -> Vec<String> {
 #[test]
 fn the_lane_and_the_pipeline_forward_the_same_request_and_answer_alike() {
     let a = Echo::start_with("a", &["--echo-headers"]);
-    let (_d1, lane) = proxy_to(&a, "lane-same", &[]);
-    let (_d2, pipeline) = proxy_to(&a, "lane-same-pipeline", &["--no-fast-lane"]);
+    let trusted = ["--trusted-proxies", "127.0.0.1"];
+    let (_d1, lane) = proxy_to(&a, "lane-same", &trusted);
+    let (_d2, pipeline) = proxy_to(
+        &a,
+        "lane-same-pipeline",
+        &["--no-fast-lane", "--trusted-proxies", "127.0.0.1"],
+    );
     let request = "GET /x?y=1 HTTP/1.1\r\nHost: a:80\r\nUser-Agent: t\r\n\
                    X-Forwarded-For: 192.0.2.1\r\nX-Forwarded-Proto: https\r\n\r\n";
     let ask = |port: u16, request: &str| {

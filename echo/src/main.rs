@@ -2,7 +2,11 @@
 //! and a short body naming its id, and `GET /healthz` with `ok`. It exists so that the README,
 //! the tests and the load tests have a real HTTP server to put behind the balancer without
 //! installing anything; it speaks HTTP/1.1 with keep-alive and reads (and discards) request
-//! bodies of either framing so connections stay reusable.
+//! bodies of either framing so connections stay reusable. With `--script FILE` it plays a
+//! hostile backend: a request for `/case/NAME` gets the bytes, pauses and closes that case
+//! of the file scripts (`e2e/corpus/hostile-backends.txt`, see `script.rs`).
+
+mod script;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -39,6 +43,9 @@ struct Args {
     /// each, head escaped: what a proxy let through, for tests to check.
     #[arg(long, value_name = "FILE")]
     record: Option<std::path::PathBuf>,
+    /// Answer `/case/NAME` requests as case NAME of this file scripts them.
+    #[arg(long, value_name = "FILE")]
+    script: Option<std::path::PathBuf>,
 }
 
 /// What each connection needs besides its stream.
@@ -52,6 +59,7 @@ struct Conf {
     delay: Duration,
     echo_headers: bool,
     record: Option<std::path::PathBuf>,
+    script: script::Script,
 }
 
 /// Largest request head we read; more gets a 431.
@@ -67,6 +75,16 @@ async fn main() {
             std::process::exit(2);
         }
     };
+    let script = match &args.script {
+        Some(path) => match script::Script::load(path) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("rusty-echo: --script {}: {e}", path.display());
+                std::process::exit(2);
+            }
+        },
+        None => script::Script::default(),
+    };
     eprintln!("rusty-echo {} listening on {}", args.id, args.listen);
     let conf = Arc::new(Conf {
         epoch: std::sync::atomic::AtomicU64::new(0),
@@ -77,6 +95,7 @@ async fn main() {
         delay: Duration::from_millis(args.delay_ms),
         echo_headers: args.echo_headers,
         record: args.record,
+        script,
     });
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
@@ -130,12 +149,13 @@ async fn serve(mut stream: TcpStream, conf: Arc<Conf>) {
         delay,
         echo_headers,
         record,
+        script,
     } = &*conf;
     let mut buf = Vec::with_capacity(4096);
     let body = format!("hello from {id}\n");
     loop {
         // Read until a whole head is buffered.
-        let (head_len, keep_alive, framing, is_health) = loop {
+        let (head_len, keep_alive, framing, is_health, case) = loop {
             let mut headers = [httparse::EMPTY_HEADER; 64];
             let mut req = httparse::Request::new(&mut headers);
             match req.parse(&buf) {
@@ -146,7 +166,8 @@ async fn serve(mut stream: TcpStream, conf: Arc<Conf>) {
                     };
                     let ka = keep_alive_of(req.version, req.headers);
                     let health = req.method == Some("GET") && req.path == Some("/healthz");
-                    break (n, ka, framing, health);
+                    let case = req.path.and_then(|p| script.case_for(p));
+                    break (n, ka, framing, health, case);
                 }
                 Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {
                     if read_more(&mut stream, &mut buf).await == 0 {
@@ -167,19 +188,31 @@ async fn serve(mut stream: TcpStream, conf: Arc<Conf>) {
             .as_ref()
             .map(|_| format!("{}\n", buf[..head_len].escape_ascii()));
         buf.drain(..head_len);
-        if !discard_body(&mut stream, &mut buf, framing).await {
+        // A case that answers early does so before the body is in (if it ever comes).
+        let early = case.is_some_and(|c| c.early);
+        if !early && !discard_body(&mut stream, &mut buf, framing).await {
             return reject(&mut stream, "400 Bad Request").await;
         }
         if let (Some(path), Some(line)) = (record, recorded) {
-            use std::io::Write as _;
-            let appended = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .and_then(|mut f| f.write_all(line.as_bytes()));
-            if let Err(e) = appended {
-                eprintln!("rusty-echo: --record {}: {e}", path.display());
+            append(path, &line);
+        }
+        if let Some(case) = case {
+            if !case.play(&mut stream).await {
+                return;
             }
+            if early {
+                // What arrives as this request's body after the answer, recorded: the test
+                // checks none of it was meant as another request.
+                let body = read_body(&mut stream, &mut buf, framing).await;
+                if let Some(path) = record {
+                    let line = format!("body {}\n", body.as_deref().unwrap_or(b"").escape_ascii());
+                    append(path, &line);
+                }
+                if body.is_none() {
+                    return;
+                }
+            }
+            continue;
         }
         let _worker = match workers {
             Some(w) => w.acquire().await.ok(),
@@ -314,6 +347,35 @@ async fn discard_body(stream: &mut TcpStream, buf: &mut Vec<u8>, framing: Framin
             }
         },
     }
+}
+
+/// Append a line to the `--record` file.
+fn append(path: &std::path::Path, line: &str) {
+    use std::io::Write as _;
+    let appended = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(e) = appended {
+        eprintln!("rusty-echo: --record {}: {e}", path.display());
+    }
+}
+
+/// Read a `Content-Length` body whole (what a connection delivers before it ends, if it
+/// ends first); `None` when it ended short. Chunked bodies are discarded, and give `Some` of
+/// nothing.
+async fn read_body(stream: &mut TcpStream, buf: &mut Vec<u8>, framing: Framing) -> Option<Vec<u8>> {
+    let Framing::Length(n) = framing else {
+        return discard_body(stream, buf, framing).await.then(Vec::new);
+    };
+    let n = n as usize;
+    while buf.len() < n {
+        if read_more(stream, buf).await == 0 {
+            return None;
+        }
+    }
+    Some(buf.drain(..n).collect())
 }
 
 async fn reject(stream: &mut TcpStream, status: &str) {

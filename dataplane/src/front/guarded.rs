@@ -1,8 +1,9 @@
 //! The guarded client stream: a deadline for each whole request head (408), the byte scan's
-//! checks on the bytes as sent (400), and the graceful close of a connection idle while
-//! draining. The front wraps every client stream in one; the lane and the pipeline read
-//! through it without knowing. It sees bytes, not HTTP, and arms no timer when a head arrives
-//! in one read. Why each guard exists: `docs/request-path.md` ("Why the front guards").
+//! checks on the bytes as sent (400), absolute-form heads rewritten to origin form (their
+//! authority the `Host`), and the graceful close of a connection idle while draining. The
+//! front wraps every client stream in one; the lane and the pipeline read through it without
+//! knowing. It sees bytes, not HTTP, and arms no timer when a head arrives in one read. Why
+//! each guard exists: `docs/request-path.md` ("Why the front guards").
 
 use std::fmt;
 use std::future::Future;
@@ -23,8 +24,9 @@ use tokio::time::{Instant, Sleep};
 
 use super::DRAIN_IDLE;
 use crate::answers::Answer;
-use crate::connections::Event;
-use crate::http1::scan::{feed, switches_protocols, Bad, Phase};
+use crate::connections::{self, Event};
+use crate::http1::request::{origin_form, Refused};
+use crate::http1::scan::{feed_marked, Bad, Phase};
 use crate::plane::Plane;
 
 type DrainWait = Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
@@ -43,10 +45,11 @@ pub struct Guarded {
     drained: bool,
     shutdown: ShutdownWatch,
     plane: Arc<Plane>,
-    /// Bytes read and scanned already (by the fast lane), returned before any new read.
+    /// Bytes read and scanned already (by the fast lane, or rewritten here), returned before
+    /// any new read.
     unread: Vec<u8>,
-    /// Whether a write beginning `HTTP/1.x 101 ` turns the connection into a tunnel.
-    upgrades: bool,
+    /// An absolute-form head from its target on, held back until it is whole.
+    held: Option<Vec<u8>>,
 }
 
 impl Guarded {
@@ -67,21 +70,14 @@ impl Guarded {
             shutdown,
             plane,
             unread: Vec::new(),
-            upgrades: true,
+            held: None,
         }
     }
 
-    /// Whether a write beginning `HTTP/1.x 101 ` turns the connection into a tunnel (off while
-    /// the fast lane, which never switches protocols, serves it).
-    pub(super) fn set_upgrades(&mut self, on: bool) {
-        self.upgrades = on;
-    }
-
     /// The fast lane hands the connection to the pipeline: `read` (bytes it read and did not
-    /// answer) is read again first, and protocol switches count again.
+    /// answer) is read again first.
     pub(super) fn hand_over(&mut self, read: Vec<u8>) {
         self.unread = read;
-        self.upgrades = true;
     }
 
     /// A read is waiting inside a head: is the deadline past? Registers a wake-up if not.
@@ -127,71 +123,139 @@ impl AsyncRead for Guarded {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if !this.unread.is_empty() {
-            let n = this.unread.len().min(buf.remaining());
-            buf.put_slice(&this.unread[..n]);
-            this.unread.drain(..n);
-            return Poll::Ready(Ok(()));
-        }
-        let before = buf.filled().len();
-        match Pin::new(&mut this.inner).poll_read(cx, buf) {
-            Poll::Ready(Ok(())) => {
-                let new = &buf.filled()[before..];
-                match feed(&mut this.phase, new) {
-                    Ok(false) => {}
-                    Ok(true) => this.deadline = None,
-                    Err(bad) => {
+        loop {
+            if !this.unread.is_empty() {
+                let n = this.unread.len().min(buf.remaining());
+                buf.put_slice(&this.unread[..n]);
+                this.unread.drain(..n);
+                return Poll::Ready(Ok(()));
+            }
+            // The pipeline let a 101 through to an upgrade: the rest is another protocol.
+            if this.phase != Phase::Tunnel && connections::switched() {
+                this.phase = Phase::Tunnel;
+                this.deadline = None;
+            }
+            let before = buf.filled().len();
+            match Pin::new(&mut this.inner).poll_read(cx, buf) {
+                Poll::Ready(Ok(())) if buf.filled().len() == before => {
+                    // End of stream (a head held back, incomplete, goes with it).
+                    return Poll::Ready(Ok(()));
+                }
+                Poll::Ready(Ok(())) => match this.scan_read(buf, before) {
+                    Ok(true) => return Poll::Ready(Ok(())),
+                    // Everything read went into a held head: read on.
+                    Ok(false) => continue,
+                    Err(refusal) => {
                         // Best effort, and the connection ends here either way. (A response
                         // may already be under way for a request before this one; the client
                         // then sees it cut short, as with any connection closed mid-response.)
-                        let (event, answer) = match bad {
-                            Bad::RequestLine | Bad::Target => {
-                                (Event::BadRequestLine, Answer::BadRequestLine)
-                            }
-                            Bad::Chunk => (Event::BadChunk, Answer::BadChunk),
-                        };
+                        let (event, answer) = refusal;
                         this.plane.connections.count(event);
-                        let _ = Pin::new(&mut this.inner).poll_write(cx, answer.closing_bytes());
+                        let mut rendered = Vec::new();
+                        let bytes = match answer {
+                            Answer::Refused(_) => {
+                                answer.render(true, &mut rendered);
+                                &rendered[..]
+                            }
+                            _ => answer.closing_bytes(),
+                        };
+                        let _ = Pin::new(&mut this.inner).poll_write(cx, bytes);
                         return Poll::Ready(Err(io::Error::new(
                             io::ErrorKind::InvalidData,
                             answer.body().trim_end(),
                         )));
                     }
+                },
+                Poll::Pending => return this.pending(cx, buf),
+                other => return other,
+            }
+        }
+    }
+}
+
+impl Guarded {
+    /// Scan what a read just put into `buf` after `before`, rewriting an absolute-form head to
+    /// origin form (`http1::request::origin_form`): its bytes from the target on are held
+    /// back until the head is whole. True when `buf` has new bytes for the reader.
+    fn scan_read(&mut self, buf: &mut ReadBuf<'_>, before: usize) -> Result<bool, (Event, Answer)> {
+        let refused = |bad| match bad {
+            Bad::RequestLine | Bad::Target => (Event::BadRequestLine, Answer::BadRequestLine),
+            Bad::Chunk => (Event::BadChunk, Answer::BadChunk),
+        };
+        if let Some(held) = self.held.as_mut() {
+            let start = held.len();
+            held.extend_from_slice(&buf.filled()[before..]);
+            buf.set_filled(before);
+            let fed = feed_marked(&mut self.phase, &mut held[start..]).map_err(refused)?;
+            if fed.head_ended {
+                self.deadline = None;
+            }
+            match fed.absolute {
+                Some((_, Some(end))) => {
+                    let held = self.held.take().unwrap_or_default();
+                    self.release(&held, start + end)?;
                 }
+                _ if held.len() > self.plane.limits.max_head => {
+                    let too_large = Refused(431, "request head too large");
+                    return Err((Event::BadRequestLine, Answer::Refused(too_large)));
+                }
+                _ => {}
+            }
+            return Ok(false);
+        }
+        let fed = feed_marked(&mut self.phase, &mut buf.filled_mut()[before..]).map_err(refused)?;
+        if fed.head_ended {
+            self.deadline = None;
+        }
+        let Some((Some(target), end)) = fed.absolute else {
+            return Ok(true);
+        };
+        let at = before + target;
+        let rest = buf.filled()[at..].to_vec();
+        buf.set_filled(at);
+        match end {
+            Some(end) => self.release(&rest, end - target)?,
+            None => self.held = Some(rest),
+        }
+        Ok(at > before)
+    }
+
+    /// `bytes` hold an absolute-form head from its target to `end`, then whatever followed:
+    /// the head in origin form, and the rest, are read next.
+    fn release(&mut self, bytes: &[u8], end: usize) -> Result<(), (Event, Answer)> {
+        let origin =
+            origin_form(&bytes[..end]).ok_or((Event::BadRequestLine, Answer::BadRequestLine))?;
+        self.unread = origin;
+        self.unread.extend_from_slice(&bytes[end..]);
+        Ok(())
+    }
+
+    /// Nothing to read now: is the head deadline past, or the drain window?
+    fn pending(&mut self, cx: &mut Context<'_>, buf: &ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let phase = self.phase;
+        // A head has begun (or it is the connection's first, timed from accept).
+        let in_head = matches!(phase, Phase::Head(h) if h.started()) || self.deadline.is_some();
+        match phase {
+            Phase::Head(_) if in_head && self.head_expired(cx) => {
+                self.plane.connections.count(Event::HeadTimeout);
+                // Best effort: the socket's send buffer is empty between requests.
+                let answer = Answer::HeadTimeout.closing_bytes();
+                let _ = Pin::new(&mut self.inner).poll_write(cx, answer);
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("request head not complete within {:?}", self.header_timeout),
+                )))
+            }
+            // Between requests and draining. Pingora also reads one byte at a time while a
+            // response streams, to notice a client that leaves; that read must not end the
+            // stream, so only a read for a new head (a buffer of more than one byte) is
+            // answered with end of stream.
+            _ if phase.between_requests() && buf.remaining() > 1 && self.drain_expired(cx) => {
+                self.plane.connections.count(Event::DrainedIdle);
+                // End of stream: the proxy closes the connection as if the client had.
                 Poll::Ready(Ok(()))
             }
-            Poll::Pending => {
-                let phase = this.phase;
-                // A head has begun (or it is the connection's first, timed from accept).
-                let in_head =
-                    matches!(phase, Phase::Head(h) if h.seen()) || this.deadline.is_some();
-                match phase {
-                    Phase::Head(_) if in_head && this.head_expired(cx) => {
-                        this.plane.connections.count(Event::HeadTimeout);
-                        // Best effort: the socket's send buffer is empty between requests.
-                        let answer = Answer::HeadTimeout.closing_bytes();
-                        let _ = Pin::new(&mut this.inner).poll_write(cx, answer);
-                        Poll::Ready(Err(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            format!("request head not complete within {:?}", this.header_timeout),
-                        )))
-                    }
-                    // Between requests and draining. Pingora also reads one byte at a time
-                    // while a response streams, to notice a client that leaves; that read
-                    // must not end the stream, so only a read for a new head (a buffer of
-                    // more than one byte) is answered with end of stream.
-                    _ if phase.between_requests()
-                        && buf.remaining() > 1
-                        && this.drain_expired(cx) =>
-                    {
-                        this.plane.connections.count(Event::DrainedIdle);
-                        // End of stream: the proxy closes the connection as if the client had.
-                        Poll::Ready(Ok(()))
-                    }
-                    _ => Poll::Pending,
-                }
-            }
-            other => other,
+            _ => Poll::Pending,
         }
     }
 }
@@ -202,9 +266,6 @@ impl AsyncWrite for Guarded {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if self.upgrades && switches_protocols(buf) {
-            self.phase = Phase::Tunnel;
-        }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -213,14 +274,6 @@ impl AsyncWrite for Guarded {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        if self.upgrades
-            && bufs
-                .iter()
-                .find(|b| !b.is_empty())
-                .is_some_and(|b| switches_protocols(b))
-        {
-            self.phase = Phase::Tunnel;
-        }
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 

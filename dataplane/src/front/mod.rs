@@ -23,7 +23,7 @@ mod guarded;
 pub use guarded::Guarded;
 
 use crate::answers::Answer;
-use crate::connections::Event;
+use crate::connections::{self, Event};
 use crate::lane::{Lane, Served};
 use crate::plane::Plane;
 
@@ -106,9 +106,6 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Front<A> {
             drain.clone(),
         );
         if let Some(lane) = &self.lane {
-            // The lane never switches protocols (it answers a 101 it did not ask for with a
-            // 502), and body bytes it passes on must not look like one to the stream.
-            guarded.set_upgrades(false);
             match lane.serve(&mut guarded, peer).await {
                 Served::Done => return None,
                 // What the lane read and did not answer is read again by the pipeline.
@@ -119,8 +116,9 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Front<A> {
             }
         }
         // Pingora's HTTP/1 app runs the keep-alive loop itself and returns `None` when the
-        // connection is done, so this wraps each connection exactly once.
-        self.inner.process_new(Box::new(guarded), &drain).await
+        // connection is done, so this wraps each connection exactly once, and the connection's
+        // switch of protocols lives as long as its task.
+        connections::with_switch(self.inner.process_new(Box::new(guarded), &drain)).await
     }
 
     /// Runs once the listener has stopped. The proxy's own cleanup drops every idle keep-alive

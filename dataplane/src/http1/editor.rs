@@ -20,6 +20,9 @@ pub enum Name {
     XForwardedFor,
     XForwardedProto,
     XRequestId,
+    /// `X-Forwarded-Host`, `Forwarded`, `X-Real-IP`: what a client may claim about the request
+    /// before it reached us, believed only from a trusted proxy.
+    ClientClaim,
     /// `Connection` itself.
     Connection,
     /// `Upgrade`: hop-by-hop, but written anew for a WebSocket handshake and kept on a `101`.
@@ -59,6 +62,8 @@ pub fn classify(name: &[u8]) -> Name {
         (6, b'e') => (Name::Expect, b"expect"),
         (7, b'u') => (Name::Upgrade, b"upgrade"),
         (7, b't') => (Name::Trailer, b"trailer"),
+        (9, b'f') => (Name::ClientClaim, b"forwarded"),
+        (9, b'x') => (Name::ClientClaim, b"x-real-ip"),
         (10, b'c') => (Name::Connection, b"connection"),
         (10, b'k') => (Name::KeepAlive, b"keep-alive"),
         (12, b'x') => (Name::XRequestId, b"x-request-id"),
@@ -66,6 +71,7 @@ pub fn classify(name: &[u8]) -> Name {
         (14, b'h') => (Name::HopByHop, b"http2-settings"),
         (15, b'x') => (Name::XForwardedFor, b"x-forwarded-for"),
         (16, b'p') => (Name::KeepAlive, b"proxy-connection"),
+        (16, b'x') => (Name::ClientClaim, b"x-forwarded-host"),
         (17, b't') => (Name::TransferEncoding, b"transfer-encoding"),
         (17, b'x') => (Name::XForwardedProto, b"x-forwarded-proto"),
         (18, b'p') => (Name::HopByHop, b"proxy-authenticate"),
@@ -166,6 +172,8 @@ impl HeaderOut for Vec<u8> {
 pub struct Origin<'a> {
     /// The client's address as text.
     pub client: Option<&'a [u8]>,
+    /// The client is a proxy in `--trusted-proxies`: its forwarding headers are believed.
+    pub trusted: bool,
     /// The scheme the client used, for `X-Forwarded-Proto`.
     pub proto: Proto,
 }
@@ -181,6 +189,7 @@ pub enum Proto {
 #[derive(Debug, Clone)]
 pub struct Request<'h> {
     http11: bool,
+    trusted: bool,
     options: [&'h [u8]; MAX_CONNECTION_OPTIONS],
     n_options: usize,
     /// Options counted against the limit, kept or not.
@@ -192,6 +201,10 @@ pub struct Request<'h> {
     pub close: bool,
     /// A WebSocket upgrade (`Upgrade: websocket` on HTTP/1.1), forwarded as one.
     pub websocket: bool,
+    /// The upstream connection is not reused after this request (set by the path for a
+    /// `HEAD`: a body its backend sent anyway would be read as the next request's answer),
+    /// and the request says so with `Connection: close`.
+    pub closes_upstream: bool,
 }
 
 /// Read a request's header lines (see [`Request::read`]).
@@ -199,8 +212,9 @@ pub struct Request<'h> {
 pub fn read_request<'h>(
     headers: impl IntoIterator<Item = Line<'h>>,
     http11: bool,
+    trusted: bool,
 ) -> Result<Request<'h>, Refused> {
-    let mut r = Request::new(http11);
+    let mut r = Request::new(http11, trusted);
     for line in headers {
         r.read(&line)?;
     }
@@ -208,11 +222,13 @@ pub fn read_request<'h>(
 }
 
 impl<'h> Request<'h> {
-    /// Before the first header line of a request of this version.
+    /// Before the first header line of a request of this version, from a client that is (or
+    /// is not) a trusted proxy.
     #[inline]
-    pub fn new(http11: bool) -> Self {
+    pub fn new(http11: bool, trusted: bool) -> Self {
         Request {
             http11,
+            trusted,
             options: [&[]; MAX_CONNECTION_OPTIONS],
             n_options: 0,
             seen_options: 0,
@@ -221,6 +237,7 @@ impl<'h> Request<'h> {
             has_request_id: false,
             close: false,
             websocket: false,
+            closes_upstream: false,
         }
     }
 
@@ -239,7 +256,8 @@ impl<'h> Request<'h> {
                     }
                 }
             }
-            Name::XForwardedFor => {
+            // From anyone but a trusted proxy, the chain is not believed: it starts at the peer.
+            Name::XForwardedFor if self.trusted => {
                 if self.n_chain == MAX_FORWARDED_FOR_LINES {
                     return Err(Refused(400, "too many X-Forwarded-For lines"));
                 }
@@ -298,13 +316,15 @@ impl Request<'_> {
         !hop_by_hop(kind)
             && kind != Name::XForwardedFor
             && kind != Name::XForwardedProto
+            && (kind != Name::ClientClaim || self.trusted)
             && !nominated(&self.options[..self.n_options], name)
     }
 
-    /// Write what the proxy adds: `X-Forwarded-For` (the client's chain, then the client, as
-    /// nginx's `$proxy_add_x_forwarded_for`), `X-Forwarded-Proto`, an `X-Request-Id` when the
+    /// Write what the proxy adds: `X-Forwarded-For` (a trusted proxy's chain, then the client,
+    /// as nginx's `$proxy_add_x_forwarded_for`), `X-Forwarded-Proto`, an `X-Request-Id` when the
     /// client sent none, `Host` when the request had none (HTTP/1.0; `host` is the backend's
-    /// address, as nginx's default `$proxy_host`), and the upgrade of a WebSocket handshake.
+    /// address, as nginx's default `$proxy_host`), and the `Connection` of a WebSocket
+    /// handshake or of a request after which the upstream connection closes.
     #[inline]
     pub fn add_headers(
         &self,
@@ -336,6 +356,8 @@ impl Request<'_> {
         if self.websocket {
             out.add("connection", b"upgrade");
             out.add("upgrade", b"websocket");
+        } else if self.closes_upstream {
+            out.add("connection", b"close");
         }
     }
 }
@@ -471,7 +493,7 @@ mod tests {
     }
 
     fn read<'a>(l: &'a [(&'a str, &'a str)]) -> Result<Request<'a>, Refused> {
-        read_request(lines(l), true)
+        read_request(lines(l), true, true)
     }
 
     fn upstream(headers: &[(&str, &str)], client: Option<&str>, host: Option<&str>) -> String {
@@ -489,6 +511,7 @@ mod tests {
         let ids = RequestIds::with_prefix(0xabcd);
         let origin = Origin {
             client: client.map(str::as_bytes),
+            trusted: true,
             proto: Proto::Http,
         };
         r.add_headers(&origin, &ids, host.map(str::as_bytes), &mut out);
@@ -539,6 +562,35 @@ mod tests {
             "X-Request-Id=mine|host127.0.0.1:9000|\
              x-forwarded-for1.1.1.1, 2.2.2.2, 3.3.3.3, 10.0.0.1|x-forwarded-protohttp|"
         );
+    }
+
+    #[test]
+    fn an_untrusted_client_cannot_speak_for_anyone_else() {
+        let headers = [
+            ("X-Forwarded-For", "203.0.113.9"),
+            ("X-Forwarded-Host", "admin.internal"),
+            ("Forwarded", "for=203.0.113.9"),
+            ("X-Real-IP", "203.0.113.9"),
+            ("Accept", "*/*"),
+        ];
+        let r = read_request(lines(&headers), true, false).unwrap();
+        let kept: Vec<&[u8]> = lines(&headers)
+            .filter(|l| r.forwards(l))
+            .map(|l| l.name)
+            .collect();
+        assert_eq!(kept, [&b"Accept"[..]]);
+        let mut out = Vec::new();
+        let origin = Origin {
+            client: Some(b"10.0.0.1"),
+            trusted: false,
+            proto: Proto::Http,
+        };
+        r.add_headers(&origin, &RequestIds::with_prefix(0), None, &mut out);
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.starts_with("x-forwarded-for: 10.0.0.1\r\n"), "{out}");
+        // A trusted proxy's claims pass, and its chain is extended.
+        let r = read_request(lines(&headers), true, true).unwrap();
+        assert_eq!(lines(&headers).filter(|l| r.forwards(l)).count(), 4);
     }
 
     #[test]
@@ -623,6 +675,9 @@ mod tests {
             ("HTTP2-Settings", Name::HopByHop),
             ("Proxy-Authorization", Name::HopByHop),
             ("Trailer", Name::Trailer),
+            ("X-Forwarded-Host", Name::ClientClaim),
+            ("forwarded", Name::ClientClaim),
+            ("X-Real-IP", Name::ClientClaim),
             ("Content-Type", Name::Other),
             ("Hosts", Name::Other),
             ("Connectio", Name::Other),

@@ -3,6 +3,7 @@
 //! [`response_head`] reads a backend's head, finds the body's framing and writes the client's
 //! head. The lane only recognises the ordinary; anything else is `NotPlain`, for the pipeline.
 
+use std::borrow::Cow;
 use std::mem::MaybeUninit;
 use std::ops::Range;
 
@@ -69,7 +70,7 @@ pub fn plain_request(
     }
     let mut host = None;
     // One pass for the checks here and the editor's reading; each name classified once.
-    let mut edit = editor::Request::new(true);
+    let mut edit = editor::Request::new(true, origin.trusted);
     let mut kinds = [Name::Other; MAX_HEADERS];
     for (h, kind) in req.headers.iter().zip(kinds.iter_mut()) {
         let name = h.name.as_bytes();
@@ -99,6 +100,15 @@ pub fn plain_request(
     if super::request::valid_host(host).is_err() {
         return Err(NotPlain);
     }
+    // A path with dot segments or escapes is normalised by the pipeline, routed and forwarded
+    // in its normal form; the lane serves paths that are normal already.
+    let path = target.split('?').next().unwrap_or(target);
+    if !matches!(
+        super::path::normalize(path.as_bytes()),
+        Ok(Cow::Borrowed(_))
+    ) {
+        return Err(NotPlain);
+    }
     let lines = req
         .headers
         .iter()
@@ -122,6 +132,7 @@ pub fn plain_request(
             out.extend_from_slice(b"\r\n");
         }
     }
+    edit.closes_upstream = head;
     edit.add_headers(origin, ids, None, out);
     out.extend_from_slice(b"\r\n");
 
@@ -129,7 +140,6 @@ pub fn plain_request(
         let start = s.as_ptr() as usize - buf.as_ptr() as usize;
         start..start + s.len()
     };
-    let path = target.split('?').next().unwrap_or(target);
     Ok(Some(Plain {
         len,
         head,
@@ -193,6 +203,99 @@ pub enum BadResponse {
 pub const MAX_RESPONSE_HEAD: usize = 1024 * 1024 - 1;
 const MAX_RESPONSE_HEADERS: usize = 256;
 
+/// How a response is framed, as its head says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Framing {
+    pub body: Body,
+    /// The backend's connection can carry another request after this response.
+    pub reusable: bool,
+    /// `Connection` names something other than `close` and `keep-alive`.
+    pub options: bool,
+}
+
+/// The framing of a response of `status` (to a `HEAD` when `head_request`) with these header
+/// lines, for every path. Refused as ambiguous (RFC 9112 §6.3, RFC 9110 §8.6): a
+/// `Transfer-Encoding` that does not end in one `chunked`, or appears twice; a
+/// `Content-Length` that is not one line of digits. With both, chunked wins and the length is
+/// not passed on (as Pingora reads it for the pipeline), and the connection is not reused:
+/// such a message may be an attempt at response splitting. A connection is reusable
+/// only when nothing can follow the response legitimately *and* nothing was announced that is
+/// not read: not after a body delimited by the close, nor after a response that has no body
+/// by rule (`HEAD`, 204, 304), where a backend that sends one anyway would leave it for the
+/// next request.
+pub fn response_framing<'h>(
+    version: u8,
+    status: u16,
+    head_request: bool,
+    lines: impl IntoIterator<Item = Line<'h>>,
+) -> Result<Framing, BadResponse> {
+    let mut reusable = version == 1;
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut options = false;
+    for line in lines {
+        match line.kind {
+            Name::Connection => {
+                for token in line.value.split(|b| *b == b',') {
+                    let token = token.trim_ascii();
+                    if token.eq_ignore_ascii_case(b"close") {
+                        reusable = false;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        reusable |= version == 0;
+                    } else {
+                        options = true;
+                    }
+                }
+            }
+            Name::TransferEncoding => {
+                // Chunked must be the final coding, once (RFC 9112 §6.1); the codings before
+                // it are the client's to undo, and pass through with it.
+                let mut codings = line.value.rsplit(|b| *b == b',').map(<[u8]>::trim_ascii);
+                let last = codings.next().unwrap_or(b"");
+                let again = codings.any(|c| c.eq_ignore_ascii_case(b"chunked"));
+                if chunked || again || !last.eq_ignore_ascii_case(b"chunked") {
+                    return Err(BadResponse::Framing);
+                }
+                chunked = true;
+            }
+            Name::ContentLength => {
+                let n = std::str::from_utf8(line.value.trim_ascii())
+                    .ok()
+                    .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .ok_or(BadResponse::Framing)?;
+                if length.replace(n).is_some() {
+                    return Err(BadResponse::Framing);
+                }
+            }
+            _ => {}
+        }
+    }
+    if chunked && length.is_some() {
+        reusable = false;
+    }
+    let bodiless = head_request || status == 204 || status == 304;
+    let body = if bodiless || status < 200 {
+        Body::None
+    } else if chunked {
+        Body::Chunked
+    } else {
+        match length {
+            Some(0) => Body::None,
+            Some(n) => Body::Length(n),
+            None => Body::UntilClose,
+        }
+    };
+    if body == Body::UntilClose || bodiless {
+        reusable = false;
+    }
+    Ok(Framing {
+        body,
+        reusable,
+        options,
+    })
+}
+
 /// Parse a backend's response head at the start of `buf`; `Ok(None)` if incomplete. On
 /// success the client's head is in `out` (cleared first): status and headers as received
 /// minus those the editor keeps back (hop-by-hop), plus the client connection's
@@ -222,67 +325,13 @@ pub fn response_head(
     if status < 100 {
         return Err(BadResponse::Malformed);
     }
-    let mut reusable = version == 1;
-    let mut length: Option<u64> = None;
-    let mut chunked = false;
-    let mut options = false;
-    let mut kinds = [Name::Other; MAX_RESPONSE_HEADERS];
-    for (h, k) in resp.headers.iter().zip(kinds.iter_mut()) {
-        let kind = editor::classify(h.name.as_bytes());
-        *k = kind;
-        if kind == Name::Connection {
-            for token in h.value.split(|b| *b == b',') {
-                let token = token.trim_ascii();
-                if token.eq_ignore_ascii_case(b"close") {
-                    reusable = false;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                    reusable |= version == 0;
-                } else {
-                    options = true;
-                }
-            }
-        } else if kind == Name::TransferEncoding {
-            // Chunked must be the final coding (RFC 9112 §6.1); the codings before it are
-            // the client's to undo, and pass through with it.
-            let last = h.value.rsplit(|b| *b == b',').next().unwrap_or(b"");
-            if chunked || !last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
-                return Err(BadResponse::Framing);
-            }
-            chunked = true;
-        } else if kind == Name::ContentLength {
-            // One length, possibly repeated as a list or in several lines (RFC 9110 §8.6).
-            for value in h.value.split(|b| *b == b',') {
-                let n = std::str::from_utf8(value.trim_ascii())
-                    .ok()
-                    .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .ok_or(BadResponse::Framing)?;
-                if length.is_some_and(|l| l != n) {
-                    return Err(BadResponse::Framing);
-                }
-                length = Some(n);
-            }
-        }
-    }
-    let body = if head_request || status < 200 || status == 204 || status == 304 {
-        Body::None
-    } else if chunked {
-        Body::Chunked
-    } else {
-        match length {
-            Some(0) => Body::None,
-            Some(n) => Body::Length(n),
-            None => Body::UntilClose,
-        }
+    let lines = || {
+        resp.headers
+            .iter()
+            .map(|h| Line::new(h.name.as_bytes(), h.value))
     };
-    if body == Body::UntilClose {
-        reusable = false;
-    }
-    // After a HEAD, a backend that sends the body anyway would leave it in the connection for
-    // the next request: not worth pooling for a method this rare.
-    if head_request {
-        reusable = false;
-    }
+    let framing = response_framing(version, status, head_request, lines())?;
+    let (body, reusable) = (framing.body, framing.reusable);
 
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
@@ -293,25 +342,15 @@ pub fn response_head(
         out.extend_from_slice(reason.as_bytes());
     }
     out.extend_from_slice(b"\r\n");
-    let lines = || {
-        resp.headers
-            .iter()
-            .zip(kinds.iter().copied())
-            .map(|(h, kind)| Line {
-                kind,
-                name: h.name.as_bytes(),
-                value: h.value,
-            })
-    };
     // Most responses name nothing in `Connection` but `keep-alive` or `close`: then there is
     // nothing for the editor to read.
-    let edit = editor::read_response(status, lines().filter(|_| options));
+    let edit = editor::read_response(status, lines().filter(|_| framing.options));
     for line in lines() {
         if !edit.forwards(&line) {
             continue;
         }
         // A chunked body wins over a length (RFC 9112 §6.3); the length is not passed on.
-        if chunked && line.kind == Name::ContentLength {
+        if body == Body::Chunked && line.kind == Name::ContentLength {
             continue;
         }
         out.extend_from_slice(line.name);
@@ -353,6 +392,7 @@ mod tests {
         let mut out = Vec::new();
         let origin = Origin {
             client: Some(b"10.0.0.7"),
+            trusted: true,
             proto: Proto::Http,
         };
         let ids = RequestIds::with_prefix(1);
@@ -386,7 +426,8 @@ mod tests {
         assert_eq!(
             out,
             "HEAD / HTTP/1.1\r\nHost: a\r\nX-Request-Id: mine\r\n\
-             x-forwarded-for: 1.2.3.4, 10.0.0.7\r\nx-forwarded-proto: http\r\n\r\n"
+             x-forwarded-for: 1.2.3.4, 10.0.0.7\r\nx-forwarded-proto: http\r\n\
+             connection: close\r\n\r\n"
         );
         let (_, out) = plain("GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: \u{fc}\r\n\r\n");
         assert!(out.contains("x-forwarded-for: 10.0.0.7\r\n"), "{out:?}");
@@ -480,17 +521,21 @@ mod tests {
             "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: keep-alive\r\n\r\n"
         );
 
-        let (r, _) = response("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true, false);
-        assert_eq!(r.unwrap().unwrap().body, Body::None);
-        let (r, _) = response(
-            "HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
-            false,
-            false,
-        );
-        assert_eq!(r.unwrap().unwrap().body, Body::None);
+        // No body by rule, and then no reuse: a body sent anyway would wait for the next request.
+        for (raw, head) in [
+            ("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true),
+            (
+                "HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
+                false,
+            ),
+            ("HTTP/1.1 204 No Content\r\n\r\n", false),
+        ] {
+            let r = response(raw, head, false).0.unwrap().unwrap();
+            assert_eq!((r.body, r.reusable), (Body::None, false), "{raw:?}");
+        }
 
         let (r, out) = response(
-            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
             false,
             true,
         );
@@ -506,18 +551,24 @@ mod tests {
         assert!(out.ends_with("Transfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n"));
 
         let (r, out) = response(
-            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 3, 3\r\nX: a\r\n b\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nX: a\r\n b\r\n\r\n",
             false,
             false,
         );
         assert_eq!(r.unwrap().unwrap().body, Body::Chunked);
         assert!(out.contains("X: a   b\r\n"), "{out:?}");
-        let (r, _) = response(
-            "HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\n\r\n",
+        // Both framings: chunked, the length dropped, and the connection not reused.
+        let (r, out) = response(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n",
             false,
             false,
         );
-        assert_eq!(r.unwrap().unwrap().body, Body::Length(3));
+        let r = r.unwrap().unwrap();
+        assert_eq!((r.body, r.reusable), (Body::Chunked, false));
+        assert!(
+            !out.to_ascii_lowercase().contains("content-length"),
+            "{out:?}"
+        );
 
         let (r, _) = response(
             "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n",
@@ -534,6 +585,11 @@ mod tests {
             "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
             "HTTP/1.1 200 OK\r\nContent-Length: 1, 2\r\n\r\n",
             "HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            // One length said twice is still two: refused, not passed on as a list.
+            "HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
         ] {
             assert_eq!(
                 response(raw, false, false).0,

@@ -1,5 +1,9 @@
 //! The sizes a request head and body may have, set by flags and read by every request path.
 
+/// Interim (1xx) responses relayed for one request; a backend that sends more gets its
+/// request answered 502. HTTP defines two worth relaying (100, 103); a few of each is plenty.
+pub const MAX_INTERIM_RESPONSES: u8 = 8;
+
 /// Size limits of a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {

@@ -44,7 +44,7 @@ fn check_body_size(req: &RequestHeader, limits: &Limits) -> Result<(), Refused> 
 /// parser escapes or drops anything; this runs the same scan over a raw head.
 pub fn check_request_line(raw_head: &[u8]) -> Result<(), Refused> {
     use super::scan::{feed, Bad, Phase};
-    match feed(&mut Phase::head(), raw_head) {
+    match feed(&mut Phase::head(), &mut raw_head.to_vec()) {
         Err(Bad::Target) => Err(Refused(400, "bad request target")),
         Err(_) => Err(Refused(400, "bad request line")),
         Ok(_) => Ok(()),
@@ -121,6 +121,45 @@ pub fn check_raw(head: &[u8], limits: &Limits) -> Option<Result<(), Refused>> {
         req.append_header(h.name.to_owned(), h.value).ok()?;
     }
     Some(check_request_line(&head[..len]).and_then(|()| check(&req, limits)))
+}
+
+/// An absolute-form request in origin form, from its target on: `http://host:port/p?q
+/// HTTP/1.1`, then the header lines and the empty line, becomes `/p?q HTTP/1.1`, a `Host` of
+/// the target's authority and the header lines without any `Host` they had. RFC 9112 §3.2.2:
+/// a proxy ignores `Host` for the target's authority (Pingora refuses a `Host` that differs,
+/// so the connection front rewrites such heads before either request path reads them). `None`
+/// for a target that is not `http` or `https`, or an authority that is no valid `host[:port]`.
+pub fn origin_form(from_target: &[u8]) -> Option<Vec<u8>> {
+    let line_end = from_target.iter().position(|&b| b == b'\n')? + 1;
+    let (line, headers) = from_target.split_at(line_end);
+    let space = line.iter().position(|&b| b == b' ')?;
+    let (target, version) = line.split_at(space);
+    let rest = [&b"http://"[..], b"https://"]
+        .iter()
+        .find(|scheme| starts_with_ignore_case(target, scheme))
+        .map(|scheme| &target[scheme.len()..])?;
+    let end = rest
+        .iter()
+        .position(|&b| b == b'/' || b == b'?')
+        .unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(end);
+    valid_host(authority).ok()?;
+    let mut out = Vec::with_capacity(from_target.len() + 8);
+    if !path.starts_with(b"/") {
+        out.push(b'/');
+    }
+    out.extend_from_slice(path);
+    out.extend_from_slice(version);
+    out.extend_from_slice(b"Host: ");
+    out.extend_from_slice(authority);
+    out.extend_from_slice(b"\r\n");
+    for line in headers.split_inclusive(|&b| b == b'\n') {
+        let name = line.split(|&b| b == b':').next().unwrap_or(b"");
+        if !name.trim_ascii().eq_ignore_ascii_case(b"host") || !line.contains(&b':') {
+            out.extend_from_slice(line);
+        }
+    }
+    Some(out)
 }
 
 /// The first two values of a header: enough to tell none, one and repeated apart without
@@ -444,6 +483,45 @@ mod limit_tests {
         let long = format!("/{}", "a".repeat(8 * 1024));
         let r = RequestHeader::build("GET", long.as_bytes(), None).unwrap();
         assert_eq!(check(&r, &l), Err(Refused(414, "request target too long")));
+    }
+}
+
+#[cfg(test)]
+mod origin_form_tests {
+    use super::*;
+
+    fn origin(s: &str) -> Option<String> {
+        origin_form(s.as_bytes()).map(|v| String::from_utf8(v).unwrap())
+    }
+
+    #[test]
+    fn an_absolute_target_becomes_origin_form_with_its_authority_as_host() {
+        assert_eq!(
+            origin("http://main.example:8080/x?y=1 HTTP/1.1\r\nHost: other\r\nAccept: */*\r\n\r\n")
+                .as_deref(),
+            Some("/x?y=1 HTTP/1.1\r\nHost: main.example:8080\r\nAccept: */*\r\n\r\n")
+        );
+        assert_eq!(
+            origin("HTTPS://a.example HTTP/1.0\r\n\r\n").as_deref(),
+            Some("/ HTTP/1.0\r\nHost: a.example\r\n\r\n")
+        );
+        assert_eq!(
+            origin("http://a?q HTTP/1.1\r\nhost: a\r\nHOST: b\r\n\r\n").as_deref(),
+            Some("/?q HTTP/1.1\r\nHost: a\r\n\r\n")
+        );
+    }
+
+    #[test]
+    fn other_schemes_and_bad_authorities_are_refused() {
+        for bad in [
+            "ftp://a/ HTTP/1.1\r\n\r\n",
+            "http://user@a/ HTTP/1.1\r\n\r\n",
+            "http:///x HTTP/1.1\r\n\r\n",
+            "http://a:0/ HTTP/1.1\r\n\r\n",
+            "mailto:x HTTP/1.1\r\n\r\n",
+        ] {
+            assert_eq!(origin(bad), None, "{bad:?}");
+        }
     }
 }
 

@@ -2,18 +2,20 @@
 //! own framing, never the responses), whether its request line is well formed as sent, and
 //! whether a chunked body's framing is — what Pingora's parser would normalise away before our
 //! checks could see it. Pure state machines fed one read at a time, so bytes split anywhere
-//! scan the same. Fed by the front's guarded stream.
+//! scan the same. Fed by the front's guarded stream, in place: a request line's `HTTP/1.2`
+//! (or any later 1.x) is rewritten to `HTTP/1.1`, as RFC 9110 §2.5 says to serve it.
 
 /// Where the client's side of a connection is, as far as its bytes tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
-    /// Reading a request head, or waiting for one (`seen` false: nothing of it yet).
+    /// Reading a request head, or waiting for one (nothing of it yet: `between_requests`).
     Head(HeadScan),
     /// `n` bytes of a `Content-Length` body still to come.
     Body(u64),
     /// Reading the framing of a chunked request body.
     Chunked(ChunkScan),
-    /// The connection switched protocols (101): not HTTP any more, never scanned again.
+    /// The connection switched protocols (the pipeline let a `101` through to a WebSocket
+    /// upgrade): not HTTP any more, never scanned again.
     Tunnel,
 }
 
@@ -23,6 +25,12 @@ impl Phase {
         Phase::Head(HeadScan {
             line_empty: true,
             seen: false,
+            blank: 0,
+            blank_cr: false,
+            version: 0,
+            target_len: 0,
+            absolute: false,
+            absolute_here: None,
             request_line: false,
             spaces: 0,
             cr: false,
@@ -35,9 +43,9 @@ impl Phase {
         })
     }
 
-    /// Between requests: no byte of the next head has arrived.
+    /// Between requests: no byte of the next head has arrived, not even an empty line.
     pub fn between_requests(&self) -> bool {
-        matches!(self, Phase::Head(h) if !h.seen)
+        matches!(self, Phase::Head(h) if !h.started())
     }
 }
 
@@ -52,14 +60,40 @@ pub enum Bad {
     Chunk,
 }
 
+/// Most bytes of empty lines a request line may follow: RFC 9112 §2.2 asks a server to ignore
+/// "at least one"; a client that keeps sending them is only holding the connection.
+pub const MAX_BLANK: u8 = 32;
+
+/// What a feed found, for a reader that rewrites absolute-form heads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Fed {
+    /// A head ended inside the bytes.
+    pub head_ended: bool,
+    /// A head with an absolute-form target (`http://host/path`) was in the bytes: where its
+    /// target began (`None`: before them) and where the head ended (`None`: after them).
+    pub absolute: Option<(Option<usize>, Option<usize>)>,
+}
+
 /// Feed bytes just read through the phases. `Ok(true)` when a head ended inside them.
-pub fn feed(phase: &mut Phase, mut bytes: &[u8]) -> Result<bool, Bad> {
-    let mut head_done = false;
+pub fn feed(phase: &mut Phase, bytes: &mut [u8]) -> Result<bool, Bad> {
+    feed_marked(phase, bytes).map(|fed| fed.head_ended)
+}
+
+/// [`feed`], and where the first absolute-form head among the bytes is.
+pub fn feed_marked(phase: &mut Phase, mut bytes: &mut [u8]) -> Result<Fed, Bad> {
+    let mut fed = Fed::default();
+    // Offset of `bytes` in what was fed.
+    let mut base = 0;
     while !bytes.is_empty() {
         match phase {
             Phase::Head(h) => match h.scan(bytes)? {
                 Some(n) => {
-                    head_done = true;
+                    fed.head_ended = true;
+                    if h.absolute && fed.absolute.is_none_or(|(_, end)| end.is_none()) {
+                        let target = h.absolute_here.map(|t| base + t);
+                        let target = fed.absolute.map_or(target, |(t, _)| t);
+                        fed.absolute = Some((target, Some(base + n)));
+                    }
                     *phase = if h.chunked {
                         Phase::Chunked(ChunkScan::default())
                     } else if h.content_length > 0 {
@@ -67,14 +101,23 @@ pub fn feed(phase: &mut Phase, mut bytes: &[u8]) -> Result<bool, Bad> {
                     } else {
                         Phase::head()
                     };
-                    bytes = &bytes[n..];
+                    bytes = &mut bytes[n..];
+                    base += n;
                 }
-                None => break,
+                None => {
+                    if let Some(t) = h.absolute_here {
+                        fed.absolute.get_or_insert((Some(base + t), None));
+                    } else if h.absolute {
+                        fed.absolute.get_or_insert((None, None));
+                    }
+                    break;
+                }
             },
             Phase::Body(left) => {
                 let skip = (*left).min(bytes.len() as u64);
                 *left -= skip;
-                bytes = &bytes[skip as usize..];
+                bytes = &mut bytes[skip as usize..];
+                base += skip as usize;
                 if *left == 0 {
                     *phase = Phase::head();
                 }
@@ -82,20 +125,15 @@ pub fn feed(phase: &mut Phase, mut bytes: &[u8]) -> Result<bool, Bad> {
             Phase::Chunked(c) => match c.scan(bytes)? {
                 Some(n) => {
                     *phase = Phase::head();
-                    bytes = &bytes[n..];
+                    bytes = &mut bytes[n..];
+                    base += n;
                 }
                 None => break,
             },
             Phase::Tunnel => break,
         }
     }
-    Ok(head_done)
-}
-
-/// Whether a write begins a `101 Switching Protocols` response, after which the connection
-/// carries another protocol.
-pub fn switches_protocols(buf: &[u8]) -> bool {
-    buf.len() > 12 && buf.starts_with(b"HTTP/1.") && &buf[8..13] == b" 101 "
+    Ok(fed)
 }
 
 const TE: &[u8] = b"transfer-encoding";
@@ -114,8 +152,20 @@ pub enum NameMatch {
 pub struct HeadScan {
     /// Nothing but CR since the last LF.
     line_empty: bool,
-    /// A non-empty line has begun (empty lines before a request line are ignored, RFC 9112 §2.2).
+    /// A non-empty line has begun.
     seen: bool,
+    /// Bytes of empty lines before the request line (RFC 9112 §2.2), at most [`MAX_BLANK`].
+    blank: u8,
+    /// A CR of such an empty line is waiting for its LF.
+    blank_cr: bool,
+    /// Bytes of the version in the request line so far, while they match `HTTP/1.`.
+    version: u8,
+    /// Bytes of the target so far (counted to 1: only its first byte matters).
+    target_len: u8,
+    /// The target is in absolute form (`http…`).
+    absolute: bool,
+    /// Where that target began in the bytes of the current `scan` call.
+    absolute_here: Option<usize>,
     /// Inside the request line.
     request_line: bool,
     spaces: u8,
@@ -145,15 +195,52 @@ enum Value {
 }
 
 impl HeadScan {
-    /// A byte of this head has arrived.
-    pub fn seen(&self) -> bool {
-        self.seen
+    /// A byte of this head has arrived, an empty line before it included: its deadline runs.
+    pub fn started(&self) -> bool {
+        self.seen || self.blank > 0
     }
 
     /// Scan bytes; `Some(n)` if the head ended after `n` of them.
-    fn scan(&mut self, bytes: &[u8]) -> Result<Option<usize>, Bad> {
-        for (i, &b) in bytes.iter().enumerate() {
+    fn scan(&mut self, bytes: &mut [u8]) -> Result<Option<usize>, Bad> {
+        self.absolute_here = None;
+        for (i, byte) in bytes.iter_mut().enumerate() {
+            let b = *byte;
+            if !self.seen {
+                // Empty lines before the request line: CRLF or a bare LF, a few.
+                match b {
+                    b'\n' => {
+                        self.blank_cr = false;
+                        self.blank = self.blank.saturating_add(1);
+                    }
+                    b'\r' if !self.blank_cr => {
+                        self.blank_cr = true;
+                        self.blank = self.blank.saturating_add(1);
+                    }
+                    _ if self.blank_cr => return Err(Bad::RequestLine),
+                    b' ' => return Err(Bad::RequestLine),
+                    _ => {
+                        self.seen = true;
+                        self.request_line = true;
+                        self.line_empty = false;
+                    }
+                }
+                if self.blank > MAX_BLANK {
+                    return Err(Bad::RequestLine);
+                }
+                continue;
+            }
             if self.request_line {
+                if self.spaces == 2 {
+                    self.version_byte(byte);
+                } else if self.spaces == 1 && self.target_len == 0 && b != b' ' {
+                    self.target_len = 1;
+                    // `http://` or `https://`, as far as one byte tells (`origin_form` checks
+                    // the rest); an authority-form `CONNECT` target is not one.
+                    if b.eq_ignore_ascii_case(&b'h') {
+                        self.absolute = true;
+                        self.absolute_here = Some(i);
+                    }
+                }
                 match b {
                     b'\n' if self.spaces == 2 => self.request_line = false,
                     b' ' if !self.cr => self.spaces += 1,
@@ -166,26 +253,32 @@ impl HeadScan {
                     _ if self.spaces == 1 && !self.cr => return Err(Bad::Target),
                     _ => return Err(Bad::RequestLine),
                 }
-            } else if self.seen {
+            } else {
                 self.header_byte(b);
             }
             match b {
-                b'\n' if self.line_empty && self.seen => return Ok(Some(i + 1)),
+                b'\n' if self.line_empty => return Ok(Some(i + 1)),
                 b'\n' => self.line_empty = true,
                 b'\r' => {}
-                _ => {
-                    if !self.seen {
-                        self.seen = true;
-                        self.request_line = true;
-                        if b == b' ' {
-                            return Err(Bad::RequestLine);
-                        }
-                    }
-                    self.line_empty = false;
-                }
+                _ => self.line_empty = false,
             }
         }
         Ok(None)
+    }
+
+    /// A byte of the request line's version: `HTTP/1.` and a minor version above 1 is served
+    /// as `HTTP/1.1` (RFC 9110 §2.5), rewritten where it was read.
+    fn version_byte(&mut self, b: &mut u8) {
+        const PREFIX: &[u8] = b"HTTP/1.";
+        let at = self.version as usize;
+        if at < PREFIX.len() && *b == PREFIX[at] {
+            self.version += 1;
+        } else if at == PREFIX.len() && (b'2'..=b'9').contains(b) {
+            *b = b'1';
+            self.version = u8::MAX;
+        } else {
+            self.version = u8::MAX;
+        }
     }
 
     /// Follow header lines far enough to see `Transfer-Encoding: ...chunked...` and
@@ -397,17 +490,22 @@ fn hex(b: u8) -> Option<u8> {
 mod tests {
     use super::*;
 
+    /// Feed a copy (the scan may rewrite a version in place).
+    fn feed_copy(phase: &mut Phase, bytes: &[u8]) -> Result<bool, Bad> {
+        feed(phase, &mut bytes.to_vec())
+    }
+
     /// Feed `chunks` in order; the phase after, and after which byte of them the head ended.
     fn feed_all(chunks: &[&[u8]]) -> (Phase, Option<usize>) {
         let mut phase = Phase::head();
         for c in chunks {
-            feed(&mut phase, c).unwrap_or_else(|e| panic!("{e:?}: {chunks:?}"));
+            feed_copy(&mut phase, c).unwrap_or_else(|e| panic!("{e:?}: {chunks:?}"));
         }
         let all = chunks.concat();
         let mut p = Phase::head();
         let end = all
             .iter()
-            .position(|b| feed(&mut p, std::slice::from_ref(b)) == Ok(true))
+            .position(|b| feed_copy(&mut p, std::slice::from_ref(b)) == Ok(true))
             .map(|i| i + 1);
         (phase, end)
     }
@@ -417,7 +515,7 @@ mod tests {
         let mut phase = Phase::head();
         bytes
             .iter()
-            .find_map(|b| feed(&mut phase, std::slice::from_ref(b)).err())
+            .find_map(|b| feed_copy(&mut phase, std::slice::from_ref(b)).err())
     }
 
     #[test]
@@ -446,7 +544,7 @@ mod tests {
                 let mut phase = Phase::head();
                 let ended: Vec<bool> = [a, b, c]
                     .iter()
-                    .map(|part| feed(&mut phase, part).unwrap())
+                    .map(|part| feed_copy(&mut phase, part).unwrap())
                     .collect();
                 assert_eq!(phase, Phase::head(), "{split}/{split2}");
                 // The head ends in the part holding the last byte.
@@ -518,12 +616,12 @@ mod tests {
             let msg = chunked(body);
             assert_eq!(refusal(&msg), None, "{}", body.escape_ascii());
             let mut phase = Phase::head();
-            feed(&mut phase, &msg).unwrap();
+            feed_copy(&mut phase, &msg).unwrap();
             assert!(phase.between_requests(), "{}", body.escape_ascii());
             // What follows is the next request, and is scanned as one.
-            assert_eq!(feed(&mut phase, b"GET / HTTP/1.1\r\n\r\n"), Ok(true));
+            assert_eq!(feed_copy(&mut phase, b"GET / HTTP/1.1\r\n\r\n"), Ok(true));
             assert_eq!(
-                feed(
+                feed_copy(
                     &mut Phase::Chunked(ChunkScan::default()),
                     b"0\r\n\r\nGET /a b HTTP/1.1\r\n"
                 ),
@@ -532,7 +630,7 @@ mod tests {
         }
         // A body in progress stays in the chunk phase.
         let mut phase = Phase::head();
-        feed(&mut phase, &chunked(b"10\r\nabc")).unwrap();
+        feed_copy(&mut phase, &chunked(b"10\r\nabc")).unwrap();
         assert_eq!(phase, Phase::Chunked(ChunkScan::Data(13)));
     }
 
@@ -599,7 +697,7 @@ mod tests {
             ),
         ] {
             let mut phase = Phase::head();
-            feed(&mut phase, head).unwrap();
+            feed_copy(&mut phase, head).unwrap();
             assert_eq!(phase, expect, "{}", head.escape_ascii());
         }
     }
@@ -609,7 +707,7 @@ mod tests {
         // A body is data, whatever it holds: quotes, spaces, things that look like requests.
         let mut phase = Phase::head();
         let post = b"POST / HTTP/1.1\r\nHost: a\r\ncontent-LENGTH: 10\r\n\r\n{\"a\": \"b\"}";
-        assert_eq!(feed(&mut phase, post), Ok(true));
+        assert_eq!(feed_copy(&mut phase, post), Ok(true));
         assert!(phase.between_requests());
         // Split anywhere, the same.
         assert_eq!(refusal(post), None);
@@ -618,7 +716,7 @@ mod tests {
         assert_eq!(refusal(&two), Some(Bad::Target));
         // A body still arriving keeps its place.
         let mut phase = Phase::head();
-        feed(
+        feed_copy(
             &mut phase,
             b"PUT / HTTP/1.1\r\nContent-Length: 100\r\n\r\nabc",
         )
@@ -627,15 +725,74 @@ mod tests {
     }
 
     #[test]
-    fn only_101_switches_the_connection_to_a_tunnel() {
-        assert!(switches_protocols(b"HTTP/1.1 101 Switching Protocols\r\n"));
-        assert!(!switches_protocols(b"HTTP/1.1 100 Continue\r\n"));
-        assert!(!switches_protocols(b"HTTP/1.1 200 OK\r\n"));
-        assert!(!switches_protocols(b"<html>HTTP/1.1 101 "));
-        assert!(!switches_protocols(b"HTTP/1.1"));
+    fn an_absolute_form_head_is_marked_where_its_target_begins_and_the_head_ends() {
+        let head = b"GET http://a/x HTTP/1.1\r\nHost: b\r\n\r\n";
+        let fed = feed_marked(&mut Phase::head(), &mut head.to_vec()).unwrap();
+        assert_eq!(fed.absolute, Some((Some(4), Some(head.len()))));
+        // Split: the first part has the target's start, the second the head's end.
+        let mut phase = Phase::head();
+        let fed = feed_marked(&mut phase, &mut head[..10].to_vec()).unwrap();
+        assert_eq!(fed.absolute, Some((Some(4), None)));
+        let fed = feed_marked(&mut phase, &mut head[10..].to_vec()).unwrap();
+        assert_eq!(fed.absolute, Some((None, Some(head.len() - 10))));
+        // Origin form is not marked; a body before the next head shifts the offsets.
+        let two = b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\nokGET http://a/ HTTP/1.1\r\n\r\n";
+        let fed = feed_marked(&mut Phase::head(), &mut two.to_vec()).unwrap();
+        assert_eq!(fed.absolute, Some((Some(44), Some(two.len()))));
+        let fed = feed_marked(&mut Phase::head(), &mut b"GET / HTTP/1.1\r\n\r\n".to_vec());
+        assert_eq!(fed.unwrap().absolute, None);
+    }
+
+    #[test]
+    fn a_tunnel_is_never_scanned() {
         let mut phase = Phase::Tunnel;
-        assert_eq!(feed(&mut phase, b"\x00\x01 anything"), Ok(false));
+        assert_eq!(feed_copy(&mut phase, b"\x00\x01 anything"), Ok(false));
         assert_eq!(phase, Phase::Tunnel);
+    }
+
+    #[test]
+    fn empty_lines_before_a_request_start_its_head_and_are_few() {
+        let mut phase = Phase::head();
+        assert_eq!(feed_copy(&mut phase, b"\r\n"), Ok(false));
+        assert!(
+            !phase.between_requests(),
+            "the head deadline runs from the first empty line"
+        );
+        assert_eq!(refusal(&[&b"\n"[..]; 40].concat()), Some(Bad::RequestLine));
+        assert_eq!(refusal(&[&b"\r\n"[..]; 16].concat()), None);
+        // A CR that is not the start of a CRLF is no empty line.
+        assert_eq!(refusal(b"\rGET / HTTP/1.1\r\n\r\n"), Some(Bad::RequestLine));
+        assert_eq!(
+            refusal(b"\r\r\nGET / HTTP/1.1\r\n\r\n"),
+            Some(Bad::RequestLine)
+        );
+        assert_eq!(refusal(b"\n\r\nGET / HTTP/1.1\r\n\r\n"), None);
+    }
+
+    #[test]
+    fn a_later_http_1_minor_version_is_read_as_1_1_wherever_it_is_split() {
+        let head = b"GET / HTTP/1.2\r\nHost: a\r\n\r\n";
+        for split in 0..head.len() {
+            let (a, b) = head.split_at(split);
+            let (mut a, mut b) = (a.to_vec(), b.to_vec());
+            let mut phase = Phase::head();
+            feed(&mut phase, &mut a).unwrap();
+            feed(&mut phase, &mut b).unwrap();
+            assert_eq!(
+                [a, b].concat(),
+                b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+                "{split}"
+            );
+        }
+        for kept in [
+            &b"GET / HTTP/1.0\r\n\r\n"[..],
+            b"GET /HTTP/1.2 HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/2.2\r\n\r\n",
+        ] {
+            let mut bytes = kept.to_vec();
+            let _ = feed(&mut Phase::head(), &mut bytes);
+            assert_eq!(bytes, kept, "{}", kept.escape_ascii());
+        }
     }
 
     #[test]
@@ -693,7 +850,7 @@ mod tests {
             let mut phase = Phase::head();
             let mut ended = vec![];
             for (i, c) in chunks.iter().enumerate() {
-                match feed(&mut phase, c) {
+                match feed_copy(&mut phase, c) {
                     Ok(true) => ended.push(i),
                     Ok(false) => {}
                     Err(bad) => return (ended, phase, Some(bad)),

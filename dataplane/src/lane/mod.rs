@@ -20,10 +20,10 @@ use crate::attempt::{Failure, Routed};
 use crate::clock;
 use crate::http1::editor::{Origin, Proto};
 use crate::http1::head::{self, plain_request, Body, Response};
+use crate::http1::limits::MAX_INTERIM_RESPONSES;
 use crate::http1::scan::{Bad, ChunkScan};
 use crate::metrics::UpstreamError;
 use crate::plane::Plane;
-use crate::shutdown::Shutdown;
 use crate::snapshot::Backend;
 
 /// Room kept free in a read buffer before each read.
@@ -88,10 +88,13 @@ impl Lane {
             response: Vec::with_capacity(1024),
         };
         let mut first = true;
-        // The client's address as `X-Forwarded-For` writes it, made once per connection.
+        // The client's address as `X-Forwarded-For` writes it, and whether it may speak for
+        // others: both once per connection.
+        let trusted = plane.trusted.trusts(peer);
         let peer = peer.map(|ip| ip.to_string());
         let origin = Origin {
             client: peer.as_deref().map(str::as_bytes),
+            trusted,
             proto: Proto::Http,
         };
         loop {
@@ -182,14 +185,17 @@ impl Lane {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let shutdown = &self.plane.shutdown;
+        let plane = &*self.plane;
+        // After a stale pooled connection the next attempt dials anew.
+        let mut fresh = false;
         while let Some(i) = routed.next(clock::now_ms()) {
             let backend = &routed.service().backends[i as usize];
-            let failure = match exchange(client, backend, plain, shutdown, bufs).await {
+            let failure = match exchange(client, backend, plain, plane, fresh, bufs).await {
                 Ok(Ok(done)) => return (done.status, done.keep),
                 Ok(Err(Cut(status))) => return (status, false),
                 Err(failure) => failure,
             };
+            fresh = matches!(failure, Failure::Stale { .. });
             if !routed.fail(failure, clock::now_ms()) {
                 break;
             }
@@ -199,9 +205,26 @@ impl Lane {
         let answer = routed.answer();
         bufs.response.clear();
         answer.render(true, &mut bufs.response);
-        let sent = client.write_all(&bufs.response).await.is_ok() && client.flush().await.is_ok();
+        let sent = send(client, &bufs.response, plane.send_timeout)
+            .await
+            .is_ok();
         (if sent { answer.status() } else { 499 }, false)
     }
+}
+
+/// Write all of `bytes` to the client and flush, unless it stops reading for `timeout`.
+async fn send<S: AsyncWrite + Unpin>(
+    client: &mut S,
+    bytes: &[u8],
+    timeout: Duration,
+) -> io::Result<()> {
+    let write = async {
+        client.write_all(bytes).await?;
+        client.flush().await
+    };
+    fast_timeout(timeout, write)
+        .await
+        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
 }
 
 /// Read once more into `buf`, growing it when it is nearly full.
@@ -245,49 +268,55 @@ async fn connect(backend: &Backend) -> Result<TcpStream, UpstreamError> {
     Ok(conn)
 }
 
-/// One attempt on one backend: send the request, pass the response on. `Err` if it failed
-/// before the client got anything (another backend may try: a plain request can be replayed);
-/// `Ok(Err)` if the client connection must close after a response was begun or could not be
-/// delivered.
+/// One attempt on one backend (on a new connection when `fresh`, else a pooled one if there
+/// is): send the request, pass the response on. `Err` if it failed before the client got
+/// anything of an answer (then the attempt core decides what follows: a plain request can be
+/// replayed, and a pooled connection found closed is `Stale`); `Ok(Err)` if the client
+/// connection must close after a response was begun or could not be delivered.
 async fn exchange<S>(
     client: &mut S,
     backend: &Backend,
     plain: &head::Plain,
-    shutdown: &Shutdown,
+    plane: &Plane,
+    fresh: bool,
     bufs: &mut Buffers,
 ) -> Result<Result<Answered, Cut>, Failure>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let timeout = backend.peer.options.read_timeout;
-    let mut pooled = pool::take(backend.addr);
-    let (mut up, response, close) = loop {
-        // A pooled connection the backend closed while idle fails before any byte of a
-        // response: that is the pool's staleness, not the backend's failure, and the request
-        // goes again on a new connection to the same backend, outside the retry budget, as
-        // nginx does for its cached upstream connections.
-        let reused = pooled.is_some();
-        let mut up = match pooled.take() {
-            Some(conn) => conn,
-            None => connect(backend).await.map_err(Failure::Connect)?,
-        };
-        if up.write_all(&bufs.request).await.is_err() {
-            if reused {
-                continue;
-            }
-            return Err(replayable(UpstreamError::Closed));
-        }
-        bufs.upstream.clear();
-        let mut heard = false;
-        match read_response_head(&mut up, plain, shutdown, bufs, client, timeout, &mut heard).await
-        {
-            Ok((r, close)) => break (up, r, close),
-            Err(HeadError::Closed) if reused && !heard => continue,
-            Err(HeadError::Failed(kind)) => return Err(replayable(kind)),
-            Err(HeadError::Closed) => return Err(replayable(UpstreamError::Closed)),
-            Err(HeadError::Client) => return Ok(Err(Cut(499))),
-        }
+    let pooled = if fresh {
+        None
+    } else {
+        pool::take(backend.addr)
     };
+    let reused = pooled.is_some();
+    let mut up = match pooled {
+        Some(conn) => conn,
+        None => connect(backend).await.map_err(Failure::Connect)?,
+    };
+    let stale = Failure::Stale { replayable: true };
+    if up.write_all(&bufs.request).await.is_err() {
+        return Err(if reused {
+            stale
+        } else {
+            replayable(UpstreamError::Closed)
+        });
+    }
+    bufs.upstream.clear();
+    let mut head = HeadRead {
+        heard: false,
+        relayed: 0,
+    };
+    let (response, close) =
+        match read_response_head(&mut up, plain, plane, bufs, client, timeout, &mut head).await {
+            Ok(r) => r,
+            // Closed before a byte: the pool's staleness, not the backend's failure.
+            Err(HeadError::Closed) if reused && !head.heard => return Err(stale),
+            Err(HeadError::Failed(kind)) => return Err(failed(kind, &head)),
+            Err(HeadError::Closed) => return Err(failed(UpstreamError::Closed, &head)),
+            Err(HeadError::Client) => return Ok(Err(Cut(499))),
+        };
 
     let status = response.status;
     let mut reusable = response.reusable;
@@ -307,8 +336,11 @@ where
     } else {
         bufs.response.extend_from_slice(first_part);
     }
-    if client.write_all(&bufs.response).await.is_err() {
-        // Nothing reached a client that is gone (nginx's 499).
+    if send(client, &bufs.response, plane.send_timeout)
+        .await
+        .is_err()
+    {
+        // Nothing reached a client that is gone (nginx's 499), or that does not read.
         return Ok(Err(Cut(499)));
     }
 
@@ -318,7 +350,10 @@ where
         bufs.upstream.reserve(BODY_CHUNK);
         let part = match read_upstream(&mut up, &mut bufs.upstream, timeout).await {
             Ok(0) if rest == Rest::UntilClose => {
-                if client.write_all(b"0\r\n\r\n").await.is_err() {
+                if send(client, b"0\r\n\r\n", plane.send_timeout)
+                    .await
+                    .is_err()
+                {
                     return Ok(Err(Cut(status)));
                 }
                 break;
@@ -334,12 +369,9 @@ where
                 Err(_) => return Ok(Err(Cut(status))),
             },
         };
-        if client.write_all(part).await.is_err() {
+        if send(client, part, plane.send_timeout).await.is_err() {
             return Ok(Err(Cut(status)));
         }
-    }
-    if client.flush().await.is_err() {
-        return Ok(Err(Cut(status)));
     }
     if reusable {
         pool::put(backend.addr, up);
@@ -353,6 +385,16 @@ fn replayable(kind: UpstreamError) -> Failure {
     Failure::Answer {
         kind,
         replayable: true,
+    }
+}
+
+/// A failure of a backend that took the request, once its head was (partly) read: replayable
+/// unless an interim response already reached the client, which another backend's answer
+/// would then follow.
+fn failed(kind: UpstreamError, got: &HeadRead) -> Failure {
+    Failure::Answer {
+        kind,
+        replayable: got.relayed == 0,
     }
 }
 
@@ -401,6 +443,14 @@ fn chunk(out: &mut Vec<u8>, data: &[u8]) {
     }
 }
 
+/// What reading a response head got to before it ended.
+struct HeadRead {
+    /// Some byte came from the backend.
+    heard: bool,
+    /// Interim (1xx) responses passed on to the client.
+    relayed: u8,
+}
+
 /// Why no response head could be passed on.
 enum HeadError {
     /// The backend closed, or reset, before a complete head.
@@ -414,32 +464,39 @@ enum HeadError {
 /// Read the backend's final response head into `bufs.upstream` and write the client's into
 /// `bufs.response`; also whether the client connection closes after it (the client asked, or
 /// the process is draining by the time the answer comes). Interim (1xx) responses are passed
-/// on as they come. `heard` is set once any byte came from the backend.
+/// on as they come, at most `MAX_INTERIM_RESPONSES`; `got` says how far it came.
 async fn read_response_head<S>(
     up: &mut TcpStream,
     plain: &head::Plain,
-    shutdown: &Shutdown,
+    plane: &Plane,
     bufs: &mut Buffers,
     client: &mut S,
     timeout: Option<Duration>,
-    heard: &mut bool,
+    got: &mut HeadRead,
 ) -> Result<(Response, bool), HeadError>
 where
     S: AsyncWrite + Unpin,
 {
     loop {
         if !bufs.upstream.is_empty() {
-            *heard = true;
-            let close = plain.close || shutdown.draining();
+            got.heard = true;
+            let close = plain.close || plane.shutdown.draining();
             match head::response_head(&bufs.upstream, plain.head, close, &mut bufs.response) {
                 Ok(Some(r)) if r.status == 101 => {
                     // Never asked for: the request carried no Upgrade.
                     return Err(HeadError::Failed(UpstreamError::Other));
                 }
                 Ok(Some(r)) if r.status < 200 => {
-                    if client.write_all(&bufs.response).await.is_err() {
+                    if got.relayed == MAX_INTERIM_RESPONSES {
+                        return Err(HeadError::Failed(UpstreamError::Other));
+                    }
+                    if send(client, &bufs.response, plane.send_timeout)
+                        .await
+                        .is_err()
+                    {
                         return Err(HeadError::Client);
                     }
+                    got.relayed += 1;
                     bufs.upstream.drain(..r.len);
                     continue;
                 }
