@@ -272,9 +272,10 @@ impl ProxyHttp for Pipeline {
                 .headers
                 .iter()
                 .map(|(n, v)| Line::new(n.as_str().as_bytes(), v.as_bytes()));
-            let mut edit =
-                editor::read_request(lines, upstream.version == http::Version::HTTP_11, trusted)
-                    .map_err(|why| Error::explain(ErrorType::InvalidHTTPHeader, why.1))?;
+            // The client's version: Pingora sends every request upstream as HTTP/1.1.
+            let http11 = session.req_header().version == http::Version::HTTP_11;
+            let mut edit = editor::read_request(lines, http11, trusted)
+                .map_err(|why| Error::explain(ErrorType::InvalidHTTPHeader, why.1))?;
             let remove: Vec<http::HeaderName> = upstream
                 .headers
                 .keys()
@@ -306,8 +307,8 @@ impl ProxyHttp for Pipeline {
     ) -> Result<()> {
         let status = upstream_response.status.as_u16();
         if let Err(why) = self.check_response(session, upstream_response, ctx) {
-            ctx.answer = Some(Answer::BadGateway);
-            return Error::e_explain(ErrorType::InvalidHTTPHeader, why);
+            // The backend's fault: an upstream error, retried like any failed answer.
+            return Err(Error::explain(ErrorType::InvalidHTTPHeader, why).into_up());
         }
         ctx.response_started = true;
         let names: Vec<http::HeaderName> = {
@@ -335,7 +336,9 @@ impl ProxyHttp for Pipeline {
             // request's body, and the connection ends with the answer.
             ctx.discard_body = true;
             session.set_keepalive(None);
-            self.retire_upstream(ctx);
+            // No more of the request reaches the backend (a chunked upload must not end as if
+            // whole), and its connection is not reused; its answer is still read whole.
+            shut_upstream(ctx, libc::SHUT_WR);
         }
         if self.plane.shutdown.draining() {
             // Shutting down: this response tells the client to take its next request elsewhere.
@@ -364,6 +367,7 @@ impl ProxyHttp for Pipeline {
         ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        ctx.upstream_fd = None;
         if let Some(routed) = ctx.routed.as_mut() {
             e.set_retry(routed.fail(connect_failure(&e), clock::now_ms()));
         }
@@ -378,6 +382,14 @@ impl ProxyHttp for Pipeline {
         ctx: &mut Ctx,
         client_reused: bool,
     ) -> Box<Error> {
+        ctx.upstream_fd = None;
+        // The client's side failed (it left, or its body broke a limit): no backend is to
+        // blame, and nothing goes again.
+        if e.esource() == &ErrorSource::Downstream || matches!(e.etype(), ErrorType::HTTPStatus(_))
+        {
+            e.set_retry(false);
+            return e;
+        }
         let replayable = session.req_header().method.is_idempotent()
             && !ctx.response_started
             && !session.as_ref().retry_buffer_truncated();
@@ -458,10 +470,6 @@ impl ProxyHttp for Pipeline {
         _end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        if ctx.discard_body {
-            *body = None;
-            return Ok(());
-        }
         if let (Some(max), Some(chunk)) = (self.plane.limits.max_body, body.as_ref()) {
             ctx.body_bytes += chunk.len() as u64;
             if ctx.body_bytes > max {
@@ -471,6 +479,9 @@ impl ProxyHttp for Pipeline {
                     "request body larger than --max-body-bytes",
                 );
             }
+        }
+        if ctx.discard_body {
+            *body = None;
         }
         Ok(())
     }
@@ -511,6 +522,20 @@ fn normalize_path(req: &mut RequestHeader) -> std::result::Result<(), request::R
         .map_err(|_| bad)?;
     req.set_uri(uri);
     Ok(())
+}
+
+/// Shut down the current attempt's upstream connection (`how`: `SHUT_WR`, or `SHUT_RDWR`)
+/// so it is never pooled.
+fn shut_upstream(ctx: &mut Ctx, how: libc::c_int) {
+    if let Some(fd) = ctx.upstream_fd.take() {
+        // SAFETY: `fd` is the socket of this request's current upstream connection, saved in
+        // `connected_to_upstream` and cleared when an attempt fails: it is open while the
+        // response is being proxied (Pingora closes it only after these phases), and
+        // `shutdown` neither closes nor frees it.
+        unsafe {
+            libc::shutdown(fd, how);
+        }
+    }
 }
 
 /// The client's address, as the socket tells it.
@@ -555,23 +580,11 @@ impl Pipeline {
         let framing = head::response_framing(version, status, head, lines)
             .map_err(|_| "response framing that reads more than one way")?;
         if status >= 200 && status != 101 && framing.body == head::Body::None && !framing.reusable {
-            self.retire_upstream(ctx);
+            // Its next reuse check (Pingora reads a connection before reuse) sees it closed,
+            // and whatever it still sends is never read as another request's answer.
+            shut_upstream(ctx, libc::SHUT_RDWR);
         }
         Ok(())
-    }
-
-    /// Make sure the current upstream connection is not pooled: shut down, its next reuse
-    /// check (Pingora reads it before reuse) sees it closed, and whatever it still sends is
-    /// never read as another request's answer.
-    fn retire_upstream(&self, ctx: &mut Ctx) {
-        if let Some(fd) = ctx.upstream_fd.take() {
-            // SAFETY: `fd` is the socket of this request's upstream connection, open while the
-            // request is being proxied (Pingora closes it only after this phase); `shutdown`
-            // neither closes nor frees it.
-            unsafe {
-                libc::shutdown(fd, libc::SHUT_RDWR);
-            }
-        }
     }
 
     /// Give back the slot a request holds, to the best waiter or the backend.

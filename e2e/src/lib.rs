@@ -182,6 +182,26 @@ impl Lb {
             .unwrap_or(0.0)
     }
 
+    /// Requests answered by each backend of `service` so far, over every status code.
+    pub fn served_by_backend(&self, service: &str) -> std::collections::BTreeMap<String, u64> {
+        let text = self.admin_get("/metrics").body;
+        let prefix = format!("rustybalancer_requests_total{{service=\"{service}\",backend=\"");
+        let mut by = std::collections::BTreeMap::new();
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix(&prefix) else {
+                continue;
+            };
+            let (Some((backend, _)), Some((_, n))) = (rest.split_once('"'), line.rsplit_once(' '))
+            else {
+                continue;
+            };
+            if !backend.is_empty() {
+                *by.entry(backend.to_owned()).or_default() += n.parse::<u64>().unwrap_or(0);
+            }
+        }
+        by
+    }
+
     /// Wait until a series reaches `value`. Requests are counted when Pingora logs them, just
     /// after the response is written, so a client may read its response a moment before.
     pub fn wait_metric(&self, series: &str, value: f64, limit: Duration) {

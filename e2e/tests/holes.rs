@@ -239,6 +239,39 @@ fn valid_requests_of_unusual_form_are_served() {
         let a =
             exchange(lb.port, b"GET http://main.example/y HTTP/1.0\r\n\r\n").expect("an answer");
         assert_eq!(a.status, 200, "{name}: {}", a.head);
+        // Two in one write: each is rewritten, in order.
+        let (mut s, mut r) = connect(lb.port);
+        let one = "GET http://main.example/one HTTP/1.1\r\nHost: x\r\n\r\n";
+        let two = "GET http://main.example/two HTTP/1.1\r\n\r\n";
+        s.write_all(format!("{one}{two}").as_bytes()).unwrap();
+        for path in ["/one", "/two"] {
+            let a = read_answer(&mut r, false);
+            assert_eq!(a.status, 200, "{name}: {path}: {}", a.head);
+            let body = String::from_utf8_lossy(&a.body).to_ascii_lowercase();
+            assert!(
+                body.contains(&format!("get {path} http/1.1")),
+                "{name}: {body}"
+            );
+        }
+        // A head split across reads, held back and released whole, with the body behind it.
+        let (mut s, mut r) = connect(lb.port);
+        let body = "b".repeat(100_000);
+        s.write_all(b"POST http://main.example/up HTTP/1.1\r\nContent-")
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        s.write_all(format!("Length: {}\r\n\r\n{body}", body.len()).as_bytes())
+            .unwrap();
+        let a = read_answer(&mut r, false);
+        assert_eq!(a.status, 200, "{name}: {}", a.head);
+        // The body reached the backend whole: the connection carries on in step.
+        s.write_all(b"GET /after HTTP/1.1\r\nHost: main.example\r\n\r\n")
+            .unwrap();
+        let a = read_answer(&mut r, false);
+        assert_eq!(a.status, 200, "{name}: {}", a.head);
+        assert!(
+            String::from_utf8_lossy(&a.body).contains("GET /after"),
+            "{name}"
+        );
         // A later minor version is served as HTTP/1.1 (RFC 9110 §2.5).
         let a =
             exchange(lb.port, b"GET /z HTTP/1.2\r\nHost: main.example\r\n\r\n").expect("an answer");

@@ -50,6 +50,9 @@ pub struct Guarded {
     unread: Vec<u8>,
     /// An absolute-form head from its target on, held back until it is whole.
     held: Option<Vec<u8>>,
+    /// Bytes read after an absolute-form head that the scan has not seen yet: scanned as if
+    /// just read once the head before them is rewritten.
+    rescan: Vec<u8>,
 }
 
 impl Guarded {
@@ -71,12 +74,15 @@ impl Guarded {
             plane,
             unread: Vec::new(),
             held: None,
+            rescan: Vec::new(),
         }
     }
 
     /// The fast lane hands the connection to the pipeline: `read` (bytes it read and did not
     /// answer) is read again first.
-    pub(super) fn hand_over(&mut self, read: Vec<u8>) {
+    pub(super) fn hand_over(&mut self, mut read: Vec<u8>) {
+        // Bytes still waiting here (the rest of a rewritten head's read) come after them.
+        read.extend_from_slice(&self.unread);
         self.unread = read;
     }
 
@@ -136,7 +142,16 @@ impl AsyncRead for Guarded {
                 this.deadline = None;
             }
             let before = buf.filled().len();
-            match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            let read = if this.rescan.is_empty() {
+                Pin::new(&mut this.inner).poll_read(cx, buf)
+            } else {
+                // Bytes read before, not scanned yet: as if read now.
+                let n = this.rescan.len().min(buf.remaining());
+                buf.put_slice(&this.rescan[..n]);
+                this.rescan.drain(..n);
+                Poll::Ready(Ok(()))
+            };
+            match read {
                 Poll::Ready(Ok(())) if buf.filled().len() == before => {
                     // End of stream (a head held back, incomplete, goes with it).
                     return Poll::Ready(Ok(()));
@@ -192,8 +207,10 @@ impl Guarded {
             }
             match fed.absolute {
                 Some((_, Some(end))) => {
-                    let held = self.held.take().unwrap_or_default();
-                    self.release(&held, start + end)?;
+                    let mut held = self.held.take().unwrap_or_default();
+                    self.rescan = [&held[start + end..], &self.rescan[..]].concat();
+                    held.truncate(start + end);
+                    self.release(&held)?;
                 }
                 _ if held.len() > self.plane.limits.max_head => {
                     let too_large = Refused(431, "request head too large");
@@ -207,26 +224,29 @@ impl Guarded {
         if fed.head_ended {
             self.deadline = None;
         }
+        // What the scan stopped short of (after an absolute-form head) is scanned next.
+        let scanned = before + fed.consumed;
+        if scanned < buf.filled().len() {
+            self.rescan = [&buf.filled()[scanned..], &self.rescan[..]].concat();
+            buf.set_filled(scanned);
+        }
         let Some((Some(target), end)) = fed.absolute else {
-            return Ok(true);
+            return Ok(buf.filled().len() > before);
         };
         let at = before + target;
         let rest = buf.filled()[at..].to_vec();
         buf.set_filled(at);
         match end {
-            Some(end) => self.release(&rest, end - target)?,
+            Some(_) => self.release(&rest)?,
             None => self.held = Some(rest),
         }
         Ok(at > before)
     }
 
-    /// `bytes` hold an absolute-form head from its target to `end`, then whatever followed:
-    /// the head in origin form, and the rest, are read next.
-    fn release(&mut self, bytes: &[u8], end: usize) -> Result<(), (Event, Answer)> {
-        let origin =
-            origin_form(&bytes[..end]).ok_or((Event::BadRequestLine, Answer::BadRequestLine))?;
-        self.unread = origin;
-        self.unread.extend_from_slice(&bytes[end..]);
+    /// `head` is an absolute-form head from its target to its end: read next in origin form.
+    fn release(&mut self, head: &[u8]) -> Result<(), (Event, Answer)> {
+        let origin = origin_form(head).ok_or((Event::BadRequestLine, Answer::BadRequestLine))?;
+        self.unread.extend_from_slice(&origin);
         Ok(())
     }
 

@@ -20,8 +20,10 @@ pub enum Name {
     XForwardedFor,
     XForwardedProto,
     XRequestId,
-    /// `X-Forwarded-Host`, `Forwarded`, `X-Real-IP`: what a client may claim about the request
-    /// before it reached us, believed only from a trusted proxy.
+    /// `X-Forwarded-Host` (and every other `X-Forwarded-*` but `-For` and `-Proto`),
+    /// `Forwarded`, `X-Real-IP`, `True-Client-IP`, `X-Client-IP`, `CF-Connecting-IP`: what a
+    /// client may claim about the request before it reached us, believed only from a trusted
+    /// proxy.
     ClientClaim,
     /// `Connection` itself.
     Connection,
@@ -76,10 +78,16 @@ pub fn classify(name: &[u8]) -> Name {
         (17, b'x') => (Name::XForwardedProto, b"x-forwarded-proto"),
         (18, b'p') => (Name::HopByHop, b"proxy-authenticate"),
         (19, b'p') => (Name::HopByHop, b"proxy-authorization"),
-        _ => return Name::Other,
+        (11, b'x') => (Name::ClientClaim, b"x-client-ip"),
+        (14, b't') => (Name::ClientClaim, b"true-client-ip"),
+        (16, b'c') => (Name::ClientClaim, b"cf-connecting-ip"),
+        _ => (Name::Other, b""),
     };
-    if is(name, lower) {
+    if kind != Name::Other && is(name, lower) {
         kind
+    } else if name.len() > 12 && first | 0x20 == b'x' && is(&name[..12], b"x-forwarded-") {
+        // Any other `X-Forwarded-*` (Port, Ssl, Prefix, Scheme, Server…) is a claim too.
+        Name::ClientClaim
     } else {
         Name::Other
     }
@@ -678,10 +686,18 @@ mod tests {
             ("X-Forwarded-Host", Name::ClientClaim),
             ("forwarded", Name::ClientClaim),
             ("X-Real-IP", Name::ClientClaim),
+            ("X-Forwarded-Port", Name::ClientClaim),
+            ("x-forwarded-ssl", Name::ClientClaim),
+            ("X-Forwarded-Prefix", Name::ClientClaim),
+            ("True-Client-IP", Name::ClientClaim),
+            ("X-Forwardedxfor", Name::Other),
+            ("X-Request-Id", Name::XRequestId),
             ("Content-Type", Name::Other),
             ("Hosts", Name::Other),
             ("Connectio", Name::Other),
-            ("X-Forwarded-Fox", Name::Other),
+            ("X-Forwarded-Fox", Name::ClientClaim),
+            ("X-Forwarded-", Name::Other),
+            ("X-Forwarder-For", Name::Other),
             ("", Name::Other),
         ] {
             assert_eq!(classify(name.as_bytes()), kind, "{name}");

@@ -217,8 +217,8 @@ pub struct Framing {
 /// lines, for every path. Refused as ambiguous (RFC 9112 §6.3, RFC 9110 §8.6): a
 /// `Transfer-Encoding` that does not end in one `chunked`, or appears twice; a
 /// `Content-Length` that is not one line of digits. With both, chunked wins and the length is
-/// not passed on (as Pingora reads it for the pipeline), and the connection is not reused:
-/// such a message may be an attempt at response splitting. A connection is reusable
+/// not passed on (as Pingora reads it for the pipeline; the body is read exactly by its
+/// chunks, so nothing is left over to split the stream). A connection is reusable
 /// only when nothing can follow the response legitimately *and* nothing was announced that is
 /// not read: not after a body delimited by the close, nor after a response that has no body
 /// by rule (`HEAD`, 204, 304), where a backend that sends one anyway would leave it for the
@@ -271,7 +271,8 @@ pub fn response_framing<'h>(
             _ => {}
         }
     }
-    if chunked && length.is_some() {
+    // Chunked in an HTTP/1.0 response: close after it (RFC 9112 §6.1).
+    if chunked && version == 0 {
         reusable = false;
     }
     let bodiless = head_request || status == 204 || status == 304;
@@ -557,9 +558,17 @@ mod tests {
         );
         assert_eq!(r.unwrap().unwrap().body, Body::Chunked);
         assert!(out.contains("X: a   b\r\n"), "{out:?}");
-        // Both framings: chunked, the length dropped, and the connection not reused.
+        // Both framings: chunked, and the length dropped.
         let (r, out) = response(
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n",
+            false,
+            false,
+        );
+        let r = r.unwrap().unwrap();
+        assert_eq!(r.body, Body::Chunked);
+        // Chunked in HTTP/1.0: read, then the connection closes.
+        let (r, _) = response(
+            "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n",
             false,
             false,
         );

@@ -72,6 +72,9 @@ pub struct Fed {
     /// A head with an absolute-form target (`http://host/path`) was in the bytes: where its
     /// target began (`None`: before them) and where the head ended (`None`: after them).
     pub absolute: Option<(Option<usize>, Option<usize>)>,
+    /// Bytes scanned: all of them, unless an absolute-form head ended before their end; the
+    /// rest is for the next feed, once that head has been rewritten.
+    pub consumed: usize,
 }
 
 /// Feed bytes just read through the phases. `Ok(true)` when a head ended inside them.
@@ -79,9 +82,14 @@ pub fn feed(phase: &mut Phase, bytes: &mut [u8]) -> Result<bool, Bad> {
     feed_marked(phase, bytes).map(|fed| fed.head_ended)
 }
 
-/// [`feed`], and where the first absolute-form head among the bytes is.
+/// [`feed`], and where the first absolute-form head among the bytes is: the scan stops at its
+/// end (`Fed::consumed`).
 pub fn feed_marked(phase: &mut Phase, mut bytes: &mut [u8]) -> Result<Fed, Bad> {
-    let mut fed = Fed::default();
+    let total = bytes.len();
+    let mut fed = Fed {
+        consumed: total,
+        ..Fed::default()
+    };
     // Offset of `bytes` in what was fed.
     let mut base = 0;
     while !bytes.is_empty() {
@@ -89,11 +97,8 @@ pub fn feed_marked(phase: &mut Phase, mut bytes: &mut [u8]) -> Result<Fed, Bad> 
             Phase::Head(h) => match h.scan(bytes)? {
                 Some(n) => {
                     fed.head_ended = true;
-                    if h.absolute && fed.absolute.is_none_or(|(_, end)| end.is_none()) {
-                        let target = h.absolute_here.map(|t| base + t);
-                        let target = fed.absolute.map_or(target, |(t, _)| t);
-                        fed.absolute = Some((target, Some(base + n)));
-                    }
+                    let absolute = h.absolute;
+                    let target = h.absolute_here.map(|t| base + t);
                     *phase = if h.chunked {
                         Phase::Chunked(ChunkScan::default())
                     } else if h.content_length > 0 {
@@ -103,12 +108,15 @@ pub fn feed_marked(phase: &mut Phase, mut bytes: &mut [u8]) -> Result<Fed, Bad> 
                     };
                     bytes = &mut bytes[n..];
                     base += n;
+                    if absolute {
+                        fed.absolute = Some((target, Some(base)));
+                        fed.consumed = base;
+                        return Ok(fed);
+                    }
                 }
                 None => {
-                    if let Some(t) = h.absolute_here {
-                        fed.absolute.get_or_insert((Some(base + t), None));
-                    } else if h.absolute {
-                        fed.absolute.get_or_insert((None, None));
+                    if h.absolute {
+                        fed.absolute = Some((h.absolute_here.map(|t| base + t), None));
                     }
                     break;
                 }
@@ -243,7 +251,7 @@ impl HeadScan {
                 }
                 match b {
                     b'\n' if self.spaces == 2 => self.request_line = false,
-                    b' ' if !self.cr => self.spaces += 1,
+                    b' ' if !self.cr && self.spaces < 2 => self.spaces += 1,
                     b'\r' if !self.cr => self.cr = true,
                     // Not allowed in a URI and silently percent-escaped by Pingora (`"<>`), or
                     // a fragment, which Pingora drops: never sent by a client that means well.
@@ -735,6 +743,13 @@ mod tests {
         assert_eq!(fed.absolute, Some((Some(4), None)));
         let fed = feed_marked(&mut phase, &mut head[10..].to_vec()).unwrap();
         assert_eq!(fed.absolute, Some((None, Some(head.len() - 10))));
+        // Two in one read: the scan stops at the end of the first.
+        let twice = [&head[..], &head[..]].concat();
+        let fed = feed_marked(&mut Phase::head(), &mut twice.clone()).unwrap();
+        assert_eq!(
+            (fed.absolute, fed.consumed),
+            (Some((Some(4), Some(head.len()))), head.len())
+        );
         // Origin form is not marked; a body before the next head shifts the offsets.
         let two = b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\nokGET http://a/ HTTP/1.1\r\n\r\n";
         let fed = feed_marked(&mut Phase::head(), &mut two.to_vec()).unwrap();

@@ -329,7 +329,7 @@ where
         Body::UntilClose => Rest::UntilClose,
     };
     let Ok(first_part) = rest.take(&bufs.upstream[response.len..], &mut reusable) else {
-        return Err(replayable(UpstreamError::Other));
+        return Err(failed(UpstreamError::Other, &head));
     };
     if rest == Rest::UntilClose {
         chunk(&mut bufs.response, first_part);
