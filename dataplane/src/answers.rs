@@ -44,6 +44,10 @@ pub enum Answer {
     BadRequestLine,
     /// The chunked framing of a request body is malformed.
     BadChunk,
+    /// A request on a TLS connection names a host its certificate does not cover.
+    Misdirected,
+    /// Plain HTTP arrived on the TLS listener.
+    PlainHttpToTls,
     /// Something the proxy did not expect went wrong (a bug, or an internal limit).
     Internal,
 }
@@ -60,7 +64,8 @@ impl Answer {
             Answer::PayloadTooLarge => 413,
             Answer::Refused(Refused(status, _)) => status,
             Answer::HeadTimeout => 408,
-            Answer::BadRequestLine | Answer::BadChunk => 400,
+            Answer::BadRequestLine | Answer::BadChunk | Answer::PlainHttpToTls => 400,
+            Answer::Misdirected => 421,
             Answer::Internal => 500,
         }
     }
@@ -97,6 +102,10 @@ impl Answer {
             Answer::HeadTimeout => "request head not received in time\n",
             Answer::BadRequestLine => "malformed request line\n",
             Answer::BadChunk => "malformed chunked body\n",
+            Answer::Misdirected => {
+                "misdirected request: this connection's certificate does not cover that host\n"
+            }
+            Answer::PlainHttpToTls => "a plain HTTP request was sent to the HTTPS port\n",
             Answer::Internal => "internal error\n",
         }
     }
@@ -118,7 +127,10 @@ impl Answer {
     /// Whether the connection closes after this answer wherever it is given: after a refusal,
     /// a framing error or a failed attempt nothing more is read from it.
     pub fn closes(self) -> bool {
-        !matches!(self, Answer::NoTable | Answer::NoRoute | Answer::Shed(_))
+        !matches!(
+            self,
+            Answer::NoTable | Answer::NoRoute | Answer::Shed(_) | Answer::Misdirected
+        )
     }
 
     /// The whole HTTP/1.1 response, appended to `out`; `close` says which `Connection` it
@@ -221,7 +233,7 @@ pub fn push_decimal(out: &mut Vec<u8>, n: usize) {
 mod tests {
     use super::*;
 
-    const ALL: [Answer; 15] = [
+    const ALL: [Answer; 17] = [
         Answer::NoTable,
         Answer::NoRoute,
         Answer::NoBackend,
@@ -236,6 +248,8 @@ mod tests {
         Answer::HeadTimeout,
         Answer::BadRequestLine,
         Answer::BadChunk,
+        Answer::Misdirected,
+        Answer::PlainHttpToTls,
         Answer::Internal,
     ];
 

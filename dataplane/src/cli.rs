@@ -10,9 +10,25 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(name = "rusty-lb", version)]
 pub struct Args {
-    /// Address the proxy listens on.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    pub listen: SocketAddr,
+    /// Address the proxy listens on for plain HTTP (default 127.0.0.1:8080; none when only
+    /// --tls-listen is given).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+
+    /// Address the proxy listens on for HTTPS (TLS 1.2 and 1.3), with the certificates of
+    /// --certs. May be combined with --listen.
+    #[arg(long, value_name = "ADDR", requires = "certs")]
+    pub tls_listen: Option<SocketAddr>,
+
+    /// Directory of certificate pairs for --tls-listen: NAME.crt (PEM chain, leaf first) and
+    /// NAME.key; each serves the names of its subjectAltName, `default` an SNI none covers.
+    /// SIGHUP reloads it.
+    #[arg(long, value_name = "DIR", requires = "tls_listen")]
+    pub certs: Option<PathBuf>,
+
+    /// Seconds a TLS handshake may take from accept; a slower or silent client is closed.
+    #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+    pub tls_handshake_timeout: u64,
 
     /// Address of the admin listener (/metrics, /healthz, /table). Keep it on loopback unless
     /// something else must scrape it.
@@ -128,11 +144,28 @@ pub struct Args {
     pub log: String,
 }
 
+/// The plain listener when no flag names one and there is no TLS listener either.
+pub const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8080);
+
 impl Args {
+    /// The plain HTTP listener, if any.
+    pub fn plain_listen(&self) -> Option<SocketAddr> {
+        match (self.listen, self.tls_listen) {
+            (Some(addr), _) => Some(addr),
+            (None, Some(_)) => None,
+            (None, None) => Some(DEFAULT_LISTEN),
+        }
+    }
+
     /// Where the listening sockets are handed over in a binary upgrade.
     pub fn upgrade_sock(&self) -> PathBuf {
         self.upgrade_sock.clone().unwrap_or_else(|| {
-            std::env::temp_dir().join(format!("rusty-lb-{}.upgrade.sock", self.listen.port()))
+            let port = self
+                .plain_listen()
+                .or(self.tls_listen)
+                .map_or(0, |a| a.port());
+            std::env::temp_dir().join(format!("rusty-lb-{port}.upgrade.sock"))
         })
     }
 }

@@ -21,6 +21,7 @@ pub struct Connections {
     bad_chunks: AtomicU64,
     lane_requests: AtomicU64,
     lane_handovers: AtomicU64,
+    tls: [AtomicU64; 6],
 }
 
 /// Something that ended a client connection early, or moved it between request paths.
@@ -38,6 +39,18 @@ pub enum Event {
     BadChunk,
     /// The fast lane handed the connection to the pipeline.
     LaneHandover,
+    /// A TLS handshake completed.
+    TlsHandshake,
+    /// A TLS handshake did not complete within `--tls-handshake-timeout`.
+    TlsTimeout,
+    /// A TLS client asked for a name no certificate covers (and there is no default).
+    TlsUnknownName,
+    /// Plain HTTP arrived on the TLS listener (answered 400).
+    TlsPlainHttp,
+    /// A connection to the TLS listener closed before sending a byte.
+    TlsClosed,
+    /// Any other failed TLS handshake.
+    TlsFailed,
 }
 
 /// Decrements the open count however a connection ends.
@@ -101,6 +114,12 @@ impl Connections {
             Event::BadRequestLine => &self.bad_request_lines,
             Event::BadChunk => &self.bad_chunks,
             Event::LaneHandover => &self.lane_handovers,
+            Event::TlsHandshake => &self.tls[0],
+            Event::TlsTimeout => &self.tls[1],
+            Event::TlsUnknownName => &self.tls[2],
+            Event::TlsPlainHttp => &self.tls[3],
+            Event::TlsFailed => &self.tls[4],
+            Event::TlsClosed => &self.tls[5],
         }
     }
 
@@ -167,6 +186,26 @@ impl Connections {
         ] {
             header(w, name, kind, help);
             let _ = writeln!(w, "{name} {value}");
+        }
+        header(
+            w,
+            "rustybalancer_tls_handshakes_total",
+            "counter",
+            "TLS handshakes on the TLS listener, by result.",
+        );
+        for (result, event) in [
+            ("ok", Event::TlsHandshake),
+            ("timeout", Event::TlsTimeout),
+            ("unrecognized_name", Event::TlsUnknownName),
+            ("plain_http", Event::TlsPlainHttp),
+            ("closed", Event::TlsClosed),
+            ("failed", Event::TlsFailed),
+        ] {
+            let _ = writeln!(
+                w,
+                "rustybalancer_tls_handshakes_total{{result=\"{result}\"}} {}",
+                self.counted(event)
+            );
         }
     }
 }

@@ -4,10 +4,11 @@
 //! The modules are layers, and each imports only from the layers below it (a test, `e2e/tests/
 //! layers.rs`, keeps it so):
 //! 1. pure pieces, no I/O: [`http1`] (limits, byte scan, request checks, heads, the header
-//!    editor), [`answers`] (the proxy's own responses), [`router`], [`select`], [`admission`],
-//!    [`clock`];
+//!    editor), [`answers`] (the proxy's own responses), [`hostnames`], [`router`], [`select`],
+//!    [`admission`], [`clock`];
 //! 2. state that outlives a request: [`metrics`], [`connections`], [`shutdown`], [`snapshot`],
-//!    [`queue`], [`state_dir`], [`store`], and [`plane`], which bundles them for the paths;
+//!    [`queue`], [`state_dir`], [`store`], [`certs`] (what the TLS listener serves), and
+//!    [`plane`], which bundles them for the paths;
 //! 3. the attempt core every request path drives: [`attempt`];
 //! 4. I/O edges: [`front`] (which may call [`lane`], the one edge-to-edge import), [`lane`],
 //!    [`pipeline`], [`admin`], [`source`];
@@ -19,8 +20,10 @@
 pub mod admission;
 pub mod answers;
 pub mod attempt;
+pub mod certs;
 pub mod clock;
 pub mod connections;
+pub mod hostnames;
 pub mod http1;
 pub mod metrics;
 pub mod plane;

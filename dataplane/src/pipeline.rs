@@ -22,6 +22,7 @@ use rusty_shared::RequestClass;
 
 use crate::answers::Answer;
 use crate::attempt::{Failure, Routed};
+use crate::certs::TlsConn;
 use crate::clock;
 use crate::connections;
 use crate::http1;
@@ -67,6 +68,8 @@ pub struct Ctx {
     /// A final answer came before the request body was all in: the rest of the body is read
     /// and dropped, never forwarded, and the client connection closes after the answer.
     discard_body: bool,
+    /// The request came over the TLS listener.
+    https: bool,
 }
 
 /// The headers the editor adds, collected to be inserted into Pingora's header map.
@@ -161,6 +164,11 @@ impl ProxyHttp for Pipeline {
             respond(session, Answer::NoTable, false).await?;
             return Ok(true);
         };
+        let tls = session
+            .digest()
+            .and_then(|d| d.ssl_digest.as_ref())
+            .and_then(|d| TlsConn::of(d));
+        ctx.https = tls.is_some();
         let req = session.req_header();
         let host = match req.headers.get(http::header::HOST) {
             Some(h) => h.as_bytes(),
@@ -169,6 +177,12 @@ impl ProxyHttp for Pipeline {
                 .authority()
                 .map_or(&b""[..], |a| a.as_str().as_bytes()),
         };
+        // No domain fronting: on TLS, a request may only name a host its connection's
+        // certificate covers (RFC 9110 §15.5.20).
+        if tls.is_some_and(|t| !host.is_empty() && !t.covers(host)) {
+            respond(session, Answer::Misdirected, false).await?;
+            return Ok(true);
+        }
         let Some(service) = snapshot.router.route(host, req.uri.path().as_bytes()) else {
             respond(session, Answer::NoRoute, false).await?;
             return Ok(true);
@@ -257,7 +271,7 @@ impl ProxyHttp for Pipeline {
         let origin = Origin {
             client: client.as_deref().map(str::as_bytes),
             trusted,
-            proto: Proto::Http,
+            proto: if ctx.https { Proto::Https } else { Proto::Http },
         };
         // HTTP/1.0 clients may send no Host; the request goes upstream as HTTP/1.1, which
         // needs one.

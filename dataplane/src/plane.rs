@@ -1,11 +1,12 @@
 //! What every request path shares, in one value: the table store, the metrics, the overload
-//! queue, the connection counters, the shutdown, the limits and the request ids. Built once by
+//! queue, the connection counters, the shutdown, the limits, the request ids and the TLS certificates. Built once by
 //! `server` and handed (in an `Arc`) to the front, the lane, the pipeline and the admin
 //! listener, so none of them reaches into another for state.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::certs::Certs;
 use crate::connections::Connections;
 use crate::http1::editor::RequestIds;
 use crate::http1::trust::TrustedProxies;
@@ -29,6 +30,8 @@ pub struct Plane {
     pub keepalive: Duration,
     /// How long a write to a client may wait for it to read (nginx's `send_timeout`).
     pub send_timeout: Duration,
+    /// The TLS listener's certificates, when there is one.
+    pub certs: Option<Arc<Certs>>,
 }
 
 impl Plane {
@@ -54,6 +57,7 @@ impl Plane {
             ids: RequestIds::new(),
             keepalive: keepalive.max(Duration::from_secs(1)),
             send_timeout: send_timeout.max(Duration::from_secs(1)),
+            certs: None,
         }
     }
 }

@@ -7,6 +7,8 @@ use std::collections::HashMap;
 
 use rusty_shared::{HostPattern, ValidService};
 
+use crate::hostnames::{normalize_host, MAX_HOST};
+
 /// Routes of one host level, longest prefix first.
 #[derive(Debug, Default)]
 struct Prefixes(Vec<(Box<[u8]>, u32)>);
@@ -31,9 +33,6 @@ pub struct Router {
     suffixes: Vec<(Box<str>, Prefixes)>,
     any: Option<Prefixes>,
 }
-
-/// Longest host we look at; a longer Host header cannot match any valid pattern.
-const MAX_HOST: usize = 253 + 2;
 
 impl Router {
     pub fn new(services: &[ValidService]) -> Self {
@@ -89,30 +88,6 @@ impl Router {
             .find(|(suffix, _)| host.len() > suffix.len() && host.ends_with(&**suffix))
             .map(|(_, p)| p)
     }
-}
-
-/// Lower-case the host and strip its port and trailing dot, into `buf` (no allocation).
-/// `None` for hosts that cannot match any pattern (too long, not ASCII).
-fn normalize_host<'b>(host: &[u8], buf: &'b mut [u8; MAX_HOST]) -> Option<&'b str> {
-    let name = if host.first() == Some(&b'[') {
-        // [v6]:port → [v6]
-        let end = host.iter().position(|&b| b == b']')?;
-        &host[..=end]
-    } else {
-        match host.iter().rposition(|&b| b == b':') {
-            Some(colon) => &host[..colon],
-            None => host,
-        }
-    };
-    let name = name.strip_suffix(b".").unwrap_or(name);
-    if name.len() > MAX_HOST || !name.is_ascii() {
-        return None;
-    }
-    let out = &mut buf[..name.len()];
-    for (o, &b) in out.iter_mut().zip(name) {
-        *o = b.to_ascii_lowercase();
-    }
-    std::str::from_utf8(out).ok()
 }
 
 #[cfg(test)]

@@ -19,8 +19,9 @@ use tracing::info;
 use rusty_shared::auth::read_token;
 
 use crate::admin::Admin;
+use crate::certs::Certs;
 use crate::cli::Args;
-use crate::front::{Front, FrontLimits};
+use crate::front::{Front, FrontLimits, TlsListener};
 use crate::http1::trust::TrustedProxies;
 use crate::http1::Limits;
 use crate::lane::Lane;
@@ -28,7 +29,7 @@ use crate::metrics::Registry;
 use crate::pipeline::Pipeline;
 use crate::plane::Plane;
 use crate::queue::Queue;
-use crate::source::{agent::AgentSource, file::FileSource};
+use crate::source::{agent::AgentSource, cert_dir::CertDir, file::FileSource};
 use crate::state_dir::StateDir;
 use crate::store::TableStore;
 
@@ -36,12 +37,36 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.table.is_none() && args.agent.is_none() && args.state_dir.is_none() {
         bail!("no table source: give --table FILE, --agent URL (with --token-file) or --state-dir DIR");
     }
-    // In an upgrade the old process still holds both ports and hands them over.
-    if !args.upgrade {
-        for (flag, addr) in [("--listen", args.listen), ("--admin", args.admin)] {
-            check_bindable(flag, addr)?;
+    let listen = args.plain_listen();
+    if let (Some(plain), Some(tls)) = (listen, args.tls_listen) {
+        if plain.port() == tls.port() {
+            bail!("--listen {plain} and --tls-listen {tls}: give them different ports (the port tells TLS connections apart)");
         }
     }
+    // In an upgrade the old process still holds the ports and hands them over.
+    if !args.upgrade {
+        for (flag, addr) in [
+            ("--listen", listen),
+            ("--tls-listen", args.tls_listen),
+            ("--admin", Some(args.admin)),
+        ] {
+            if let Some(addr) = addr {
+                check_bindable(flag, addr)?;
+            }
+        }
+    }
+    // Certificates load before any listener accepts; a pair that does not stops the start.
+    let certs = match &args.certs {
+        Some(dir) => {
+            let certs = Arc::new(Certs::new().context("--certs")?);
+            let source = CertDir::new(dir.clone(), certs.clone());
+            source
+                .load_all()
+                .with_context(|| format!("--certs {}", dir.display()))?;
+            Some((certs, source))
+        }
+        None => None,
+    };
     let admin_token = match &args.admin_token_file {
         Some(path) => Some(read_token(path).context("--admin-token-file")?),
         None => None,
@@ -116,7 +141,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         max_headers: args.max_headers,
         max_body: args.max_body_bytes,
     };
-    let plane = Arc::new(Plane::new(
+    let mut plane = Plane::new(
         store.clone(),
         metrics,
         queue,
@@ -124,7 +149,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         TrustedProxies::new(args.trusted_proxies.clone()),
         Duration::from_secs(args.keepalive_timeout),
         Duration::from_secs(args.send_timeout),
-    ));
+    );
+    plane.certs = certs.as_ref().map(|(c, _)| c.clone());
+    let plane = Arc::new(plane);
     let proxy_app = pingora::proxy::http_proxy(&server.configuration, Pipeline::new(plane.clone()));
     let mut front_app = Front::new(
         proxy_app,
@@ -132,14 +159,29 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             max_connections: args.max_connections,
             header_timeout: Duration::from_secs(args.header_timeout),
             rehome: !args.work_stealing,
+            tls_handshake_timeout: Duration::from_secs(args.tls_handshake_timeout.max(1)),
         },
         plane.clone(),
     );
     if !args.no_fast_lane {
         front_app = front_app.with_lane(Lane::new(plane.clone()));
     }
+    let cert_source = match (certs, args.tls_listen) {
+        (Some((certs, source)), Some(addr)) => {
+            front_app = front_app.with_tls(TlsListener {
+                port: addr.port(),
+                certs,
+            });
+            Some(source)
+        }
+        _ => None,
+    };
+    // One service for both listeners: one set of worker threads, as nginx's workers serve
+    // every listen socket.
     let mut proxy = Service::new("proxy".to_owned(), front_app);
-    proxy.add_tcp(&args.listen.to_string());
+    for addr in listen.iter().chain(args.tls_listen.iter()) {
+        proxy.add_tcp(&addr.to_string());
+    }
     server.add_service(proxy);
 
     let mut admin = Service::new(
@@ -155,6 +197,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(source) = agent_source {
         server.add_service(background_service("agent subscription", source));
     }
+    if let Some(source) = cert_source {
+        server.add_service(background_service("certificate directory", source));
+    }
     server.add_service(background_service(
         "drain",
         Drain {
@@ -162,7 +207,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             grace: Duration::from_secs(args.grace_period),
         },
     ));
-    info!(listen = %args.listen, admin = %args.admin, "rusty-lb starting");
+    info!(listen = ?listen, tls_listen = ?args.tls_listen, admin = %args.admin, "rusty-lb starting");
     server.run_forever()
 }
 

@@ -35,29 +35,48 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// A child process killed when dropped.
+/// A child process killed when dropped. Its stderr goes to a file it removes then (or to the
+/// test's own with `E2E_VERBOSE` set).
 pub struct Proc {
     pub child: Child,
     pub name: String,
+    log: Option<PathBuf>,
 }
 
 impl Proc {
     pub fn spawn(name: &str, program: &Path, args: &[String]) -> Proc {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let (stderr, log) = if std::env::var_os("E2E_VERBOSE").is_some() {
+            (Stdio::inherit(), None)
+        } else {
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let path = std::env::temp_dir()
+                .join(format!("rusty-e2e-{}-{n}-{name}.log", std::process::id()));
+            match std::fs::File::create(&path) {
+                Ok(f) => (Stdio::from(f), Some(path)),
+                Err(_) => (Stdio::null(), None),
+            }
+        };
         let child = Command::new(program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(if std::env::var_os("E2E_VERBOSE").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
+            .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
         Proc {
             child,
             name: name.to_owned(),
+            log,
         }
+    }
+
+    /// What the process wrote to stderr so far (empty with `E2E_VERBOSE`).
+    pub fn stderr_text(&self) -> String {
+        self.log
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
     }
 
     pub fn pid(&self) -> i32 {
@@ -90,6 +109,9 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(log) = &self.log {
+            let _ = std::fs::remove_file(log);
+        }
     }
 }
 
@@ -694,6 +716,36 @@ pub fn backends_seen(port: u16, host: &str, n: usize) -> std::collections::BTree
     seen
 }
 
+/// Wait until the data plane's table lists exactly these backends for its first service
+/// (the agent reports a change before every data plane has applied it).
+pub fn wait_table_backends(lb: &Lb, ids: &[&str], limit: Duration) {
+    let deadline = Instant::now() + limit;
+    let mut want: Vec<&str> = ids.to_vec();
+    want.sort_unstable();
+    loop {
+        let r = lb.admin_get("/table");
+        let mut got: Vec<String> = serde_json::from_str::<serde_json::Value>(&r.body)
+            .ok()
+            .and_then(|v| {
+                v["services"][0]["backends"].as_array().map(|b| {
+                    b.iter()
+                        .filter_map(|b| b["id"].as_str().map(str::to_owned))
+                        .collect()
+                })
+            })
+            .unwrap_or_default();
+        got.sort_unstable();
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "data plane has backends {got:?}, expected {want:?}, within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Send raw bytes, read until the proxy closes (or 5 s), return what came back.
 pub fn raw(port: u16, request: impl AsRef<[u8]>) -> (String, bool) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -725,6 +777,8 @@ pub fn proxy_to(a: &Echo, tag: &str, extra: &[&str]) -> (TempDir, Lb) {
 
 /// Reading answers off a raw client connection exactly as a client must frame them, for tests
 /// that compare answers byte for byte (the lane against the pipeline).
+pub mod tls;
+
 pub mod wire {
     use std::io::{BufRead, BufReader, Read};
     use std::net::TcpStream;

@@ -141,12 +141,31 @@ fn a_rolling_deploy_moves_all_traffic_to_v2_with_no_failed_requests() {
         took.as_millis()
     );
 
+    // The agent says so once its table is v2 only; the data plane applies it a moment later.
+    let v2: Vec<String> = agent.service("web")["instances"]
+        .as_array()
+        .map(|i| {
+            i.iter()
+                .filter(|i| i["generation"] == 2)
+                .filter_map(|i| i["id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(v2.len(), 3, "{v2:?}");
+    let ids: Vec<&str> = v2.iter().map(String::as_str).collect();
+    wait_table_backends(&lb, &ids, LIMIT);
+    let before = lb.served_by_backend("web");
     let seen = backends_seen(lb.port, "localhost", 30);
     assert!(
         seen.keys().all(|b| b.starts_with("v2-")),
         "only v2 answers: {seen:?}"
     );
-    assert_eq!(seen.len(), 3, "{seen:?}");
+    // All clients share one round robin: every v2 instance serves in this window.
+    let after = lb.served_by_backend("web");
+    for id in &ids {
+        let served = after.get(*id).copied().unwrap_or(0) - before.get(*id).copied().unwrap_or(0);
+        assert!(served > 0, "{id} served nothing: {before:?} → {after:?}");
+    }
     // The v1 instances are stopped once drained.
     agent.wait_until("v1 instances stopped", LIMIT, |st| {
         st["services"][0]["instances"]

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 const DATAPLANE_LAYERS: &[(&str, u8)] = &[
     ("http1", 1),
     ("answers", 1),
+    ("hostnames", 1),
     ("router", 1),
     ("select", 1),
     ("admission", 1),
@@ -24,6 +25,7 @@ const DATAPLANE_LAYERS: &[(&str, u8)] = &[
     ("queue", 2),
     ("state_dir", 2),
     ("store", 2),
+    ("certs", 2),
     ("plane", 2),
     ("attempt", 3),
     ("front", 4),

@@ -2,8 +2,9 @@
 //!
 //! [`Front`] wraps the pipeline's [`ServerApp`] and is what Pingora's listener runs for each
 //! accepted connection. It caps open connections (over `--max-connections` a new one gets
-//! `503` with `Retry-After` at once, instead of hanging in the accept queue), moves the socket
-//! to the runtime that serves it ([`rehome`]), wraps the stream in a [`Guarded`] one (the head
+//! `503` with `Retry-After` at once, instead of hanging in the accept queue; a TLS one is
+//! closed), moves the socket to the runtime that serves it ([`rehome`]), runs the TLS
+//! handshake on connections to the TLS listener ([`tls`]), wraps the stream in a [`Guarded`] one (the head
 //! deadline, the checks on bytes as sent, the graceful close of idle connections) and serves
 //! plain requests on the fast lane before handing the connection to the pipeline. The one
 //! request path it calls directly is the lane; everything else it shares goes through the
@@ -20,9 +21,11 @@ use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 mod guarded;
+pub mod tls;
 pub use guarded::Guarded;
 
 use crate::answers::Answer;
+use crate::certs::{Certs, TlsConn};
 use crate::connections::{self, Event};
 use crate::lane::{Lane, Served};
 use crate::plane::Plane;
@@ -44,6 +47,15 @@ pub struct FrontLimits {
     /// Register each accepted socket with the runtime that serves it ([`rehome`]): needed when
     /// the proxy runs one runtime per thread.
     pub rehome: bool,
+    /// Longest time a TLS handshake may take, from accept.
+    pub tls_handshake_timeout: Duration,
+}
+
+/// The TLS listener: connections accepted on its port are TLS, served with these
+/// certificates.
+pub struct TlsListener {
+    pub port: u16,
+    pub certs: Arc<Certs>,
 }
 
 /// Wraps an application (the HTTP proxy) with the connection cap and the guarded stream, and
@@ -53,6 +65,7 @@ pub struct Front<A> {
     limits: FrontLimits,
     plane: Arc<Plane>,
     lane: Option<Lane>,
+    tls: Option<TlsListener>,
 }
 
 impl<A> Front<A> {
@@ -62,6 +75,43 @@ impl<A> Front<A> {
             limits,
             plane,
             lane: None,
+            tls: None,
+        }
+    }
+
+    /// Terminate TLS on connections to this listener's port.
+    pub fn with_tls(mut self, tls: TlsListener) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// The TLS listener's certificates, if the connection came to its port.
+    fn tls_of(&self, stream: &Stream) -> Option<&Arc<Certs>> {
+        let tls = self.tls.as_ref()?;
+        let port = stream
+            .get_socket_digest()
+            .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).map(|a| a.port()));
+        (port == Some(tls.port)).then_some(&tls.certs)
+    }
+
+    /// The TLS handshake, bounded by `--tls-handshake-timeout`; `Err` when the connection is
+    /// done.
+    async fn handshake(&self, certs: &Certs, stream: Stream) -> Result<(Stream, Arc<TlsConn>), ()> {
+        let connections = &self.plane.connections;
+        let handshake = tls::accept(certs, stream);
+        match tokio::time::timeout(self.limits.tls_handshake_timeout, handshake).await {
+            Ok(Ok(done)) => {
+                connections.count(Event::TlsHandshake);
+                Ok(done)
+            }
+            Ok(Err(refusal)) => {
+                connections.count(refusal.event());
+                Err(())
+            }
+            Err(_) => {
+                connections.count(Event::TlsTimeout);
+                Err(())
+            }
         }
     }
 
@@ -81,9 +131,14 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Front<A> {
     ) -> Option<Stream> {
         let connections = &self.plane.connections;
         let (_open, count) = connections.open_one();
+        let certs = self.tls_of(&stream).cloned();
         if count > self.limits.max_connections {
             connections.count(Event::Refused);
-            refuse(&mut stream).await;
+            // A TLS client could not read a plaintext 503: it is closed before any handshake
+            // work is spent on it.
+            if certs.is_none() {
+                refuse(&mut stream).await;
+            }
             return None;
         }
         let stream = if self.limits.rehome {
@@ -94,11 +149,18 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Front<A> {
         } else {
             stream
         };
-        // Our drain signal, not Pingora's (see `shutdown`).
-        let drain = self.plane.shutdown.subscribe();
         let peer = stream
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        let (stream, tls) = match certs {
+            Some(certs) => match self.handshake(&certs, stream).await {
+                Ok((stream, conn)) => (stream, Some(conn)),
+                Err(()) => return None,
+            },
+            None => (stream, None),
+        };
+        // Our drain signal, not Pingora's (see `shutdown`).
+        let drain = self.plane.shutdown.subscribe();
         let mut guarded = Guarded::new(
             stream,
             self.limits.header_timeout,
@@ -106,7 +168,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Front<A> {
             drain.clone(),
         );
         if let Some(lane) = &self.lane {
-            match lane.serve(&mut guarded, peer).await {
+            match lane.serve(&mut guarded, peer, tls.as_deref()).await {
                 Served::Done => return None,
                 // What the lane read and did not answer is read again by the pipeline.
                 Served::HandOver(read) => {

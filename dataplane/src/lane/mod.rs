@@ -17,6 +17,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::attempt::{Failure, Routed};
+use crate::certs::TlsConn;
 use crate::clock;
 use crate::http1::editor::{Origin, Proto};
 use crate::http1::head::{self, plain_request, Body, Response};
@@ -75,8 +76,14 @@ impl Lane {
         Lane { plane }
     }
 
-    /// Serve a client connection for as long as its requests are plain.
-    pub async fn serve<S>(&self, client: &mut S, peer: Option<IpAddr>) -> Served
+    /// Serve a client connection for as long as its requests are plain. `tls` is the
+    /// connection's TLS facts when it came to the TLS listener.
+    pub async fn serve<S>(
+        &self,
+        client: &mut S,
+        peer: Option<IpAddr>,
+        tls: Option<&TlsConn>,
+    ) -> Served
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -95,7 +102,11 @@ impl Lane {
         let origin = Origin {
             client: peer.as_deref().map(str::as_bytes),
             trusted,
-            proto: Proto::Http,
+            proto: if tls.is_some() {
+                Proto::Https
+            } else {
+                Proto::Http
+            },
         };
         loop {
             // The next head: parsed from what is buffered, else read for.
@@ -142,13 +153,17 @@ impl Lane {
             };
             first = false;
 
+            let host = &bufs.client[plain.host.clone()];
+            // A host the connection's certificate does not cover: the pipeline answers 421.
+            if tls.is_some_and(|t| !t.covers(host)) {
+                return Served::HandOver(bufs.client);
+            }
             let Some(snapshot) = plane.store.current() else {
                 return Served::HandOver(bufs.client);
             };
-            let route = snapshot.router.route(
-                &bufs.client[plain.host.clone()],
-                &bufs.client[plain.path.clone()],
-            );
+            let route = snapshot
+                .router
+                .route(host, &bufs.client[plain.path.clone()]);
             let Some(s) = route else {
                 return Served::HandOver(bufs.client);
             };

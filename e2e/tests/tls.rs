@@ -1,0 +1,495 @@
+//! The TLS listener with certificates from a directory, tested with real clients (curl,
+//! `openssl s_client`, Python's `ssl`) and certificates the `openssl` command issued: SNI
+//! selection, wildcards, the default, unknown names, old protocol versions, ALPN, resumption,
+//! bad pairs at start and at reload, reload under load, 421, the forwarded scheme on both
+//! request paths, the handshake deadline and the connection cap.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use rusty_e2e::tls::{curl, python, served_cn, Pki, TlsLb};
+use rusty_e2e::*;
+
+/// A CA, and a certificate directory with `app` (app.test and *.wild.test), `other`
+/// (other.test) and, if asked, `default` (fallback.test).
+fn pki(tag: &str, default: bool) -> (TempDir, Pki, std::path::PathBuf) {
+    let dir = TempDir::new(tag);
+    let pki = Pki::new(&dir.path("ca"));
+    let certs = dir.path("certs");
+    pki.issue(&certs, "app", &["DNS:app.test", "DNS:*.wild.test"], 10);
+    pki.issue(&certs, "other", &["DNS:other.test", "IP:127.0.0.1"], 10);
+    if default {
+        pki.issue(&certs, "default", &["DNS:fallback.test"], 10);
+    }
+    (dir, pki, certs)
+}
+
+/// A TLS data plane in front of one echo backend.
+fn tls_stack(tag: &str, default: bool, extra: &[&str]) -> (TempDir, Pki, Echo, TlsLb) {
+    let (dir, pki, certs) = pki(tag, default);
+    let echo = Echo::start_with("e1", &["--echo-headers"]);
+    let table = dir.path("table.json");
+    write_atomic(&table, &rusty_e2e::table(1, &[("e1", &echo.addr(), 1, 0)]));
+    let mut args = vec!["--table".to_owned(), table.display().to_string()];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let lb = TlsLb::start(&certs, &args);
+    lb.lb.wait_version(1, Duration::from_secs(10));
+    (dir, pki, echo, lb)
+}
+
+fn tls_metric(lb: &Lb, result: &str) -> f64 {
+    lb.metric(&format!(
+        "rustybalancer_tls_handshakes_total{{result=\"{result}\"}}"
+    ))
+}
+
+#[test]
+fn sni_picks_the_exact_name_then_a_wildcard_then_the_default() {
+    let (_dir, _pki, _echo, lb) = tls_stack("sni", true, &[]);
+    for (sni, cn) in [
+        (Some("app.test"), "app"),
+        (Some("APP.test"), "app"),
+        (Some("other.test"), "other"),
+        (Some("x.wild.test"), "app"),
+        (Some("a.b.wild.test"), "default"),
+        (Some("wild.test"), "default"),
+        (Some("unknown.example"), "default"),
+        (None, "default"),
+    ] {
+        assert_eq!(
+            served_cn(lb.tls_port, sni, &[]).as_deref(),
+            Ok(cn),
+            "SNI {sni:?}"
+        );
+    }
+    // And a real client trusts what it gets, over the name it asked for.
+    let r = curl(lb.tls_port, "x.wild.test", "/hello", &_pki.ca(), &[]);
+    assert_eq!(r.status, 200, "{}", r.error);
+    assert!(r.body.starts_with("hello from e1"), "{}", r.body);
+}
+
+#[test]
+fn an_unknown_name_without_a_default_is_refused_with_unrecognized_name() {
+    let (_dir, _pki, _echo, lb) = tls_stack("unknown", false, &[]);
+    let out = python(
+        lb.tls_port,
+        r#"
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+s = socket.create_connection(("127.0.0.1", PORT))
+try:
+    ctx.wrap_socket(s, server_hostname="nobody.example"); print("connected")
+except ssl.SSLError as e:
+    print("refused", e.reason)
+"#,
+    );
+    assert!(out.contains("refused TLSV1_UNRECOGNIZED_NAME"), "{out}");
+    assert_eq!(tls_metric(&lb.lb, "unrecognized_name"), 1.0);
+    // Without any SNI there is nothing to serve either.
+    let err = served_cn(lb.tls_port, None, &[]).unwrap_err();
+    assert!(err.contains("unrecognized name"), "{err}");
+    // The known names still work.
+    assert_eq!(
+        served_cn(lb.tls_port, Some("app.test"), &[]).as_deref(),
+        Ok("app")
+    );
+}
+
+#[test]
+fn tls_1_0_and_1_1_are_refused_and_1_2_and_1_3_speak_http_1_1() {
+    let (_dir, _pki, _echo, lb) = tls_stack("versions", true, &[]);
+    for version in ["TLSv1", "TLSv1_1"] {
+        let failed = tls_metric(&lb.lb, "failed");
+        let out = python(
+            lb.tls_port,
+            &format!(
+                r#"
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+ctx.minimum_version = ssl.TLSVersion.TLSv1; ctx.maximum_version = ssl.TLSVersion.{version}
+ctx.set_ciphers("DEFAULT@SECLEVEL=0")
+s = socket.create_connection(("127.0.0.1", PORT))
+try:
+    print("connected", ctx.wrap_socket(s, server_hostname="app.test").version())
+except ssl.SSLError as e:
+    print("refused", e.reason)
+"#
+            ),
+        );
+        // The refusal is the server's alert, not the client declining to offer the version.
+        assert!(
+            out.contains("refused") && out.contains("ALERT"),
+            "{version}: {out}"
+        );
+        lb.lb.wait_metric(
+            "rustybalancer_tls_handshakes_total{result=\"failed\"}",
+            failed + 1.0,
+            Duration::from_secs(5),
+        );
+    }
+    for (flag, version) in [("-tls1_2", "TLSv1.2"), ("-tls1_3", "TLSv1.3")] {
+        let out = std::process::Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &format!("127.0.0.1:{}", lb.tls_port),
+            ])
+            .args(["-servername", "app.test", flag, "-alpn", "h2,http/1.1"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains(&format!("Protocol  : {version}"))
+                || text.contains(&format!("New, {version}")),
+            "{text}"
+        );
+        assert!(text.contains("ALPN protocol: http/1.1"), "{text}");
+    }
+}
+
+#[test]
+fn sessions_resume_with_tickets() {
+    let (dir, _pki, _echo, lb) = tls_stack("resume", true, &[]);
+    let sess = dir.path("session.pem");
+    let connect = |args: &[&str]| {
+        // The ticket arrives after the handshake: give s_client a moment to read it.
+        let mut child = std::process::Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &format!("127.0.0.1:{}", lb.tls_port),
+            ])
+            .args(["-servername", "app.test"])
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        drop(child.stdin.take());
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let sess_arg = sess.display().to_string();
+    for version in ["-tls1_3", "-tls1_2"] {
+        let first = connect(&[version, "-sess_out", &sess_arg]);
+        assert!(first.contains("New, TLSv1."), "{first}");
+        let second = connect(&[version, "-sess_in", &sess_arg]);
+        assert!(second.contains("Reused, TLSv1."), "{version}: {second}");
+    }
+}
+
+fn refused_start(certs: &Path) -> String {
+    let dir = TempDir::new("tlsstart");
+    let table = dir.path("table.json");
+    write_atomic(&table, &rusty_e2e::table(1, &[("a", "127.0.0.1:1", 1, 0)]));
+    let out = std::process::Command::new(bin("rusty-lb"))
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--tls-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--admin", &format!("127.0.0.1:{}", free_port())])
+        .args(["--table", &table.display().to_string()])
+        .args(["--certs", &certs.display().to_string()])
+        .output()
+        .expect("run rusty-lb");
+    assert_eq!(out.status.code(), Some(2));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_bad_pair_at_start_refuses_to_start_with_the_file_named() {
+    let (dir, pki, certs) = pki("badpairs", false);
+    // A key that belongs to another certificate.
+    let mismatched = dir.path("mismatched");
+    pki.issue(&mismatched, "a", &["DNS:a.test"], 10);
+    pki.issue(&mismatched, "b", &["DNS:b.test"], 10);
+    std::fs::rename(mismatched.join("b.key"), mismatched.join("a.key")).unwrap();
+    std::fs::remove_file(mismatched.join("b.crt")).unwrap();
+    let err = refused_start(&mismatched);
+    assert!(
+        err.contains("a.key: this key does not match the certificate in"),
+        "{err}"
+    );
+
+    let expired = dir.path("expired");
+    pki.issue(&expired, "old", &["DNS:old.test"], -1);
+    let err = refused_start(&expired);
+    assert!(err.contains("old.crt: the certificate expired"), "{err}");
+
+    let garbage = dir.path("garbage");
+    std::fs::create_dir_all(&garbage).unwrap();
+    std::fs::write(garbage.join("x.crt"), "not a certificate\n").unwrap();
+    std::fs::write(garbage.join("x.key"), "not a key\n").unwrap();
+    let err = refused_start(&garbage);
+    assert!(err.contains("x.crt: no PEM certificate in it"), "{err}");
+
+    let unpaired = dir.path("unpaired");
+    pki.issue(&unpaired, "lonely", &["DNS:lonely.test"], 10);
+    std::fs::remove_file(unpaired.join("lonely.key")).unwrap();
+    let err = refused_start(&unpaired);
+    assert!(
+        err.contains("lonely.crt: has no matching NAME.key"),
+        "{err}"
+    );
+
+    let empty = dir.path("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let err = refused_start(&empty);
+    assert!(err.contains("no certificate pair"), "{err}");
+
+    // The good directory starts.
+    let table = dir.path("table.json");
+    write_atomic(&table, &rusty_e2e::table(1, &[("a", "127.0.0.1:1", 1, 0)]));
+    let lb = TlsLb::start(&certs, &["--table".to_owned(), table.display().to_string()]);
+    assert_eq!(
+        served_cn(lb.tls_port, Some("app.test"), &[]).as_deref(),
+        Ok("app")
+    );
+}
+
+#[test]
+fn a_reload_adds_and_replaces_pairs_and_keeps_the_old_one_of_a_bad_pair() {
+    let (dir, pki, certs) = pki("reload", true);
+    let table = dir.path("table.json");
+    write_atomic(&table, &rusty_e2e::table(1, &[("a", "127.0.0.1:1", 1, 0)]));
+    let lb = TlsLb::start(&certs, &["--table".to_owned(), table.display().to_string()]);
+    assert_eq!(
+        served_cn(lb.tls_port, Some("new.test"), &[]).as_deref(),
+        Ok("default")
+    );
+
+    // A new pair, and `other` replaced by a broken one.
+    pki.issue(&certs, "new", &["DNS:new.test"], 10);
+    std::fs::write(certs.join("other.key"), "broken\n").unwrap();
+    lb.lb.proc.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while served_cn(lb.tls_port, Some("new.test"), &[]).as_deref() != Ok("new") {
+        assert!(Instant::now() < deadline, "the new pair never served");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        served_cn(lb.tls_port, Some("other.test"), &[]).as_deref(),
+        Ok("other"),
+        "the loaded `other` keeps serving"
+    );
+    assert_eq!(
+        lb.lb
+            .metric("rustybalancer_tls_certificate_loads_total{result=\"refused\"}"),
+        1.0
+    );
+    let log = lb.lb.proc.stderr_text();
+    assert!(
+        log.contains("other.key"),
+        "the refusal names the file: {log}"
+    );
+    assert!(!log.contains("PRIVATE KEY"), "no key material in the log");
+    drop(dir);
+}
+
+#[test]
+fn reloads_under_load_fail_no_handshake_and_no_request() {
+    let (_dir, pki, _echo, lb) = tls_stack("reloadload", true, &[]);
+    // One curl, many requests, each on a new connection (the server closes after each).
+    let urls: Vec<String> = (0..300)
+        .map(|_| format!("https://app.test:{}/r", lb.tls_port))
+        .collect();
+    let child = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--http1.1",
+            "-H",
+            "Connection: close",
+            "-o",
+            "/dev/null",
+        ])
+        .args(["-w", "\ncode=%{http_code}\n"])
+        .arg("--resolve")
+        .arg(format!("app.test:{}:127.0.0.1", lb.tls_port))
+        .arg("--cacert")
+        .arg(pki.ca())
+        .args(&urls)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(50));
+        lb.lb.proc.signal("HUP");
+    }
+    let out = child.wait_with_output().unwrap();
+    let codes = String::from_utf8_lossy(&out.stdout);
+    // `-o` applies to the first URL only; the others' bodies come before their codes.
+    let ok = codes.lines().filter(|c| *c == "code=200").count();
+    assert_eq!(ok, 300, "{codes}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        lb.lb
+            .metric("rustybalancer_tls_certificate_loads_total{result=\"loaded\"}")
+            > 3.0
+    );
+    assert_eq!(tls_metric(&lb.lb, "failed"), 0.0);
+}
+
+#[test]
+fn a_host_outside_the_certificate_gets_421_on_both_paths() {
+    let (_dir, pki, _echo, lb) = tls_stack("misdirected", true, &[]);
+    let ca = pki.ca();
+    // GET (the fast lane's kind of request) and POST (the pipeline's).
+    for method in [&["-X", "GET"][..], &["-X", "POST", "--data", "x=1"][..]] {
+        let mut extra = method.to_vec();
+        extra.extend(["-H", "Host: other.test"]);
+        let r = curl(lb.tls_port, "app.test", "/", &ca, &extra);
+        assert_eq!(r.status, 421, "{method:?}: {} {}", r.body, r.error);
+        assert!(r.body.contains("misdirected request"), "{}", r.body);
+        // A host the certificate covers, including by its wildcard, is served.
+        let mut extra = method.to_vec();
+        extra.extend(["-H", "Host: deep.wild.test"]);
+        let r = curl(lb.tls_port, "app.test", "/", &ca, &extra);
+        assert_eq!(r.status, 200, "{method:?}: {}", r.error);
+    }
+    // Plain HTTP has no certificate to check against.
+    let r = lb.lb.get("other.test", "/");
+    assert_eq!(r.status, 200);
+}
+
+#[test]
+fn requests_over_tls_say_https_to_the_backend_on_both_paths() {
+    let (_dir, pki, _echo, lb) = tls_stack("proto", true, &[]);
+    let ca = pki.ca();
+    let lane = "rustybalancer_fast_lane_requests_total";
+    for (method, on_lane) in [
+        (&["-X", "GET"][..], 1.0),
+        (&["-X", "POST", "--data", "x=1"][..], 0.0),
+    ] {
+        let before = lb.lb.metric(lane);
+        let r = curl(lb.tls_port, "app.test", "/", &ca, method);
+        assert_eq!(r.status, 200, "{}", r.error);
+        let forwarded = r.body.to_ascii_lowercase();
+        assert!(
+            forwarded.contains("x-forwarded-proto: https\r\n"),
+            "{method:?}: {}",
+            r.body
+        );
+        lb.lb
+            .wait_metric(lane, before + on_lane, Duration::from_secs(5));
+    }
+    let r = lb.lb.get("localhost", "/");
+    let forwarded = r.body.to_ascii_lowercase();
+    assert!(
+        forwarded.contains("x-forwarded-proto: http\r\n"),
+        "{}",
+        r.body
+    );
+}
+
+#[test]
+fn plain_http_to_the_tls_port_gets_400_that_says_so() {
+    let (_dir, _pki, _echo, lb) = tls_stack("plain", true, &[]);
+    let (answer, closed) = raw(lb.tls_port, "GET / HTTP/1.1\r\nHost: app.test\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert!(
+        answer.contains("plain HTTP request was sent to the HTTPS port"),
+        "{answer}"
+    );
+    assert!(closed);
+    assert_eq!(tls_metric(&lb.lb, "plain_http"), 1.0);
+}
+
+#[test]
+fn a_silent_or_trickling_tls_client_is_closed_at_the_handshake_deadline() {
+    let (_dir, _pki, _echo, lb) = tls_stack("deadline", true, &["--tls-handshake-timeout", "1"]);
+    // Silent after connecting.
+    let started = Instant::now();
+    let mut s = TcpStream::connect(("127.0.0.1", lb.tls_port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "closed without an answer");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+
+    // A ClientHello record header, then a byte every 200 ms: the deadline counts from accept.
+    let started = Instant::now();
+    let mut s = TcpStream::connect(("127.0.0.1", lb.tls_port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).unwrap();
+    let closed = loop {
+        if s.write_all(&[0]).is_err() {
+            break true;
+        }
+        match s.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(_) => break false,
+            Err(_) => {}
+        }
+        if started.elapsed() > Duration::from_secs(5) {
+            break false;
+        }
+    };
+    assert!(
+        closed,
+        "trickling client still open after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    lb.lb.wait_metric(
+        "rustybalancer_tls_handshakes_total{result=\"timeout\"}",
+        2.0,
+        Duration::from_secs(5),
+    );
+}
+
+#[test]
+fn tls_connections_count_against_max_connections() {
+    let (_dir, pki, _echo, lb) = tls_stack("cap", true, &["--max-connections", "2"]);
+    // Two TLS connections held open after their handshake.
+    let open = |_: u8| {
+        std::process::Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &format!("127.0.0.1:{}", lb.tls_port),
+            ])
+            .args(["-servername", "app.test", "-quiet"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let held: Vec<_> = (0..2).map(open).collect();
+    lb.lb.wait_metric(
+        "rustybalancer_tls_handshakes_total{result=\"ok\"}",
+        2.0,
+        Duration::from_secs(5),
+    );
+    let r = curl(lb.tls_port, "app.test", "/", &pki.ca(), &[]);
+    assert_eq!(r.status, 0, "refused over the cap: {}", r.body);
+    assert_eq!(
+        lb.lb
+            .metric("rustybalancer_client_connections_refused_total"),
+        1.0
+    );
+    for mut child in held {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    // Once they close, a new one is served.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = curl(lb.tls_port, "app.test", "/", &pki.ca(), &[]);
+        if r.status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", r.error);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
