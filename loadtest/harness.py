@@ -9,6 +9,12 @@ the proxy's own CPU time per request (utime+stime from /proc, all its processes 
 its peak RSS, errors, and ratios to direct and to nginx. A swap scenario rewrites rusty-lb's
 table and sends SIGHUP at 10, 100 and 1,000 per second under load.
 
+The targets `nginx-tls` and `rusty-lb-tls` are the same nginx and rusty-lb processes reached on
+their TLS listeners (one ECDSA P-256 certificate, or RSA 2048 with --cert rsa; TLS 1.3; session
+tickets on both); their ratios are to `nginx-tls`. The `handshake` scenario (--handshakes) sends
+`Connection: close` on every request, so each one is a new TLS connection: its req/s is new TLS
+connections per second (wrk resumes no session, so every handshake is a full one).
+
 Every process it starts is stopped on exit, including on Ctrl-C or an error.
 Run it through loadtest/run.sh, which installs what it needs and builds rusty-lb.
 """
@@ -43,7 +49,14 @@ PORTS = {
     "rusty-lb-pipeline": 18084,
     # rusty-lb with the extra flags of --alt-args: for trying a setting side by side.
     "rusty-lb-alt": 18085,
+    # The TLS listeners of the nginx and rusty-lb processes above.
+    "nginx-tls": 18091,
+    "rusty-lb-tls": 18093,
 }
+# A TLS target is the TLS listener of this target's process.
+TLS_OF = {"nginx-tls": "nginx", "rusty-lb-tls": "rusty-lb"}
+# Set when a TLS target runs: the certificate directory the proxies serve.
+CERTS = []
 ALT_ARGS = []
 SMALL_BODY = "x" * 99 + "\n"
 
@@ -113,6 +126,11 @@ http {{ access_log off; default_type text/plain; keepalive_timeout 300s;
 
 def start_nginx(work, workers):
     ups = "\n".join(f"    server 127.0.0.1:{p};" for p in BACKEND_PORTS)
+    tls = ""
+    if CERTS:
+        tls = (f"    listen 127.0.0.1:{PORTS['nginx-tls']} ssl backlog=4096;\n"
+               f"    ssl_certificate {CERTS[0]}/default.crt; ssl_certificate_key {CERTS[0]}/default.key;\n"
+               "    ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache shared:SSL:10m; ssl_session_tickets on;")
     write(
         f"{work}/nginx.conf",
         f"""worker_processes {workers}; daemon off; pid {work}/nginx.pid; error_log stderr error;
@@ -123,6 +141,7 @@ http {{ access_log off; keepalive_timeout 300s; keepalive_requests 1000000;
     keepalive 256; keepalive_requests 1000000;
   }}
   server {{ listen 127.0.0.1:{PORTS['nginx']} backlog=4096;
+{tls}
     location / {{ proxy_pass http://web; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering on; }}
   }}
 }}
@@ -177,6 +196,8 @@ def table(version, weights=(1, 1, 1)):
 def start_rusty(work, workers, binary, name="rusty-lb"):
     write(f"{work}/table.json", table(1))
     extra = {"rusty-lb-pipeline": ["--no-fast-lane"], "rusty-lb-alt": ALT_ARGS}.get(name, [])
+    if CERTS and name == "rusty-lb":
+        extra = ["--tls-listen", f"127.0.0.1:{PORTS['rusty-lb-tls']}", "--certs", CERTS[0]]
     return start(
         name,
         [
@@ -226,10 +247,34 @@ def unit(value, suffix):
     return float(value) * {"us": 1e-3, "ms": 1, "s": 1000, "": 1}[suffix]
 
 
+def make_certs(work, kind):
+    """One certificate for `localhost` and 127.0.0.1, as the pair `default` of a rusty-lb
+    certificate directory (nginx reads the same files)."""
+    d = f"{work}/certs"
+    os.makedirs(d, exist_ok=True)
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"] if kind == "ec" else ["-newkey", "rsa:2048"]
+    subprocess.run(["openssl", "req", "-x509", *key, "-nodes", "-keyout", f"{d}/default.key",
+                    "-out", f"{d}/default.crt", "-days", "7", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    os.chmod(f"{d}/default.key", 0o644)  # nginx workers run as nobody
+    CERTS.append(d)
+
+
+def url(port, path):
+    scheme = "https" if port in (PORTS["nginx-tls"], PORTS["rusty-lb-tls"]) else "http"
+    return f"{scheme}://127.0.0.1:{port}{path}"
+
+
+# Extra request headers of the current scenario (the handshake one closes every connection).
+HEADERS = []
+
+
 def wrk(port, path, conns, duration):
+    headers = [a for h in HEADERS for a in ("-H", h)]
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency", "--timeout", "5s",
-         f"http://127.0.0.1:{port}{path}"],
+        ["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency", "--timeout", "5s", *headers,
+         url(port, path)],
         capture_output=True, text=True,
     ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
@@ -249,9 +294,10 @@ def wrk(port, path, conns, duration):
 def oha(port, path, conns, duration):
     """The same measurement with oha (one worker thread, as wrk -t1), from its JSON report.
     Requests still in flight at the deadline are waited for (-w), so none counts as an error."""
+    headers = [a for h in HEADERS for a in ("-H", h)]
     out = subprocess.run(
         ["oha", "-z", f"{duration}s", "-c", str(conns), "-w", "--no-tui", "--worker-threads", "1",
-         "--output-format", "json", f"http://127.0.0.1:{port}{path}"],
+         "--insecure", "--output-format", "json", *headers, url(port, path)],
         capture_output=True, text=True,
     ).stdout
     d = json.loads(out)
@@ -364,6 +410,11 @@ def main():
     ap.add_argument("--alt-binary", help="another rusty-lb build for the target rusty-lb-alt")
     ap.add_argument("--load", choices=sorted(LOAD), default="wrk",
                     help="load generator: wrk -t1, or oha with one worker thread")
+    ap.add_argument("--cert", choices=["ec", "rsa"], default="ec",
+                    help="key of the TLS targets' certificate: ECDSA P-256 or RSA 2048")
+    ap.add_argument("--handshakes", default="",
+                    help="connection counts of the handshake scenario (every request a new TLS "
+                         "connection), e.g. 10,50; runs the TLS targets only")
     args = ap.parse_args()
     ALT_ARGS.extend(args.alt_args.split())
     LOADER[0] = args.load
@@ -375,6 +426,11 @@ def main():
     try:
         start_backends(work)
         targets = [t for t in args.targets.split(",") if t]
+        if any(t in TLS_OF for t in targets):
+            make_certs(work, args.cert)
+            for t in targets:
+                if t in TLS_OF and TLS_OF[t] not in targets:
+                    ap.error(f"{t} needs {TLS_OF[t]} among the targets (it is that process's TLS listener)")
         starters = {
             "direct": lambda: None,
             "nginx": lambda: start_nginx(work, args.workers),
@@ -382,11 +438,16 @@ def main():
             "rusty-lb": lambda: start_rusty(work, args.workers, args.binary),
             "rusty-lb-pipeline": lambda: start_rusty(work, args.workers, args.binary, "rusty-lb-pipeline"),
             "rusty-lb-alt": lambda: start_rusty(work, args.workers, args.alt_binary or args.binary, "rusty-lb-alt"),
+            "nginx-tls": lambda: None,
+            "rusty-lb-tls": lambda: None,
         }
         unknown = [t for t in targets if t not in starters]
         if unknown:
             ap.error(f"unknown targets {unknown}; known: {', '.join(starters)}")
         started = {t: starters[t]() for t in targets}
+        for t, base in TLS_OF.items():
+            if t in started:
+                started[t] = started[base]
         for t in targets:
             wait_port(PORTS[t])
         paths = {"small": "/", "big": "/big"}
@@ -401,6 +462,17 @@ def main():
                         print(f"{body:5} c={conns:<3} round {rnd + 1} {t:9} {r['rps']:>10,.0f} req/s  "
                               f"p99 {r['p99']:.2f} ms  cpu {fmt_num(r['cpu_us'])} us/req  errors {r['errors']}",
                               file=sys.stderr)
+        tls_targets = [t for t in targets if t in TLS_OF]
+        for conns in [int(c) for c in args.handshakes.split(",") if c]:
+            HEADERS[:] = ["Connection: close"]
+            for rnd in range(args.rounds):
+                for t in tls_targets:
+                    r = measure(t, started[t], "/", conns, args.duration)
+                    results.setdefault(("handshake", conns, t), []).append(r)
+                    print(f"hands c={conns:<3} round {rnd + 1} {t:9} {r['rps']:>10,.0f} conn/s  "
+                          f"p99 {r['p99']:.2f} ms  cpu {fmt_num(r['cpu_us'])} us/conn  errors {r['errors']}",
+                          file=sys.stderr)
+            HEADERS.clear()
         swaps = []
         rates = [int(x) for x in args.swap_rates.split(",") if x]
         if rates and "rusty-lb" in targets:
@@ -433,6 +505,10 @@ def render(info, args, results, targets, swaps, base):
           if "rusty-lb-pipeline" in targets else []),
         *([f"- rusty-lb-alt: rusty-lb with `{' '.join(ALT_ARGS)}`"
            + (f" built as `{args.alt_binary}`" if args.alt_binary else "")] if "rusty-lb-alt" in targets else []),
+        *([f"- nginx-tls, rusty-lb-tls: the same processes on their TLS listeners ({'ECDSA P-256' if args.cert == 'ec' else 'RSA 2048'} "
+           "certificate, TLS 1.3, keep-alive); ÷ nginx is to nginx-tls; `handshake` rows: `Connection: close` on every "
+           "request, so req/s is new (full) TLS handshakes per second and CPU/req is per connection"]
+          if any(t in TLS_OF for t in targets) else []),
         "- CPU/req is the proxy's own utime+stime from /proc over the run, divided by the requests the load generator "
         "counted; the load generator and the backends share the same 2 cores, so absolute figures are noisy: "
         "compare ratios within this file",
@@ -440,11 +516,13 @@ def render(info, args, results, targets, swaps, base):
         "| body | conns | target | req/s | p50 ms | p99 ms | CPU µs/req | peak RSS MB | errors | ÷ direct | ÷ nginx |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    keys = sorted({(b, c) for (b, c, _) in results}, key=lambda k: (k[0] != "small", k[1]))
+    order = {"small": 0, "big": 1, "handshake": 2}
+    keys = sorted({(b, c) for (b, c, _) in results}, key=lambda k: (order.get(k[0], 3), k[1]))
     for body, conns in keys:
         direct = results.get((body, conns, "direct"))
-        nginx = results.get((body, conns, "nginx"))
         for t in targets:
+            # TLS targets compare with nginx over TLS.
+            nginx = results.get((body, conns, "nginx-tls" if t in TLS_OF else "nginx"))
             runs = results.get((body, conns, t))
             if not runs:
                 continue

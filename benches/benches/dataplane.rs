@@ -176,7 +176,9 @@ fn lane(c: &mut Criterion) {
         })
     });
     c.bench_function("lane/response_head", |b| {
-        b.iter(|| black_box(response_head(black_box(response), false, false, &mut out).is_ok()))
+        b.iter(|| {
+            black_box(response_head(black_box(response), false, false, None, &mut out).is_ok())
+        })
     });
 }
 

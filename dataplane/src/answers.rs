@@ -46,6 +46,9 @@ pub enum Answer {
     BadChunk,
     /// A request on a TLS connection names a host its certificate does not cover.
     Misdirected,
+    /// A plain-HTTP request to a service that redirects to HTTPS (the `Location` is added
+    /// where the answer is given).
+    HttpsRedirect,
     /// Plain HTTP arrived on the TLS listener.
     PlainHttpToTls,
     /// Something the proxy did not expect went wrong (a bug, or an internal limit).
@@ -66,6 +69,7 @@ impl Answer {
             Answer::HeadTimeout => 408,
             Answer::BadRequestLine | Answer::BadChunk | Answer::PlainHttpToTls => 400,
             Answer::Misdirected => 421,
+            Answer::HttpsRedirect => 308,
             Answer::Internal => 500,
         }
     }
@@ -106,6 +110,7 @@ impl Answer {
                 "misdirected request: this connection's certificate does not cover that host\n"
             }
             Answer::PlainHttpToTls => "a plain HTTP request was sent to the HTTPS port\n",
+            Answer::HttpsRedirect => "moved to HTTPS\n",
             Answer::Internal => "internal error\n",
         }
     }
@@ -129,7 +134,11 @@ impl Answer {
     pub fn closes(self) -> bool {
         !matches!(
             self,
-            Answer::NoTable | Answer::NoRoute | Answer::Shed(_) | Answer::Misdirected
+            Answer::NoTable
+                | Answer::NoRoute
+                | Answer::Shed(_)
+                | Answer::Misdirected
+                | Answer::HttpsRedirect
         )
     }
 
@@ -233,7 +242,7 @@ pub fn push_decimal(out: &mut Vec<u8>, n: usize) {
 mod tests {
     use super::*;
 
-    const ALL: [Answer; 17] = [
+    const ALL: [Answer; 18] = [
         Answer::NoTable,
         Answer::NoRoute,
         Answer::NoBackend,
@@ -249,6 +258,7 @@ mod tests {
         Answer::BadRequestLine,
         Answer::BadChunk,
         Answer::Misdirected,
+        Answer::HttpsRedirect,
         Answer::PlainHttpToTls,
         Answer::Internal,
     ];

@@ -26,6 +26,12 @@ pub struct Args {
     #[arg(long, value_name = "DIR", requires = "tls_listen")]
     pub certs: Option<PathBuf>,
 
+    /// The port redirects to HTTPS name (services with `https_redirect`), when clients reach
+    /// the TLS listener on another port than it listens on (default: the --tls-listen port,
+    /// else 443).
+    #[arg(long, value_name = "PORT")]
+    pub https_port: Option<u16>,
+
     /// Seconds a TLS handshake may take from accept; a slower or silent client is closed.
     #[arg(long, default_value_t = 10, value_name = "SECONDS")]
     pub tls_handshake_timeout: u64,

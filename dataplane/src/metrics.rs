@@ -55,16 +55,19 @@ pub enum UpstreamError {
     ConnectRefused,
     ConnectTimeout,
     ConnectOther,
+    /// The TLS handshake with the backend failed (an untrusted or misnamed certificate).
+    Tls,
     ReadTimeout,
     Closed,
     Other,
 }
 
 impl UpstreamError {
-    const ALL: [UpstreamError; 6] = [
+    const ALL: [UpstreamError; 7] = [
         UpstreamError::ConnectRefused,
         UpstreamError::ConnectTimeout,
         UpstreamError::ConnectOther,
+        UpstreamError::Tls,
         UpstreamError::ReadTimeout,
         UpstreamError::Closed,
         UpstreamError::Other,
@@ -74,6 +77,7 @@ impl UpstreamError {
             UpstreamError::ConnectRefused => "connect_refused",
             UpstreamError::ConnectTimeout => "connect_timeout",
             UpstreamError::ConnectOther => "connect_error",
+            UpstreamError::Tls => "tls_handshake",
             UpstreamError::ReadTimeout => "read_timeout",
             UpstreamError::Closed => "upstream_closed",
             UpstreamError::Other => "other",
@@ -84,7 +88,7 @@ impl UpstreamError {
 /// Counters of one backend (or of a service's "no backend" outcomes, with an empty backend id).
 pub struct BackendCounters {
     requests: [AtomicU64; SLOTS],
-    errors: [AtomicU64; 6],
+    errors: [AtomicU64; 7],
 }
 
 impl Default for BackendCounters {

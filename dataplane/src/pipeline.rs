@@ -25,6 +25,7 @@ use crate::attempt::{Failure, Routed};
 use crate::certs::TlsConn;
 use crate::clock;
 use crate::connections;
+use crate::hostnames::{https_location, ACME_CHALLENGE_PREFIX};
 use crate::http1;
 use crate::http1::editor::{self, HeaderOut, Line, Origin, Proto};
 use crate::http1::head;
@@ -92,7 +93,12 @@ impl HeaderOut for Added {
 fn connect_failure(e: &Error) -> Failure {
     Failure::Connect(match e.etype() {
         ErrorType::ConnectRefused => UpstreamError::ConnectRefused,
-        ErrorType::ConnectTimedout => UpstreamError::ConnectTimeout,
+        ErrorType::ConnectTimedout | ErrorType::TLSHandshakeTimedout => {
+            UpstreamError::ConnectTimeout
+        }
+        ErrorType::TLSHandshakeFailure | ErrorType::InvalidCert | ErrorType::HandshakeError => {
+            UpstreamError::Tls
+        }
         _ => UpstreamError::ConnectOther,
     })
 }
@@ -188,6 +194,25 @@ impl ProxyHttp for Pipeline {
             return Ok(true);
         };
         let svc = &snapshot.services[service as usize];
+        let path = req.uri.path();
+        if svc.https_redirect && !ctx.https && !path.starts_with(ACME_CHALLENGE_PREFIX) {
+            let target = req.uri.path_and_query().map_or("/", |p| p.as_str());
+            match https_location(host, plane.https_port, target) {
+                Some(location) => {
+                    let mut head = Answer::HttpsRedirect.response_header();
+                    let _ = head.insert_header(http::header::LOCATION, location);
+                    session.write_response_header(Box::new(head), false).await?;
+                    session
+                        .write_response_body(Some(Answer::HttpsRedirect.body_bytes()), true)
+                        .await?;
+                }
+                None => {
+                    let why = http1::Refused(400, "a redirect to HTTPS needs a valid Host");
+                    respond(session, Answer::Refused(why), false).await?;
+                }
+            }
+            return Ok(true);
+        }
         // The class only matters where admission does: services with capped backends.
         if svc.limited {
             ctx.class = svc
@@ -357,6 +382,12 @@ impl ProxyHttp for Pipeline {
         if self.plane.shutdown.draining() {
             // Shutting down: this response tells the client to take its next request elsewhere.
             session.set_keepalive(None);
+        }
+        if ctx.https {
+            let hsts = ctx.routed.as_ref().and_then(|r| r.service().hsts.clone());
+            if let Some(value) = hsts {
+                let _ = upstream_response.insert_header("strict-transport-security", &*value);
+            }
         }
         Ok(())
     }

@@ -32,6 +32,8 @@ pub struct Plane {
     pub send_timeout: Duration,
     /// The TLS listener's certificates, when there is one.
     pub certs: Option<Arc<Certs>>,
+    /// The port redirects to HTTPS name (`--https-port`).
+    pub https_port: u16,
 }
 
 impl Plane {
@@ -58,6 +60,7 @@ impl Plane {
             keepalive: keepalive.max(Duration::from_secs(1)),
             send_timeout: send_timeout.max(Duration::from_secs(1)),
             certs: None,
+            https_port: 443,
         }
     }
 }

@@ -428,6 +428,7 @@ mod tests {
             valid,
             &Registry::default(),
             &limiters,
+            &[],
             None,
             NOW,
         ))

@@ -151,6 +151,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Duration::from_secs(args.send_timeout),
     );
     plane.certs = certs.as_ref().map(|(c, _)| c.clone());
+    plane.https_port = args
+        .https_port
+        .or(args.tls_listen.map(|a| a.port()))
+        .unwrap_or(443);
     let plane = Arc::new(plane);
     let proxy_app = pingora::proxy::http_proxy(&server.configuration, Pipeline::new(plane.clone()));
     let mut front_app = Front::new(

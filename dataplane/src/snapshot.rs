@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderName;
+use pingora::protocols::tls::CaType;
 use pingora::upstreams::peer::{HttpPeer, HttpUpstreamRequestPolicy};
-use rusty_shared::{RequestClass, Table, ValidTable};
+use rusty_shared::{CaSource, RequestClass, Table, TableError, ValidTable};
 
 use crate::admission::Limiter;
 use crate::metrics::{BackendCounters, Registry, ServiceCounters};
@@ -46,6 +47,12 @@ pub struct Service {
     /// Some backend has a concurrency limit: picks must take a slot.
     pub limited: bool,
     pub queue_timeout: Duration,
+    /// Plain-HTTP requests get a redirect to HTTPS.
+    pub https_redirect: bool,
+    /// The `Strict-Transport-Security` value set on its HTTPS responses.
+    pub hsts: Option<Arc<str>>,
+    /// Its backends are reached over TLS (by the pipeline only).
+    pub upstream_tls: bool,
 }
 
 /// One backend of a service.
@@ -65,6 +72,72 @@ impl Service {
     }
 }
 
+/// Largest CA file read for `upstream_tls.ca_file`.
+const MAX_CA_FILE_BYTES: u64 = 1024 * 1024;
+
+/// The CA certificates a service's backends are verified against.
+#[derive(Clone)]
+pub struct UpstreamCa {
+    pub certs: Arc<CaType>,
+    /// A digest of the certificates: pooled connections verified against one CA are never
+    /// reused for a table that names another (Pingora's pool key does not see the CA).
+    pub pool_key: u64,
+}
+
+/// The CA certificates each service's backends are verified against, parsed once per table:
+/// `None` for plain backends and for the system's roots. A CA that does not parse, or a file
+/// that cannot be read, rejects the table with the service and field named.
+pub fn upstream_cas(valid: &ValidTable) -> Result<Vec<Option<UpstreamCa>>, TableError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    valid
+        .services
+        .iter()
+        .map(|s| {
+            let Some(tls) = &s.upstream_tls else {
+                return Ok(None);
+            };
+            let bad = |field, reason: String| TableError::BadTls {
+                service: s.name.clone(),
+                field,
+                reason,
+            };
+            let (field, pem) = match &tls.ca {
+                CaSource::System => return Ok(None),
+                CaSource::Pem(pem) => ("upstream_tls.ca_pem", pem.as_bytes().to_vec()),
+                CaSource::File(path) => {
+                    use std::io::Read;
+                    let mut bytes = Vec::new();
+                    std::fs::File::open(path)
+                        .and_then(|f| f.take(MAX_CA_FILE_BYTES).read_to_end(&mut bytes))
+                        .map_err(|e| bad("upstream_tls.ca_file", format!("{path}: {e}")))?;
+                    ("upstream_tls.ca_file", bytes)
+                }
+            };
+            let mut cas = Vec::new();
+            let mut digest = std::hash::DefaultHasher::new();
+            for der in CertificateDer::pem_slice_iter(&pem) {
+                let der = der.map_err(|e| bad(field, e.to_string()))?;
+                // Pingora's wrapper panics on a certificate it cannot parse: check first.
+                x509_parser::parse_x509_certificate(&der)
+                    .map_err(|e| bad(field, format!("a certificate does not parse: {e}")))?;
+                std::hash::Hash::hash(der.as_ref(), &mut digest);
+                cas.push(pingora::utils::tls::WrappedX509::new(
+                    der.to_vec(),
+                    pingora::utils::tls::parse_x509,
+                ));
+            }
+            if cas.is_empty() {
+                return Err(bad(field, "no PEM certificate in it".to_owned()));
+            }
+            Ok(Some(UpstreamCa {
+                certs: Arc::from(cas.into_boxed_slice()),
+                pool_key: std::hash::Hasher::finish(&digest) | 1,
+            }))
+        })
+        .collect()
+}
+
 /// The concurrency cap of every capped address in `valid`: the smallest of the services that
 /// list it.
 pub fn caps(valid: &ValidTable) -> HashMap<SocketAddr, u32> {
@@ -80,12 +153,13 @@ pub fn caps(valid: &ValidTable) -> HashMap<SocketAddr, u32> {
 
 impl Snapshot {
     /// Build the snapshot of `valid` that replaces `previous`, keeping its ejections where
-    /// they apply. `limiters` holds the slots of every address in [`caps`]; `now` is the
-    /// balancers' clock reading.
+    /// they apply. `limiters` holds the slots of every address in [`caps`], `cas` the CAs of
+    /// [`upstream_cas`]; `now` is the balancers' clock reading.
     pub fn build(
         valid: ValidTable,
         registry: &Registry,
         limiters: &HashMap<SocketAddr, Arc<Limiter>>,
+        cas: &[Option<UpstreamCa>],
         previous: Option<&Snapshot>,
         now: u64,
     ) -> Snapshot {
@@ -105,7 +179,8 @@ impl Snapshot {
             .services
             .iter()
             .zip(handles)
-            .map(|(s, h)| {
+            .enumerate()
+            .map(|(si, (s, h))| {
                 let before = previous.and_then(|p| p.services.iter().find(|o| *o.name == *s.name));
                 let ejected_until = |id: &str, addr: SocketAddr| {
                     before
@@ -120,7 +195,25 @@ impl Snapshot {
                     .iter()
                     .zip(h.backends)
                     .map(|(b, counters)| {
-                        let mut peer = HttpPeer::new(b.addr, false, String::new());
+                        let mut peer = match &s.upstream_tls {
+                            None => HttpPeer::new(b.addr, false, String::new()),
+                            // Without a name the address is verified (an IP SAN); rustls then
+                            // sends no SNI, as none may name an address.
+                            Some(tls) => {
+                                let name = tls
+                                    .server_name
+                                    .clone()
+                                    .unwrap_or_else(|| b.addr.ip().to_string());
+                                let mut peer = HttpPeer::new(b.addr, true, name);
+                                if let Some(ca) = cas.get(si).cloned().flatten() {
+                                    peer.options.ca = Some(ca.certs);
+                                    peer.group_key = ca.pool_key;
+                                }
+                                peer.options.verify_cert = true;
+                                peer.options.verify_hostname = true;
+                                peer
+                            }
+                        };
                         peer.options.connection_timeout = Some(s.connect_timeout);
                         peer.options.total_connection_timeout = Some(s.connect_timeout);
                         peer.options.read_timeout = Some(s.read_timeout);
@@ -161,6 +254,9 @@ impl Snapshot {
                         .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok()),
                     limited,
                     queue_timeout: s.queue_timeout,
+                    https_redirect: s.https_redirect,
+                    hsts: s.hsts.as_deref().map(Arc::from),
+                    upstream_tls: s.upstream_tls.is_some(),
                 }
             })
             .collect();
@@ -177,7 +273,8 @@ impl Snapshot {
     /// A snapshot of `valid` with no table before it and no capped address: for tests and
     /// benchmarks.
     pub fn fresh(valid: ValidTable, registry: &Registry) -> Snapshot {
-        Snapshot::build(valid, registry, &HashMap::new(), None, 1)
+        let cas = upstream_cas(&valid).expect("the CAs of a test table load");
+        Snapshot::build(valid, registry, &HashMap::new(), &cas, None, 1)
     }
 }
 
@@ -198,7 +295,7 @@ mod tests {
     }
 
     fn build(valid: ValidTable, registry: &Registry, previous: Option<&Snapshot>) -> Snapshot {
-        Snapshot::build(valid, registry, &HashMap::new(), previous, NOW)
+        Snapshot::build(valid, registry, &HashMap::new(), &[], previous, NOW)
     }
 
     fn counts(s: &Service, n: usize) -> Vec<u32> {

@@ -88,11 +88,13 @@ impl TableStore {
         let previous = self.current.load_full();
         // The one place an install reads the clock: carried ejections are judged against it.
         let now = clock::now_ms();
+        let cas = snapshot::upstream_cas(&valid)?;
         let limiters = self.queue.limiters_for(&snapshot::caps(&valid), now);
         Ok(Snapshot::build(
             valid,
             &self.registry,
             &limiters,
+            &cas,
             previous.as_deref(),
             now,
         ))

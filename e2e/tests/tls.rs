@@ -493,3 +493,198 @@ fn tls_connections_count_against_max_connections() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A table of one service `web` with these extra fields, in front of `addr`.
+fn service_table(version: u64, addr: &str, extra: serde_json::Value) -> String {
+    // A new backend id per version: a failed handshake's ejection is not carried over.
+    let id = format!("b{version}");
+    let mut svc = serde_json::json!({"name": "web", "backends": [{"id": id, "addr": addr}]});
+    if let (Some(svc), Some(extra)) = (svc.as_object_mut(), extra.as_object()) {
+        for (k, v) in extra {
+            svc.insert(k.clone(), v.clone());
+        }
+    }
+    serde_json::json!({"version": version, "services": [svc]}).to_string()
+}
+
+#[test]
+fn https_redirect_sends_plain_requests_to_https_except_acme_challenges_and_hsts_is_set() {
+    let (dir, pki, certs) = pki("redirect", true);
+    let echo = Echo::start_with("e1", &["--echo-headers"]);
+    let table = dir.path("table.json");
+    let extra = serde_json::json!({
+        "https_redirect": true,
+        "hsts": {"max_age_s": 31536000, "include_subdomains": true}
+    });
+    write_atomic(&table, &service_table(1, &echo.addr(), extra));
+    let lb = TlsLb::start(&certs, &["--table".to_owned(), table.display().to_string()]);
+    lb.lb.wait_version(1, Duration::from_secs(10));
+
+    for request in [
+        "GET /a/b?x=1 HTTP/1.1\r\nHost: App.Test:8080\r\n\r\n",
+        "POST /a/b?x=1 HTTP/1.1\r\nHost: App.Test:8080\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc",
+    ] {
+        let mut c = Client::new(lb.lb.port);
+        let r = c.request(request).expect("an answer");
+        assert_eq!(r.status, 308, "{request}: {}", r.body);
+        assert_eq!(
+            r.header("location"),
+            Some(format!("https://app.test:{}/a/b?x=1", lb.tls_port).as_str()),
+            "{request}"
+        );
+        assert!(r.header("strict-transport-security").is_none(), "never over plain HTTP");
+    }
+    // ACME HTTP-01 challenges stay on plain HTTP.
+    let r = lb.lb.get("app.test", "/.well-known/acme-challenge/token-1");
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    // Over TLS: served, with the service's HSTS on both paths.
+    for method in [
+        &["-X", "GET", "-i"][..],
+        &["-X", "POST", "--data", "x=1", "-i"][..],
+    ] {
+        let r = curl(lb.tls_port, "app.test", "/a", &pki.ca(), method);
+        assert_eq!(r.status, 200, "{method:?}: {}", r.error);
+        let head = r.body.to_ascii_lowercase();
+        assert_eq!(
+            head.matches("strict-transport-security: max-age=31536000; includesubdomains\r\n")
+                .count(),
+            1,
+            "{method:?}: {}",
+            r.body
+        );
+    }
+}
+
+/// A second data plane serving TLS in front of an echo backend, with a certificate for
+/// `backend.test` and 127.0.0.1: the HTTPS backend of the tests below. Being a data plane, it
+/// answers 421 to a Host its certificate does not cover, so requests name `backend.test`.
+fn tls_backend(dir: &TempDir, pki: &Pki) -> (Echo, TlsLb) {
+    let certs = dir.path("backend-certs");
+    // The default pair: a client that verifies the address sends no SNI.
+    pki.issue(&certs, "default", &["DNS:backend.test", "IP:127.0.0.1"], 10);
+    let echo = Echo::start_with("behind-tls", &["--echo-headers"]);
+    let table = dir.path("backend-table.json");
+    write_atomic(&table, &rusty_e2e::table(1, &[("e", &echo.addr(), 1, 0)]));
+    let lb = TlsLb::start(&certs, &["--table".to_owned(), table.display().to_string()]);
+    lb.lb.wait_version(1, Duration::from_secs(10));
+    (echo, lb)
+}
+
+#[test]
+fn https_backends_are_verified_against_the_configured_ca_and_name() {
+    let dir = TempDir::new("upstreamtls");
+    let pki = Pki::new(&dir.path("ca"));
+    let other = Pki::new(&dir.path("other-ca"));
+    let (_echo, backend) = tls_backend(&dir, &pki);
+    let addr = format!("127.0.0.1:{}", backend.tls_port);
+    let ca = std::fs::read_to_string(pki.ca()).unwrap();
+    let wrong_ca = std::fs::read_to_string(other.ca()).unwrap();
+
+    let table = dir.path("table.json");
+    write_atomic(
+        &table,
+        &service_table(
+            1,
+            &addr,
+            serde_json::json!({"upstream_tls": {"server_name": "backend.test", "ca_pem": ca}}),
+        ),
+    );
+    let lb = Lb::start(&["--table".to_owned(), table.display().to_string()]);
+    lb.wait_version(1, Duration::from_secs(10));
+    // GET and POST alike go over TLS (the pipeline's connector), and reuse the connection.
+    for _ in 0..3 {
+        let r = lb.get("backend.test", "/over-tls");
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(r.body.contains("hello from behind-tls"), "{}", r.body);
+    }
+    let mut c = Client::new(lb.port);
+    let r = c
+        .request("POST /p HTTP/1.1\r\nHost: backend.test\r\nContent-Length: 2\r\n\r\nhi")
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Five requests over at most one pooled TLS connection per worker thread (two).
+    let handshakes = backend
+        .lb
+        .metric("rustybalancer_tls_handshakes_total{result=\"ok\"}");
+    assert!((1.0..=2.0).contains(&handshakes), "{handshakes} handshakes");
+
+    let cases = [
+        // Verified by address (an IP SAN) when no name is given, with the CA from a file.
+        (
+            serde_json::json!({"upstream_tls": {"ca_file": pki.ca().display().to_string()}}),
+            200,
+        ),
+        // Another CA: the backend's certificate is not trusted, so no connection is made
+        // (503, as for any backend that cannot be connected to).
+        (
+            serde_json::json!({"upstream_tls": {"server_name": "backend.test", "ca_pem": wrong_ca}}),
+            503,
+        ),
+        // The right CA, a name the certificate does not cover.
+        (
+            serde_json::json!({"upstream_tls": {"server_name": "elsewhere.test", "ca_pem": ca}}),
+            503,
+        ),
+        // Plain HTTP to the TLS port: the backend says so.
+        (serde_json::json!({}), 400),
+    ];
+    for (version, (extra, status)) in (2..).zip(cases) {
+        write_atomic(&table, &service_table(version, &addr, extra.clone()));
+        lb.proc.signal("HUP");
+        lb.wait_version(version, Duration::from_secs(10));
+        let r = lb.get("backend.test", "/x");
+        assert_eq!(r.status, status, "{extra}: {}", r.body);
+        if status == 503 {
+            let failed = format!(
+                "rustybalancer_upstream_errors_total{{service=\"web\",backend=\"b{version}\",kind=\"tls_handshake\"}}"
+            );
+            assert!(
+                lb.metric(&failed) >= 1.0,
+                "{extra}: counted as a TLS failure"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_table_with_an_unusable_backend_ca_is_rejected_with_the_field_named() {
+    let dir = TempDir::new("badca");
+    let table = dir.path("table.json");
+    for (extra, says) in [
+        (
+            serde_json::json!({"upstream_tls": {"ca_pem": "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"}}),
+            "upstream_tls.ca_pem is invalid",
+        ),
+        (
+            serde_json::json!({"upstream_tls": {"ca_pem": "hello"}}),
+            "upstream_tls.ca_pem is invalid: holds no PEM certificate",
+        ),
+        (
+            serde_json::json!({"upstream_tls": {"ca_file": "/nonexistent/ca.pem"}}),
+            "upstream_tls.ca_file is invalid: /nonexistent/ca.pem",
+        ),
+        (
+            serde_json::json!({"upstream_tls": {"server_name": "bad name"}}),
+            "upstream_tls.server_name is invalid",
+        ),
+        (
+            serde_json::json!({"hsts": {"max_age_s": 100, "preload": true}}),
+            "hsts.preload is invalid",
+        ),
+    ] {
+        write_atomic(&table, &service_table(1, "127.0.0.1:1", extra.clone()));
+        let out = std::process::Command::new(bin("rusty-lb"))
+            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--admin", &format!("127.0.0.1:{}", free_port())])
+            .args(["--table", &table.display().to_string()])
+            .output()
+            .expect("run rusty-lb");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{extra}: {err}");
+        assert!(
+            err.contains(says) && err.contains("service \"web\""),
+            "{extra}: {err}"
+        );
+    }
+}

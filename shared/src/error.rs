@@ -86,6 +86,12 @@ pub enum TableError {
         max_len: u64,
         max_work: u64,
     },
+    #[error("service {service:?}: {field} is invalid: {reason}")]
+    BadTls {
+        service: String,
+        field: &'static str,
+        reason: String,
+    },
     #[error("service {service:?}: schedule is invalid: {reason}")]
     BadSchedule { service: String, reason: String },
     #[error("table {version} has no backend at all while the installed table has {installed_backends}; set \"allow_empty\": true if that is intended")]

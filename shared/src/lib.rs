@@ -22,8 +22,8 @@ pub mod table;
 pub mod validate;
 
 pub use error::TableError;
-pub use table::{Backend, RequestClass, Service, Table};
+pub use table::{Backend, Hsts, RequestClass, Service, Table, UpstreamTls};
 pub use validate::{
-    check_succession, decode, validate, HostPattern, ValidBackend, ValidService, ValidTable,
-    ValidTier,
+    check_succession, decode, validate, CaSource, HostPattern, ValidBackend, ValidService,
+    ValidTable, ValidTier, ValidUpstreamTls,
 };

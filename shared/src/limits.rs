@@ -39,3 +39,12 @@ pub const RETRIES_MAX: u32 = 10;
 pub const MAX_INFLIGHT_MAX: u32 = 1_000_000;
 /// Longest name of a `class_header`.
 pub const MAX_CLASS_HEADER_LEN: usize = 64;
+
+/// Longest HSTS max-age accepted: two years, what the preload list asks for.
+pub const HSTS_MAX_AGE_MAX: u64 = 2 * 365 * 24 * 3600;
+
+/// Shortest max-age the HSTS preload list accepts.
+pub const HSTS_PRELOAD_MIN: u64 = 365 * 24 * 3600;
+
+/// Largest CA bundle carried in a table (`upstream_tls.ca_pem`).
+pub const MAX_CA_PEM_BYTES: usize = 64 * 1024;

@@ -19,6 +19,12 @@
 //!   `class_header` [none]: a request header whose value (one of the three) overrides it.
 //! - `services[].max_inflight` [0 = unlimited]: requests in flight per backend address; over it a
 //!   request waits in the data plane's queue, by class, for at most `queue_timeout_ms` [1000].
+//! - `services[].https_redirect` [false]: plain-HTTP requests get `308` to the same URL over
+//!   HTTPS (ACME challenges excepted); `hsts` [none]: `{"max_age_s", "include_subdomains",
+//!   "preload"}`, the `Strict-Transport-Security` header set on HTTPS responses.
+//! - `services[].upstream_tls` [none = plain HTTP]: TLS to the backends, `{"server_name"}` (SNI
+//!   and the name verified; default: the backend's address) and a CA, `"ca_pem"` (the PEM text)
+//!   or `"ca_file"` (a path on the data plane's machine); default: the system's roots.
 //! - `backends[].id`, `addr` ("ip:port"), `weight` [1] in 1..=1000, `priority` [0], 0 = most
 //!   preferred.
 
@@ -68,6 +74,38 @@ pub struct Service {
     pub max_inflight: u32,
     #[serde(default = "default_queue_timeout_ms")]
     pub queue_timeout_ms: u64,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub https_redirect: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hsts: Option<Hsts>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_tls: Option<UpstreamTls>,
+}
+
+/// `Strict-Transport-Security` for a service's HTTPS responses (RFC 6797).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hsts {
+    pub max_age_s: u64,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub include_subdomains: bool,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub preload: bool,
+}
+
+/// TLS from the data plane to a service's backends.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTls {
+    /// The name sent as SNI and verified in the backend's certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    /// The CA certificates the backend's chain must lead to, as PEM text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
+    /// The same, as a file on the data plane's machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
 }
 
 /// How much a request matters when there is not capacity for everyone: under overload a
@@ -140,6 +178,9 @@ impl Service {
             class_header: None,
             max_inflight: 0,
             queue_timeout_ms: default_queue_timeout_ms(),
+            https_redirect: false,
+            hsts: None,
+            upstream_tls: None,
         }
     }
 }

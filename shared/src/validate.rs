@@ -44,6 +44,28 @@ pub struct ValidService {
     /// Requests in flight per backend address; 0 = unlimited.
     pub max_inflight: u32,
     pub queue_timeout: Duration,
+    /// Plain-HTTP requests are redirected to HTTPS.
+    pub https_redirect: bool,
+    /// The `Strict-Transport-Security` value for HTTPS responses, rendered once.
+    pub hsts: Option<String>,
+    pub upstream_tls: Option<ValidUpstreamTls>,
+}
+
+/// TLS to a service's backends, checked for shape (the data plane parses the certificates).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidUpstreamTls {
+    /// Lower-cased; `None`: each backend's address is the name.
+    pub server_name: Option<String>,
+    pub ca: CaSource,
+}
+
+/// Where the CA certificates for a service's backends come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaSource {
+    /// The data plane's system roots.
+    System,
+    Pem(String),
+    File(String),
 }
 
 #[derive(Debug, Clone)]
@@ -253,6 +275,13 @@ fn validate_service(svc: &Service) -> Result<ValidService, TableError> {
         }
     };
 
+    let hsts = svc.hsts.as_ref().map(|h| hsts_value(name, h)).transpose()?;
+    let upstream_tls = svc
+        .upstream_tls
+        .as_ref()
+        .map(|t| check_upstream_tls(name, t))
+        .transpose()?;
+
     let mut ids = HashSet::new();
     let mut backends = Vec::with_capacity(svc.backends.len());
     for b in &svc.backends {
@@ -310,7 +339,90 @@ fn validate_service(svc: &Service) -> Result<ValidService, TableError> {
         class_header,
         max_inflight: svc.max_inflight,
         queue_timeout: Duration::from_millis(svc.queue_timeout_ms),
+        https_redirect: svc.https_redirect,
+        hsts,
+        upstream_tls,
     })
+}
+
+/// The header value of an HSTS policy; `preload` only with what the preload list requires.
+fn hsts_value(service: &str, h: &crate::table::Hsts) -> Result<String, TableError> {
+    if h.max_age_s > HSTS_MAX_AGE_MAX {
+        return Err(out_of_range(
+            service,
+            "hsts.max_age_s",
+            h.max_age_s,
+            "0..=63072000",
+        ));
+    }
+    if h.preload && !(h.include_subdomains && h.max_age_s >= HSTS_PRELOAD_MIN) {
+        return Err(TableError::BadTls {
+            service: service.to_owned(),
+            field: "hsts.preload",
+            reason: "preload needs include_subdomains and a max_age_s of at least 31536000".into(),
+        });
+    }
+    let mut v = format!("max-age={}", h.max_age_s);
+    if h.include_subdomains {
+        v.push_str("; includeSubDomains");
+    }
+    if h.preload {
+        v.push_str("; preload");
+    }
+    Ok(v)
+}
+
+fn check_upstream_tls(
+    service: &str,
+    t: &crate::table::UpstreamTls,
+) -> Result<ValidUpstreamTls, TableError> {
+    let bad = |field, reason: &str| TableError::BadTls {
+        service: service.to_owned(),
+        field,
+        reason: reason.to_owned(),
+    };
+    let server_name = match &t.server_name {
+        None => None,
+        Some(n) => {
+            let name = n.to_ascii_lowercase();
+            let ip = name.parse::<std::net::IpAddr>().is_ok();
+            let dns = !name.is_empty()
+                && name.len() <= 253
+                && name.split('.').all(|l| {
+                    !l.is_empty()
+                        && l.len() <= 63
+                        && l.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                });
+            if !ip && !dns {
+                return Err(bad(
+                    "upstream_tls.server_name",
+                    "not a DNS name or an IP address",
+                ));
+            }
+            Some(name)
+        }
+    };
+    let ca = match (&t.ca_pem, &t.ca_file) {
+        (Some(_), Some(_)) => return Err(bad("upstream_tls", "give ca_pem or ca_file, not both")),
+        (Some(pem), None) => {
+            if pem.len() > MAX_CA_PEM_BYTES {
+                return Err(bad("upstream_tls.ca_pem", "over 65536 bytes"));
+            }
+            if !pem.contains("-----BEGIN CERTIFICATE-----") {
+                return Err(bad("upstream_tls.ca_pem", "holds no PEM certificate"));
+            }
+            CaSource::Pem(pem.clone())
+        }
+        (None, Some(path)) => {
+            if !path.starts_with('/') {
+                return Err(bad("upstream_tls.ca_file", "not an absolute path"));
+            }
+            CaSource::File(path.clone())
+        }
+        (None, None) => CaSource::System,
+    };
+    Ok(ValidUpstreamTls { server_name, ca })
 }
 
 fn out_of_range(
@@ -546,6 +658,91 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown field `extra`"), "{e}");
+    }
+
+    #[test]
+    fn hsts_renders_once_and_preload_needs_what_the_list_requires() {
+        let with = |max_age_s, include_subdomains, preload| {
+            let mut t = example();
+            t.services[0].hsts = Some(crate::table::Hsts {
+                max_age_s,
+                include_subdomains,
+                preload,
+            });
+            validate(t).map(|v| v.services[0].hsts.clone())
+        };
+        assert_eq!(
+            with(300, false, false).unwrap().as_deref(),
+            Some("max-age=300")
+        );
+        assert_eq!(
+            with(31_536_000, true, true).unwrap().as_deref(),
+            Some("max-age=31536000; includeSubDomains; preload")
+        );
+        let e = with(300, true, true).unwrap_err().to_string();
+        assert!(e.contains("hsts.preload is invalid"), "{e}");
+        let e = with(HSTS_MAX_AGE_MAX + 1, false, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("hsts.max_age_s = 63072001 is out of range"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn upstream_tls_names_one_ca_source_and_a_valid_name() {
+        let with = |tls: crate::table::UpstreamTls| {
+            let mut t = example();
+            t.services[0].upstream_tls = Some(tls);
+            validate(t).map(|v| v.services[0].upstream_tls.clone())
+        };
+        let pem = "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n".to_owned();
+        let ok = with(crate::table::UpstreamTls {
+            server_name: Some("API.internal".into()),
+            ca_pem: Some(pem.clone()),
+            ca_file: None,
+        })
+        .unwrap()
+        .unwrap();
+        assert_eq!(ok.server_name.as_deref(), Some("api.internal"));
+        assert_eq!(ok.ca, CaSource::Pem(pem.clone()));
+        let system = with(crate::table::UpstreamTls::default()).unwrap().unwrap();
+        assert_eq!(system.ca, CaSource::System);
+        for (tls, says) in [
+            (
+                crate::table::UpstreamTls {
+                    ca_pem: Some(pem.clone()),
+                    ca_file: Some("/ca.pem".into()),
+                    ..Default::default()
+                },
+                "not both",
+            ),
+            (
+                crate::table::UpstreamTls {
+                    ca_file: Some("ca.pem".into()),
+                    ..Default::default()
+                },
+                "not an absolute path",
+            ),
+            (
+                crate::table::UpstreamTls {
+                    server_name: Some("a..b".into()),
+                    ..Default::default()
+                },
+                "not a DNS name",
+            ),
+            (
+                crate::table::UpstreamTls {
+                    ca_pem: Some("x".repeat(MAX_CA_PEM_BYTES + 1)),
+                    ..Default::default()
+                },
+                "over 65536 bytes",
+            ),
+        ] {
+            let e = with(tls).unwrap_err().to_string();
+            assert!(e.contains(says), "{e}");
+        }
     }
 
     #[test]

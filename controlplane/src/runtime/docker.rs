@@ -171,7 +171,16 @@ impl DockerRuntime {
             loop {
                 let mut filters = HashMap::new();
                 filters.insert("type".to_owned(), vec!["container".to_owned()]);
+                // The stream only connects when first polled, after the resync below: asking
+                // for the events since just before it (the engine replays them) leaves no gap
+                // for a container started in between. Replays are harmless: discovery is by
+                // container id, and events come in order.
+                let since = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs())
+                    .saturating_sub(2);
                 let mut stream = me.docker.events(Some(EventsOptions {
+                    since: Some(since.to_string()),
                     filters: Some(filters),
                     ..Default::default()
                 }));

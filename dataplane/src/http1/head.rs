@@ -301,11 +301,13 @@ pub fn response_framing<'h>(
 /// success the client's head is in `out` (cleared first): status and headers as received
 /// minus those the editor keeps back (hop-by-hop), plus the client connection's
 /// own `Connection` (as the pipeline writes it): `close` when `close`, else `keep-alive`. A
-/// body that runs until the backend closes is sent to the client chunked.
+/// body that runs until the backend closes is sent to the client chunked. `hsts`, when given,
+/// is the `Strict-Transport-Security` value the client gets instead of the backend's.
 pub fn response_head(
     buf: &[u8],
     head_request: bool,
     close: bool,
+    hsts: Option<&str>,
     out: &mut Vec<u8>,
 ) -> Result<Option<Response>, BadResponse> {
     let mut headers = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_RESPONSE_HEADERS];
@@ -354,6 +356,9 @@ pub fn response_head(
         if body == Body::Chunked && line.kind == Name::ContentLength {
             continue;
         }
+        if hsts.is_some() && line.name.eq_ignore_ascii_case(b"strict-transport-security") {
+            continue;
+        }
         out.extend_from_slice(line.name);
         out.extend_from_slice(b": ");
         // An obsolete line fold becomes spaces (RFC 9112 §5.2).
@@ -365,6 +370,11 @@ pub fn response_head(
         out.extend_from_slice(b"\r\n");
     }
     if status >= 200 {
+        if let Some(value) = hsts {
+            out.extend_from_slice(b"Strict-Transport-Security: ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
         if body == Body::UntilClose {
             // Re-framed for the client, which keeps its connection (the pipeline does the same).
             out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
@@ -504,7 +514,7 @@ mod tests {
         close: bool,
     ) -> (Result<Option<Response>, BadResponse>, String) {
         let mut out = Vec::new();
-        let r = response_head(raw.as_bytes(), head, close, &mut out);
+        let r = response_head(raw.as_bytes(), head, close, None, &mut out);
         (r, String::from_utf8(out).unwrap())
     }
 

@@ -168,12 +168,19 @@ impl Lane {
                 return Served::HandOver(bufs.client);
             };
             let svc = &snapshot.services[s as usize];
-            // With no backend there is nothing to attempt; with capped ones, admission decides.
-            if svc.limited || svc.backends.is_empty() {
+            // With no backend there is nothing to attempt; with capped ones, admission decides;
+            // TLS to the backends and the redirect to HTTPS are the pipeline's.
+            if svc.limited
+                || svc.backends.is_empty()
+                || svc.upstream_tls
+                || (svc.https_redirect && tls.is_none())
+            {
                 return Served::HandOver(bufs.client);
             }
             let mut routed = Routed::new(snapshot, s, Instant::now());
-            let (status, keep) = self.proxy(client, &mut routed, &plain, &mut bufs).await;
+            let (status, keep) = self
+                .proxy(client, &mut routed, &plain, tls.is_some(), &mut bufs)
+                .await;
             routed.end(status);
             plane.connections.lane_request();
             if !keep {
@@ -195,21 +202,24 @@ impl Lane {
         client: &mut S,
         routed: &mut Routed,
         plain: &head::Plain,
+        https: bool,
         bufs: &mut Buffers,
     ) -> (u16, bool)
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let plane = &*self.plane;
+        let hsts = routed.service().hsts.clone().filter(|_| https);
         // After a stale pooled connection the next attempt dials anew.
         let mut fresh = false;
         while let Some(i) = routed.next(clock::now_ms()) {
             let backend = &routed.service().backends[i as usize];
-            let failure = match exchange(client, backend, plain, plane, fresh, bufs).await {
-                Ok(Ok(done)) => return (done.status, done.keep),
-                Ok(Err(Cut(status))) => return (status, false),
-                Err(failure) => failure,
-            };
+            let failure =
+                match exchange(client, backend, plain, plane, fresh, hsts.as_deref(), bufs).await {
+                    Ok(Ok(done)) => return (done.status, done.keep),
+                    Ok(Err(Cut(status))) => return (status, false),
+                    Err(failure) => failure,
+                };
             fresh = matches!(failure, Failure::Stale { .. });
             if !routed.fail(failure, clock::now_ms()) {
                 break;
@@ -294,6 +304,7 @@ async fn exchange<S>(
     plain: &head::Plain,
     plane: &Plane,
     fresh: bool,
+    hsts: Option<&str>,
     bufs: &mut Buffers,
 ) -> Result<Result<Answered, Cut>, Failure>
 where
@@ -322,6 +333,7 @@ where
     let mut head = HeadRead {
         heard: false,
         relayed: 0,
+        hsts,
     };
     let (response, close) =
         match read_response_head(&mut up, plain, plane, bufs, client, timeout, &mut head).await {
@@ -406,7 +418,7 @@ fn replayable(kind: UpstreamError) -> Failure {
 /// A failure of a backend that took the request, once its head was (partly) read: replayable
 /// unless an interim response already reached the client, which another backend's answer
 /// would then follow.
-fn failed(kind: UpstreamError, got: &HeadRead) -> Failure {
+fn failed(kind: UpstreamError, got: &HeadRead<'_>) -> Failure {
     Failure::Answer {
         kind,
         replayable: got.relayed == 0,
@@ -459,11 +471,13 @@ fn chunk(out: &mut Vec<u8>, data: &[u8]) {
 }
 
 /// What reading a response head got to before it ended.
-struct HeadRead {
+struct HeadRead<'a> {
     /// Some byte came from the backend.
     heard: bool,
     /// Interim (1xx) responses passed on to the client.
     relayed: u8,
+    /// The `Strict-Transport-Security` the final head gets (HTTPS, and the service asks).
+    hsts: Option<&'a str>,
 }
 
 /// Why no response head could be passed on.
@@ -487,7 +501,7 @@ async fn read_response_head<S>(
     bufs: &mut Buffers,
     client: &mut S,
     timeout: Option<Duration>,
-    got: &mut HeadRead,
+    got: &mut HeadRead<'_>,
 ) -> Result<(Response, bool), HeadError>
 where
     S: AsyncWrite + Unpin,
@@ -496,7 +510,8 @@ where
         if !bufs.upstream.is_empty() {
             got.heard = true;
             let close = plain.close || plane.shutdown.draining();
-            match head::response_head(&bufs.upstream, plain.head, close, &mut bufs.response) {
+            let hsts = got.hsts;
+            match head::response_head(&bufs.upstream, plain.head, close, hsts, &mut bufs.response) {
                 Ok(Some(r)) if r.status == 101 => {
                     // Never asked for: the request carried no Upgrade.
                     return Err(HeadError::Failed(UpstreamError::Other));
