@@ -10,10 +10,12 @@ its peak RSS, errors, and ratios to direct and to nginx. A swap scenario rewrite
 table and sends SIGHUP at 10, 100 and 1,000 per second under load.
 
 The targets `nginx-tls` and `rusty-lb-tls` are the same nginx and rusty-lb processes reached on
-their TLS listeners (one ECDSA P-256 certificate, or RSA 2048 with --cert rsa; TLS 1.3; session
-tickets on both); their ratios are to `nginx-tls`. The `handshake` scenario (--handshakes) sends
-`Connection: close` on every request, so each one is a new TLS connection: its req/s is new TLS
-connections per second (wrk resumes no session, so every handshake is a full one).
+their TLS listeners (one ECDSA P-256 certificate, or RSA 2048 with --cert rsa; session tickets
+and a session cache on both); their ratios are to `nginx-tls`. wrk negotiates TLS 1.2 and
+resumes its sessions, so the `resumed` scenario (--handshakes: `Connection: close` on every
+request) measures new connections with abbreviated handshakes; the `full` scenario
+(--full-handshakes P) runs P parallel `openssl s_time -new` (TLS 1.3, a full handshake per
+connection, no request).
 
 Every process it starts is stopped on exit, including on Ctrl-C or an error.
 Run it through loadtest/run.sh, which installs what it needs and builds rusty-lb.
@@ -333,6 +335,27 @@ def measure(target, proc, path, conns, duration):
     return r
 
 
+def full_handshakes(target, proc, parallel, duration):
+    """New TLS connections per second with a full handshake each: `parallel` openssl s_time
+    clients for `duration` seconds; CPU per connection is the proxy's."""
+    pids = pids_of(proc)
+    before = cpu_seconds(pids)
+    started = time.monotonic()
+    clients = [subprocess.Popen(["openssl", "s_time", "-connect", f"127.0.0.1:{PORTS[target]}", "-new",
+                                 "-time", str(duration)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True) for _ in range(parallel)]
+    total = 0
+    for c in clients:
+        out = c.communicate()[0]
+        m = re.search(r"(\d+) connections in \d+ real seconds", out)
+        total += int(m.group(1)) if m else 0
+    elapsed = time.monotonic() - started
+    used = cpu_seconds(pids) - before
+    return {"rps": total / elapsed, "requests": total, "p50": float("nan"), "p99": float("nan"),
+            "errors": 0, "cpu_us": used / total * 1e6 if total else float("nan"),
+            "rss": peak_rss_mb(pids)}
+
+
 def med(runs, key):
     vals = [r[key] for r in runs]
     return statistics.median(vals), min(vals), max(vals)
@@ -413,8 +436,11 @@ def main():
     ap.add_argument("--cert", choices=["ec", "rsa"], default="ec",
                     help="key of the TLS targets' certificate: ECDSA P-256 or RSA 2048")
     ap.add_argument("--handshakes", default="",
-                    help="connection counts of the handshake scenario (every request a new TLS "
-                         "connection), e.g. 10,50; runs the TLS targets only")
+                    help="connection counts of the resumed-handshake scenario (wrk, every request "
+                         "a new TLS connection), e.g. 10,50; runs the TLS targets only")
+    ap.add_argument("--full-handshakes", default="",
+                    help="parallel `openssl s_time -new` clients of the full-handshake scenario, "
+                         "e.g. 4; runs the TLS targets only")
     args = ap.parse_args()
     ALT_ARGS.extend(args.alt_args.split())
     LOADER[0] = args.load
@@ -468,11 +494,18 @@ def main():
             for rnd in range(args.rounds):
                 for t in tls_targets:
                     r = measure(t, started[t], "/", conns, args.duration)
-                    results.setdefault(("handshake", conns, t), []).append(r)
-                    print(f"hands c={conns:<3} round {rnd + 1} {t:9} {r['rps']:>10,.0f} conn/s  "
+                    results.setdefault(("resumed", conns, t), []).append(r)
+                    print(f"resum c={conns:<3} round {rnd + 1} {t:9} {r['rps']:>10,.0f} conn/s  "
                           f"p99 {r['p99']:.2f} ms  cpu {fmt_num(r['cpu_us'])} us/conn  errors {r['errors']}",
                           file=sys.stderr)
             HEADERS.clear()
+        for parallel in [int(c) for c in args.full_handshakes.split(",") if c]:
+            for rnd in range(args.rounds):
+                for t in tls_targets:
+                    r = full_handshakes(t, started[t], parallel, args.duration)
+                    results.setdefault(("full", parallel, t), []).append(r)
+                    print(f"full  c={parallel:<3} round {rnd + 1} {t:9} {r['rps']:>10,.0f} conn/s  "
+                          f"cpu {fmt_num(r['cpu_us'])} us/conn", file=sys.stderr)
         swaps = []
         rates = [int(x) for x in args.swap_rates.split(",") if x]
         if rates and "rusty-lb" in targets:
@@ -506,8 +539,10 @@ def render(info, args, results, targets, swaps, base):
         *([f"- rusty-lb-alt: rusty-lb with `{' '.join(ALT_ARGS)}`"
            + (f" built as `{args.alt_binary}`" if args.alt_binary else "")] if "rusty-lb-alt" in targets else []),
         *([f"- nginx-tls, rusty-lb-tls: the same processes on their TLS listeners ({'ECDSA P-256' if args.cert == 'ec' else 'RSA 2048'} "
-           "certificate, TLS 1.3, keep-alive); ÷ nginx is to nginx-tls; `handshake` rows: `Connection: close` on every "
-           "request, so req/s is new (full) TLS handshakes per second and CPU/req is per connection"]
+           "certificate; wrk negotiates TLS 1.2); ÷ nginx is to nginx-tls; `resumed` rows: wrk with `Connection: close` "
+           "on every request, so req/s is new TLS connections per second, each resuming wrk's session; `full` rows: "
+           "conns = parallel `openssl s_time -new` clients, a full TLS 1.3 handshake per connection and no request; "
+           "CPU/req is per connection in both"]
           if any(t in TLS_OF for t in targets) else []),
         "- CPU/req is the proxy's own utime+stime from /proc over the run, divided by the requests the load generator "
         "counted; the load generator and the backends share the same 2 cores, so absolute figures are noisy: "
@@ -516,7 +551,7 @@ def render(info, args, results, targets, swaps, base):
         "| body | conns | target | req/s | p50 ms | p99 ms | CPU µs/req | peak RSS MB | errors | ÷ direct | ÷ nginx |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    order = {"small": 0, "big": 1, "handshake": 2}
+    order = {"small": 0, "big": 1, "resumed": 2, "full": 3}
     keys = sorted({(b, c) for (b, c, _) in results}, key=lambda k: (order.get(k[0], 3), k[1]))
     for body, conns in keys:
         direct = results.get((body, conns, "direct"))
@@ -535,7 +570,7 @@ def render(info, args, results, targets, swaps, base):
             vs_direct = rps / med(direct, "rps")[0] if direct else float("nan")
             vs_nginx = rps / med(nginx, "rps")[0] if nginx else float("nan")
             lines.append(
-                f"| {body} | {conns} | {t} | {rps:,.0f} ({lo:,.0f}–{hi:,.0f}) | {p50:.2f} | {p99:.2f} | "
+                f"| {body} | {conns} | {t} | {rps:,.0f} ({lo:,.0f}–{hi:,.0f}) | {fmt_num(p50, 2)} | {fmt_num(p99, 2)} | "
                 f"{fmt_num(cpu)} | {fmt_num(rss)} | {errors} | {fmt_num(vs_direct, 2)} | {fmt_num(vs_nginx, 2)} |"
             )
     if swaps:

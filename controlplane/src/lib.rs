@@ -8,7 +8,8 @@
 //! - [`config`] reads and validates the TOML file into the domain types of [`spec`];
 //! - [`reconcile`] decides what to start, drain and stop (no I/O, fake clock in tests), using the
 //!   rise/fall rule of [`health`];
-//! - [`publish`] turns healthy instances into versioned tables;
+//! - [`publish`] turns healthy instances into versioned tables, [`certs`] the `[tls]`
+//!   certificate files into versioned bundles;
 //! - [`runtime`] runs instances (local processes, static addresses) behind one trait;
 //! - [`autoscale`] decides replica counts from load (pure), which [`scrape`] reads from the
 //!   data planes' `/metrics`;
@@ -24,6 +25,7 @@
 pub mod api;
 pub mod auth;
 pub mod autoscale;
+pub mod certs;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -20,6 +20,9 @@ pub struct Metrics {
     pub table_frames_sent: AtomicU64,
     pub subscribers: AtomicI64,
     pub subscribers_refused: AtomicU64,
+    pub cert_bundles_sent: AtomicU64,
+    /// Bundles not sent: the subscriber asked over plain `ws://` from off loopback.
+    pub cert_bundles_withheld: AtomicU64,
 }
 
 fn bump(map: &Mutex<BTreeMap<(String, &'static str), u64>>, service: &str, label: &'static str) {
@@ -156,6 +159,16 @@ impl Metrics {
             out,
             "# HELP rusty_agent_subscribers_refused_total Table stream requests refused (bad or missing token).\n# TYPE rusty_agent_subscribers_refused_total counter\nrusty_agent_subscribers_refused_total {}",
             self.subscribers_refused.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP rusty_agent_cert_bundles_sent_total Certificate bundles sent to data planes.\n# TYPE rusty_agent_cert_bundles_sent_total counter\nrusty_agent_cert_bundles_sent_total {}",
+            self.cert_bundles_sent.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP rusty_agent_cert_bundles_withheld_total Subscriptions that asked for certificates over plain ws:// from off loopback, and got none.\n# TYPE rusty_agent_cert_bundles_withheld_total counter\nrusty_agent_cert_bundles_withheld_total {}",
+            self.cert_bundles_withheld.load(Ordering::Relaxed)
         );
         out
     }

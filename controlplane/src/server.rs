@@ -24,6 +24,7 @@ use tracing::{debug, info, warn};
 
 use crate::api::{DeployAccepted, ErrorBody, ScaleRequest};
 use crate::auth::Token;
+use crate::certs::CertFeed;
 use crate::core::{ApiError, Command};
 use crate::metrics::Metrics;
 use crate::publish::Feed;
@@ -42,6 +43,7 @@ pub struct Shared {
     pub token: Token,
     pub commands: mpsc::Sender<Command>,
     pub feed: Feed,
+    pub certs: CertFeed,
     pub metrics: Arc<Metrics>,
     pub shutdown: watch::Receiver<bool>,
 }
@@ -400,10 +402,25 @@ async fn subscribe(mut stream: TcpStream, req: Request, shared: &Shared) -> std:
         derive_accept_key(&key)
     );
     stream.write_all(head.as_bytes()).await?;
-    let peer = stream
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+    let peer_addr = stream.peer_addr().ok();
+    let peer = peer_addr.map(|a| a.to_string()).unwrap_or_default();
+    // Keys cross only a channel no one else can read: loopback, for now the only one.
+    let wants_certs = req
+        .path
+        .split_once('?')
+        .is_some_and(|(_, q)| q.split('&').any(|kv| kv == "certs=1"));
+    let certs = match (wants_certs, peer_addr.is_some_and(|a| a.ip().is_loopback())) {
+        (true, true) => Some(shared.certs.clone()),
+        (true, false) => {
+            shared
+                .metrics
+                .cert_bundles_withheld
+                .fetch_add(1, Ordering::Relaxed);
+            warn!(%peer, "a data plane asked for certificates over plain ws:// from off loopback: not sent (keys never cross a network in clear)");
+            None
+        }
+        (false, _) => None,
+    };
     let config = WebSocketConfig {
         max_message_size: Some(64 * 1024),
         max_frame_size: Some(64 * 1024),
@@ -412,14 +429,20 @@ async fn subscribe(mut stream: TcpStream, req: Request, shared: &Shared) -> std:
     let mut ws = WebSocketStream::from_raw_socket(stream, Role::Server, Some(config)).await;
     shared.metrics.subscribers.fetch_add(1, Ordering::Relaxed);
     info!(%peer, "data plane subscribed");
-    let end = session(&mut ws, shared).await;
+    let end = session(&mut ws, shared, certs).await;
     shared.metrics.subscribers.fetch_sub(1, Ordering::Relaxed);
     info!(%peer, "data plane left: {end}");
     Ok(())
 }
 
-async fn session(ws: &mut WebSocketStream<TcpStream>, shared: &Shared) -> String {
+/// Sends tables, and bundles when `certs` is given (the subscriber asked and may have them).
+async fn session(
+    ws: &mut WebSocketStream<TcpStream>,
+    shared: &Shared,
+    mut certs: Option<CertFeed>,
+) -> String {
     let mut feed = shared.feed.clone();
+    let mut pending_certs = certs.as_mut().and_then(|c| c.borrow_and_update().clone());
     let mut shutdown = shared.shutdown.clone();
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.reset();
@@ -440,7 +463,28 @@ async fn session(ws: &mut WebSocketStream<TcpStream>, shared: &Shared) -> String
                 Err(_) => return "too slow to take a table".into(),
             }
         }
+        if let Some(b) = pending_certs.take() {
+            match tokio::time::timeout(SEND_TIMEOUT, ws.send(Message::Binary(b.bytes.clone())))
+                .await
+            {
+                Ok(Ok(())) => {
+                    shared
+                        .metrics
+                        .cert_bundles_sent
+                        .fetch_add(1, Ordering::Relaxed);
+                    info!(version = b.version, names = ?b.names, "certificates sent");
+                }
+                Ok(Err(e)) => return format!("send failed: {e}"),
+                Err(_) => return "too slow to take certificates".into(),
+            }
+        }
+        let mut certs_closed = false;
         tokio::select! {
+            update = next_bundle(certs.as_mut()) => match update {
+                Some(bundle) => pending_certs = bundle,
+                // The publisher is gone: no more bundles; tables go on.
+                None => certs_closed = true,
+            },
             changed = feed.changed() => {
                 if changed.is_err() {
                     let _ = ws.close(None).await;
@@ -470,5 +514,22 @@ async fn session(ws: &mut WebSocketStream<TcpStream>, shared: &Shared) -> String
                 return "agent stopping".into();
             }
         }
+        if certs_closed {
+            certs = None;
+        }
+    }
+}
+
+/// The next bundle of `certs` once it changes; `None` when its publisher is gone. Never
+/// completes without a feed.
+async fn next_bundle(
+    certs: Option<&mut CertFeed>,
+) -> Option<Option<std::sync::Arc<crate::certs::Bundle>>> {
+    match certs {
+        Some(c) => match c.changed().await {
+            Ok(()) => Some(c.borrow_and_update().clone()),
+            Err(_) => None,
+        },
+        None => std::future::pending().await,
     }
 }

@@ -14,6 +14,16 @@ pub struct Config {
     pub agent: AgentSettings,
     pub docker: Option<DockerSettings>,
     pub services: Vec<ServiceSpec>,
+    /// Certificate files for the data planes, checked when the config was read.
+    pub certificates: Vec<CertFile>,
+}
+
+/// One certificate pair the agent reads and sends to its data planes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFile {
+    pub name: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 #[derive(Debug, Clone)]

@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::auth::Token;
+use crate::certs::CertSource;
 use crate::core::Core;
 use crate::metrics::Metrics;
 use crate::publish::Publisher;
@@ -57,6 +58,9 @@ pub async fn run(config: Config) -> Result<()> {
 
     let metrics = Arc::new(Metrics::default());
     let feed = publisher.subscribe();
+    let mut cert_source = CertSource::new(config.certificates.clone());
+    cert_source.reload();
+    let certs = cert_source.subscribe();
     let core = Core::new(
         config.services.clone(),
         runtimes,
@@ -73,6 +77,7 @@ pub async fn run(config: Config) -> Result<()> {
         token,
         commands: commands_tx.clone(),
         feed,
+        certs,
         metrics,
         shutdown: shutdown_rx.clone(),
     });
@@ -107,9 +112,17 @@ pub async fn run(config: Config) -> Result<()> {
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: stopping"),
-        _ = int.recv() => info!("SIGINT: stopping"),
+    let mut hangup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: stopping"); break }
+            _ = int.recv() => { info!("SIGINT: stopping"); break }
+            // Renewed certificate files (certbot, a secrets manager) go out without a restart.
+            _ = hangup.recv() => {
+                info!("SIGHUP: reading the [tls] certificates again");
+                cert_source.reload();
+            }
+        }
     }
     let _ = shutdown_tx.send(true);
     let _ = server.await;

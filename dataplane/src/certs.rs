@@ -10,28 +10,22 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ProducesTickets, ResolvesServerCert, StoresServerSessions};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use thiserror::Error;
 
+use rusty_shared::certs::{load_pair, read_capped, BundleError, CertBundle, LoadedPair};
+pub use rusty_shared::certs::{CertError, DEFAULT_PAIR};
+
 use crate::hostnames::Names;
 use crate::metrics::{esc, header};
-
-/// The pair that answers an SNI no other certificate covers (and clients that send none).
-pub const DEFAULT_PAIR: &str = "default";
-
-/// Largest certificate or key file read (a chain of a few certificates is a few KiB).
-pub const MAX_PEM_BYTES: u64 = 1024 * 1024;
 
 /// Most pairs in one directory.
 pub const MAX_PAIRS: usize = 10_000;
@@ -42,44 +36,6 @@ const SESSION_CACHE: usize = 4096;
 /// The protocols offered in ALPN, most preferred first.
 const ALPN: &[&[u8]] = &[b"http/1.1"];
 
-/// Why a certificate pair, or the directory, did not load. Each names the file at fault.
-#[derive(Debug, Error)]
-pub enum CertError {
-    #[error("{path}: cannot read the certificate directory: {source}")]
-    Dir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: cannot read it: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: larger than {MAX_PEM_BYTES} bytes")]
-    TooLarge { path: PathBuf },
-    #[error("{path}: no PEM certificate in it")]
-    NoCertificate { path: PathBuf },
-    #[error("{path}: not a PEM certificate chain: {why}")]
-    BadCertificate { path: PathBuf, why: String },
-    #[error("{path}: no PEM private key in it (PKCS#8, PKCS#1 or SEC1)")]
-    NoKey { path: PathBuf },
-    #[error("{path}: the private key cannot be used: {why}")]
-    BadKey { path: PathBuf, why: String },
-    #[error("{key}: this key does not match the certificate in {crt}")]
-    Mismatch { crt: PathBuf, key: PathBuf },
-    #[error("{path}: the certificate expired at {not_after} (unix time)")]
-    Expired { path: PathBuf, not_after: i64 },
-    #[error("{path}: the certificate names no DNS name or address in its subjectAltName (only a pair named `default` may)")]
-    NoNames { path: PathBuf },
-    #[error("{path}: has no matching {missing}")]
-    Unpaired {
-        path: PathBuf,
-        missing: &'static str,
-    },
-    #[error("{path}: more than {MAX_PAIRS} certificate pairs")]
-    TooMany { path: PathBuf },
-}
-
 /// One certificate with its key, as loaded.
 #[derive(Debug)]
 pub struct Cert {
@@ -89,8 +45,8 @@ pub struct Cert {
     pub names: Names,
     /// End of validity, unix seconds.
     pub not_after: i64,
-    /// The certificate file it came from.
-    pub crt: PathBuf,
+    /// Where it came from: its certificate file, or the agent.
+    pub origin: PathBuf,
     pub key: Arc<CertifiedKey>,
 }
 
@@ -98,118 +54,17 @@ impl Cert {
     pub fn is_default(&self) -> bool {
         self.pair == DEFAULT_PAIR
     }
-}
 
-/// Read a file into memory, refusing one larger than [`MAX_PEM_BYTES`].
-fn read_capped(path: &Path) -> Result<Vec<u8>, CertError> {
-    use std::io::Read;
-    let file = std::fs::File::open(path).map_err(|source| CertError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let mut bytes = Vec::new();
-    file.take(MAX_PEM_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|source| CertError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-    if bytes.len() as u64 > MAX_PEM_BYTES {
-        return Err(CertError::TooLarge {
-            path: path.to_owned(),
-        });
-    }
-    Ok(bytes)
-}
-
-/// Load one pair from PEM bytes: the chain, the key, that they match, the names the leaf
-/// covers and that it has not expired at `now` (unix seconds).
-pub fn load_pair(
-    pair: &str,
-    crt: (&Path, &[u8]),
-    key: (&Path, &[u8]),
-    provider: &CryptoProvider,
-    now: i64,
-) -> Result<Cert, CertError> {
-    let (crt_path, crt_pem) = crt;
-    let (key_path, key_pem) = key;
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(crt_pem)
-        .collect::<Result<_, _>>()
-        .map_err(|e| CertError::BadCertificate {
-            path: crt_path.to_owned(),
-            why: e.to_string(),
-        })?;
-    let Some(leaf) = chain.first() else {
-        return Err(CertError::NoCertificate {
-            path: crt_path.to_owned(),
-        });
-    };
-    let (names, not_after) = leaf_facts(leaf).map_err(|why| CertError::BadCertificate {
-        path: crt_path.to_owned(),
-        why,
-    })?;
-    let key_der = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| match e {
-        rustls::pki_types::pem::Error::NoItemsFound => CertError::NoKey {
-            path: key_path.to_owned(),
-        },
-        other => CertError::BadKey {
-            path: key_path.to_owned(),
-            why: other.to_string(),
-        },
-    })?;
-    let certified = CertifiedKey::from_der(chain, key_der, provider).map_err(|e| match e {
-        rustls::Error::InconsistentKeys(_) => CertError::Mismatch {
-            crt: crt_path.to_owned(),
-            key: key_path.to_owned(),
-        },
-        other => CertError::BadKey {
-            path: key_path.to_owned(),
-            why: other.to_string(),
-        },
-    })?;
-    if not_after < now {
-        return Err(CertError::Expired {
-            path: crt_path.to_owned(),
-            not_after,
-        });
-    }
-    if names.is_empty() && pair != DEFAULT_PAIR {
-        return Err(CertError::NoNames {
-            path: crt_path.to_owned(),
-        });
-    }
-    Ok(Cert {
-        pair: pair.to_owned(),
-        names,
-        not_after,
-        crt: crt_path.to_owned(),
-        key: Arc::new(certified),
-    })
-}
-
-/// The names of a leaf certificate's subjectAltName and the end of its validity.
-fn leaf_facts(leaf: &CertificateDer<'_>) -> Result<(Names, i64), String> {
-    use x509_parser::extensions::GeneralName;
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(|e| e.to_string())?;
-    let mut dns = Vec::new();
-    let mut ips = Vec::new();
-    if let Some(san) = cert
-        .subject_alternative_name()
-        .map_err(|e| format!("subjectAltName: {e}"))?
-    {
-        for name in &san.value.general_names {
-            match name {
-                GeneralName::DNSName(n) => dns.push(n.to_string()),
-                GeneralName::IPAddress(b) => match b.len() {
-                    4 => ips.push(IpAddr::from(<[u8; 4]>::try_from(*b).unwrap_or_default())),
-                    16 => ips.push(IpAddr::from(<[u8; 16]>::try_from(*b).unwrap_or_default())),
-                    _ => {}
-                },
-                _ => {}
-            }
+    /// A pair checked by [`load_pair`], from `origin`.
+    pub fn new(pair: LoadedPair, origin: PathBuf) -> Cert {
+        Cert {
+            names: Names::new(pair.dns, pair.ips),
+            pair: pair.name,
+            not_after: pair.not_after,
+            origin,
+            key: pair.key,
         }
     }
-    Ok((Names::new(dns, ips), cert.validity().not_after.timestamp()))
 }
 
 /// Certificates indexed for the handshake: exact names, then wildcards, then the default.
@@ -241,7 +96,7 @@ impl CertSet {
                     set.wildcard.insert(parent.clone(), cert.clone());
                 }
             }
-            if cert.is_default() {
+            if cert.is_default() && later(set.default.as_ref(), cert) {
                 set.default = Some(cert.clone());
             }
         }
@@ -321,6 +176,7 @@ pub fn load_dir(
         if crts.len() > MAX_PAIRS || keys.len() > MAX_PAIRS {
             return Err(CertError::TooMany {
                 path: dir.to_owned(),
+                limit: MAX_PAIRS,
             });
         }
     }
@@ -348,7 +204,7 @@ pub fn load_dir(
             load_pair(pair, (&crt, &crt_pem), (&key, &key_pem), provider, now)
         });
         match result {
-            Ok(cert) => loaded.certs.push(Arc::new(cert)),
+            Ok(loaded_pair) => loaded.certs.push(Arc::new(Cert::new(loaded_pair, crt))),
             Err(why) => refuse(&mut loaded, pair, why),
         }
     }
@@ -380,11 +236,45 @@ pub struct Generation {
 /// The certificates in use, and what the handshakes share across reloads.
 pub struct Certs {
     current: ArcSwap<Generation>,
+    /// What the current generation was made of; changed one source at a time.
+    sources: std::sync::Mutex<Sources>,
     provider: Arc<CryptoProvider>,
     ticketer: Arc<dyn ProducesTickets>,
     sessions: Arc<dyn StoresServerSessions>,
     loaded: AtomicU64,
     refused: AtomicU64,
+}
+
+/// The two places certificates come from: `--certs DIR` and the agent's bundles.
+#[derive(Default)]
+struct Sources {
+    dir: Vec<Arc<Cert>>,
+    agent: Vec<Arc<Cert>>,
+    /// The version of the agent's bundle installed (0: none).
+    agent_version: u64,
+}
+
+/// What became of a bundle from the agent.
+#[derive(Debug)]
+pub enum Offered {
+    /// Installed; the pairs that did not load, by name and reason (the previous pair of that
+    /// name, if any, kept serving).
+    Installed {
+        version: u64,
+        pairs: usize,
+        refused: Vec<String>,
+    },
+    /// Not newer than the installed bundle.
+    Stale { version: u64, installed: u64 },
+}
+
+/// Why a bundle was not installed at all.
+#[derive(Debug, Error)]
+pub enum OfferError {
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    #[error(transparent)]
+    Setup(#[from] TlsSetupError),
 }
 
 /// How the TLS listener's settings could not be made.
@@ -405,6 +295,7 @@ impl Certs {
         let config = server_config(&provider, &empty, &ticketer, &sessions)?;
         Ok(Certs {
             current: ArcSwap::from_pointee(Generation { set: empty, config }),
+            sources: std::sync::Mutex::new(Sources::default()),
             provider,
             ticketer,
             sessions,
@@ -422,9 +313,76 @@ impl Certs {
         self.current.load_full()
     }
 
-    /// Serve these certificates from the next handshake on.
-    pub fn install(&self, certs: Vec<Arc<Cert>>) -> Result<(), TlsSetupError> {
-        let set = Arc::new(CertSet::new(certs));
+    /// Serve these certificates of the directory, with the agent's, from the next handshake
+    /// on.
+    pub fn set_dir(&self, certs: Vec<Arc<Cert>>) -> Result<(), TlsSetupError> {
+        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        let previous = std::mem::replace(&mut sources.dir, certs);
+        self.rebuild(&sources)
+            .inspect_err(|_| sources.dir = previous)
+    }
+
+    /// The pairs loaded from the directory (a reload keeps those of broken pairs).
+    pub fn dir_certs(&self) -> Vec<Arc<Cert>> {
+        self.sources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .dir
+            .clone()
+    }
+
+    /// A bundle from the agent (or the state dir): installed when newer than the one in use.
+    /// Each pair is checked as a directory's would be; one that does not load keeps the
+    /// previous pair of its name. Only a bundle that does not parse is an error.
+    pub fn offer_bundle(&self, bytes: &[u8], now: i64) -> Result<Offered, OfferError> {
+        let bundle = CertBundle::decode(bytes)?;
+        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        if bundle.version <= sources.agent_version {
+            return Ok(Offered::Stale {
+                version: bundle.version,
+                installed: sources.agent_version,
+            });
+        }
+        let mut certs = Vec::with_capacity(bundle.pairs.len());
+        let mut refused = Vec::new();
+        for pair in &bundle.pairs {
+            let crt = PathBuf::from(format!("agent:{}.crt", pair.name));
+            let key = PathBuf::from(format!("agent:{}.key", pair.name));
+            let loaded = load_pair(
+                &pair.name,
+                (&crt, pair.chain_pem.as_bytes()),
+                (&key, pair.key_pem.as_bytes()),
+                &self.provider,
+                now,
+            );
+            match loaded {
+                Ok(p) => certs.push(Arc::new(Cert::new(p, crt))),
+                Err(why) => {
+                    refused.push(why.to_string());
+                    if let Some(old) = sources.agent.iter().find(|c| c.pair == pair.name) {
+                        certs.push(old.clone());
+                    }
+                }
+            }
+        }
+        self.count_load(certs.len(), refused.len());
+        let pairs = certs.len();
+        let previous = std::mem::replace(&mut sources.agent, certs);
+        if let Err(e) = self.rebuild(&sources) {
+            sources.agent = previous;
+            return Err(e.into());
+        }
+        sources.agent_version = bundle.version;
+        Ok(Offered::Installed {
+            version: bundle.version,
+            pairs,
+            refused,
+        })
+    }
+
+    fn rebuild(&self, sources: &Sources) -> Result<(), TlsSetupError> {
+        let all = sources.dir.iter().chain(&sources.agent).cloned().collect();
+        let set = Arc::new(CertSet::new(all));
         let config = server_config(&self.provider, &set, &self.ticketer, &self.sessions)?;
         self.current.store(Arc::new(Generation { set, config }));
         Ok(())
@@ -536,6 +494,7 @@ mod tests {
             &provider,
             NOW,
         )
+        .map(|p| Cert::new(p, PathBuf::from("x.crt")))
     }
 
     fn cert(pair: &str, names: &[&str], year: i32) -> Arc<Cert> {
@@ -574,58 +533,6 @@ mod tests {
             cert("new", &["a.example.com"], 2031),
         ]);
         assert_eq!(set.resolve(Some("a.example.com")).unwrap().pair, "new");
-    }
-
-    #[test]
-    fn pairs_that_cannot_serve_are_refused_with_the_file_named() {
-        assert!(matches!(
-            load("a", &["a.example.com"], 2026),
-            Err(CertError::Expired { .. })
-        ));
-        assert!(matches!(
-            load("a", &[], 2030),
-            Err(CertError::NoNames { .. })
-        ));
-        assert!(
-            load("default", &[], 2030).is_ok(),
-            "a default needs no names"
-        );
-
-        let provider = rustls::crypto::ring::default_provider();
-        let (crt, _) = pem(&["a.example.com"], 2030);
-        let (_, other_key) = pem(&["b.example.com"], 2030);
-        let mismatch = load_pair(
-            "a",
-            (Path::new("a.crt"), crt.as_bytes()),
-            (Path::new("a.key"), other_key.as_bytes()),
-            &provider,
-            NOW,
-        );
-        let err = mismatch.unwrap_err().to_string();
-        assert!(
-            err.starts_with("a.key: this key does not match the certificate in a.crt"),
-            "{err}"
-        );
-
-        let no_key = load_pair(
-            "a",
-            (Path::new("a.crt"), crt.as_bytes()),
-            (Path::new("a.key"), crt.as_bytes()),
-            &provider,
-            NOW,
-        );
-        assert!(matches!(no_key, Err(CertError::NoKey { .. })), "{no_key:?}");
-        let no_cert = load_pair(
-            "a",
-            (Path::new("a.crt"), b"hello"),
-            (Path::new("a.key"), other_key.as_bytes()),
-            &provider,
-            NOW,
-        );
-        assert!(
-            matches!(no_cert, Err(CertError::NoCertificate { .. })),
-            "{no_cert:?}"
-        );
     }
 
     #[test]
@@ -683,7 +590,7 @@ mod tests {
         let certs = Certs::new().unwrap();
         assert!(certs.current().set.is_empty());
         certs
-            .install(vec![cert("a", &["a.example.com"], 2030)])
+            .set_dir(vec![cert("a", &["a.example.com"], 2030)])
             .unwrap();
         let generation = certs.current();
         assert_eq!(

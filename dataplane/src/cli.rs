@@ -16,8 +16,8 @@ pub struct Args {
     pub listen: Option<SocketAddr>,
 
     /// Address the proxy listens on for HTTPS (TLS 1.2 and 1.3), with the certificates of
-    /// --certs. May be combined with --listen.
-    #[arg(long, value_name = "ADDR", requires = "certs")]
+    /// --certs and those the agent sends. May be combined with --listen.
+    #[arg(long, value_name = "ADDR")]
     pub tls_listen: Option<SocketAddr>,
 
     /// Directory of certificate pairs for --tls-listen: NAME.crt (PEM chain, leaf first) and

@@ -14,7 +14,7 @@ use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
-use tracing::info;
+use tracing::{info, warn};
 
 use rusty_shared::auth::read_token;
 
@@ -55,17 +55,42 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
         }
     }
-    // Certificates load before any listener accepts; a pair that does not stops the start.
-    let certs = match &args.certs {
-        Some(dir) => {
-            let certs = Arc::new(Certs::new().context("--certs")?);
+    if args.tls_listen.is_some() && args.certs.is_none() && args.agent.is_none() {
+        bail!("--tls-listen: no certificates: give --certs DIR, or --agent for the agent's");
+    }
+    // Certificates load before any listener accepts: the directory's (a pair that does not
+    // load stops the start) and the agent's last bundle, saved in the state dir.
+    let certs = match args.tls_listen {
+        Some(_) => Some(Arc::new(Certs::new().context("--tls-listen")?)),
+        None => None,
+    };
+    let cert_dir = match (&certs, &args.certs) {
+        (Some(certs), Some(dir)) => {
             let source = CertDir::new(dir.clone(), certs.clone());
             source
                 .load_all()
                 .with_context(|| format!("--certs {}", dir.display()))?;
-            Some((certs, source))
+            Some(source)
         }
-        None => None,
+        _ => None,
+    };
+    let cert_state = match (&certs, &args.state_dir) {
+        (Some(certs), Some(dir)) => {
+            let state = StateDir::open_certs(dir)
+                .with_context(|| format!("--state-dir {}: cannot use it", dir.display()))?;
+            if let Some(bytes) = state.load().context("--state-dir: certs.json")? {
+                match certs.offer_bundle(&bytes, crate::clock::unix_now()) {
+                    Ok(offered) => {
+                        info!(?offered, "the agent's certificates saved in the state dir")
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "the certificates saved in the state dir do not load; waiting for the agent's")
+                    }
+                }
+            }
+            Some(state)
+        }
+        _ => None,
     };
     let admin_token = match &args.admin_token_file {
         Some(path) => Some(read_token(path).context("--admin-token-file")?),
@@ -107,7 +132,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let agent_source = match (&args.agent, &args.token_file) {
         (Some(url), Some(token_file)) => {
             let token = read_token(token_file).context("--token-file")?;
-            Some(AgentSource::new(url.clone(), token, store.clone()))
+            let source = AgentSource::new(url.clone(), token, store.clone());
+            Some(match &certs {
+                Some(certs) => source.with_certs(certs.clone(), cert_state),
+                None => source,
+            })
         }
         _ => None,
     };
@@ -150,7 +179,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Duration::from_secs(args.keepalive_timeout),
         Duration::from_secs(args.send_timeout),
     );
-    plane.certs = certs.as_ref().map(|(c, _)| c.clone());
+    plane.certs = certs.clone();
     plane.https_port = args
         .https_port
         .or(args.tls_listen.map(|a| a.port()))
@@ -170,16 +199,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if !args.no_fast_lane {
         front_app = front_app.with_lane(Lane::new(plane.clone()));
     }
-    let cert_source = match (certs, args.tls_listen) {
-        (Some((certs, source)), Some(addr)) => {
-            front_app = front_app.with_tls(TlsListener {
-                port: addr.port(),
-                certs,
-            });
-            Some(source)
-        }
-        _ => None,
-    };
+    if let (Some(certs), Some(addr)) = (certs, args.tls_listen) {
+        front_app = front_app.with_tls(TlsListener {
+            port: addr.port(),
+            certs,
+        });
+    }
     // One service for both listeners: one set of worker threads, as nginx's workers serve
     // every listen socket.
     let mut proxy = Service::new("proxy".to_owned(), front_app);
@@ -201,7 +226,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(source) = agent_source {
         server.add_service(background_service("agent subscription", source));
     }
-    if let Some(source) = cert_source {
+    if let Some(source) = cert_dir {
         server.add_service(background_service("certificate directory", source));
     }
     server.add_service(background_service(

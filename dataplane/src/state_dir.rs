@@ -1,26 +1,45 @@
-//! The state dir: the last applied table, saved so that a restarted data plane serves at once
-//! even when the agent is down.
+//! The state dir: the last applied table, and the last certificate bundle from the agent,
+//! saved so that a restarted data plane serves at once even when the agent is down.
 //!
-//! Writes go to a temporary file that is synced and then renamed over `table.json`, so a crash
-//! mid-write leaves the previous table intact. What is read back goes through the same
-//! validation as any other table.
+//! Writes go to a temporary file that is synced and then renamed over the file, so a crash
+//! mid-write leaves the previous one intact. The bundle holds private keys: its file is created
+//! with mode 0600 and kept so. What is read back goes through the same checks as what arrives.
 
 use std::fs;
 use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+/// One file of the state dir.
 pub struct StateDir {
     file: PathBuf,
     tmp: PathBuf,
+    /// Only the owner may read it (it holds keys).
+    private: bool,
 }
 
 impl StateDir {
-    /// Use (and create if needed) `dir`.
+    /// The table file of `dir` (created if needed).
     pub fn open(dir: &Path) -> io::Result<Self> {
         fs::create_dir_all(dir)?;
         Ok(StateDir {
             file: dir.join("table.json"),
             tmp: dir.join(".table.json.tmp"),
+            private: false,
+        })
+    }
+
+    /// The certificate bundle file of `dir`, mode 0600.
+    pub fn open_certs(dir: &Path) -> io::Result<Self> {
+        fs::create_dir_all(dir)?;
+        let file = dir.join("certs.json");
+        if file.exists() {
+            fs::set_permissions(&file, fs::Permissions::from_mode(0o600))?;
+        }
+        Ok(StateDir {
+            file,
+            tmp: dir.join(".certs.json.tmp"),
+            private: true,
         })
     }
 
@@ -29,7 +48,16 @@ impl StateDir {
     }
 
     pub fn save(&self, bytes: &[u8]) -> io::Result<()> {
-        let mut f = fs::File::create(&self.tmp)?;
+        let mut options = fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        if self.private {
+            options.mode(0o600);
+        }
+        let mut f = options.open(&self.tmp)?;
+        if self.private {
+            // A tmp file left by an older process may have kept another mode.
+            f.set_permissions(fs::Permissions::from_mode(0o600))?;
+        }
         f.write_all(bytes)?;
         f.sync_all()?;
         fs::rename(&self.tmp, &self.file)?;
@@ -62,6 +90,27 @@ mod tests {
         s.save(b"two").unwrap();
         assert_eq!(s.load().unwrap().as_deref(), Some(&b"two"[..]));
         assert!(!dir.join(".table.json.tmp").exists());
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_certificate_bundle_is_readable_by_its_owner_only() {
+        let dir = std::env::temp_dir().join(format!("rusty-lb-certs-{}", std::process::id()));
+        let s = StateDir::open_certs(&dir).unwrap();
+        s.save(b"keys").unwrap();
+        let mode = fs::metadata(dir.join("certs.json"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        fs::set_permissions(dir.join("certs.json"), fs::Permissions::from_mode(0o644)).unwrap();
+        let s = StateDir::open_certs(&dir).unwrap();
+        let mode = fs::metadata(dir.join("certs.json"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "tightened when reopened");
+        assert_eq!(s.load().unwrap().as_deref(), Some(&b"keys"[..]));
         fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -688,3 +688,92 @@ fn a_table_with_an_unusable_backend_ca_is_rejected_with_the_field_named() {
         );
     }
 }
+
+/// Wait until the TLS listener presents pair `cn` for `sni`.
+fn wait_cn(port: u16, sni: &str, cn: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = served_cn(port, Some(sni), &[]);
+        if got.as_deref() == Ok(cn) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{sni}: expected {cn}, got {got:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn certificates_from_the_agent_serve_survive_a_restart_and_renew_on_sighup() {
+    let dir = TempDir::new("agentcerts");
+    let pki = Pki::new(&dir.path("ca"));
+    let files = dir.path("agent-certs");
+    pki.issue(&files, "app", &["DNS:app.test"], 10);
+    let tls = format!(
+        "\n[[tls.certificates]]\ncert = \"{0}/app.crt\"\nkey = \"{0}/app.key\"\n",
+        files.display()
+    );
+    let services = echo_service("web", 1, "") + &tls;
+    let mut agent = Agent::start("agentcerts", &services);
+    agent.wait_serving("web", 1, Duration::from_secs(20));
+
+    let state = dir.path("lb-state");
+    let tls_port = free_port();
+    let lb_args: Vec<String> = vec![
+        "--agent".into(),
+        agent.ws_url(),
+        "--token-file".into(),
+        agent.token_file.display().to_string(),
+        "--tls-listen".into(),
+        format!("127.0.0.1:{tls_port}"),
+        "--state-dir".into(),
+        state.display().to_string(),
+    ];
+    let lb = Lb::start(&lb_args);
+    wait_for_port(tls_port, Duration::from_secs(20));
+    wait_cn(tls_port, "app.test", "app");
+    let r = curl(tls_port, "app.test", "/", &pki.ca(), &[]);
+    assert_eq!(r.status, 200, "{}", r.error);
+
+    // Saved for the owner only, and never shown on the admin listener.
+    let saved = state.join("certs.json");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&saved).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    for path in ["/table", "/metrics"] {
+        let body = lb.admin_get(path).body;
+        assert!(
+            !body.contains("PRIVATE KEY") && !body.contains("BEGIN"),
+            "{path}: {body}"
+        );
+    }
+    assert!(!lb.proc.stderr_text().contains("PRIVATE KEY"));
+    assert!(!agent.proc.stderr_text().contains("PRIVATE KEY"));
+
+    // A renewal: new files, SIGHUP to the agent, the data plane serves them.
+    pki.issue(&files, "app", &["DNS:app.test", "DNS:new.test"], 10);
+    agent.proc.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while curl(tls_port, "new.test", "/", &pki.ca(), &[]).status != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the renewed certificate never served"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // The agent gone, a restarted data plane serves the saved certificates at once.
+    agent.kill();
+    drop(lb);
+    let lb = Lb::start(&lb_args);
+    wait_for_port(tls_port, Duration::from_secs(20));
+    assert_eq!(
+        served_cn(tls_port, Some("new.test"), &[]).as_deref(),
+        Ok("app")
+    );
+    let r = curl(tls_port, "new.test", "/", &pki.ca(), &[]);
+    assert_ne!(r.status, 0, "TLS works without the agent: {}", r.error);
+    drop(lb);
+}

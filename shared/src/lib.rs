@@ -11,9 +11,14 @@
 //! - [`spill`]: how traffic spills across priority tiers as backends become unhealthy.
 //! - [`limits`]: every size and range limit, in one place.
 //! - [`invariants`]: properties for any input, shared by the fuzz targets and corpus tests.
+//! - [`hostnames`]: the normal form of a host, and the names a certificate covers.
+//! - [`certs`]: a certificate pair checked the same way on both sides, and the bundle message
+//!   that carries pairs from the agent to the data planes.
 
 pub mod auth;
+pub mod certs;
 pub mod error;
+pub mod hostnames;
 pub mod invariants;
 pub mod limits;
 pub mod schedule;

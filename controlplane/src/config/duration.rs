@@ -1,4 +1,4 @@
-//! Durations in the config file are written the way operators write them: `500ms`, `2s`, `1m`.
+//! Durations in the config file are written the way operators write them: `500ms`, `2s`, `1m`, `90d`.
 //! A bare number is refused because its unit would be a guess.
 
 use std::fmt;
@@ -21,7 +21,7 @@ pub fn parse(text: &str) -> Result<Duration, String> {
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (digits, unit) = t.split_at(split);
     let bad = || {
-        format!("invalid duration {text:?}: write a whole number and a unit: ms, s, m or h (e.g. 500ms, 2s)")
+        format!("invalid duration {text:?}: write a whole number and a unit: ms, s, m, h or d (e.g. 500ms, 2s, 90d)")
     };
     let n: u64 = digits.parse().map_err(|_| bad())?;
     let ms_per = match unit.trim() {
@@ -29,6 +29,7 @@ pub fn parse(text: &str) -> Result<Duration, String> {
         "s" => 1_000,
         "m" => 60_000,
         "h" => 3_600_000,
+        "d" => 86_400_000,
         _ => return Err(bad()),
     };
     n.checked_mul(ms_per)
@@ -86,7 +87,7 @@ mod tests {
 
     #[test]
     fn numbers_without_units_and_unknown_units_are_refused() {
-        for text in ["5", "5 seconds", "s", "-1s", "1.5s", "", "3d"] {
+        for text in ["5", "5 seconds", "s", "-1s", "1.5s", "", "3w"] {
             let e = parse(text).unwrap_err();
             assert!(e.contains("invalid duration"), "{text}: {e}");
         }

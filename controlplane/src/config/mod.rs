@@ -34,6 +34,29 @@ pub struct RawConfig {
     pub docker: Option<RawDocker>,
     #[serde(default)]
     pub services: BTreeMap<String, RawService>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<RawTls>,
+}
+
+/// Certificates the agent hands its data planes' TLS listeners.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// Certificate files: each a PEM chain (leaf first) and its key; the names they serve are
+    /// those of the certificate's subjectAltName. Read at start and on SIGHUP.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<RawCertificate>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCertificate {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The pair's name in the data planes' metrics (default: the file name of `cert` without
+    /// its extension); `default` answers names no other certificate covers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 /// The Docker engine, for `runtime = "docker"` services and label discovery.
@@ -176,6 +199,13 @@ pub struct RawService {
     /// How long a request may wait in that queue before it gets 503.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_timeout: Option<Dur>,
+    /// Plain-HTTP requests get 308 to the same URL over HTTPS (its hosts must be covered by
+    /// the `[tls]` certificates).
+    #[serde(default)]
+    pub https_redirect: bool,
+    /// `Strict-Transport-Security` on its HTTPS responses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hsts: Option<RawHsts>,
     /// Replace an instance the data planes eject this many times within `ejection_window`
     /// (with `agent.data_planes` listed); 0 turns it off.
     #[serde(default = "default_replace_after_ejections")]
@@ -189,6 +219,16 @@ pub struct RawService {
     pub health: RawHealth,
     #[serde(default)]
     pub rollout: RawRollout,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHsts {
+    pub max_age: Dur,
+    #[serde(default)]
+    pub include_subdomains: bool,
+    #[serde(default)]
+    pub preload: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

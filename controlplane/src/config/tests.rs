@@ -377,3 +377,76 @@ fn autoscaling_and_outlier_timings_must_fit_the_scrape_and_the_ejections() {
     ));
     assert!(e.contains("services.web.ejection_window"), "{e}");
 }
+
+/// A self-signed pair for `hosts` in `dir`, as `NAME.crt` and `NAME.key`.
+fn cert_files(dir: &Path, name: &str, hosts: &[&str]) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let hosts: Vec<String> = hosts.iter().map(|h| h.to_string()).collect();
+    let cert = rcgen::CertificateParams::new(hosts)
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    std::fs::write(dir.join(format!("{name}.crt")), cert.pem()).unwrap();
+    std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+}
+
+#[test]
+fn tls_certificates_are_checked_and_must_cover_redirected_hosts() {
+    let dir = std::env::temp_dir().join(format!("rusty-agent-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    cert_files(&dir, "site", &["example.com", "*.example.com"]);
+    cert_files(&dir, "other", &["other.test"]);
+    let config = |extra: &str| {
+        format!(
+            "{BASE}\n[services.web.hsts]\nmax_age = \"365d\"\n{extra}\n[[tls.certificates]]\ncert = \"{0}/site.crt\"\nkey = \"{0}/site.key\"\n",
+            dir.display()
+        )
+    };
+    let ok = load(&config(""), None).unwrap();
+    assert_eq!(ok.config.certificates.len(), 1);
+    assert_eq!(ok.config.certificates[0].name, "site");
+    let web = ok.config.services.iter().find(|s| s.name == "web").unwrap();
+    assert_eq!(
+        web.route.hsts.as_ref().map(|h| h.max_age_s),
+        Some(31_536_000)
+    );
+
+    // A redirect to HTTPS for a host no certificate covers, and one for any host.
+    let text = config("").replace(
+        "[services.web]\nhosts = [\"example.com\"]",
+        "[services.web]\nhosts = [\"example.com\", \"shop.test\"]\nhttps_redirect = true",
+    );
+    let e = errors(&text);
+    assert!(e.contains("services.web.https_redirect"), "{e}");
+    assert!(
+        e.contains("host \"shop.test\" is covered by no [tls] certificate"),
+        "{e}"
+    );
+    assert!(!e.contains("\"example.com\" is covered"), "{e}");
+    let text = config("").replace(
+        "[services.api]\nruntime = \"static\"",
+        "[services.api]\nruntime = \"static\"\nhttps_redirect = true",
+    );
+    let e = errors(&text);
+    assert!(
+        e.contains("services.api.https_redirect: the service answers any host"),
+        "{e}"
+    );
+
+    // A key that is another certificate's, and a missing file: each names its key and file.
+    let mismatch = format!(
+        "{BASE}\n[[tls.certificates]]\ncert = \"{0}/site.crt\"\nkey = \"{0}/other.key\"\n[[tls.certificates]]\ncert = \"{0}/missing.crt\"\nkey = \"{0}/missing.key\"\n",
+        dir.display()
+    );
+    let e = errors(&mismatch);
+    assert!(
+        e.contains("tls.certificates[0]") && e.contains("other.key: this key does not match"),
+        "{e}"
+    );
+    assert!(
+        e.contains("tls.certificates[1]") && e.contains("missing.crt: cannot read it"),
+        "{e}"
+    );
+    assert!(!e.contains("PRIVATE"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

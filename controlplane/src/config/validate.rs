@@ -130,6 +130,7 @@ pub fn validate(raw: &RawConfig, base_dir: &Path) -> Result<Config, Vec<KeyError
     if errs.0.is_empty() {
         check_routes(&services, &mut errs);
     }
+    let certificates = certificates(raw.tls.as_ref(), base_dir, &services, &mut errs);
     if let Some(host) = raw.docker.as_ref().and_then(|d| d.host.as_deref()) {
         if !host.starts_with("unix://")
             && !host.starts_with("tcp://")
@@ -162,9 +163,101 @@ pub fn validate(raw: &RawConfig, base_dir: &Path) -> Result<Config, Vec<KeyError
                 keep_on_exit: d.keep_on_exit,
             }),
             services,
+            certificates,
         }),
         _ => Err(errs.0),
     }
+}
+
+/// The `[tls]` certificates: each readable, its key matching, not expired (checked now, with
+/// the same code the data planes run), names unique; and every host of a service that
+/// redirects to HTTPS covered by one of them.
+fn certificates(
+    tls: Option<&super::RawTls>,
+    base_dir: &Path,
+    services: &[ServiceSpec],
+    errs: &mut Errors,
+) -> Vec<crate::spec::CertFile> {
+    use rusty_shared::certs::{load_pair, read_capped};
+    use rusty_shared::hostnames::Names;
+    let provider = rustls::crypto::ring::default_provider();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let mut files = Vec::new();
+    let mut covered: Vec<(Names, bool)> = Vec::new();
+    for (i, c) in tls.map_or(&[][..], |t| &t.certificates).iter().enumerate() {
+        let key = format!("tls.certificates[{i}]");
+        let cert = base_dir_join(base_dir, &c.cert);
+        let key_file = base_dir_join(base_dir, &c.key);
+        let name = c.name.clone().unwrap_or_else(|| {
+            cert.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        });
+        let name_ok = !name.is_empty()
+            && name.len() <= 128
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+        if !name_ok {
+            errs.add(
+                format!("{key}.name"),
+                format!("{name:?}: 1 to 128 of A-Z a-z 0-9 - _ . :"),
+            );
+            continue;
+        }
+        if files.iter().any(|f: &crate::spec::CertFile| f.name == name) {
+            errs.add(
+                format!("{key}.name"),
+                format!("{name:?} is used twice: name one of them"),
+            );
+            continue;
+        }
+        let loaded = read_capped(&cert).and_then(|crt_pem| {
+            let key_pem = read_capped(&key_file)?;
+            load_pair(
+                &name,
+                (&cert, &crt_pem),
+                (&key_file, &key_pem),
+                &provider,
+                now,
+            )
+        });
+        match loaded {
+            Ok(pair) => {
+                covered.push((
+                    Names::new(pair.dns, pair.ips),
+                    pair.name == rusty_shared::certs::DEFAULT_PAIR,
+                ));
+                files.push(crate::spec::CertFile {
+                    name,
+                    cert,
+                    key: key_file,
+                });
+            }
+            Err(e) => errs.add(key, e.to_string()),
+        }
+    }
+    for s in services.iter().filter(|s| s.route.https_redirect) {
+        let key = format!("services.{}.https_redirect", s.name);
+        if s.route.hosts.is_empty() && !covered.iter().any(|(_, default)| *default) {
+            errs.add(
+                key.clone(),
+                "the service answers any host: give [tls] a certificate named \"default\", or list its hosts",
+            );
+        }
+        for host in &s.route.hosts {
+            let host = host.to_ascii_lowercase();
+            if !covered.iter().any(|(names, _)| names.covers_name(&host)) {
+                errs.add(
+                    key.clone(),
+                    format!("host {host:?} is covered by no [tls] certificate: clients redirected to HTTPS would be refused"),
+                );
+            }
+        }
+    }
+    files
 }
 
 fn base_dir_join(base: &Path, p: &Path) -> std::path::PathBuf {
@@ -464,6 +557,12 @@ fn service(name: &str, s: &RawService, base_dir: &Path, errs: &mut Errors) -> Op
     route.class_header = s.class_header.clone();
     route.max_inflight = s.max_inflight.unwrap_or(route.max_inflight);
     route.queue_timeout_ms = ms(&s.queue_timeout, route.queue_timeout_ms);
+    route.https_redirect = s.https_redirect;
+    route.hsts = s.hsts.as_ref().map(|h| rusty_shared::Hsts {
+        max_age_s: h.max_age.0.as_secs(),
+        include_subdomains: h.include_subdomains,
+        preload: h.preload,
+    });
     // The route's own ranges (timeouts, retries, hosts, prefix) are the table's: check them with
     // the same code the data plane runs, on a one-backend trial table.
     let mut trial = route.clone();

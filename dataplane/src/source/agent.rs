@@ -1,6 +1,9 @@
 //! The agent subscription: a one-directional WebSocket from `rusty-agent`.
 //!
-//! Every text frame is a whole table. The data plane sends nothing but control frames (pings to
+//! Every text frame is a whole table; a binary frame is a certificate bundle, which the agent
+//! sends only to a data plane that asked for them (it has a TLS listener: `?certs=1`) and, off
+//! loopback, only over `wss://`. A bundle that installs is saved in the state dir (mode 0600).
+//! The data plane sends nothing but control frames (pings to
 //! detect a dead agent, and pongs), so neither side ever waits on the other. When the agent is
 //! unreachable the installed table keeps serving and we reconnect with capped, jittered
 //! exponential backoff. Frames are capped at the table size limit so a broken or hostile peer
@@ -20,6 +23,8 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tracing::{info, warn};
 
+use crate::certs::{Certs, Offered};
+use crate::state_dir::StateDir;
 use crate::store::TableStore;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -35,17 +40,77 @@ pub struct AgentSource {
     url: String,
     token: String,
     store: Arc<TableStore>,
+    /// Where bundles go, when there is a TLS listener; and where they are saved.
+    certs: Option<(Arc<Certs>, Option<StateDir>)>,
 }
 
 impl AgentSource {
     pub fn new(url: String, token: String, store: Arc<TableStore>) -> Self {
-        AgentSource { url, token, store }
+        AgentSource {
+            url,
+            token,
+            store,
+            certs: None,
+        }
+    }
+
+    /// Take certificate bundles into `certs`, saving each installed one in `saved`.
+    pub fn with_certs(mut self, certs: Arc<Certs>, saved: Option<StateDir>) -> Self {
+        self.certs = Some((certs, saved));
+        self
+    }
+
+    /// The subscription URL, asking for bundles when they have somewhere to go.
+    fn url(&self) -> String {
+        if self.certs.is_none() {
+            return self.url.clone();
+        }
+        let sep = if self.url.contains('?') { '&' } else { '?' };
+        format!("{}{sep}certs=1", self.url)
+    }
+
+    fn offer_bundle(&self, bytes: &[u8]) {
+        let Some((certs, saved)) = &self.certs else {
+            warn!("agent sent a certificate bundle, but there is no TLS listener: ignored");
+            return;
+        };
+        match certs.offer_bundle(bytes, crate::clock::unix_now()) {
+            Ok(Offered::Installed {
+                version,
+                pairs,
+                refused,
+            }) => {
+                for why in &refused {
+                    warn!(error = %why, "certificate from the agent refused; the pair of that name already loaded, if any, keeps serving");
+                }
+                info!(
+                    version,
+                    pairs,
+                    refused = refused.len(),
+                    "certificates from the agent installed"
+                );
+                if let Some(state) = saved {
+                    if let Err(e) = state.save(bytes) {
+                        warn!(error = %e, "certificates installed but not saved to the state dir");
+                    }
+                }
+            }
+            Ok(Offered::Stale { version, installed }) => {
+                info!(
+                    version,
+                    installed, "certificate bundle not newer than the installed one"
+                )
+            }
+            Err(e) => {
+                warn!(error = %e, "certificate bundle refused; the loaded certificates keep serving")
+            }
+        }
     }
 
     /// One connection, until it fails or the agent closes it. Returns how it ended.
     async fn session(&self) -> Result<&'static str, String> {
         let mut request = self
-            .url
+            .url()
             .as_str()
             .into_client_request()
             .map_err(|e| format!("bad agent URL {}: {e}", self.url))?;
@@ -76,9 +141,7 @@ impl AgentSource {
                             // Installed or refused inside; either way we keep listening.
                             let _ = self.store.offer(table.as_bytes(), "agent");
                         }
-                        Some(Ok(Message::Binary(_))) => {
-                            warn!("agent sent a binary frame; tables are text frames, ignored");
-                        }
+                        Some(Ok(Message::Binary(bundle))) => self.offer_bundle(&bundle),
                         Some(Ok(Message::Close(_))) | None => return Ok("agent closed the connection"),
                         Some(Ok(_)) => {} // ping/pong: tungstenite answers pings itself
                         Some(Err(e)) => return Err(e.to_string()),

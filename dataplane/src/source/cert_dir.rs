@@ -5,7 +5,6 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
@@ -14,6 +13,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
 use crate::certs::{load_dir, CertError, Certs, TlsSetupError};
+use crate::clock::unix_now;
 
 pub struct CertDir {
     dir: PathBuf,
@@ -31,12 +31,6 @@ pub enum CertDirError {
     Empty(String),
     #[error(transparent)]
     Setup(#[from] TlsSetupError),
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 impl CertDir {
@@ -60,19 +54,14 @@ impl CertDir {
             info!(pair = %cert.pair, names = ?cert.names.display(), not_after = cert.not_after,
                 "certificate loaded");
         }
-        self.certs.install(loaded.certs)?;
+        self.certs.set_dir(loaded.certs)?;
         Ok(())
     }
 
     /// A reload: what loads replaces its pair, what does not keeps the old one.
     pub fn reload(&self) {
-        let previous = self.certs.current();
-        let loaded = match load_dir(
-            &self.dir,
-            previous.set.certs(),
-            self.certs.provider(),
-            unix_now(),
-        ) {
+        let previous = self.certs.dir_certs();
+        let loaded = match load_dir(&self.dir, &previous, self.certs.provider(), unix_now()) {
             Ok(l) => l,
             Err(e) => {
                 error!(error = %e, "certificate reload failed; the loaded certificates keep serving");
@@ -85,7 +74,7 @@ impl CertDir {
             warn!(error = %why, "certificate pair refused; the pair of that name already loaded, if any, keeps serving");
         }
         let pairs = loaded.certs.len();
-        match self.certs.install(loaded.certs) {
+        match self.certs.set_dir(loaded.certs) {
             Ok(()) => info!(dir = %self.dir.display(), pairs, refused = loaded.refused.len(),
                 "certificates reloaded"),
             Err(e) => {
