@@ -1,5 +1,7 @@
-//! The agent's one listener: the admin API (JSON over HTTP/1.1), `/metrics`, `/healthz`, and the
-//! table stream (`GET /v1/tables`, a WebSocket).
+//! The agent's listeners: the admin API (JSON over HTTP/1.1), `/metrics`, `/healthz`, and the
+//! table stream (`GET /v1/tables`, a WebSocket), on `agent.listen` and, over TLS, on
+//! `agent.tls_listen`. Certificate bundles go only to subscribers that reach the agent over TLS
+//! or from loopback.
 //!
 //! The request head is read and checked here, with a size cap and a deadline, before anything
 //! else happens: everything under `/v1/` needs the bearer token, and a request without it is
@@ -12,9 +14,11 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde::de::DeserializeOwned;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
@@ -48,16 +52,45 @@ pub struct Shared {
     pub shutdown: watch::Receiver<bool>,
 }
 
-/// Accept connections until shutdown.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+/// A client connection of either listener: TCP, or TLS over it.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+type Stream = Box<dyn Io>;
+
+/// How a connection reached the agent.
+#[derive(Debug, Clone, Copy)]
+struct Conn {
+    peer: std::net::SocketAddr,
+    tls: bool,
+}
+
+impl Conn {
+    /// Whether keys may be sent on it: nobody else can read it.
+    fn private(&self) -> bool {
+        self.tls || self.peer.ip().is_loopback()
+    }
+}
+
+/// Accept connections until shutdown; over TLS with `tls`.
+pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, shared: Arc<Shared>) {
     let mut shutdown = shared.shutdown.clone();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let shared = shared.clone();
+                    let tls = tls.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = connection(stream, &shared).await {
+                        let conn = Conn { peer, tls: tls.is_some() };
+                        let stream: Stream = match tls {
+                            None => Box::new(stream),
+                            Some(acceptor) => match tokio::time::timeout(HEAD_TIMEOUT, acceptor.accept(stream)).await {
+                                Ok(Ok(s)) => Box::new(s),
+                                Ok(Err(e)) => return debug!(%peer, "TLS handshake: {e}"),
+                                Err(_) => return debug!(%peer, "TLS handshake timed out"),
+                            },
+                        };
+                        if let Err(e) = connection(stream, conn, &shared).await {
                             debug!(%peer, "connection: {e}");
                         }
                     });
@@ -104,7 +137,7 @@ enum Head {
     Closed,
 }
 
-async fn read_head(stream: &mut TcpStream) -> std::io::Result<Head> {
+async fn read_head(stream: &mut Stream) -> std::io::Result<Head> {
     let mut buf = Vec::with_capacity(1024);
     loop {
         let mut chunk = [0u8; 2048];
@@ -138,7 +171,7 @@ async fn read_head(stream: &mut TcpStream) -> std::io::Result<Head> {
 }
 
 async fn respond(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     status: u16,
     content_type: &str,
     extra: &str,
@@ -169,7 +202,7 @@ async fn respond(
 }
 
 async fn json<T: serde::Serialize>(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     status: u16,
     value: &T,
 ) -> std::io::Result<()> {
@@ -178,7 +211,7 @@ async fn json<T: serde::Serialize>(
 }
 
 async fn error(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     status: u16,
     message: impl Into<String>,
 ) -> std::io::Result<()> {
@@ -192,7 +225,7 @@ async fn error(
     .await
 }
 
-async fn connection(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
+async fn connection(mut stream: Stream, conn: Conn, shared: &Shared) -> std::io::Result<()> {
     let req = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream)).await {
         Err(_) => return Ok(()),
         Ok(r) => match r? {
@@ -236,7 +269,7 @@ async fn connection(mut stream: TcpStream, shared: &Shared) -> std::io::Result<(
     }
     let parts: Vec<&str> = path.trim_start_matches("/v1/").split('/').collect();
     match (req.method.as_str(), parts.as_slice()) {
-        ("GET", ["tables"]) => subscribe(stream, req, shared).await,
+        ("GET", ["tables"]) => subscribe(stream, req, conn, shared).await,
         ("GET", ["status"]) => match ask(shared, Command::Status).await {
             Some(status) => json(&mut stream, 200, &status).await,
             None => error(&mut stream, 503, "agent is shutting down").await,
@@ -316,7 +349,7 @@ async fn connection(mut stream: TcpStream, shared: &Shared) -> std::io::Result<(
     }
 }
 
-async fn api_error(stream: &mut TcpStream, e: ApiError) -> std::io::Result<()> {
+async fn api_error(stream: &mut Stream, e: ApiError) -> std::io::Result<()> {
     let code = match &e {
         ApiError::NoService(_) | ApiError::Refused(Refusal::NoInstance(_)) => 404,
         ApiError::Invalid(_) | ApiError::Refused(Refusal::TooMany(_)) => 400,
@@ -333,7 +366,7 @@ async fn ask<T>(shared: &Shared, make: impl FnOnce(oneshot::Sender<T>) -> Comman
 }
 
 async fn read_json<T: DeserializeOwned>(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     req: &Request,
 ) -> std::io::Result<Result<T, (u16, String)>> {
     if req.header("transfer-encoding").is_some() {
@@ -368,7 +401,12 @@ async fn read_json<T: DeserializeOwned>(
 
 /// The table stream: the full current table at once, then every newer one. Reads only control
 /// frames; a data frame from the subscriber ends the session (the channel is one-way).
-async fn subscribe(mut stream: TcpStream, req: Request, shared: &Shared) -> std::io::Result<()> {
+async fn subscribe(
+    mut stream: Stream,
+    req: Request,
+    conn: Conn,
+    shared: &Shared,
+) -> std::io::Result<()> {
     let key = match req.header("sec-websocket-key") {
         Some(k)
             if req.header_has("upgrade", "websocket")
@@ -402,21 +440,20 @@ async fn subscribe(mut stream: TcpStream, req: Request, shared: &Shared) -> std:
         derive_accept_key(&key)
     );
     stream.write_all(head.as_bytes()).await?;
-    let peer_addr = stream.peer_addr().ok();
-    let peer = peer_addr.map(|a| a.to_string()).unwrap_or_default();
-    // Keys cross only a channel no one else can read: loopback, for now the only one.
+    let peer = conn.peer.to_string();
+    // Keys cross only a channel no one else can read: TLS, or loopback.
     let wants_certs = req
         .path
         .split_once('?')
         .is_some_and(|(_, q)| q.split('&').any(|kv| kv == "certs=1"));
-    let certs = match (wants_certs, peer_addr.is_some_and(|a| a.ip().is_loopback())) {
+    let certs = match (wants_certs, conn.private()) {
         (true, true) => Some(shared.certs.clone()),
         (true, false) => {
             shared
                 .metrics
                 .cert_bundles_withheld
                 .fetch_add(1, Ordering::Relaxed);
-            warn!(%peer, "a data plane asked for certificates over plain ws:// from off loopback: not sent (keys never cross a network in clear)");
+            warn!(%peer, "a data plane asked for certificates over plain ws:// from off loopback: not sent (keys never cross a network in clear); subscribe over wss:// to agent.tls_listen");
             None
         }
         (false, _) => None,
@@ -437,7 +474,7 @@ async fn subscribe(mut stream: TcpStream, req: Request, shared: &Shared) -> std:
 
 /// Sends tables, and bundles when `certs` is given (the subscriber asked and may have them).
 async fn session(
-    ws: &mut WebSocketStream<TcpStream>,
+    ws: &mut WebSocketStream<Stream>,
     shared: &Shared,
     mut certs: Option<CertFeed>,
 ) -> String {
@@ -531,5 +568,24 @@ async fn next_bundle(
             Err(_) => None,
         },
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_go_only_where_nobody_else_can_read_them() {
+        let conn = |peer: &str, tls| Conn {
+            peer: peer.parse().unwrap(),
+            tls,
+        };
+        assert!(conn("127.0.0.1:5000", false).private());
+        assert!(conn("127.3.4.5:5000", false).private());
+        assert!(conn("[::1]:5000", false).private());
+        assert!(!conn("10.0.0.7:5000", false).private());
+        assert!(!conn("[2001:db8::1]:5000", false).private());
+        assert!(conn("10.0.0.7:5000", true).private());
     }
 }

@@ -45,6 +45,15 @@ pub struct AgentSettings {
     pub data_planes: Vec<String>,
     pub data_plane_token_file: Option<PathBuf>,
     pub scrape_interval: Duration,
+    /// The TLS listener, with the agent's own certificate (checked when the config was read).
+    pub tls: Option<AgentTls>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentTls {
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

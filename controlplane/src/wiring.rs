@@ -107,7 +107,22 @@ pub async fn run(config: Config) -> Result<()> {
     } else {
         None
     };
-    let server = tokio::spawn(server::serve(listener, shared));
+    let tls_server = match &agent.tls {
+        Some(tls) => {
+            let acceptor = tls_acceptor(tls)?;
+            let listener = TcpListener::bind(tls.listen)
+                .await
+                .with_context(|| format!("agent.tls_listen: cannot listen on {}", tls.listen))?;
+            info!(listen = %tls.listen, "TLS listener up: tables at wss://{}/v1/tables", tls.listen);
+            Some(tokio::spawn(server::serve(
+                listener,
+                Some(acceptor),
+                shared.clone(),
+            )))
+        }
+        None => None,
+    };
+    let server = tokio::spawn(server::serve(listener, None, shared));
     let core = tokio::spawn(core.run(commands_rx, samples_rx, runtime_rx, shutdown_rx));
 
     let mut term = signal(SignalKind::terminate())?;
@@ -126,6 +141,9 @@ pub async fn run(config: Config) -> Result<()> {
     }
     let _ = shutdown_tx.send(true);
     let _ = server.await;
+    if let Some(tls_server) = tls_server {
+        let _ = tls_server.await;
+    }
     if let Some(scraper) = scraper {
         let _ = scraper.await;
     }
@@ -133,6 +151,26 @@ pub async fn run(config: Config) -> Result<()> {
     drop(samples_tx);
     info!("agent stopped");
     Ok(())
+}
+
+/// The acceptor of the agent's TLS listener: its own pair (checked when the config was read;
+/// read again here), TLS 1.3 and 1.2, no client certificates (the bearer token authenticates).
+fn tls_acceptor(tls: &crate::spec::AgentTls) -> Result<tokio_rustls::TlsAcceptor> {
+    use rusty_shared::certs::{load_pair, read_capped};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let crt = read_capped(&tls.cert).context("agent.tls_cert")?;
+    let key = read_capped(&tls.key).context("agent.tls_key")?;
+    let pair = load_pair("agent", (&tls.cert, &crt), (&tls.key, &key), &provider, now)
+        .context("agent.tls_cert")?;
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .context("agent TLS settings")?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(pair.key)));
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// The Docker runtime, when a service runs containers or discovery is on. An engine that does

@@ -54,6 +54,11 @@ pub struct Args {
     #[arg(long, value_name = "URL", requires = "token_file")]
     pub agent: Option<String>,
 
+    /// PEM file of the CA certificates a `wss://` --agent must present a chain to (default:
+    /// the system's roots).
+    #[arg(long, value_name = "FILE", requires = "agent")]
+    pub agent_ca: Option<PathBuf>,
+
     /// File holding the bearer token for --agent.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,

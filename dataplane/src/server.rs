@@ -132,7 +132,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let agent_source = match (&args.agent, &args.token_file) {
         (Some(url), Some(token_file)) => {
             let token = read_token(token_file).context("--token-file")?;
-            let source = AgentSource::new(url.clone(), token, store.clone());
+            let mut source = AgentSource::new(url.clone(), token, store.clone());
+            if url.starts_with("wss://") {
+                source = source
+                    .with_tls(agent_roots(args.agent_ca.as_deref())?)
+                    .context("--agent")?;
+            } else if let Some(host) = off_loopback_host(url) {
+                warn!(agent = %url, %host, "--agent is ws:// to a host off loopback: the token crosses the network in clear and the agent sends no certificates; use wss:// (the agent's tls_listen)");
+            }
             Some(match &certs {
                 Some(certs) => source.with_certs(certs.clone(), cert_state),
                 None => source,
@@ -238,6 +245,54 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     ));
     info!(listen = ?listen, tls_listen = ?args.tls_listen, admin = %args.admin, "rusty-lb starting");
     server.run_forever()
+}
+
+/// The roots a `wss://` agent is verified against: `--agent-ca`, else the system's.
+fn agent_roots(ca: Option<&std::path::Path>) -> anyhow::Result<rustls::RootCertStore> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(path) => {
+            let pem = rusty_shared::certs::read_capped(path).context("--agent-ca")?;
+            for der in CertificateDer::pem_slice_iter(&pem) {
+                let der = der.with_context(|| format!("--agent-ca {}", path.display()))?;
+                roots.add(der).with_context(|| {
+                    format!(
+                        "--agent-ca {}: a certificate cannot be a root",
+                        path.display()
+                    )
+                })?;
+            }
+            if roots.is_empty() {
+                bail!("--agent-ca {}: no PEM certificate in it", path.display());
+            }
+        }
+        None => {
+            for der in pingora::tls::load_native_certs().unwrap_or_default() {
+                let _ = roots.add(der);
+            }
+            if roots.is_empty() {
+                bail!("--agent wss://: the system has no CA certificates; give --agent-ca FILE");
+            }
+        }
+    }
+    Ok(roots)
+}
+
+/// The host of a `ws://` URL when it is neither a loopback address nor `localhost`.
+fn off_loopback_host(url: &str) -> Option<String> {
+    let rest = url.strip_prefix("ws://")?;
+    let authority = rest.split('/').next().unwrap_or("");
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    (!loopback).then(|| host.to_owned())
 }
 
 /// Fail with the flag's name now rather than with a Pingora panic later.

@@ -777,3 +777,69 @@ fn certificates_from_the_agent_serve_survive_a_restart_and_renew_on_sighup() {
     assert_ne!(r.status, 0, "TLS works without the agent: {}", r.error);
     drop(lb);
 }
+
+#[test]
+fn over_wss_the_agent_is_verified_and_sends_certificates() {
+    let dir = TempDir::new("wss");
+    let pki = Pki::new(&dir.path("ca"));
+    let other = Pki::new(&dir.path("other-ca"));
+    let files = dir.path("files");
+    pki.issue(&files, "agent", &["DNS:agent.test", "IP:127.0.0.1"], 10);
+    pki.issue(&files, "app", &["DNS:app.test"], 10);
+    let tls_port = free_port();
+    let agent_lines = format!(
+        "tls_listen = \"127.0.0.1:{tls_port}\"\ntls_cert = \"{0}/agent.crt\"\ntls_key = \"{0}/agent.key\"\n",
+        files.display()
+    );
+    let services = echo_service("web", 1, "")
+        + &format!(
+            "\n[[tls.certificates]]\ncert = \"{0}/app.crt\"\nkey = \"{0}/app.key\"\n",
+            files.display()
+        );
+    let agent = Agent::start_with("wss", &agent_lines, &services);
+    agent.wait_serving("web", 1, Duration::from_secs(20));
+    wait_for_port(tls_port, Duration::from_secs(10));
+
+    let lb_tls = free_port();
+    let start = |ca: &Path| {
+        Lb::start(&[
+            "--agent".into(),
+            format!("wss://127.0.0.1:{tls_port}/v1/tables"),
+            "--agent-ca".into(),
+            ca.display().to_string(),
+            "--token-file".into(),
+            agent.token_file.display().to_string(),
+            "--tls-listen".into(),
+            format!("127.0.0.1:{lb_tls}"),
+        ])
+    };
+    // An agent whose certificate another CA signed is not talked to.
+    let wrong = start(&other.ca());
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        wrong.table_version(),
+        None,
+        "no table from an unverified agent"
+    );
+    assert!(
+        wrong.proc.stderr_text().contains("agent unreachable"),
+        "{}",
+        wrong.proc.stderr_text()
+    );
+    drop(wrong);
+
+    let lb = start(&pki.ca());
+    wait_for_port(lb_tls, Duration::from_secs(20));
+    wait_cn(lb_tls, "app.test", "app");
+    let r = curl(lb_tls, "app.test", "/", &pki.ca(), &[]);
+    assert_eq!(r.status, 200, "{}", r.error);
+    assert!(
+        lb.table_version().is_some(),
+        "the table came over wss:// too"
+    );
+    let sent = agent.api_get("/metrics").body.lines().find_map(|l| {
+        l.strip_prefix("rusty_agent_cert_bundles_sent_total ")
+            .map(str::to_owned)
+    });
+    assert_eq!(sent.as_deref(), Some("1"));
+}

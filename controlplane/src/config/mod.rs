@@ -105,6 +105,15 @@ pub struct RawAgent {
     /// How often the data planes' load is read.
     #[serde(default = "default_scrape_interval")]
     pub scrape_interval: Dur,
+    /// A second listener for the same endpoints over TLS (`wss://…/v1/tables`, `https://`):
+    /// the one data planes on other machines use, so tokens and keys never cross a network in
+    /// clear. Needs `tls_cert` and `tls_key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_listen: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for RawAgent {
@@ -119,6 +128,9 @@ impl Default for RawAgent {
             data_planes: Vec::new(),
             data_plane_token_file: None,
             scrape_interval: default_scrape_interval(),
+            tls_listen: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }

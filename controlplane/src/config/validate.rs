@@ -81,6 +81,7 @@ pub fn validate(raw: &RawConfig, base_dir: &Path) -> Result<Config, Vec<KeyError
             );
         }
     }
+    let tls = agent_tls(a, base_dir, &mut errs);
     if a.scrape_interval.0 < std::time::Duration::from_millis(100) {
         errs.add("agent.scrape_interval", "must be at least 100ms");
     }
@@ -156,6 +157,7 @@ pub fn validate(raw: &RawConfig, base_dir: &Path) -> Result<Config, Vec<KeyError
                     .as_ref()
                     .map(|f| base_dir_join(base_dir, f)),
                 scrape_interval: a.scrape_interval.0,
+                tls,
             },
             docker: raw.docker.as_ref().map(|d| DockerSettings {
                 host: d.host.clone(),
@@ -166,6 +168,47 @@ pub fn validate(raw: &RawConfig, base_dir: &Path) -> Result<Config, Vec<KeyError
             certificates,
         }),
         _ => Err(errs.0),
+    }
+}
+
+/// The agent's own TLS listener: an address, and a pair that loads (checked now).
+fn agent_tls(
+    a: &super::RawAgent,
+    base_dir: &Path,
+    errs: &mut Errors,
+) -> Option<crate::spec::AgentTls> {
+    let (listen, cert, key) = match (&a.tls_listen, &a.tls_cert, &a.tls_key) {
+        (None, None, None) => return None,
+        (Some(l), Some(c), Some(k)) => (l, base_dir_join(base_dir, c), base_dir_join(base_dir, k)),
+        _ => {
+            errs.add(
+                "agent.tls_listen",
+                "give tls_listen, tls_cert and tls_key together (the TLS listener and its certificate)",
+            );
+            return None;
+        }
+    };
+    let Ok(listen) = listen.parse::<SocketAddr>() else {
+        errs.add(
+            "agent.tls_listen",
+            format!("{listen:?} is not an ip:port address"),
+        );
+        return None;
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let provider = rustls::crypto::ring::default_provider();
+    let loaded = rusty_shared::certs::read_capped(&cert).and_then(|c| {
+        let k = rusty_shared::certs::read_capped(&key)?;
+        rusty_shared::certs::load_pair("agent", (&cert, &c), (&key, &k), &provider, now)
+    });
+    match loaded {
+        Ok(_) => Some(crate::spec::AgentTls { listen, cert, key }),
+        Err(e) => {
+            errs.add("agent.tls_cert", e.to_string());
+            None
+        }
     }
 }
 

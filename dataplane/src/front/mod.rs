@@ -20,6 +20,102 @@ use pingora::protocols::{GetSocketDigest, Shutdown, Stream};
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// The part of Pingora's `IO` contract a stream wrapper passes straight to its `inner`
+/// stream: writes, shutdown, the id, TLS facts and the digests. The wrapper writes its own
+/// `AsyncRead`, `Peek` and `Debug`.
+macro_rules! pass_through_io {
+    ($wrapper:ty) => {
+        impl tokio::io::AsyncWrite for $wrapper {
+            fn poll_write(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &[u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+            }
+
+            fn poll_write_vectored(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                bufs: &[std::io::IoSlice<'_>],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+            }
+
+            fn is_write_vectored(&self) -> bool {
+                self.inner.is_write_vectored()
+            }
+
+            fn poll_flush(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+            }
+
+            fn poll_shutdown(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+            }
+        }
+
+        #[async_trait::async_trait]
+        impl pingora::protocols::Shutdown for $wrapper {
+            async fn shutdown(&mut self) {
+                pingora::protocols::Shutdown::shutdown(self.inner.as_mut()).await
+            }
+        }
+
+        impl pingora::protocols::UniqueID for $wrapper {
+            fn id(&self) -> pingora::protocols::UniqueIDType {
+                self.inner.id()
+            }
+        }
+
+        impl pingora::protocols::Ssl for $wrapper {
+            fn get_ssl(&self) -> Option<&pingora::protocols::tls::TlsRef> {
+                self.inner.get_ssl()
+            }
+            fn get_ssl_digest(&self) -> Option<std::sync::Arc<pingora::protocols::tls::SslDigest>> {
+                self.inner.get_ssl_digest()
+            }
+            fn selected_alpn_proto(&self) -> Option<pingora::protocols::ALPN> {
+                self.inner.selected_alpn_proto()
+            }
+        }
+
+        impl pingora::protocols::GetTimingDigest for $wrapper {
+            fn get_timing_digest(&self) -> Vec<Option<pingora::protocols::TimingDigest>> {
+                self.inner.get_timing_digest()
+            }
+            fn get_read_pending_time(&self) -> std::time::Duration {
+                self.inner.get_read_pending_time()
+            }
+            fn get_write_pending_time(&self) -> std::time::Duration {
+                self.inner.get_write_pending_time()
+            }
+        }
+
+        impl pingora::protocols::GetProxyDigest for $wrapper {
+            fn get_proxy_digest(
+                &self,
+            ) -> Option<std::sync::Arc<pingora::protocols::raw_connect::ProxyDigest>> {
+                self.inner.get_proxy_digest()
+            }
+        }
+
+        impl pingora::protocols::GetSocketDigest for $wrapper {
+            fn get_socket_digest(
+                &self,
+            ) -> Option<std::sync::Arc<pingora::protocols::SocketDigest>> {
+                self.inner.get_socket_digest()
+            }
+        }
+    };
+}
+
 mod guarded;
 pub mod tls;
 pub use guarded::Guarded;

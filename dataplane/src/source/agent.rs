@@ -40,6 +40,8 @@ pub struct AgentSource {
     url: String,
     token: String,
     store: Arc<TableStore>,
+    /// For `wss://`: the roots the agent's certificate must lead to.
+    tls: Option<Arc<rustls::ClientConfig>>,
     /// Where bundles go, when there is a TLS listener; and where they are saved.
     certs: Option<(Arc<Certs>, Option<StateDir>)>,
 }
@@ -50,8 +52,21 @@ impl AgentSource {
             url,
             token,
             store,
+            tls: None,
             certs: None,
         }
+    }
+
+    /// Verify a `wss://` agent against these roots.
+    pub fn with_tls(mut self, roots: rustls::RootCertStore) -> Result<Self, rustls::Error> {
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        self.tls = Some(Arc::new(config));
+        Ok(self)
     }
 
     /// Take certificate bundles into `certs`, saving each installed one in `saved`.
@@ -123,7 +138,13 @@ impl AgentSource {
             max_frame_size: Some(MAX_MESSAGE),
             ..WebSocketConfig::default()
         };
-        let connect = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
+        let connector = self.tls.clone().map(tokio_tungstenite::Connector::Rustls);
+        let connect = tokio_tungstenite::connect_async_tls_with_config(
+            request,
+            Some(config),
+            true,
+            connector,
+        );
         let (ws, _) = tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
             .map_err(|_| "connect timed out".to_owned())?
