@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Install what building and testing RustyBalancer needs on a fresh Debian machine:
-# cmake (Pingora's libz-ng-sys builds zlib-ng with it) and cargo-nextest if it is missing.
+# cmake (Pingora's libz-ng-sys builds zlib-ng with it), curl, pebble (an offline ACME CA for
+# the tests) and cargo-nextest if they are missing.
 set -euo pipefail
 
 need_apt=()
 command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+# The ACME end-to-end test's CA (pebble and pebble-challtestsrv).
+command -v pebble >/dev/null 2>&1 || need_apt+=(pebble)
 if ((${#need_apt[@]})); then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -11,6 +11,28 @@ pub struct Status {
     pub table_version: Option<u64>,
     pub subscribers: usize,
     pub services: Vec<ServiceStatus>,
+    /// Certificates ordered over ACME, one per name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub acme: Vec<AcmeStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AcmeStatus {
+    pub host: String,
+    /// `waiting` (no certificate yet), `ordering`, `valid` or `failed` (the last order failed;
+    /// a certificate already issued keeps serving).
+    pub state: String,
+    /// Validity of the certificate serving now, unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<i64>,
+    /// When the next order starts, unix seconds: renewal at two thirds of the lifetime, or the
+    /// retry after a failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_order_at: Option<i64>,
+    /// Orders failed in a row.
+    pub failures: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

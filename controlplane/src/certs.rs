@@ -1,11 +1,13 @@
-//! Certificates out: the `[tls]` pairs read from their files into one versioned bundle, handed
-//! to every subscriber that asks for it through a `watch` channel, like tables.
+//! Certificates out: the `[tls]` pairs read from their files and those [`crate::acme`] issued,
+//! in one versioned bundle handed to every subscriber that asks for it through a `watch`
+//! channel, like tables.
 //!
 //! Read at start (the config check already loaded each pair once) and again on SIGHUP. A pair
 //! that no longer loads keeps its last good content, so a half-written renewal never reaches a
 //! data plane; a bundle whose content did not change gets no new version. Key material lives
 //! only in the bundle's bytes: the `Debug` of [`Bundle`] shows names and sizes.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -35,9 +37,15 @@ impl fmt::Debug for Bundle {
 
 pub type CertFeed = watch::Receiver<Option<Arc<Bundle>>>;
 
-/// Reads the `[tls]` certificate files and publishes their bundle.
+/// Reads the `[tls]` certificate files, takes the certificates ACME issued, and publishes the
+/// bundle of both.
 pub struct CertSource {
     files: Vec<CertFile>,
+    /// The files' pairs as last read (a broken file keeps its last good pair).
+    from_files: Vec<CertPair>,
+    /// Certificates ordered over ACME, by name.
+    issued: BTreeMap<String, CertPair>,
+    /// The pairs of the last bundle sent.
     last: Vec<CertPair>,
     version: u64,
     tx: watch::Sender<Option<Arc<Bundle>>>,
@@ -55,6 +63,8 @@ impl CertSource {
         let (tx, _) = watch::channel(None);
         CertSource {
             files,
+            from_files: Vec::new(),
+            issued: BTreeMap::new(),
             last: Vec::new(),
             version: 0,
             tx,
@@ -72,7 +82,7 @@ impl CertSource {
             return None;
         }
         let provider = rustls::crypto::ring::default_provider();
-        let (now, now_ms) = unix_now();
+        let (now, _) = unix_now();
         let mut pairs = Vec::with_capacity(self.files.len());
         for f in &self.files {
             let read = read_capped(&f.cert).and_then(|crt| {
@@ -95,15 +105,33 @@ impl CertSource {
                 Err(e) => {
                     warn!(pair = %f.name, error = %e,
                         "certificate does not load; the data planes keep its last good version");
-                    if let Some(old) = self.last.iter().find(|p| p.name == f.name) {
+                    if let Some(old) = self.from_files.iter().find(|p| p.name == f.name) {
                         pairs.push(old.clone());
                     }
                 }
             }
         }
+        self.from_files = pairs;
+        self.publish()
+    }
+
+    /// Add or replace a certificate ACME issued (checked by the caller) and publish.
+    pub fn set_issued(&mut self, pair: CertPair) -> Option<u64> {
+        self.issued.insert(pair.name.clone(), pair);
+        self.publish()
+    }
+
+    fn publish(&mut self) -> Option<u64> {
+        let pairs: Vec<CertPair> = self
+            .from_files
+            .iter()
+            .chain(self.issued.values())
+            .cloned()
+            .collect();
         if pairs == self.last && self.version > 0 {
             return None;
         }
+        let (_, now_ms) = unix_now();
         self.version = (self.version + 1).max(now_ms);
         let bundle = CertBundle {
             version: self.version,

@@ -62,6 +62,9 @@ pub enum Cmd {
     },
     /// Take one instance (e.g. web-3) out of the table, stop it after the drain time, replace it.
     Drain { instance: String },
+    /// Order every `[tls.acme]` certificate again now (the current ones serve until the new
+    /// ones arrive).
+    Renew,
 }
 
 #[derive(Debug, Args)]

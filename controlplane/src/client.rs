@@ -173,6 +173,64 @@ pub async fn status(args: &AgentArgs, json: bool) -> Result<()> {
             );
         }
     }
+    if !st.acme.is_empty() {
+        println!();
+        println!(
+            "ACME  {:<32} {:<9} {:<22} {:<22} {:>8}  last error",
+            "HOST", "STATE", "NOT AFTER", "NEXT ORDER", "FAILURES"
+        );
+        for c in &st.acme {
+            println!(
+                "      {:<32} {:<9} {:<22} {:<22} {:>8}  {}",
+                c.host,
+                c.state,
+                c.not_after.map_or("-".to_owned(), rfc3339),
+                c.next_order_at.map_or("-".to_owned(), rfc3339),
+                c.failures,
+                c.last_error.as_deref().unwrap_or("")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ` (UTC), without a date crate.
+fn rfc3339(t: i64) -> String {
+    let (days, secs) = (t.div_euclid(86_400), t.rem_euclid(86_400));
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+/// `rusty-agent renew`: order every ACME certificate again now.
+pub async fn renew(args: &AgentArgs) -> Result<()> {
+    let client = Client::new(args)?;
+    let answer: serde_json::Value = client
+        .call("POST", "/v1/acme/renew", Some(String::new()))
+        .await?;
+    let hosts = answer["renewing"]
+        .as_array()
+        .map(|h| {
+            h.iter()
+                .filter_map(|v| v.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default();
+    println!("renewing: {hosts} (rusty-agent status shows the progress)");
     Ok(())
 }
 
@@ -317,4 +375,14 @@ pub fn parse_env(pairs: &[String]) -> Result<Option<BTreeMap<String, String>>> {
         env.insert(k.to_owned(), v.to_owned());
     }
     Ok(Some(env))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn times_print_as_rfc3339_utc() {
+        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(super::rfc3339(1_796_136_061), "2026-12-01T14:41:01Z");
+    }
 }

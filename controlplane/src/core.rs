@@ -54,6 +54,12 @@ pub enum Command {
         seq: u64,
         reply: oneshot::Sender<Result<(), ApiError>>,
     },
+    /// The ACME challenges to answer from now on (token → key authorization), replacing the
+    /// last set; the reply is the version of the table that carries them.
+    Challenges {
+        challenges: BTreeMap<String, String>,
+        reply: oneshot::Sender<Option<u64>>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +104,8 @@ pub struct Core {
     outliers: OutlierTracker,
     /// The last outlier replaced per service: (instance, reason, when), for status.
     replaced: HashMap<String, (String, String, Instant)>,
+    /// Open ACME challenges, carried in every table while they are.
+    challenges: BTreeMap<String, String>,
 }
 
 impl Core {
@@ -116,6 +124,7 @@ impl Core {
             autoscalers,
             outliers: OutlierTracker::default(),
             replaced: HashMap::new(),
+            challenges: BTreeMap::new(),
             services: specs
                 .into_iter()
                 .map(|s| (s.name.clone(), ServiceState::new(s)))
@@ -319,6 +328,7 @@ impl Core {
 
     fn publish(&mut self) {
         let ready = self.published
+            || !self.challenges.is_empty()
             || self.started_at.elapsed() >= FIRST_TABLE_WAIT
             || self
                 .services
@@ -328,7 +338,8 @@ impl Core {
             return;
         }
         let states: Vec<&ServiceState> = self.services.values().collect();
-        let table = publish::build(&states, Instant::now());
+        let mut table = publish::build(&states, Instant::now());
+        table.acme_challenges = self.challenges.clone();
         match self.publisher.offer(table) {
             Ok(Some(version)) => {
                 self.published = true;
@@ -570,6 +581,11 @@ impl Core {
                 };
                 let _ = reply.send(r);
             }
+            Command::Challenges { challenges, reply } => {
+                self.challenges = challenges;
+                self.publish();
+                let _ = reply.send(self.publisher.current().map(|p| p.version));
+            }
         }
     }
 
@@ -662,6 +678,7 @@ impl Core {
         }
         let now = Instant::now();
         Status {
+            acme: Vec::new(),
             table_version: self.publisher.current().map(|p| p.version),
             subscribers: self
                 .metrics

@@ -22,6 +22,7 @@
 //! The validated spec types ([`spec`]) sit below everything that uses them; no module imports
 //! one above it in a cycle (`e2e/tests/layers.rs` checks).
 
+pub mod acme;
 pub mod api;
 pub mod auth;
 pub mod autoscale;

@@ -47,6 +47,8 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Run(args) => {
+            // One TLS stack in the process (ring), also for the ACME client's connections.
+            let _ = rustls::crypto::ring::default_provider().install_default();
             let loaded = match config::load(&args.config, args.env.as_deref()) {
                 Ok(l) => l,
                 Err(e) => {
@@ -115,6 +117,7 @@ fn main() -> ExitCode {
                         client::deploy(&service, request, &agent, &wait).await
                     }
                     Cmd::Drain { instance } => client::drain(&instance, &agent).await,
+                    Cmd::Renew => client::renew(&agent).await,
                     Cmd::Run(_) | Cmd::Check(_) => unreachable!("handled above"),
                 }
             }))

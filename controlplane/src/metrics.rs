@@ -16,6 +16,7 @@ pub struct Metrics {
     restarts: Mutex<BTreeMap<String, u64>>,
     autoscales: Mutex<BTreeMap<(String, &'static str), u64>>,
     outliers: Mutex<BTreeMap<String, u64>>,
+    acme_orders: Mutex<BTreeMap<(String, &'static str), u64>>,
     pub tables_published: AtomicU64,
     pub table_frames_sent: AtomicU64,
     pub subscribers: AtomicI64,
@@ -52,6 +53,11 @@ impl Metrics {
     /// An instance replaced because the data planes kept ejecting it.
     pub fn outlier(&self, service: &str) {
         bump_service(&self.outliers, service);
+    }
+
+    /// An ACME order for `host` ended, `result` = `issued` or `failed`.
+    pub fn acme_order(&self, host: &str, result: &'static str) {
+        bump(&self.acme_orders, host, result);
     }
 
     pub fn restart(&self, service: &str) {
@@ -134,6 +140,36 @@ impl Metrics {
                     s.name
                 );
             }
+        }
+        let _ = writeln!(out, "# HELP rusty_agent_acme_orders_total ACME orders by name and result (issued, failed).\n# TYPE rusty_agent_acme_orders_total counter");
+        for ((host, result), n) in self
+            .acme_orders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "rusty_agent_acme_orders_total{{host=\"{host}\",result=\"{result}\"}} {n}"
+            );
+        }
+        out.push_str("# HELP rusty_agent_acme_certificate_expiry_timestamp_seconds End of validity of the ACME certificate serving each name.\n# TYPE rusty_agent_acme_certificate_expiry_timestamp_seconds gauge\n");
+        for c in &status.acme {
+            if let Some(t) = c.not_after {
+                let _ = writeln!(
+                    out,
+                    "rusty_agent_acme_certificate_expiry_timestamp_seconds{{host=\"{}\"}} {t}",
+                    c.host
+                );
+            }
+        }
+        out.push_str("# HELP rusty_agent_acme_failures Orders failed in a row, by name (0 once one succeeds).\n# TYPE rusty_agent_acme_failures gauge\n");
+        for c in &status.acme {
+            let _ = writeln!(
+                out,
+                "rusty_agent_acme_failures{{host=\"{}\"}} {}",
+                c.host, c.failures
+            );
         }
         let _ = writeln!(
             out,

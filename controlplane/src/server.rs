@@ -26,7 +26,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, info, warn};
 
-use crate::api::{DeployAccepted, ErrorBody, ScaleRequest};
+use crate::api::{AcmeStatus, DeployAccepted, ErrorBody, ScaleRequest};
 use crate::auth::Token;
 use crate::certs::CertFeed;
 use crate::core::{ApiError, Command};
@@ -49,6 +49,10 @@ pub struct Shared {
     pub feed: Feed,
     pub certs: CertFeed,
     pub metrics: Arc<Metrics>,
+    /// Where each ACME certificate stands, for status and metrics.
+    pub acme: watch::Receiver<Vec<AcmeStatus>>,
+    /// Asks the ACME task to order every name again now; `None` without `[tls.acme]`.
+    pub acme_renew: Option<mpsc::Sender<()>>,
     pub shutdown: watch::Receiver<bool>,
 }
 
@@ -239,7 +243,7 @@ async fn connection(mut stream: Stream, conn: Conn, shared: &Shared) -> std::io:
     match (req.method.as_str(), path.as_str()) {
         ("GET", "/healthz") => return respond(&mut stream, 200, "text/plain", "", "ok\n").await,
         ("GET", "/metrics") => {
-            let Some(status) = ask(shared, Command::Status).await else {
+            let Some(status) = status(shared).await else {
                 return error(&mut stream, 503, "agent is shutting down").await;
             };
             let text = shared.metrics.render(&status);
@@ -270,7 +274,7 @@ async fn connection(mut stream: Stream, conn: Conn, shared: &Shared) -> std::io:
     let parts: Vec<&str> = path.trim_start_matches("/v1/").split('/').collect();
     match (req.method.as_str(), parts.as_slice()) {
         ("GET", ["tables"]) => subscribe(stream, req, conn, shared).await,
-        ("GET", ["status"]) => match ask(shared, Command::Status).await {
+        ("GET", ["status"]) => match status(shared).await {
             Some(status) => json(&mut stream, 200, &status).await,
             None => error(&mut stream, 503, "agent is shutting down").await,
         },
@@ -341,7 +345,22 @@ async fn connection(mut stream: Stream, conn: Conn, shared: &Shared) -> std::io:
                 None => error(&mut stream, 503, "agent is shutting down").await,
             }
         }
+        ("POST", ["acme", "renew"]) => match &shared.acme_renew {
+            // A renewal already asked for and not yet begun covers this one too.
+            Some(renew) => {
+                let _ = renew.try_send(());
+                let hosts: Vec<String> = shared
+                    .acme
+                    .borrow()
+                    .iter()
+                    .map(|c| c.host.clone())
+                    .collect();
+                json(&mut stream, 202, &serde_json::json!({ "renewing": hosts })).await
+            }
+            None => error(&mut stream, 404, "ACME is not configured ([tls.acme])").await,
+        },
         (_, ["tables"] | ["status"]) => error(&mut stream, 405, "use GET").await,
+        (_, ["acme", "renew"]) => error(&mut stream, 405, "use POST").await,
         (_, ["services", _, "scale" | "deploy"] | ["services", _, "instances", _, "drain"]) => {
             error(&mut stream, 405, "use POST").await
         }
@@ -359,6 +378,13 @@ async fn api_error(stream: &mut Stream, e: ApiError) -> std::io::Result<()> {
 }
 
 /// Send a command to the core and wait for its answer; `None` if the core is gone.
+/// The core's status with the ACME task's.
+async fn status(shared: &Shared) -> Option<crate::api::Status> {
+    let mut status = ask(shared, Command::Status).await?;
+    status.acme = shared.acme.borrow().clone();
+    Some(status)
+}
+
 async fn ask<T>(shared: &Shared, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Option<T> {
     let (tx, rx) = oneshot::channel();
     shared.commands.send(make(tx)).await.ok()?;

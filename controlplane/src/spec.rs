@@ -16,6 +16,18 @@ pub struct Config {
     pub services: Vec<ServiceSpec>,
     /// Certificate files for the data planes, checked when the config was read.
     pub certificates: Vec<CertFile>,
+    /// Certificates ordered from an ACME CA.
+    pub acme: Option<AcmeSettings>,
+}
+
+/// `[tls.acme]`, checked: an `https://` directory, `mailto:` contacts, DNS names (no wildcard:
+/// HTTP-01 cannot prove one), each once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcmeSettings {
+    pub directory: String,
+    pub contact: Vec<String>,
+    pub hosts: Vec<String>,
+    pub ca_file: Option<PathBuf>,
 }
 
 /// One certificate pair the agent reads and sends to its data planes.

@@ -13,6 +13,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
+use crate::acme::Acme;
 use crate::auth::Token;
 use crate::certs::CertSource;
 use crate::core::Core;
@@ -61,6 +62,7 @@ pub async fn run(config: Config) -> Result<()> {
     let mut cert_source = CertSource::new(config.certificates.clone());
     cert_source.reload();
     let certs = cert_source.subscribe();
+    let cert_source = Arc::new(std::sync::Mutex::new(cert_source));
     let core = Core::new(
         config.services.clone(),
         runtimes,
@@ -73,12 +75,31 @@ pub async fn run(config: Config) -> Result<()> {
     let (samples_tx, samples_rx) = mpsc::channel(4);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
+    let (acme_status, acme_renew, acme_task) = match &config.acme {
+        Some(settings) => {
+            let (acme, status) = Acme::new(
+                settings.clone(),
+                &agent.state_dir,
+                commands_tx.clone(),
+                cert_source.clone(),
+                metrics.clone(),
+            )
+            .with_context(|| format!("agent.state_dir {}", agent.state_dir.display()))?;
+            let (renew_tx, renew_rx) = mpsc::channel(1);
+            info!(directory = %settings.directory, hosts = ?settings.hosts, "ACME on");
+            let task = tokio::spawn(acme.run(renew_rx, shutdown_rx.clone()));
+            (status, Some(renew_tx), Some(task))
+        }
+        None => (watch::channel(Vec::new()).1, None, None),
+    };
     let shared = Arc::new(Shared {
         token,
         commands: commands_tx.clone(),
         feed,
         certs,
         metrics,
+        acme: acme_status,
+        acme_renew,
         shutdown: shutdown_rx.clone(),
     });
     info!(
@@ -135,7 +156,7 @@ pub async fn run(config: Config) -> Result<()> {
             // Renewed certificate files (certbot, a secrets manager) go out without a restart.
             _ = hangup.recv() => {
                 info!("SIGHUP: reading the [tls] certificates again");
-                cert_source.reload();
+                cert_source.lock().unwrap_or_else(|p| p.into_inner()).reload();
             }
         }
     }
@@ -146,6 +167,9 @@ pub async fn run(config: Config) -> Result<()> {
     }
     if let Some(scraper) = scraper {
         let _ = scraper.await;
+    }
+    if let Some(acme) = acme_task {
+        let _ = acme.await;
     }
     let _ = core.await;
     drop(samples_tx);

@@ -209,6 +209,20 @@ impl Answer {
     }
 }
 
+/// The answer to an ACME HTTP-01 challenge the table carries (RFC 8555 §8.3): the key
+/// authorization, as Pingora sends it. Not an [`Answer`]: its body comes from the table.
+pub fn acme_challenge(key_authorization: &str) -> (ResponseHeader, bytes::Bytes) {
+    let mut resp = ResponseHeader::build(200, Some(3))
+        .unwrap_or_else(|_| ResponseHeader::build(500, Some(3)).expect("500 is a status"));
+    let _ = resp.insert_header("Content-Type", "text/plain");
+    let _ = resp.insert_header("Content-Length", key_authorization.len());
+    let _ = resp.insert_header("Cache-Control", "no-store");
+    (
+        resp,
+        bytes::Bytes::copy_from_slice(key_authorization.as_bytes()),
+    )
+}
+
 fn rendered(answer: Answer) -> Vec<u8> {
     let mut out = Vec::new();
     answer.render(true, &mut out);

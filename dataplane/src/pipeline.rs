@@ -20,7 +20,7 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType};
 use rusty_shared::RequestClass;
 
-use crate::answers::Answer;
+use crate::answers::{self, Answer};
 use crate::attempt::{Failure, Routed};
 use crate::certs::TlsConn;
 use crate::clock;
@@ -183,6 +183,19 @@ impl ProxyHttp for Pipeline {
                 .authority()
                 .map_or(&b""[..], |a| a.as_str().as_bytes()),
         };
+        // The agent's open ACME challenges are answered here, for any host; a token the table
+        // does not carry goes to the backends (which may run their own ACME client).
+        let challenge = req
+            .uri
+            .path()
+            .strip_prefix(ACME_CHALLENGE_PREFIX)
+            .and_then(|token| snapshot.table.acme_challenges.get(token));
+        if let Some(key_authorization) = challenge {
+            let (head, body) = answers::acme_challenge(key_authorization);
+            session.write_response_header(Box::new(head), false).await?;
+            session.write_response_body(Some(body), true).await?;
+            return Ok(true);
+        }
         // No domain fronting: on TLS, a request may only name a host its connection's
         // certificate covers (RFC 9110 §15.5.20).
         if tls.is_some_and(|t| !host.is_empty() && !t.covers(host)) {

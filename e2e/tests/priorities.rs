@@ -114,7 +114,7 @@ fn serving(dir: &TempDir, table: &serde_json::Value) -> Lb {
 }
 
 #[test]
-fn critical_traffic_keeps_its_share_under_twice_the_capacity_and_nobody_is_shed_at_half() {
+fn critical_traffic_keeps_its_share_under_twice_the_capacity_and_nobody_is_shed_below_it() {
     let backend = Echo::start_with("shared", &["--max-concurrent", "4", "--delay-ms", "20"]);
     let dir = TempDir::new("priorities");
     let service = |name: &str, class: &str| {
@@ -165,17 +165,19 @@ fn critical_traffic_keeps_its_share_under_twice_the_capacity_and_nobody_is_shed_
     );
     assert!(lb.metric(r#"rustybalancer_queue_wait_seconds_count{class="critical"}"#) > 0.0);
 
-    // Half of that load, the backend's nominal capacity (a little over its real one, 20 ms plus
-    // the round trip per slot): queueing within the default 1 s queue timeout, nobody shed.
+    // Under the backend's capacity (3/4 of the nominal 200/s; its real one is a little lower,
+    // 20 ms plus the round trip per slot): bursts queue within the default 1 s queue timeout,
+    // nobody is shed. At the nominal capacity itself the queue grows for the whole run on a
+    // busy 2-core machine and its last requests time out, which is right but not this test.
     std::thread::sleep(Duration::from_millis(700));
     let (crit, bulk) = offer(
         lb.port,
-        ("/crit", "", 60),
-        ("/bulk", "", 140),
+        ("/crit", "", 45),
+        ("/bulk", "", 105),
         Duration::from_secs(4),
     );
-    eprintln!("1x capacity: {}", describe("critical", &crit));
-    eprintln!("1x capacity: {}", describe("bulk", &bulk));
+    eprintln!("3/4 capacity: {}", describe("critical", &crit));
+    eprintln!("3/4 capacity: {}", describe("bulk", &bulk));
     assert_eq!(crit.ok, crit.sent, "{}", describe("critical", &crit));
     assert_eq!(bulk.ok, bulk.sent, "{}", describe("bulk", &bulk));
 }

@@ -516,7 +516,7 @@ fn https_redirect_sends_plain_requests_to_https_except_acme_challenges_and_hsts_
         "https_redirect": true,
         "hsts": {"max_age_s": 31536000, "include_subdomains": true}
     });
-    write_atomic(&table, &service_table(1, &echo.addr(), extra));
+    write_atomic(&table, &service_table(1, &echo.addr(), extra.clone()));
     let lb = TlsLb::start(&certs, &["--table".to_owned(), table.display().to_string()]);
     lb.lb.wait_version(1, Duration::from_secs(10));
 
@@ -534,9 +534,35 @@ fn https_redirect_sends_plain_requests_to_https_except_acme_challenges_and_hsts_
         );
         assert!(r.header("strict-transport-security").is_none(), "never over plain HTTP");
     }
-    // ACME HTTP-01 challenges stay on plain HTTP.
+    // ACME HTTP-01 challenges stay on plain HTTP: one the table does not carry goes to the
+    // backend (it may run its own ACME client)...
     let r = lb.lb.get("app.test", "/.well-known/acme-challenge/token-1");
     assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.backend(), Some("e1"));
+    // ...and one it carries is answered by the data plane, on whichever path takes the
+    // request, also for a host no service routes.
+    let mut extra = extra;
+    extra["hosts"] = serde_json::json!(["app.test"]);
+    let mut with_challenge: serde_json::Value =
+        serde_json::from_str(&service_table(2, &echo.addr(), extra)).unwrap();
+    with_challenge["acme_challenges"] = serde_json::json!({"tok-A_1": "tok-A_1.thumb-print"});
+    write_atomic(&table, &with_challenge.to_string());
+    lb.lb.proc.signal("HUP");
+    lb.lb.wait_version(2, Duration::from_secs(10));
+    for request in [
+        "GET /.well-known/acme-challenge/tok-A_1 HTTP/1.1\r\nHost: app.test\r\n\r\n",
+        "GET /.well-known/acme-challenge/tok-A_1 HTTP/1.1\r\nHost: elsewhere.test\r\nConnection: close\r\n\r\n",
+    ] {
+        let r = Client::new(lb.lb.port).request(request).expect("an answer");
+        assert_eq!((r.status, r.body.as_str()), (200, "tok-A_1.thumb-print"), "{request}");
+        assert_eq!(r.header("content-type"), Some("text/plain"));
+        assert_eq!(r.backend(), None, "answered by the data plane");
+    }
+    assert_eq!(
+        lb.lb.get("elsewhere.test", "/").status,
+        404,
+        "not routed otherwise"
+    );
 
     // Over TLS: served, with the service's HSTS on both paths.
     for method in [

@@ -74,7 +74,8 @@ pub struct LoadedPair {
     /// The DNS names of the leaf's subjectAltName, as written.
     pub dns: Vec<String>,
     pub ips: Vec<IpAddr>,
-    /// End of validity, unix seconds.
+    /// Start and end of validity, unix seconds.
+    pub not_before: i64,
     pub not_after: i64,
     pub key: Arc<CertifiedKey>,
 }
@@ -85,6 +86,7 @@ impl fmt::Debug for LoadedPair {
             .field("name", &self.name)
             .field("dns", &self.dns)
             .field("ips", &self.ips)
+            .field("not_before", &self.not_before)
             .field("not_after", &self.not_after)
             .finish_non_exhaustive()
     }
@@ -135,10 +137,11 @@ pub fn load_pair(
             path: crt_path.to_owned(),
         });
     };
-    let (dns, ips, not_after) = leaf_facts(leaf).map_err(|why| CertError::BadCertificate {
-        path: crt_path.to_owned(),
-        why,
-    })?;
+    let (dns, ips, (not_before, not_after)) =
+        leaf_facts(leaf).map_err(|why| CertError::BadCertificate {
+            path: crt_path.to_owned(),
+            why,
+        })?;
     let key_der = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| match e {
         rustls::pki_types::pem::Error::NoItemsFound => CertError::NoKey {
             path: key_path.to_owned(),
@@ -173,13 +176,16 @@ pub fn load_pair(
         name: name.to_owned(),
         dns,
         ips,
+        not_before,
         not_after,
         key: Arc::new(certified),
     })
 }
 
-/// The names of a leaf certificate's subjectAltName and the end of its validity.
-fn leaf_facts(leaf: &CertificateDer<'_>) -> Result<(Vec<String>, Vec<IpAddr>, i64), String> {
+/// The names of a leaf certificate's subjectAltName and its validity.
+type LeafFacts = (Vec<String>, Vec<IpAddr>, (i64, i64));
+
+fn leaf_facts(leaf: &CertificateDer<'_>) -> Result<LeafFacts, String> {
     use x509_parser::extensions::GeneralName;
     let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(|e| e.to_string())?;
     let mut dns = Vec::new();
@@ -202,7 +208,15 @@ fn leaf_facts(leaf: &CertificateDer<'_>) -> Result<(Vec<String>, Vec<IpAddr>, i6
             }
         }
     }
-    Ok((dns, ips, cert.validity().not_after.timestamp()))
+    let validity = cert.validity();
+    Ok((
+        dns,
+        ips,
+        (
+            validity.not_before.timestamp(),
+            validity.not_after.timestamp(),
+        ),
+    ))
 }
 
 /// The certificates the agent hands its data planes: all of them each time, versioned so a

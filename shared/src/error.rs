@@ -92,6 +92,8 @@ pub enum TableError {
         field: &'static str,
         reason: String,
     },
+    #[error("acme_challenges: token {token:?} is invalid: {reason}")]
+    BadAcmeChallenge { token: String, reason: &'static str },
     #[error("service {service:?}: schedule is invalid: {reason}")]
     BadSchedule { service: String, reason: String },
     #[error("table {version} has no backend at all while the installed table has {installed_backends}; set \"allow_empty\": true if that is intended")]

@@ -48,3 +48,10 @@ pub const HSTS_PRELOAD_MIN: u64 = 365 * 24 * 3600;
 
 /// Largest CA bundle carried in a table (`upstream_tls.ca_pem`).
 pub const MAX_CA_PEM_BYTES: usize = 64 * 1024;
+
+/// Most ACME challenges open at once (`acme_challenges`): one per name being ordered.
+pub const MAX_ACME_CHALLENGES: usize = 1_000;
+/// Longest ACME token and key authorization (RFC 8555 tokens carry 128 bits of entropy in
+/// base64url; Let's Encrypt's are 43 characters, a key authorization adds a dot and 43 more).
+pub const MAX_ACME_TOKEN_LEN: usize = 128;
+pub const MAX_ACME_KEY_AUTH_LEN: usize = 256;

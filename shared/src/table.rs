@@ -25,8 +25,13 @@
 //! - `services[].upstream_tls` [none = plain HTTP]: TLS to the backends, `{"server_name"}` (SNI
 //!   and the name verified; default: the backend's address) and a CA, `"ca_pem"` (the PEM text)
 //!   or `"ca_file"` (a path on the data plane's machine); default: the system's roots.
+//! - `acme_challenges` [none]: `{"TOKEN": "KEY_AUTHORIZATION"}`, the answers to ACME HTTP-01
+//!   challenges the agent has open; a data plane answers `GET /.well-known/acme-challenge/TOKEN`
+//!   with the key authorization, on any host, before routing.
 //! - `backends[].id`, `addr` ("ip:port"), `weight` [1] in 1..=1000, `priority` [0], 0 = most
 //!   preferred.
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -41,6 +46,9 @@ pub struct Table {
     pub allow_empty: bool,
     #[serde(default)]
     pub services: Vec<Service>,
+    /// ACME HTTP-01 answers the agent is waiting for: token → key authorization.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub acme_challenges: BTreeMap<String, String>,
 }
 
 /// One routable service: which requests it takes and the backends that serve them.
@@ -203,6 +211,7 @@ impl Table {
             version,
             allow_empty: false,
             services,
+            acme_challenges: BTreeMap::new(),
         }
     }
 

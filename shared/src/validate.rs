@@ -155,11 +155,42 @@ pub fn validate(table: Table) -> Result<ValidTable, TableError> {
         }
         services.push(valid);
     }
+    too_many(
+        "acme_challenges",
+        table.acme_challenges.len(),
+        MAX_ACME_CHALLENGES,
+    )?;
+    for (token, key_auth) in &table.acme_challenges {
+        check_acme_challenge(token, key_auth).map_err(|reason| TableError::BadAcmeChallenge {
+            token: token.chars().take(MAX_ACME_TOKEN_LEN).collect(),
+            reason,
+        })?;
+    }
     Ok(ValidTable {
         table,
         services,
         backend_count,
     })
+}
+
+/// RFC 8555 §8.3: the token is base64url, the key authorization `token.thumbprint`. Both end up
+/// in a URL path and a response body, so nothing else may pass.
+fn check_acme_challenge(token: &str, key_auth: &str) -> Result<(), &'static str> {
+    let base64url = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if token.is_empty() || token.len() > MAX_ACME_TOKEN_LEN || !base64url(token) {
+        return Err("a token is 1 to 128 base64url characters");
+    }
+    let thumbprint = key_auth
+        .strip_prefix(token)
+        .and_then(|r| r.strip_prefix('.'))
+        .ok_or("the key authorization must be the token, a dot and the thumbprint")?;
+    if thumbprint.is_empty() || key_auth.len() > MAX_ACME_KEY_AUTH_LEN || !base64url(thumbprint) {
+        return Err("the thumbprint is 1 to 127 base64url characters");
+    }
+    Ok(())
 }
 
 /// The checks that depend on the installed table: versions only grow, and a table that removes
@@ -957,5 +988,31 @@ mod tests {
         let t = example();
         let again = decode(t.to_json().as_bytes()).unwrap();
         assert_eq!(t, again);
+    }
+
+    #[test]
+    fn acme_challenges_must_be_token_dot_thumbprint_in_base64url() {
+        let with = |token: &str, key_auth: &str| {
+            let mut t = example();
+            t.acme_challenges
+                .insert(token.to_owned(), key_auth.to_owned());
+            validate(t).map(|_| ()).map_err(|e| e.to_string())
+        };
+        with("evaGxfADs6pSRb2LAv9IZf17Dt3juxGJ-PCt92wr-oA", "evaGxfADs6pSRb2LAv9IZf17Dt3juxGJ-PCt92wr-oA.9jg46WB3rR_AHD-EBXdN7cBkH1WOu0tA3M9fm21mqTI")
+            .expect("RFC 8555's example");
+        let e = with("a/../b", "a/../b.x").unwrap_err();
+        assert!(e.contains("token \"a/../b\" is invalid"), "{e}");
+        let e = with("tok", "other.x").unwrap_err();
+        assert!(e.contains("the token, a dot and the thumbprint"), "{e}");
+        let e = with("tok", "tok.a<script>").unwrap_err();
+        assert!(e.contains("thumbprint"), "{e}");
+        let e = with("tok", &format!("tok.{}", "a".repeat(300))).unwrap_err();
+        assert!(e.contains("thumbprint"), "{e}");
+        let mut t = example();
+        for i in 0..=MAX_ACME_CHALLENGES {
+            t.acme_challenges.insert(format!("t{i}"), format!("t{i}.x"));
+        }
+        let e = validate(t).unwrap_err().to_string();
+        assert!(e.contains("acme_challenges"), "{e}");
     }
 }

@@ -46,6 +46,36 @@ pub struct RawTls {
     /// those of the certificate's subjectAltName. Read at start and on SIGHUP.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub certificates: Vec<RawCertificate>,
+    /// Certificates ordered from an ACME CA (HTTP-01) for `hosts` and for the hosts of every
+    /// service with `tls = "acme"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acme: Option<RawAcme>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAcme {
+    /// The CA's directory URL (`https://`), e.g. Let's Encrypt's
+    /// `https://acme-v02.api.letsencrypt.org/directory`.
+    pub directory: String,
+    /// `mailto:` addresses the CA may write to about the account.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub contact: Vec<String>,
+    /// Names to order besides those of `tls = "acme"` services.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    /// A PEM root the directory's own HTTPS is verified against instead of the system's (a
+    /// test CA such as pebble).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+}
+
+/// Where a service's certificates come from, when not from `[[tls.certificates]]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceTls {
+    /// Ordered from `[tls.acme]` for each of its hosts.
+    Acme,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -215,6 +245,9 @@ pub struct RawService {
     /// the `[tls]` certificates).
     #[serde(default)]
     pub https_redirect: bool,
+    /// `"acme"`: the agent orders a certificate for each of its hosts from `[tls.acme]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ServiceTls>,
     /// `Strict-Transport-Security` on its HTTPS responses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hsts: Option<RawHsts>,

@@ -450,3 +450,51 @@ fn tls_certificates_are_checked_and_must_cover_redirected_hosts() {
     assert!(!e.contains("PRIVATE"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn acme_names_its_hosts_and_refuses_what_http01_cannot_prove() {
+    let with = |service_lines: &str, acme: &str| {
+        BASE.replace(
+            "[services.web]\nhosts = [\"example.com\"]",
+            &format!("[services.web]\nhosts = [\"Shop.Test\", \"example.com\"]\n{service_lines}"),
+        ) + acme
+    };
+    let acme = "\n[tls.acme]\ndirectory = \"https://acme.test/dir\"\ncontact = [\"mailto:ops@example.com\"]\nhosts = [\"extra.example.com\", \"shop.test\"]\n";
+    // A service's hosts and the listed ones, lower-cased, each once; its redirect is covered.
+    let ok = load(&with("tls = \"acme\"\nhttps_redirect = true", acme), None).unwrap();
+    let a = ok.config.acme.expect("[tls.acme]");
+    assert_eq!(a.hosts, ["shop.test", "example.com", "extra.example.com"]);
+    assert_eq!(a.directory, "https://acme.test/dir");
+
+    let e = errors(&with("tls = \"acme\"", ""));
+    assert!(
+        e.contains("services.web.tls: \"acme\" needs [tls.acme]"),
+        "{e}"
+    );
+    let e = errors(&BASE.replace(
+        "[services.api]\nruntime = \"static\"",
+        &format!("{acme}\n[services.api]\ntls = \"acme\"\nruntime = \"static\""),
+    ));
+    assert!(
+        e.contains("services.api.tls: the service answers any host"),
+        "{e}"
+    );
+    let bad = "\n[tls.acme]\ndirectory = \"http://acme.test/dir\"\ncontact = [\"ops@example.com\"]\nhosts = [\"*.example.com\", \"10.0.0.1\", \"bad_name.test\"]\nca_file = \"/nonexistent/root.pem\"\n";
+    let e = errors(&with("", bad));
+    for needle in [
+        "tls.acme.directory: \"http://acme.test/dir\": the directory URL must be https://",
+        "tls.acme.contact[0]: \"ops@example.com\": write mailto:",
+        "tls.acme.hosts[0]: \"*.example.com\": HTTP-01 cannot prove a wildcard name",
+        "tls.acme.hosts[1]: \"10.0.0.1\": an IP address",
+        "tls.acme.hosts[2]: \"bad_name.test\": not a DNS name",
+        "tls.acme.ca_file",
+        "/nonexistent/root.pem",
+    ] {
+        assert!(e.contains(needle), "{needle} in {e}");
+    }
+    let e = errors(&with(
+        "",
+        "\n[tls.acme]\ndirectory = \"https://acme.test/dir\"\n",
+    ));
+    assert!(e.contains("tls.acme.hosts: no name to order"), "{e}");
+}

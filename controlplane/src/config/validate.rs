@@ -9,8 +9,9 @@ use rusty_shared::table::{Backend, Service, Table};
 
 use super::{CheckKind, KeyError, RawConfig, RawService, RuntimeName};
 use crate::spec::{
-    max_weight, AgentSettings, Config, ContainerPlacement, DockerSettings, HealthSpec, Probe,
-    RolloutPolicy, RunSpec, RuntimeKind, ServiceSpec, MAX_REPLICAS, SLOW_START_STEPS,
+    max_weight, AcmeSettings, AgentSettings, Config, ContainerPlacement, DockerSettings,
+    HealthSpec, Probe, RolloutPolicy, RunSpec, RuntimeKind, ServiceSpec, MAX_REPLICAS,
+    SLOW_START_STEPS,
 };
 
 struct Errors(Vec<KeyError>);
@@ -131,7 +132,9 @@ pub fn validate(raw: &RawConfig, base_dir: &Path) -> Result<Config, Vec<KeyError
     if errs.0.is_empty() {
         check_routes(&services, &mut errs);
     }
-    let certificates = certificates(raw.tls.as_ref(), base_dir, &services, &mut errs);
+    let acme = acme(raw, base_dir, &mut errs);
+    let acme_hosts = acme.as_ref().map_or(&[][..], |a| &a.hosts);
+    let certificates = certificates(raw.tls.as_ref(), base_dir, &services, acme_hosts, &mut errs);
     if let Some(host) = raw.docker.as_ref().and_then(|d| d.host.as_deref()) {
         if !host.starts_with("unix://")
             && !host.starts_with("tcp://")
@@ -166,6 +169,7 @@ pub fn validate(raw: &RawConfig, base_dir: &Path) -> Result<Config, Vec<KeyError
             }),
             services,
             certificates,
+            acme,
         }),
         _ => Err(errs.0),
     }
@@ -219,6 +223,7 @@ fn certificates(
     tls: Option<&super::RawTls>,
     base_dir: &Path,
     services: &[ServiceSpec],
+    acme_hosts: &[String],
     errs: &mut Errors,
 ) -> Vec<crate::spec::CertFile> {
     use rusty_shared::certs::{load_pair, read_capped};
@@ -292,7 +297,9 @@ fn certificates(
         }
         for host in &s.route.hosts {
             let host = host.to_ascii_lowercase();
-            if !covered.iter().any(|(names, _)| names.covers_name(&host)) {
+            if !covered.iter().any(|(names, _)| names.covers_name(&host))
+                && !acme_hosts.contains(&host)
+            {
                 errs.add(
                     key.clone(),
                     format!("host {host:?} is covered by no [tls] certificate: clients redirected to HTTPS would be refused"),
@@ -301,6 +308,115 @@ fn certificates(
         }
     }
     files
+}
+
+/// `[tls.acme]` and the services with `tls = "acme"`: the names to order, each a DNS name
+/// the CA can reach over HTTP-01.
+fn acme(raw: &RawConfig, base_dir: &Path, errs: &mut Errors) -> Option<AcmeSettings> {
+    let settings = raw.tls.as_ref().and_then(|t| t.acme.as_ref());
+    let mut hosts: Vec<String> = Vec::new();
+    let mut add = |key: String, host: &str, errs: &mut Errors| {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        match acme_name_problem(&host) {
+            Some(why) => errs.add(key, format!("{host:?}: {why}")),
+            None if !hosts.contains(&host) => hosts.push(host),
+            None => {}
+        }
+    };
+    for (name, s) in raw.services.iter().filter(|(_, s)| s.tls.is_some()) {
+        let key = format!("services.{name}.tls");
+        if settings.is_none() {
+            errs.add(
+                key.clone(),
+                "\"acme\" needs [tls.acme] (directory, contact)",
+            );
+        }
+        if s.hosts.is_empty() {
+            errs.add(
+                key.clone(),
+                "the service answers any host: list its hosts, certificates are ordered per name",
+            );
+        }
+        for h in &s.hosts {
+            add(key.clone(), h, errs);
+        }
+    }
+    let a = settings?;
+    for (i, h) in a.hosts.iter().enumerate() {
+        add(format!("tls.acme.hosts[{i}]"), h, errs);
+    }
+    if hosts.is_empty() {
+        errs.add(
+            "tls.acme.hosts",
+            "no name to order: list hosts, or set tls = \"acme\" on a service with hosts",
+        );
+    }
+    if !a.directory.starts_with("https://") || a.directory.len() <= "https://".len() {
+        errs.add(
+            "tls.acme.directory",
+            format!("{:?}: the directory URL must be https://", a.directory),
+        );
+    }
+    for (i, c) in a.contact.iter().enumerate() {
+        let ok = c.strip_prefix("mailto:").is_some_and(|m| {
+            m.contains('@')
+                && !m
+                    .bytes()
+                    .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+        });
+        if !ok {
+            errs.add(
+                format!("tls.acme.contact[{i}]"),
+                format!("{c:?}: write mailto:someone@example.com"),
+            );
+        }
+    }
+    let ca_file = a.ca_file.as_ref().map(|f| base_dir_join(base_dir, f));
+    if let Some(f) = &ca_file {
+        let pem = rusty_shared::certs::read_capped(f).map_err(|e| e.to_string());
+        let has_cert = pem.as_ref().is_ok_and(|pem| {
+            use rustls::pki_types::pem::PemObject;
+            rustls::pki_types::CertificateDer::pem_slice_iter(pem).any(|c| c.is_ok())
+        });
+        match pem {
+            Err(e) => errs.add("tls.acme.ca_file", e),
+            Ok(_) if !has_cert => errs.add(
+                "tls.acme.ca_file",
+                format!("{}: no PEM certificate in it", f.display()),
+            ),
+            Ok(_) => {}
+        }
+    }
+    Some(AcmeSettings {
+        directory: a.directory.clone(),
+        contact: a.contact.clone(),
+        hosts,
+        ca_file,
+    })
+}
+
+/// Why `host` (lower case) cannot be ordered over HTTP-01, if it cannot.
+fn acme_name_problem(host: &str) -> Option<&'static str> {
+    if host.starts_with("*.") {
+        return Some(
+            "HTTP-01 cannot prove a wildcard name (order each name, or use [[tls.certificates]])",
+        );
+    }
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return Some("an IP address, not a DNS name");
+    }
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len())
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if host.len() > 253 || !host.contains('.') || !host.split('.').all(label_ok) {
+        return Some(
+            "not a DNS name a CA can issue for (labels of letters, digits and -, at least two)",
+        );
+    }
+    None
 }
 
 fn base_dir_join(base: &Path, p: &Path) -> std::path::PathBuf {

@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 use crate::attempt::{Failure, Routed};
 use crate::certs::TlsConn;
 use crate::clock;
+use crate::hostnames::ACME_CHALLENGE_PREFIX;
 use crate::http1::editor::{Origin, Proto};
 use crate::http1::head::{self, plain_request, Body, Response};
 use crate::http1::limits::MAX_INTERIM_RESPONSES;
@@ -167,6 +168,12 @@ impl Lane {
             let Some(s) = route else {
                 return Served::HandOver(bufs.client);
             };
+            // ACME challenges are answered by the pipeline.
+            if !snapshot.table.acme_challenges.is_empty()
+                && bufs.client[plain.path.clone()].starts_with(ACME_CHALLENGE_PREFIX.as_bytes())
+            {
+                return Served::HandOver(bufs.client);
+            }
             let svc = &snapshot.services[s as usize];
             // With no backend there is nothing to attempt; with capped ones, admission decides;
             // TLS to the backends and the redirect to HTTPS are the pipeline's.
