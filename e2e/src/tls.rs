@@ -160,6 +160,47 @@ pub fn curl(port: u16, name: &str, path: &str, ca: &Path, extra: &[&str]) -> Cur
     }
 }
 
+/// One `curl` for `n` HTTPS requests to `https://name:port/r`, each on a new connection (the
+/// server closes after each), trusting `ca`; [`https_codes`] reads what it printed.
+pub fn https_requests(port: u16, name: &str, ca: &Path, n: usize) -> Command {
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-sS",
+        "--http1.1",
+        "-H",
+        "Connection: close",
+        "-o",
+        "/dev/null",
+    ])
+    .args(["-w", "\ncode=%{http_code}\n"])
+    .arg("--resolve")
+    .arg(format!("{name}:{port}:127.0.0.1"))
+    .arg("--cacert")
+    .arg(ca)
+    .args((0..n).map(|_| format!("https://{name}:{port}/r")))
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    cmd
+}
+
+/// The status of each request of an [`https_requests`] run, and curl's complaint when it
+/// failed. (`-o` applies to the first URL only; the others' bodies come before their codes.)
+pub fn https_codes(out: &std::process::Output) -> Vec<String> {
+    let mut codes: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("code="))
+        .map(str::to_owned)
+        .collect();
+    if !out.status.success() {
+        codes.push(format!(
+            "curl: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    codes
+}
+
 /// The CN of the certificate 127.0.0.1:`port` presents for `sni` (none: no SNI), per `openssl
 /// s_client`; `Err` with its output when the handshake fails.
 pub fn served_cn(port: u16, sni: Option<&str>, extra: &[&str]) -> Result<String, String> {

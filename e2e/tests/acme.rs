@@ -5,10 +5,10 @@
 //! not order again. `scripts/setup.sh` installs pebble.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use rusty_e2e::tls::{curl, Pki};
+use rusty_e2e::tls::{curl, https_codes, https_requests, Pki};
 use rusty_e2e::{echo_service, free_port, wait_for_port, Agent, Lb, Proc, TempDir};
 
 /// A pebble CA and its DNS server, on fresh ports.
@@ -169,38 +169,7 @@ fn wait_acme(
 
 /// One batch of HTTPS requests, each on a new connection: the status codes curl got.
 fn https_batch(port: u16, host: &str, root: &Path, n: usize) -> Vec<String> {
-    let urls: Vec<String> = (0..n).map(|_| format!("https://{host}:{port}/r")).collect();
-    let out = Command::new("curl")
-        .args([
-            "-sS",
-            "--http1.1",
-            "-H",
-            "Connection: close",
-            "-o",
-            "/dev/null",
-        ])
-        .args(["-w", "\ncode=%{http_code}\n"])
-        .arg("--resolve")
-        .arg(format!("{host}:{port}:127.0.0.1"))
-        .arg("--cacert")
-        .arg(root)
-        .args(&urls)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut codes: Vec<String> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("code="))
-        .map(str::to_owned)
-        .collect();
-    if !out.status.success() {
-        codes.push(format!(
-            "curl: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    codes
+    https_codes(&https_requests(port, host, root, n).output().unwrap())
 }
 
 #[test]

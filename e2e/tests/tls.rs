@@ -9,7 +9,7 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use rusty_e2e::tls::{curl, python, served_cn, Pki, TlsLb};
+use rusty_e2e::tls::{curl, https_codes, https_requests, python, served_cn, Pki, TlsLb};
 use rusty_e2e::*;
 
 /// A CA, and a certificate directory with `app` (app.test and *.wild.test), `other`
@@ -290,38 +290,16 @@ fn a_reload_adds_and_replaces_pairs_and_keeps_the_old_one_of_a_bad_pair() {
 #[test]
 fn reloads_under_load_fail_no_handshake_and_no_request() {
     let (_dir, pki, _echo, lb) = tls_stack("reloadload", true, &[]);
-    // One curl, many requests, each on a new connection (the server closes after each).
-    let urls: Vec<String> = (0..300)
-        .map(|_| format!("https://app.test:{}/r", lb.tls_port))
-        .collect();
-    let child = std::process::Command::new("curl")
-        .args([
-            "-sS",
-            "--http1.1",
-            "-H",
-            "Connection: close",
-            "-o",
-            "/dev/null",
-        ])
-        .args(["-w", "\ncode=%{http_code}\n"])
-        .arg("--resolve")
-        .arg(format!("app.test:{}:127.0.0.1", lb.tls_port))
-        .arg("--cacert")
-        .arg(pki.ca())
-        .args(&urls)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
+    let child = https_requests(lb.tls_port, "app.test", &pki.ca(), 300)
         .spawn()
         .unwrap();
     for _ in 0..10 {
         std::thread::sleep(Duration::from_millis(50));
         lb.lb.proc.signal("HUP");
     }
-    let out = child.wait_with_output().unwrap();
-    let codes = String::from_utf8_lossy(&out.stdout);
-    // `-o` applies to the first URL only; the others' bodies come before their codes.
-    let ok = codes.lines().filter(|c| *c == "code=200").count();
-    assert_eq!(ok, 300, "{codes}\n{}", String::from_utf8_lossy(&out.stderr));
+    let codes = https_codes(&child.wait_with_output().unwrap());
+    let ok = codes.iter().filter(|c| *c == "200").count();
+    assert_eq!(ok, 300, "{codes:?}");
     assert!(
         lb.lb
             .metric("rustybalancer_tls_certificate_loads_total{result=\"loaded\"}")
