@@ -495,11 +495,19 @@ impl Core {
         let tx = self.events_tx.clone();
         let key = instance.clone();
         let task = tokio::spawn(async move {
+            // Checked when the config was read; a failure here fails every check, loudly.
+            let tls = match spec.tls.as_ref().map(health::TlsProbe::new).transpose() {
+                Ok(t) => t,
+                Err(e) => {
+                    error!(%instance, "health checks cannot speak TLS: {e}");
+                    return;
+                }
+            };
             let mut tick = tokio::time::interval(spec.interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                let result = health::probe(addr, &spec.probe, spec.timeout).await;
+                let result = health::probe(addr, &spec.probe, tls.as_ref(), spec.timeout).await;
                 if tx
                     .send(Event::Probe {
                         instance: instance.clone(),

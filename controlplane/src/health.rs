@@ -1,16 +1,21 @@
-//! Health: the rise/fall rule (pure) and the probes that feed it (HTTP GET or TCP connect).
+//! Health: the rise/fall rule (pure) and the probes that feed it (HTTP GET or TCP connect, over
+//! TLS for services whose backends speak it).
 //!
 //! An instance enters the table after `rise` passing checks in a row and leaves it after `fall`
 //! failing checks in a row, as in HAProxy. A process that exits is taken down at once, without
 //! waiting for `fall` failures: the runtime saw it die, there is nothing to confirm.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
-use crate::spec::Probe;
+use crate::spec::{Probe, ProbeTls};
 
 /// Rise/fall counting for one instance.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -74,23 +79,99 @@ impl Tracker {
 /// Largest response head a health check reads.
 const MAX_HEAD: usize = 8 * 1024;
 
+/// The TLS client of one service's checks, made once per instance's probe task.
+pub struct TlsProbe {
+    connector: TlsConnector,
+    server_name: Option<ServerName<'static>>,
+}
+
+impl TlsProbe {
+    pub fn new(tls: &ProbeTls) -> Result<TlsProbe, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        match &tls.ca_pem {
+            Some(pem) => {
+                for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                    let cert = cert.map_err(|e| format!("CA: {e}"))?;
+                    roots.add(cert).map_err(|e| format!("CA: {e}"))?;
+                }
+            }
+            None => {
+                for cert in rustls_native_certs::load_native_certs().certs {
+                    let _ = roots.add(cert);
+                }
+            }
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let server_name = match &tls.server_name {
+            Some(n) => Some(
+                ServerName::try_from(n.clone()).map_err(|e| format!("server_name {n:?}: {e}"))?,
+            ),
+            None => None,
+        };
+        Ok(TlsProbe {
+            connector: TlsConnector::from(Arc::new(config)),
+            server_name,
+        })
+    }
+}
+
 /// One check against `addr`. `Err` carries why it failed, for the log.
-pub async fn probe(addr: SocketAddr, probe: &Probe, timeout: Duration) -> Result<(), String> {
-    match tokio::time::timeout(timeout, probe_inner(addr, probe)).await {
+pub async fn probe(
+    addr: SocketAddr,
+    probe: &Probe,
+    tls: Option<&TlsProbe>,
+    timeout: Duration,
+) -> Result<(), String> {
+    match tokio::time::timeout(timeout, probe_inner(addr, probe, tls)).await {
         Ok(r) => r,
         Err(_) => Err(format!("no answer within {}ms", timeout.as_millis())),
     }
 }
 
-async fn probe_inner(addr: SocketAddr, probe: &Probe) -> Result<(), String> {
-    let mut stream = TcpStream::connect(addr)
+async fn probe_inner(
+    addr: SocketAddr,
+    probe: &Probe,
+    tls: Option<&TlsProbe>,
+) -> Result<(), String> {
+    let tcp = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
+    let Some(tls) = tls else {
+        return check(tcp, probe, &addr.to_string()).await;
+    };
+    let name = tls
+        .server_name
+        .clone()
+        .unwrap_or_else(|| ServerName::IpAddress(addr.ip().into()));
+    let host = match &name {
+        ServerName::DnsName(d) => d.as_ref().to_owned(),
+        _ => addr.to_string(),
+    };
+    let stream = tls
+        .connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+    check(stream, probe, &host).await
+}
+
+/// The check proper, on a connected stream: nothing more for TCP, a GET for HTTP.
+async fn check<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    probe: &Probe,
+    host: &str,
+) -> Result<(), String> {
     let Probe::Http { path } = probe else {
         return Ok(());
     };
     let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: rusty-agent-health\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: rusty-agent-health\r\nConnection: close\r\n\r\n"
     );
     stream
         .write_all(request.as_bytes())
@@ -174,11 +255,11 @@ mod tests {
             path: "/healthz".into(),
         };
         let t = Duration::from_secs(2);
-        assert_eq!(probe(addr, &http, t).await, Ok(()));
-        assert_eq!(probe(addr, &http, t).await, Err("status 503".into()));
-        assert_eq!(probe(addr, &http, t).await, Ok(()), "3xx passes");
+        assert_eq!(probe(addr, &http, None, t).await, Ok(()));
+        assert_eq!(probe(addr, &http, None, t).await, Err("status 503".into()));
+        assert_eq!(probe(addr, &http, None, t).await, Ok(()), "3xx passes");
         server.await.unwrap();
-        let e = probe(addr, &Probe::Tcp, t).await.unwrap_err();
+        let e = probe(addr, &Probe::Tcp, None, t).await.unwrap_err();
         assert!(e.starts_with("connect"), "{e}");
     }
 }

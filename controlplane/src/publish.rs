@@ -228,6 +228,7 @@ mod tests {
             stop_grace: std::time::Duration::from_secs(1),
             slow_start: std::time::Duration::ZERO,
             health: crate::spec::HealthSpec {
+                tls: None,
                 probe: crate::spec::Probe::Tcp,
                 interval: std::time::Duration::from_secs(1),
                 timeout: std::time::Duration::from_secs(1),

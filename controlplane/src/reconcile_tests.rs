@@ -21,6 +21,7 @@ fn spec(replicas: u32, surge: u32) -> ServiceSpec {
         stop_grace: Duration::from_secs(1),
         slow_start: Duration::ZERO,
         health: HealthSpec {
+            tls: None,
             probe: Probe::Tcp,
             interval: Duration::from_millis(100),
             timeout: Duration::from_millis(100),

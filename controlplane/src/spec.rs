@@ -116,6 +116,16 @@ pub struct HealthSpec {
     pub timeout: Duration,
     pub rise: u32,
     pub fall: u32,
+    /// The service's backends speak TLS (`upstream_tls`): checks do too, verified the same way.
+    pub tls: Option<ProbeTls>,
+}
+
+/// How a check verifies a TLS backend: the name (default: the address) and the CA (default:
+/// the system's roots), as the data planes will.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeTls {
+    pub server_name: Option<String>,
+    pub ca_pem: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

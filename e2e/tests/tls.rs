@@ -847,3 +847,51 @@ fn over_wss_the_agent_is_verified_and_sends_certificates() {
     });
     assert_eq!(sent.as_deref(), Some("1"));
 }
+
+#[test]
+fn the_agent_checks_https_instances_over_tls_and_sends_its_ca_in_the_table() {
+    let dir = TempDir::new("agentupstream");
+    let pki = Pki::new(&dir.path("ca"));
+    let other = Pki::new(&dir.path("other-ca"));
+    let (_echo, backend) = tls_backend(&dir, &pki);
+    let service = |name: &str, prefix: &str, ca: &Path| {
+        format!(
+            "\n[services.{name}]\nruntime = \"static\"\npath_prefix = \"{prefix}\"\naddresses = [\"127.0.0.1:{port}\"]\n\n[services.{name}.upstream_tls]\nserver_name = \"backend.test\"\nca_file = \"{ca}\"\n\n[services.{name}.health]\npath = \"/\"\ninterval = \"100ms\"\nrise = 1\n",
+            port = backend.tls_port,
+            ca = ca.display()
+        )
+    };
+    let services = service("api", "/", &pki.ca()) + &service("wrong", "/wrong", &other.ca());
+    let agent = Agent::start("agentupstream", &services);
+    // Checked over TLS against the right CA: in the table; against another CA: never.
+    agent.wait_serving("api", 1, Duration::from_secs(20));
+    let wrong = agent.status()["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "wrong")
+        .cloned()
+        .unwrap();
+    assert_eq!(wrong["healthy"], 0, "{wrong}");
+    let error = wrong["instances"][0]["last_error"].as_str().unwrap_or("");
+    assert!(error.contains("TLS"), "{wrong}");
+
+    // The data plane has no copy of the CA file: the table carries it.
+    let lb = agent.lb();
+    rusty_e2e::wait_backends(&lb, 1, Duration::from_secs(20));
+    let table = lb.admin_get("/table").body;
+    assert!(
+        table.contains("BEGIN CERTIFICATE") && !table.contains("ca_file"),
+        "{table}"
+    );
+    for (method, body) in [("GET", ""), ("POST", "x=1")] {
+        let r = rusty_e2e::Client::new(lb.port)
+            .request(&format!(
+                "{method} /hello HTTP/1.1\r\nHost: backend.test\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            ))
+            .unwrap();
+        assert_eq!(r.status, 200, "{method}: {}", r.body);
+        assert_eq!(r.backend(), Some("behind-tls"), "{method}");
+    }
+}

@@ -245,6 +245,9 @@ pub struct RawService {
     /// the `[tls]` certificates).
     #[serde(default)]
     pub https_redirect: bool,
+    /// TLS to its instances: from the data planes and from the agent's health checks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_tls: Option<RawUpstreamTls>,
     /// `"acme"`: the agent orders a certificate for each of its hosts from `[tls.acme]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ServiceTls>,
@@ -264,6 +267,19 @@ pub struct RawService {
     pub health: RawHealth,
     #[serde(default)]
     pub rollout: RawRollout,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstreamTls {
+    /// The name sent as SNI and verified in the instances' certificates (default: each
+    /// instance's address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    /// PEM CA certificates the instances' chains must lead to (default: the system's roots),
+    /// read by the agent and sent in the table, so data planes need no copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -395,6 +395,58 @@ fn acme(raw: &RawConfig, base_dir: &Path, errs: &mut Errors) -> Option<AcmeSetti
     })
 }
 
+/// A service's `upstream_tls`: its CA file read now (at most the table's limit for a CA
+/// bundle, PEM certificates in it), to travel in the table.
+fn upstream_tls(
+    t: &super::RawUpstreamTls,
+    base_dir: &Path,
+    key: &str,
+    errs: &mut Errors,
+) -> Option<crate::spec::ProbeTls> {
+    use rustls::pki_types::pem::PemObject;
+    let ca_pem = match &t.ca_file {
+        None => None,
+        Some(f) => {
+            let path = base_dir_join(base_dir, f);
+            let text = match std::fs::read(&path) {
+                Err(e) => {
+                    errs.add(key, format!("{}: cannot read it: {e}", path.display()));
+                    return None;
+                }
+                Ok(b) if b.len() > limits::MAX_CA_PEM_BYTES => {
+                    errs.add(
+                        key,
+                        format!(
+                            "{}: over {} bytes of CA certificates",
+                            path.display(),
+                            limits::MAX_CA_PEM_BYTES
+                        ),
+                    );
+                    return None;
+                }
+                Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+            };
+            let certs: Result<Vec<_>, _> =
+                rustls::pki_types::CertificateDer::pem_slice_iter(text.as_bytes()).collect();
+            match certs {
+                Ok(c) if !c.is_empty() => Some(text),
+                Ok(_) => {
+                    errs.add(key, format!("{}: no PEM certificate in it", path.display()));
+                    return None;
+                }
+                Err(e) => {
+                    errs.add(key, format!("{}: {e}", path.display()));
+                    return None;
+                }
+            }
+        }
+    };
+    Some(crate::spec::ProbeTls {
+        server_name: t.server_name.clone(),
+        ca_pem,
+    })
+}
+
 /// Why `host` (lower case) cannot be ordered over HTTP-01, if it cannot.
 fn acme_name_problem(host: &str) -> Option<&'static str> {
     if host.starts_with("*.") {
@@ -722,6 +774,15 @@ fn service(name: &str, s: &RawService, base_dir: &Path, errs: &mut Errors) -> Op
         include_subdomains: h.include_subdomains,
         preload: h.preload,
     });
+    let upstream_tls = s
+        .upstream_tls
+        .as_ref()
+        .and_then(|t| upstream_tls(t, base_dir, &key("upstream_tls.ca_file"), errs));
+    route.upstream_tls = upstream_tls.clone().map(|t| rusty_shared::UpstreamTls {
+        server_name: t.server_name,
+        ca_pem: t.ca_pem,
+        ca_file: None,
+    });
     // The route's own ranges (timeouts, retries, hosts, prefix) are the table's: check them with
     // the same code the data plane runs, on a one-backend trial table.
     let mut trial = route.clone();
@@ -755,6 +816,7 @@ fn service(name: &str, s: &RawService, base_dir: &Path, errs: &mut Errors) -> Op
         stop_grace: s.stop_grace.0,
         slow_start: s.slow_start.map_or(Duration::ZERO, |d| d.0),
         health: HealthSpec {
+            tls: upstream_tls,
             probe,
             interval: h.interval.0,
             timeout: h.timeout.0,

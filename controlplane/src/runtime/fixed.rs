@@ -37,7 +37,9 @@ impl Runtime for StaticRuntime {
             .get(service)
             .into_iter()
             .flatten()
-            .find(|a| !taken.values().any(|t| t == *a))
+            // Free within this service: two services may name the same backend (other
+            // prefixes, other classes in front of one server).
+            .find(|a| !taken.iter().any(|(i, t)| &i.service == service && t == *a))
             .copied()
             .ok_or_else(|| RuntimeError::NoAddress(service.clone()))?;
         taken.insert(spec.instance, free);
@@ -62,5 +64,54 @@ impl Runtime for StaticRuntime {
                 pid: None,
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::RunSpec;
+
+    fn spec(service: &str, seq: u64) -> InstanceSpec {
+        InstanceSpec {
+            instance: InstanceRef {
+                service: service.to_owned(),
+                seq,
+            },
+            generation: 1,
+            run: std::sync::Arc::new(RunSpec {
+                command: String::new(),
+                image: String::new(),
+                args: vec![],
+                env: Default::default(),
+                weight: 1,
+                priority: 0,
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn addresses_are_handed_out_once_per_service_and_may_be_shared_between_services() {
+        let a: SocketAddr = "127.0.0.1:9001".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:9002".parse().unwrap();
+        let rt = StaticRuntime::new(HashMap::from([
+            ("api".to_owned(), vec![a, b]),
+            ("bulk".to_owned(), vec![a]),
+        ]));
+        assert_eq!(rt.start(spec("api", 1)).await.unwrap(), a);
+        assert_eq!(rt.start(spec("api", 2)).await.unwrap(), b);
+        assert!(
+            rt.start(spec("api", 3)).await.is_err(),
+            "all of api's taken"
+        );
+        assert_eq!(
+            rt.start(spec("bulk", 1)).await.unwrap(),
+            a,
+            "shared with api"
+        );
+        rt.stop(&spec("api", 1).instance, Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!(rt.start(spec("api", 4)).await.unwrap(), a);
     }
 }
