@@ -784,6 +784,12 @@ impl Core {
         for runtime in self.runtimes.values().cloned().collect::<Vec<_>>() {
             for a in runtime.adopt().await {
                 let Some(s) = self.services.get_mut(&a.instance.service) else {
+                    // Its service left the config while the agent was down.
+                    info!(instance = %a.instance, "adopted, but no service claims it: stopping it");
+                    let runtime = runtime.clone();
+                    tokio::spawn(async move {
+                        let _ = runtime.stop(&a.instance, Duration::from_secs(10)).await;
+                    });
                     continue;
                 };
                 s.adopt(a.instance.seq, a.addr, a.run, now);

@@ -50,7 +50,11 @@ pub async fn run(config: Config) -> Result<()> {
     let mut runtimes: HashMap<RuntimeKind, Arc<dyn Runtime>> = HashMap::new();
     runtimes.insert(
         RuntimeKind::Process,
-        Arc::new(ProcessRuntime::new(agent.instance_host, runtime_tx)),
+        Arc::new(ProcessRuntime::new(
+            agent.instance_host,
+            runtime_tx,
+            &agent.state_dir,
+        )),
     );
     runtimes.insert(RuntimeKind::Static, Arc::new(StaticRuntime::new(statics)));
     if let Some(docker) = docker_runtime(&config, runtime_tx_docker).await? {

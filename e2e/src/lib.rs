@@ -491,6 +491,27 @@ impl LoadLoop {
     }
 }
 
+/// A test's agent stops the way an operator stops it (SIGTERM: it stops its instances); if it
+/// does not within 10 s, or was killed before, whatever instances it recorded are killed too,
+/// so no test leaves processes behind.
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if matches!(self.proc.child.try_wait(), Ok(None)) {
+            self.proc.signal("TERM");
+            if self.proc.wait_exit(Duration::from_secs(10)).is_none() {
+                self.kill();
+            }
+        }
+        for pid in self.recorded_pids() {
+            // The group the instance leads: whatever it started goes too.
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pid}")])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
 /// A `rusty-agent` on a fresh port, with its config, token and state in a scratch directory.
 pub struct Agent {
     pub proc: Proc,
@@ -574,9 +595,25 @@ impl Agent {
         wait_for_port(self.port, Duration::from_secs(20));
     }
 
+    /// SIGKILL, as a crash: its process instances keep running (a restarted agent adopts them).
     pub fn kill(&mut self) {
         let _ = self.proc.child.kill();
         let _ = self.proc.child.wait();
+    }
+
+    /// The pids of the process instances the agent has recorded in its state dir.
+    pub fn recorded_pids(&self) -> Vec<i64> {
+        let file = self.dir.path("state").join("processes.json");
+        let records: serde_json::Value = std::fs::read(&file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        records
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["pid"].as_i64())
+            .collect()
     }
 
     pub fn ws_url(&self) -> String {

@@ -348,20 +348,52 @@ fn instance_pids(agent: &Agent) -> Vec<i64> {
 }
 
 #[test]
-fn instances_never_outlive_the_agent() {
-    let mut agent = Agent::start("orphans", &echo_service("web", 2, ""));
-    agent.wait_serving("web", 2, LIMIT);
+fn instances_outlive_a_crashed_agent_are_adopted_and_traffic_never_notices() {
+    let (mut agent, lb, load) = stack_under_load("orphans", &echo_service("web", 2, ""), 2);
     let pids = instance_pids(&agent);
     assert!(pids.iter().all(|p| pid_alive(*p)));
-    agent.kill(); // SIGKILL: no chance to clean up; the kernel's parent-death signal does it
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while pids.iter().any(|p| pid_alive(*p)) {
+    let first = lb.table_version().expect("a table");
+
+    // SIGKILL: no chance to clean up; the instances keep serving the data plane's last table.
+    agent.kill();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        pids.iter().all(|p| pid_alive(*p)),
+        "instances {pids:?} died with the agent"
+    );
+    let restarted = Instant::now();
+    agent.kill_and_restart();
+    // The new agent adopts the same processes (no restart) and publishes them at once.
+    agent.wait_serving("web", 2, LIMIT);
+    let mut adopted = instance_pids(&agent);
+    adopted.sort();
+    let mut before = pids.clone();
+    before.sort();
+    assert_eq!(adopted, before, "the same processes, adopted");
+    let svc = agent.service("web");
+    assert!(
+        svc["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["restarts"] == 0),
+        "{svc:#}"
+    );
+    let deadline = Instant::now() + LIMIT;
+    while lb.table_version().is_none_or(|v| v <= first) {
         assert!(
             Instant::now() < deadline,
-            "instances {pids:?} outlived a killed agent"
+            "no table from the restarted agent"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    eprintln!(
+        "agent restart → the data plane has its table after {} ms",
+        restarted.elapsed().as_millis()
+    );
+    let report = load.finish();
+    assert_no_failures(&report);
+    assert_eq!(report.by_backend.len(), 2, "{report:?}");
 
     // SIGTERM: the agent stops its instances itself and exits.
     agent.kill_and_restart();

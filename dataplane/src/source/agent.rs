@@ -32,7 +32,12 @@ const PING_EVERY: Duration = Duration::from_secs(5);
 /// No frame at all (pongs included) for this long: the agent is gone.
 const DEAD_AFTER: Duration = Duration::from_secs(15);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Low, so a restarted agent has every data plane back within about a second (each retry is
+/// one refused connect or a handshake: cheap for the agent even with many data planes, and the
+/// jitter spreads them).
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// A subscription that lived this long was healthy: the next retry starts from the minimum.
+const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 /// Room for the WebSocket framing around the largest table.
 const MAX_MESSAGE: usize = rusty_shared::limits::MAX_TABLE_BYTES + 1024;
 
@@ -195,7 +200,7 @@ impl BackgroundService for AgentSource {
                     "agent unreachable; serving the installed table and retrying"),
             }
             // A connection that lived a while was healthy: start the backoff over.
-            if started.elapsed() > BACKOFF_MAX {
+            if started.elapsed() > HEALTHY_SESSION {
                 backoff = BACKOFF_MIN;
             }
             let wait = jitter(backoff);
