@@ -174,11 +174,34 @@ pub enum UpdateResult {
     Stale,
 }
 
+/// What happened to the state dir's table, for `rustybalancer_state_dir_events_total{event}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateEvent {
+    /// The saved table was restored at start.
+    Restored,
+    /// The saved table was unusable and the one before it was restored.
+    RestoredPrevious,
+    /// A saved table file was unusable (unreadable, truncated, invalid).
+    Unusable,
+    /// An applied table could not be saved (full disk, read-only dir); it serves anyway.
+    SaveFailed,
+}
+
+impl StateEvent {
+    const ALL: [(StateEvent, &'static str); 4] = [
+        (StateEvent::Restored, "restored"),
+        (StateEvent::RestoredPrevious, "restored_previous"),
+        (StateEvent::Unusable, "unusable"),
+        (StateEvent::SaveFailed, "save_failed"),
+    ];
+}
+
 /// Every metric series the data plane exports.
 #[derive(Default)]
 pub struct Registry {
     series: Mutex<Series>,
     updates: [AtomicU64; 3],
+    state_events: [AtomicU64; 4],
     /// Requests that matched no service (`service=""`).
     unrouted: Arc<BackendCounters>,
 }
@@ -204,6 +227,10 @@ impl Registry {
 
     pub fn updates(&self, r: UpdateResult) -> u64 {
         self.updates[r as usize].load(Relaxed)
+    }
+
+    pub fn count_state(&self, e: StateEvent) {
+        self.state_events[e as usize].fetch_add(1, Relaxed);
     }
 
     pub fn unrouted(&self) -> Arc<BackendCounters> {
@@ -386,6 +413,19 @@ impl Registry {
                 w,
                 "rustybalancer_table_updates_total{{result=\"{label}\"}} {}",
                 self.updates(r)
+            );
+        }
+        header(
+            w,
+            "rustybalancer_state_dir_events_total",
+            "counter",
+            "The state dir's table: restored at start (the saved one or the one before), files found unusable, saves that failed.",
+        );
+        for (e, label) in StateEvent::ALL {
+            let _ = writeln!(
+                w,
+                "rustybalancer_state_dir_events_total{{event=\"{label}\"}} {}",
+                self.state_events[e as usize].load(Relaxed)
             );
         }
         header(

@@ -78,16 +78,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (Some(certs), Some(dir)) => {
             let state = StateDir::open_certs(dir)
                 .with_context(|| format!("--state-dir {}: cannot use it", dir.display()))?;
-            if let Some(bytes) = state.load().context("--state-dir: certs.json")? {
-                match certs.offer_bundle(&bytes, crate::clock::unix_now()) {
-                    Ok(offered) => {
-                        info!(?offered, "the agent's certificates saved in the state dir")
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "the certificates saved in the state dir do not load; waiting for the agent's")
-                    }
-                }
-            }
+            restore_certs(&state, certs);
             Some(state)
         }
         _ => None,
@@ -120,6 +111,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let store = Arc::new(TableStore::new(metrics.clone(), queue.clone(), state));
     if let Some(v) = store.restore() {
         info!(version = v, "serving the table saved in the state dir");
+    }
+    if args.state_dir.is_some() {
+        // A state dir that refused a table (full disk, read-only) gets it again until it takes
+        // it; the table serves meanwhile.
+        let store = store.clone();
+        std::thread::Builder::new()
+            .name("state-dir-retry".into())
+            .spawn(move || loop {
+                std::thread::sleep(std::time::Duration::from_secs(5));
+                store.retry_save();
+            })
+            .context("cannot start the state dir's retry thread")?;
     }
     let file_source = match &args.table {
         Some(path) => {
@@ -345,5 +348,29 @@ impl BackgroundService for Drain {
             }
         }
         info!("graceful shutdown: grace period over");
+    }
+}
+
+/// The agent's certificates saved in the state dir, or the bundle before them when those do not
+/// load; nothing stops the start (the agent sends them again).
+fn restore_certs(state: &StateDir, certs: &Certs) {
+    let now = crate::clock::unix_now();
+    for (path, read) in [
+        (state.path(), state.load()),
+        (state.previous_path(), state.load_previous()),
+    ] {
+        let outcome = match read {
+            Ok(None) => continue,
+            Ok(Some(bytes)) => certs.offer_bundle(&bytes, now).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match outcome {
+            Ok(offered) => {
+                info!(path = %path.display(), ?offered, "the agent's certificates saved in the state dir");
+                return;
+            }
+            Err(e) => warn!(path = %path.display(), error = %e,
+                "saved certificates do not load; trying the bundle before them, else waiting for the agent's"),
+        }
     }
 }

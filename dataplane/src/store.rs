@@ -10,10 +10,10 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwapOption;
 use rusty_shared::{check_succession, decode, validate, TableError};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::clock;
-use crate::metrics::{Registry, UpdateResult};
+use crate::metrics::{Registry, StateEvent, UpdateResult};
 use crate::queue::Queue;
 use crate::snapshot::{self, Snapshot};
 use crate::state_dir::StateDir;
@@ -24,6 +24,9 @@ pub struct TableStore {
     /// Where the slots of capped addresses live across tables.
     queue: Arc<Queue>,
     state: Option<StateDir>,
+    /// An applied table the state dir could not take yet (full disk, read-only): saved by
+    /// [`TableStore::retry_save`] or with the next table.
+    unsaved: Mutex<Option<(u64, Vec<u8>)>>,
     /// Serializes installs from concurrent sources (never taken on the request path).
     installing: Mutex<()>,
 }
@@ -35,6 +38,7 @@ impl TableStore {
             registry,
             queue,
             state,
+            unsaved: Mutex::new(None),
             installing: Mutex::new(()),
         }
     }
@@ -53,13 +57,9 @@ impl TableStore {
                 let version = snapshot.version;
                 let backends = snapshot.backend_count;
                 let services = snapshot.services.len();
-                if let Some(state) = &self.state {
-                    if let Err(e) = state.save(bytes) {
-                        warn!(%origin, version, error = %e,
-                            "table applied but not saved to the state dir");
-                    }
-                }
+                // In memory first: a state dir that cannot take it never holds a table back.
                 self.current.store(Some(Arc::new(snapshot)));
+                self.save(version, bytes, origin);
                 self.registry.count_update(UpdateResult::Applied);
                 info!(%origin, version, services, backends, "table applied");
                 Ok(version)
@@ -71,8 +71,51 @@ impl TableStore {
             }
             Err(e) => {
                 self.registry.count_update(UpdateResult::Rejected);
-                warn!(%origin, reason = %e, "table rejected; the installed table keeps serving");
+                match self.current.load().as_ref() {
+                    Some(s) => warn!(%origin, reason = %e, installed = s.version,
+                        "table rejected; the installed table keeps serving"),
+                    None => warn!(%origin, reason = %e,
+                        "table rejected; no table is installed yet (requests get 503)"),
+                }
                 Err(e)
+            }
+        }
+    }
+
+    fn save(&self, version: u64, bytes: &[u8], origin: &str) {
+        let Some(state) = &self.state else { return };
+        let mut unsaved = self.unsaved.lock().unwrap_or_else(|p| p.into_inner());
+        match state.save(bytes) {
+            Ok(()) => *unsaved = None,
+            Err(e) => {
+                self.registry.count_state(StateEvent::SaveFailed);
+                warn!(%origin, version, path = %state.path().display(), error = %e,
+                    "table applied but not saved to the state dir; retrying");
+                *unsaved = Some((version, bytes.to_vec()));
+            }
+        }
+    }
+
+    /// Save the applied table the state dir refused earlier, if any. Returns whether one is
+    /// still waiting.
+    pub fn retry_save(&self) -> bool {
+        let Some(state) = &self.state else {
+            return false;
+        };
+        let mut unsaved = self.unsaved.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((version, bytes)) = unsaved.as_ref() else {
+            return false;
+        };
+        match state.save(bytes) {
+            Ok(()) => {
+                info!(version, path = %state.path().display(), "table saved to the state dir after all");
+                *unsaved = None;
+                false
+            }
+            Err(e) => {
+                self.registry.count_state(StateEvent::SaveFailed);
+                debug!(version, error = %e, "the state dir still refuses the table");
+                true
             }
         }
     }
@@ -100,19 +143,59 @@ impl TableStore {
         ))
     }
 
-    /// Load the last applied table from the state dir, before any listener accepts.
+    /// Load the last applied table from the state dir, before any listener accepts: the saved
+    /// one, or when that is unusable (unreadable, truncated, invalid) the one before it, saying
+    /// which and why.
     pub fn restore(&self) -> Option<u64> {
         let state = self.state.as_ref()?;
-        match state.load() {
-            Ok(Some(bytes)) => self
-                .offer(&bytes, &format!("state dir {}", state.path().display()))
-                .ok(),
-            Ok(None) => None,
-            Err(e) => {
-                warn!(path = %state.path().display(), error = %e, "cannot read the saved table");
-                None
+        let _one_at_a_time = self.installing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut problems = Vec::new();
+        let candidates = [
+            (state.path(), state.load(), StateEvent::Restored),
+            (
+                state.previous_path(),
+                state.load_previous(),
+                StateEvent::RestoredPrevious,
+            ),
+        ];
+        for (path, read, event) in candidates {
+            let bytes = match read {
+                Ok(Some(b)) => b,
+                Ok(None) => continue,
+                Err(e) => {
+                    self.registry.count_state(StateEvent::Unusable);
+                    problems.push(format!("{}: {e}", path.display()));
+                    continue;
+                }
+            };
+            match self.try_install(&bytes) {
+                Ok(snapshot) => {
+                    let version = snapshot.version;
+                    self.current.store(Some(Arc::new(snapshot)));
+                    self.registry.count_state(event);
+                    if event == StateEvent::RestoredPrevious {
+                        warn!(path = %path.display(), version, problems = ?problems,
+                            "the saved table is unusable; restored the one before it");
+                        // Over the damaged file, keeping this good one as the previous too.
+                        if let Err(e) = state.save_over(&bytes) {
+                            warn!(error = %e, "cannot repair the state dir's table file");
+                        }
+                    } else {
+                        info!(path = %path.display(), version, "table restored from the state dir");
+                    }
+                    return Some(version);
+                }
+                Err(e) => {
+                    self.registry.count_state(StateEvent::Unusable);
+                    problems.push(format!("{}: {e}", path.display()));
+                }
             }
         }
+        if !problems.is_empty() {
+            error!(problems = ?problems,
+                "no saved table could be restored; no table is installed (requests get 503) until a source delivers one");
+        }
+        None
     }
 
     pub fn state_path(&self) -> Option<PathBuf> {

@@ -270,6 +270,137 @@ fn a_restart_with_no_table_source_serves_the_saved_table_at_once() {
 }
 
 #[test]
+fn a_damaged_saved_table_falls_back_to_the_one_before_and_says_so() {
+    let a = Echo::start("web-a");
+    let b = Echo::start("web-b");
+    let dir = TempDir::new("damaged");
+    let path = dir.path("table.json");
+    let lb = lb_with_table(&dir, &table(3, &[("web-a", &a.addr(), 1, 0)]));
+    write_atomic(&path, &table(4, &[("web-b", &b.addr(), 1, 0)]));
+    lb.proc.signal("HUP");
+    lb.wait_version(4, Duration::from_secs(10));
+    let state = dir.path("state");
+    // Applied in memory first, then saved: wait for the save.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(state.join("table.json")).is_ok_and(|t| t.contains("web-b")) {
+        assert!(std::time::Instant::now() < deadline, "never saved");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(lb);
+    let start = || Lb::start(&["--state-dir".into(), state.display().to_string()]);
+
+    // Truncated mid-write by something else: the table before it serves.
+    let saved = std::fs::read(state.join("table.json")).unwrap();
+    std::fs::write(state.join("table.json"), &saved[..saved.len() / 2]).unwrap();
+    let lb = start();
+    assert_eq!(lb.table_version(), Some(3), "{}", lb.proc.stderr_text());
+    assert_eq!(lb.get("localhost", "/").backend(), Some("web-a"));
+    let metric = |e: &str| {
+        lb.metric(&format!(
+            "rustybalancer_state_dir_events_total{{event=\"{e}\"}}"
+        ))
+    };
+    assert_eq!(
+        (metric("restored_previous"), metric("unusable")),
+        (1.0, 1.0)
+    );
+    let log = lb.proc.stderr_text();
+    assert!(
+        log.contains("the saved table is unusable; restored the one before it")
+            && log.contains("table.json"),
+        "{log}"
+    );
+    drop(lb);
+
+    // Both garbage: no table, and the log says that, not that one keeps serving.
+    std::fs::write(state.join("table.json"), "garbage").unwrap();
+    std::fs::write(state.join("table.prev.json"), "{").unwrap();
+    let lb = start();
+    assert_eq!(lb.table_version(), None);
+    assert_eq!(lb.get("localhost", "/").status, 503);
+    let log = lb.proc.stderr_text();
+    assert!(log.contains("no saved table could be restored"), "{log}");
+    assert!(!log.contains("keeps serving"), "{log}");
+}
+
+/// A small tmpfs of the test's own, unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &std::path::Path) -> Option<Tmpfs> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(at.to_owned()))
+    }
+
+    fn remount(&self, mode: &str) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,{mode}")])
+            .arg(&self.0)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "remount {mode}");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_read_only_state_dir_never_holds_a_table_back_and_is_retried() {
+    let a = Echo::start("web-a");
+    let b = Echo::start("web-b");
+    let dir = TempDir::new("readonly");
+    let state = dir.path("state");
+    // A read-only file system, as the data plane would meet it: mounting one needs root.
+    let Some(fs) = Tmpfs::mount(&state) else {
+        eprintln!("\n==== SKIPPED: cannot mount a tmpfs here (not root?); the read-only state dir is untested ====\n");
+        return;
+    };
+    let path = dir.path("table.json");
+    let lb = lb_with_table(&dir, &table(1, &[("web-a", &a.addr(), 1, 0)]));
+    lb.wait_version(1, Duration::from_secs(10));
+    fs.remount("ro");
+    write_atomic(&path, &table(2, &[("web-b", &b.addr(), 1, 0)]));
+    lb.proc.signal("HUP");
+    lb.wait_version(2, Duration::from_secs(10));
+    assert_eq!(
+        lb.get("localhost", "/").backend(),
+        Some("web-b"),
+        "applied in memory"
+    );
+    let failed = "rustybalancer_state_dir_events_total{event=\"save_failed\"}";
+    assert!(lb.metric(failed) >= 1.0);
+    assert!(lb
+        .proc
+        .stderr_text()
+        .contains("not saved to the state dir; retrying"));
+    fs.remount("rw");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !std::fs::read_to_string(state.join("table.json"))
+        .unwrap()
+        .contains("web-b")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never saved after the file system became writable"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(lb);
+}
+
+#[test]
 fn before_any_table_health_is_503_and_requests_get_503() {
     let dir = TempDir::new("empty");
     let lb = Lb::start(&[
