@@ -173,6 +173,12 @@ impl Metrics {
         }
         let _ = writeln!(
             out,
+            "# HELP rusty_agent_state_files_total State files found damaged (unusable) and replaced by their previous version (fell_back).\n# TYPE rusty_agent_state_files_total counter\nrusty_agent_state_files_total{{event=\"unusable\"}} {}\nrusty_agent_state_files_total{{event=\"fell_back\"}} {}",
+            crate::state::UNUSABLE.load(Ordering::Relaxed),
+            crate::state::FELL_BACK.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
             "# HELP rusty_agent_table_version Version of the last published table.\n# TYPE rusty_agent_table_version gauge\nrusty_agent_table_version {}",
             status.table_version.unwrap_or(0)
         );

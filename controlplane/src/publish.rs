@@ -62,11 +62,15 @@ impl Publisher {
     pub fn open(state_dir: &Path) -> std::io::Result<Publisher> {
         std::fs::create_dir_all(state_dir)?;
         let state_file = state_dir.join("version");
-        let last_version = match std::fs::read_to_string(&state_file) {
-            Ok(t) => t.trim().parse().unwrap_or(0),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-            Err(e) => return Err(e),
-        };
+        // A damaged file falls back to the version before it; with neither, the wall clock
+        // still keeps versions growing (see `offer`).
+        let last_version = crate::state::read_or_previous(&state_file, |b| {
+            String::from_utf8_lossy(b)
+                .trim()
+                .parse::<u64>()
+                .map_err(|e| format!("not a version: {e}"))
+        })
+        .unwrap_or(0);
         let (tx, _) = watch::channel(None);
         Ok(Publisher {
             state_file,

@@ -98,16 +98,10 @@ struct Records {
 impl Records {
     fn open(state_dir: &Path) -> Records {
         let file = state_dir.join("processes.json");
-        let map = std::fs::read(&file)
-            .ok()
-            .and_then(|b| match serde_json::from_slice::<Vec<Record>>(&b) {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    warn!(file = %file.display(), "ignoring unreadable process records: {e}");
-                    None
-                }
-            })
-            .unwrap_or_default()
+        let map = crate::state::read_or_previous(&file, |b| {
+            serde_json::from_slice::<Vec<Record>>(b).map_err(|e| e.to_string())
+        })
+        .unwrap_or_default()
             .into_iter()
             .map(|r| (format!("{}-{}", r.service, r.seq), r))
             .collect();
