@@ -33,8 +33,10 @@ pub struct SavedService {
 impl Desired {
     /// The saved state (or the one before it, when it is damaged), or empty if there is none.
     pub fn load(path: &Path) -> Desired {
-        read_or_previous(path, |b| serde_json::from_slice(b).map_err(|e| e.to_string()))
-            .unwrap_or_default()
+        read_or_previous(path, |b| {
+            serde_json::from_slice(b).map_err(|e| e.to_string())
+        })
+        .unwrap_or_default()
     }
 
     pub fn save(&self, path: &Path) -> std::io::Result<()> {

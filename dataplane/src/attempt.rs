@@ -63,8 +63,11 @@ pub struct Routed {
     tried: [u32; MAX_TRIES],
     tries: usize,
     last: Option<Failure>,
-    /// The failure before `last`.
-    before_last: Option<Failure>,
+    /// `tries` when `last` was recorded: the last attempt failed when they are equal.
+    failed_at: usize,
+    /// Attempts that do not count against the retry budget: the first stale pooled connection
+    /// of each backend (the pool's staleness, not a try of the backend).
+    free: usize,
     ended: bool,
 }
 
@@ -80,7 +83,8 @@ impl Routed {
             tried: [0; MAX_TRIES],
             tries: 0,
             last: None,
-            before_last: None,
+            failed_at: 0,
+            free: 0,
             ended: false,
         }
     }
@@ -139,25 +143,25 @@ impl Routed {
     }
 
     fn budget_left(&self) -> bool {
-        self.tries <= self.service().retries as usize && self.tries < MAX_TRIES
+        self.tries - self.free <= self.service().retries as usize && self.tries < MAX_TRIES
     }
 
     /// The current attempt failed: counted on its backend, which is ejected if it refused the
     /// connection. True when another attempt may follow (budget left, and nothing was sent or
     /// the request can be replayed); the path then asks [`Routed::next`] for the backend.
     pub fn fail(&mut self, failure: Failure, now: u64) -> bool {
-        self.before_last = self.last.replace(failure);
+        self.last = Some(failure);
+        self.failed_at = self.tries;
         let Some(i) = self.backend() else {
             return false;
         };
-        // A pooled connection went stale and a new one to the same backend is refused: the
-        // backend is gone, and neither attempt reached it. They count as one.
-        if matches!(failure, Failure::Connect(_))
-            && matches!(self.before_last, Some(Failure::Stale { .. }))
-            && self.tries >= 2
-            && self.tried[self.tries - 2] == i
-        {
-            self.tries -= 1;
+        // A pooled connection that turned out closed is the pool's staleness: the first one of
+        // each backend is free, so a backend that died (its pooled connection stale, the new
+        // one refused) costs one attempt, not two, and two dying at once do not use up a
+        // budget of two retries before the third backend is asked. Another stale connection
+        // to the same backend counts: the pool may hold several, and MAX_TRIES bounds it all.
+        if matches!(failure, Failure::Stale { .. }) && !self.tried[..self.tries - 1].contains(&i) {
+            self.free += 1;
         }
         let svc = self.service();
         let backend = &svc.backends[i as usize];
@@ -172,6 +176,10 @@ impl Routed {
             }
             Failure::Answer { kind, replayable } => {
                 backend.counters.count_error(kind);
+                if kind == UpstreamError::ReadTimeout && svc.balancer.timed_out(i, now) {
+                    warn!(service = %svc.name, backend = %backend.id,
+                        "backend ejected after read timeouts in a row");
+                }
                 replayable
             }
             // The pool's staleness, not the backend's failure: not counted against it.
@@ -198,7 +206,12 @@ impl Routed {
         }
         let svc = &self.snapshot.services[self.service as usize];
         match self.tried[..self.tries].last() {
-            Some(&i) => svc.backends[i as usize].counters.count_response(status),
+            Some(&i) => {
+                svc.backends[i as usize].counters.count_response(status);
+                if self.failed_at != self.tries {
+                    svc.balancer.answered(i);
+                }
+            }
             None => svc.no_backend.count_response(status),
         }
         svc.counters.observe(self.start.elapsed().as_nanos() as u64);
@@ -303,6 +316,45 @@ mod tests {
     }
 
     #[test]
+    fn read_timeouts_in_a_row_eject_a_backend_and_an_answer_between_them_forgives() {
+        let snap = snapshot(2, 1);
+        let balancer = &snap.services[0].balancer;
+        let slow = 0;
+        // A request whose first attempt goes to `slow` (others are answered on the way).
+        let on_slow = || loop {
+            let mut r = routed(&snap);
+            if r.next(NOW).unwrap() == slow {
+                return r;
+            }
+            r.end(200);
+        };
+        let time_out_then_retry = |mut r: Routed| {
+            assert!(r.fail(TIMED_OUT, NOW), "idempotent: retried elsewhere");
+            assert_ne!(r.next(NOW), Some(slow));
+            r.end(200);
+        };
+        time_out_then_retry(on_slow());
+        assert!(
+            !balancer.ejected(slow, NOW),
+            "one timeout may be one slow request"
+        );
+        // It answers one request: its run of timeouts is over.
+        on_slow().end(200);
+        time_out_then_retry(on_slow());
+        assert!(
+            !balancer.ejected(slow, NOW),
+            "an answer came between the timeouts"
+        );
+        // Two in a row: ejected for the service's eject time.
+        time_out_then_retry(on_slow());
+        assert!(balancer.ejected(slow, NOW), "two read timeouts in a row");
+        let errors = snap.services[0].backends[0]
+            .counters
+            .errors(UpstreamError::ReadTimeout);
+        assert_eq!(errors, 3);
+    }
+
+    #[test]
     fn no_retries_means_one_attempt_and_every_backend_tried_means_none_left() {
         let snap = snapshot(3, 0);
         let mut r = routed(&snap);
@@ -321,7 +373,7 @@ mod tests {
     }
 
     #[test]
-    fn a_stale_pooled_connection_costs_an_attempt_on_the_same_backend() {
+    fn a_backends_first_stale_pooled_connection_is_free_and_later_ones_count() {
         let snap = snapshot(3, 2);
         let mut r = routed(&snap);
         let first = r.next(NOW).unwrap();
@@ -334,12 +386,14 @@ mod tests {
         );
         assert!(r.fail(stale, NOW));
         assert_eq!(r.next(NOW), Some(first));
+        assert!(r.fail(stale, NOW));
+        assert_eq!(r.next(NOW), Some(first));
         assert!(
             !r.fail(stale, NOW),
-            "three arrivals: the budget of 2 retries is spent"
+            "four arrivals, the first free: the budget of 2 retries is spent"
         );
         assert_eq!(r.next(NOW), None);
-        assert_eq!(r.tried(), &[first, first, first]);
+        assert_eq!(r.tried(), &[first, first, first, first]);
         let counters = &r.service().backends[first as usize].counters;
         assert_eq!(
             counters.errors(UpstreamError::Closed),
@@ -354,7 +408,7 @@ mod tests {
     }
 
     #[test]
-    fn a_stale_connection_to_a_backend_that_is_gone_costs_one_attempt_not_two() {
+    fn two_backends_gone_at_once_leave_the_third_one_within_two_retries() {
         let snap = snapshot(3, 2);
         let mut r = routed(&snap);
         // Two backends died: each one's pooled connection is stale, each new one refused.
@@ -368,12 +422,25 @@ mod tests {
         assert_eq!(r.next(NOW), Some(second));
         assert!(
             r.fail(REFUSED, NOW),
-            "two attempts spent, one left of 2 retries"
+            "two attempts spent (the stale ones free), one left of 2 retries"
         );
         // The third backend takes it: within the budget of three attempts.
         let third = r.next(NOW).unwrap();
         assert!(third != first && third != second);
-        assert_eq!(r.tried(), &[first, second, third]);
+        assert_eq!(r.tried(), &[first, first, second, second, third]);
+        // Closed mid-request after the stale one (a process dying while the kernel still
+        // accepted): that counts, and the third backend is still within the budget.
+        let mut r = routed(&snap);
+        let a = r.next(NOW).unwrap();
+        assert!(r.fail(Failure::Stale { replayable: true }, NOW));
+        assert_eq!(r.next(NOW), Some(a));
+        assert!(r.fail(CLOSED_GET, NOW));
+        let b = r.next(NOW).unwrap();
+        assert!(r.fail(Failure::Stale { replayable: true }, NOW));
+        assert_eq!(r.next(NOW), Some(b));
+        assert!(r.fail(CLOSED_GET, NOW));
+        let c = r.next(NOW).expect("the third backend, within 2 retries");
+        assert!(c != a && c != b);
     }
 
     #[test]

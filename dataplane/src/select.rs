@@ -6,7 +6,7 @@
 //! already-tried backends and, with nothing in good standing left, ignores ejections (Envoy's
 //! panic mode). The rules are in `docs/dataplane.md` ("Selection").
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -59,6 +59,8 @@ pub struct Balancer {
     tier_of: Box<[u32]>,
     /// `now` until which each backend is skipped; 0 when in good standing.
     ejected_until_ms: Box<[AtomicU64]>,
+    /// Read timeouts in a row per backend (reset by an answer).
+    timeouts: Box<[AtomicU32]>,
     overprovisioning_pct: u32,
     eject_for_ms: u64,
     spill: ArcSwap<Spill>,
@@ -68,6 +70,11 @@ pub struct Balancer {
 
 /// How many schedule positions a pick walks before scanning the tier's members instead.
 const WALK: usize = 16;
+
+/// Read timeouts in a row that eject a backend: one can be a slow request, two in a row with
+/// no answer between them is a backend (or a path to it) that does not answer. nginx takes
+/// one (`max_fails=1` counts timeouts); Envoy's outlier detection five gateway failures.
+pub const TIMEOUTS_TO_EJECT: u32 = 2;
 
 impl Balancer {
     /// A balancer over `weights.len()` backends in `tiers` (as validated by `shared`), whose
@@ -100,12 +107,14 @@ impl Balancer {
         let ejected: Box<[AtomicU64]> = ejected_until_ms.into_iter().map(AtomicU64::new).collect();
         debug_assert_eq!(ejected.len(), weights.len());
         let carried = ejected.iter().any(|e| e.load(Relaxed) > now);
+        let timeouts = (0..weights.len()).map(|_| AtomicU32::new(0)).collect();
         let b = Balancer {
             spill: ArcSwap::from_pointee(Spill::all_healthy(tiers.len())),
             tiers,
             weights: weights.into(),
             tier_of: tier_of.into(),
             ejected_until_ms: ejected,
+            timeouts,
             overprovisioning_pct,
             eject_for_ms,
             tier_turn: AtomicU64::new(0),
@@ -215,6 +224,26 @@ impl Balancer {
         let before = self.ejected_until_ms[i as usize].swap(now + self.eject_for_ms, Relaxed);
         self.refresh_spill(now);
         before <= now
+    }
+
+    /// Backend `i` did not answer within the read timeout. Ejects it (true: newly) after
+    /// [`TIMEOUTS_TO_EJECT`] in a row.
+    pub fn timed_out(&self, i: u32, now: u64) -> bool {
+        let n = self.timeouts[i as usize].fetch_add(1, Relaxed) + 1;
+        if n < TIMEOUTS_TO_EJECT {
+            return false;
+        }
+        self.timeouts[i as usize].store(0, Relaxed);
+        self.eject(i, now)
+    }
+
+    /// Backend `i` answered: its run of timeouts is over.
+    pub fn answered(&self, i: u32) {
+        let t = &self.timeouts[i as usize];
+        // Read first: the common case writes nothing (no cache line bouncing between threads).
+        if t.load(Relaxed) != 0 {
+            t.store(0, Relaxed);
+        }
     }
 
     /// Recompute tier loads from the ejection deadlines. Concurrent refreshes compute the same

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderName;
+use pingora::protocols::l4::ext::TcpKeepalive;
 use pingora::protocols::tls::CaType;
 use pingora::upstreams::peer::{HttpPeer, HttpUpstreamRequestPolicy};
 use rusty_shared::{CaSource, RequestClass, Table, TableError, ValidTable};
@@ -21,6 +22,18 @@ use crate::select::Balancer;
 
 /// How long an idle pooled upstream connection is kept (nginx's upstream keepalive_timeout).
 const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
+
+/// TCP keepalive on every upstream connection, both request paths: an idle pooled connection
+/// whose backend vanished without a reset (a partition, a host gone) is found dead within
+/// 15 s + 3 × 5 s, before its 60 s idle time runs out and before a request is sent on it; and
+/// a request whose bytes are not acknowledged for 15 s (a blackholed backend) fails its
+/// connection then instead of waiting out a long read timeout. nginx (`proxy_socket_keepalive`)
+/// and Envoy (`upstream_connection_options.tcp_keepalive`) leave it off by default, so there a
+/// partition costs the whole read timeout.
+pub const UPSTREAM_KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
+pub const UPSTREAM_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+pub const UPSTREAM_KEEPALIVE_PROBES: u32 = 3;
+pub const UPSTREAM_USER_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub struct Snapshot {
     pub version: u64,
@@ -218,6 +231,12 @@ impl Snapshot {
                         peer.options.total_connection_timeout = Some(s.connect_timeout);
                         peer.options.read_timeout = Some(s.read_timeout);
                         peer.options.idle_timeout = Some(UPSTREAM_IDLE);
+                        peer.options.tcp_keepalive = Some(TcpKeepalive {
+                            idle: UPSTREAM_KEEPALIVE_IDLE,
+                            interval: UPSTREAM_KEEPALIVE_INTERVAL,
+                            count: UPSTREAM_KEEPALIVE_PROBES as usize,
+                            user_timeout: UPSTREAM_USER_TIMEOUT,
+                        });
                         // The editor decides which headers go upstream, on every path.
                         peer.options.http_upstream_request_policy =
                             HttpUpstreamRequestPolicy::preserve();

@@ -657,3 +657,48 @@ fn a_backend_slower_than_the_service_read_timeout_gets_504_in_time() {
     assert!(took >= Duration::from_millis(300), "{took:?}");
     assert!(took < Duration::from_millis(1500), "{took:?}");
 }
+
+#[test]
+fn a_backend_that_stops_answering_is_ejected_after_two_read_timeouts() {
+    let a = Echo::start("web-a");
+    // Accepts connections (the kernel completes them) and never reads or answers: a hung
+    // process, or a path that drops everything after the handshake.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hung_addr = hung.local_addr().unwrap().to_string();
+    let dir = TempDir::new("hung");
+    let text = serde_json::json!({"version": 1, "services": [{
+        "name": "web", "read_timeout_ms": 300, "retries": 1, "eject_ms": 30000,
+        "backends": [{"id": "a", "addr": a.addr()}, {"id": "hung", "addr": hung_addr}],
+    }]})
+    .to_string();
+    let lb = lb_with_table(&dir, &text);
+    let mut slow = 0;
+    for _ in 0..20 {
+        let started = std::time::Instant::now();
+        let r = lb.get("localhost", "/");
+        // Idempotent: every one is answered, after a retry on `a` when `hung` held it.
+        assert_eq!((r.status, r.backend()), (200, Some("web-a")), "{}", r.body);
+        if started.elapsed() >= Duration::from_millis(250) {
+            slow += 1;
+        }
+    }
+    assert_eq!(
+        slow, 2,
+        "two read timeouts, then hung is ejected and costs nothing"
+    );
+    let series = "rustybalancer_upstream_errors_total{service=\"web\",backend=\"hung\",kind=\"read_timeout\"}";
+    assert_eq!(lb.metric(series), 2.0);
+    assert!(lb
+        .proc
+        .stderr_text()
+        .contains("backend ejected after read timeouts in a row"));
+
+    // Upstream connections carry TCP keepalive (a dead pooled connection is found while idle).
+    let ss = std::process::Command::new("ss")
+        .args(["-tno", "state", "established", "dst", &a.addr()])
+        .output()
+        .unwrap();
+    let ss = String::from_utf8_lossy(&ss.stdout);
+    assert!(ss.contains("timer:(keepalive"), "{ss}");
+    drop(hung);
+}

@@ -102,9 +102,9 @@ impl Records {
             serde_json::from_slice::<Vec<Record>>(b).map_err(|e| e.to_string())
         })
         .unwrap_or_default()
-            .into_iter()
-            .map(|r| (format!("{}-{}", r.service, r.seq), r))
-            .collect();
+        .into_iter()
+        .map(|r| (format!("{}-{}", r.service, r.seq), r))
+        .collect();
         Records {
             file,
             logs: state_dir.join("logs"),

@@ -26,7 +26,7 @@ use crate::http1::limits::MAX_INTERIM_RESPONSES;
 use crate::http1::scan::{Bad, ChunkScan};
 use crate::metrics::UpstreamError;
 use crate::plane::Plane;
-use crate::snapshot::Backend;
+use crate::snapshot::{self, Backend};
 
 /// Room kept free in a read buffer before each read.
 const READ_CHUNK: usize = 16 * 1024;
@@ -297,6 +297,14 @@ async fn connect(backend: &Backend) -> Result<TcpStream, UpstreamError> {
         _ => UpstreamError::ConnectOther,
     })?;
     let _ = conn.set_nodelay(true);
+    // The same keepalive and unacknowledged-data limit as the pipeline's connections.
+    let sock = socket2::SockRef::from(&conn);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(snapshot::UPSTREAM_KEEPALIVE_IDLE)
+        .with_interval(snapshot::UPSTREAM_KEEPALIVE_INTERVAL)
+        .with_retries(snapshot::UPSTREAM_KEEPALIVE_PROBES);
+    let _ = sock.set_tcp_keepalive(&keepalive);
+    let _ = sock.set_tcp_user_timeout(Some(snapshot::UPSTREAM_USER_TIMEOUT));
     Ok(conn)
 }
 
