@@ -607,11 +607,13 @@ fn https_backends_are_verified_against_the_configured_ca_and_name() {
         .request("POST /p HTTP/1.1\r\nHost: backend.test\r\nContent-Length: 2\r\n\r\nhi")
         .unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
-    // Five requests over at most one pooled TLS connection per worker thread (two).
+    // Four requests over pooled TLS connections: one per worker thread (two), and on a busy
+    // machine a request may come before the previous one's connection is back in the pool.
+    // Without pooling it would be four.
     let handshakes = backend
         .lb
         .metric("rustybalancer_tls_handshakes_total{result=\"ok\"}");
-    assert!((1.0..=2.0).contains(&handshakes), "{handshakes} handshakes");
+    assert!((1.0..=3.0).contains(&handshakes), "{handshakes} handshakes");
 
     let cases = [
         // Verified by address (an IP SAN) when no name is given, with the CA from a file.
