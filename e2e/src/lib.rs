@@ -553,6 +553,12 @@ impl Agent {
 
     /// Like [`Agent::start`], with more lines for the `[agent]` table.
     pub fn start_with(tag: &str, agent_lines: &str, services: &str) -> Agent {
+        Agent::start_on("127.0.0.1", tag, agent_lines, services)
+    }
+
+    /// Like [`Agent::start_with`], listening on `ip` (`0.0.0.0`: also reachable from a network
+    /// namespace of the test's; the helpers still talk to it on 127.0.0.1).
+    pub fn start_on(ip: &str, tag: &str, agent_lines: &str, services: &str) -> Agent {
         let dir = TempDir::new(tag);
         let port = free_port();
         let token_file = dir.path("token");
@@ -560,7 +566,7 @@ impl Agent {
             .expect("write token");
         let config = dir.path("agent.toml");
         let text = format!(
-            "[agent]\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"{}\"\ntoken_file = \"{}\"\nlog = \"info\"\n{agent_lines}\n{services}",
+            "[agent]\nlisten = \"{ip}:{port}\"\nstate_dir = \"{}\"\ntoken_file = \"{}\"\nlog = \"info\"\n{agent_lines}\n{services}",
             dir.path("state").display(),
             token_file.display()
         );
