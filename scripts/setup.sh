@@ -9,6 +9,8 @@ command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 # The ACME end-to-end test's CA (pebble and pebble-challtestsrv).
 command -v pebble >/dev/null 2>&1 || need_apt+=(pebble)
+# The fault suite's network namespace (ip netns) and its socket checks (ss).
+command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 if ((${#need_apt[@]})); then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
