@@ -27,10 +27,21 @@ use crate::certs::{Certs, Offered};
 use crate::state_dir::StateDir;
 use crate::store::TableStore;
 
+/// The TCP connect: an attempt that gets no answer is abandoned after this and made again at
+/// once, so after a partition heals a fresh SYN goes out within a second (TCP's own
+/// retransmissions would wait 1, then 2, then 4 s).
+const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// TLS and WebSocket handshakes after the connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const PING_EVERY: Duration = Duration::from_secs(5);
+/// Said by a session that could not even connect in time: retried without a further delay.
+const TCP_TIMED_OUT: &str = "TCP connect timed out";
+/// Pings keep the subscription's liveness known to within a few seconds: a partitioned or
+/// hung agent is given up after [`DEAD_AFTER`], and from then on a reconnect is tried every
+/// second, so a healed partition brings the newest table within about a second (a session
+/// kept through the partition would wait for TCP's retransmission timer instead).
+const PING_EVERY: Duration = Duration::from_secs(1);
 /// No frame at all (pongs included) for this long: the agent is gone.
-const DEAD_AFTER: Duration = Duration::from_secs(15);
+const DEAD_AFTER: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Low, so a restarted agent has every data plane back within about a second (each retry is
 /// one refused connect or a handshake: cheap for the agent even with many data planes, and the
@@ -144,12 +155,28 @@ impl AgentSource {
             ..WebSocketConfig::default()
         };
         let connector = self.tls.clone().map(tokio_tungstenite::Connector::Rustls);
-        let connect = tokio_tungstenite::connect_async_tls_with_config(
-            request,
-            Some(config),
-            true,
-            connector,
-        );
+        let uri = request.uri();
+        let host = uri
+            .host()
+            .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_owned())
+            .ok_or_else(|| format!("bad agent URL {}: no host", self.url))?;
+        let port = uri
+            .port_u16()
+            .unwrap_or(if uri.scheme_str() == Some("wss") {
+                443
+            } else {
+                80
+            });
+        let tcp = tokio::time::timeout(
+            TCP_CONNECT_TIMEOUT,
+            tokio::net::TcpStream::connect((host.as_str(), port)),
+        )
+        .await
+        .map_err(|_| TCP_TIMED_OUT.to_owned())?
+        .map_err(|e| e.to_string())?;
+        let _ = tcp.set_nodelay(true);
+        let connect =
+            tokio_tungstenite::client_async_tls_with_config(request, tcp, Some(config), connector);
         let (ws, _) = tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
             .map_err(|_| "connect timed out".to_owned())?
@@ -188,14 +215,27 @@ impl AgentSource {
 impl BackgroundService for AgentSource {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut backoff = BACKOFF_MIN;
+        let mut timing_out = false;
         loop {
             let started = Instant::now();
             let ended = tokio::select! {
                 r = self.session() => r,
                 _ = shutdown.changed() => return,
             };
+            let mut wait = None;
             match ended {
-                Ok(why) => info!(url = %self.url, why, "agent subscription ended; reconnecting"),
+                Ok(why) => {
+                    timing_out = false;
+                    info!(url = %self.url, why, "agent subscription ended; reconnecting")
+                }
+                // The timeout itself spaced the attempts; a little jitter spreads them. Said
+                // once per outage, not every second.
+                Err(e) if e == TCP_TIMED_OUT => {
+                    if !std::mem::replace(&mut timing_out, true) {
+                        warn!(url = %self.url, "agent unreachable (no answer to connect); serving the installed table and retrying every second");
+                    }
+                    wait = Some(jitter(BACKOFF_MIN));
+                }
                 Err(e) => warn!(url = %self.url, error = %e,
                     "agent unreachable; serving the installed table and retrying"),
             }
@@ -203,7 +243,7 @@ impl BackgroundService for AgentSource {
             if started.elapsed() > HEALTHY_SESSION {
                 backoff = BACKOFF_MIN;
             }
-            let wait = jitter(backoff);
+            let wait = wait.unwrap_or_else(|| jitter(backoff));
             backoff = (backoff * 2).min(BACKOFF_MAX);
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
