@@ -334,6 +334,12 @@ async fn follow(
                     _ = stop.changed() => true,
                 };
                 if stopped {
+                    // Its last words, written while it stopped.
+                    let mut rest = Vec::new();
+                    let _ = (&mut reader).take(64 * 1024).read_to_end(&mut rest);
+                    for l in String::from_utf8_lossy(&rest).lines() {
+                        info!(target: "rusty_agent::instance", instance = %instance, "{l}");
+                    }
                     return;
                 }
             }
@@ -477,6 +483,10 @@ async fn supervise(
 }
 
 impl ProcessRuntime {
+    fn log_len(&self, instance: &InstanceRef) -> u64 {
+        std::fs::metadata(self.records.log_file(instance)).map_or(0, |m| m.len())
+    }
+
     /// What a crash does: the supervisors vanish, the processes stay.
     #[cfg(test)]
     fn abandon(&self) {
@@ -486,14 +496,13 @@ impl ProcessRuntime {
         }
     }
 
-    /// Supervise `running` from now on and follow its output.
-    fn supervise(&self, launch: Launch, running: Running) {
+    /// Supervise `running` from now on and follow its output from byte `from` of its log.
+    fn supervise(&self, launch: Launch, running: Running, from: u64) {
         let instance = launch.instance.clone();
         let addr = launch.addr;
         let pid = Arc::new(AtomicU32::new(running.pid()));
         let (stop, stop_rx) = watch::channel(None);
         let log = self.records.log_file(&instance);
-        let from = std::fs::metadata(&log).map_or(0, |m| m.len());
         tokio::spawn(follow(log, from, instance.to_string(), stop_rx.clone()));
         let task = tokio::spawn(supervise(
             launch,
@@ -520,9 +529,11 @@ impl Runtime for ProcessRuntime {
     async fn start(&self, spec: InstanceSpec) -> Result<SocketAddr, RuntimeError> {
         let addr = SocketAddr::new(self.host, free_port(self.host)?);
         let launch = Launch::new(&spec, addr, self.records.clone());
+        // From where its log ends now: what it writes from its first byte on is forwarded.
+        let from = self.log_len(&spec.instance);
         let child = launch.spawn()?;
         info!(instance = %spec.instance, %addr, pid = child.id().unwrap_or(0), generation = spec.generation, "started");
-        self.supervise(launch, Running::Child(child));
+        self.supervise(launch, Running::Child(child), from);
         Ok(addr)
     }
 
@@ -569,7 +580,9 @@ impl Runtime for ProcessRuntime {
                 Ok(exited) => {
                     info!(%instance, addr = %r.addr, pid = r.pid, "adopted a running instance");
                     let launch = Launch::from_record(&r, self.records.clone());
-                    self.supervise(launch, Running::Adopted { pid: r.pid, exited });
+                    // What it wrote while no agent ran stays in the file, not in our log.
+                    let from = self.log_len(&instance);
+                    self.supervise(launch, Running::Adopted { pid: r.pid, exited }, from);
                     adopted.push(Adopted {
                         instance,
                         addr: r.addr,
