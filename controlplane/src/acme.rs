@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
 use crate::api::AcmeStatus;
-use crate::certs::CertSource;
+use crate::certs::{unix_now, CertSource};
 use crate::core::Command;
 use crate::metrics::Metrics;
 use crate::spec::AcmeSettings;
@@ -111,12 +111,6 @@ pub struct Acme {
     /// Between publishing a challenge and telling the CA to check it: time for the table to
     /// reach every data plane.
     propagation: Duration,
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 impl Acme {

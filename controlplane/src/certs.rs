@@ -51,11 +51,15 @@ pub struct CertSource {
     tx: watch::Sender<Option<Arc<Bundle>>>,
 }
 
-fn unix_now() -> (i64, u64) {
-    let d = std::time::SystemTime::now()
+/// The wall clock in unix seconds: what certificates' validity is judged against.
+pub fn unix_now() -> i64 {
+    unix_now_ms() as i64 / 1000
+}
+
+fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    (d.as_secs() as i64, d.as_millis() as u64)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl CertSource {
@@ -82,7 +86,7 @@ impl CertSource {
             return None;
         }
         let provider = rustls::crypto::ring::default_provider();
-        let (now, _) = unix_now();
+        let now = unix_now();
         let mut pairs = Vec::with_capacity(self.files.len());
         for f in &self.files {
             let read = read_capped(&f.cert).and_then(|crt| {
@@ -131,7 +135,7 @@ impl CertSource {
         if pairs == self.last && self.version > 0 {
             return None;
         }
-        let (_, now_ms) = unix_now();
+        let now_ms = unix_now_ms();
         self.version = (self.version + 1).max(now_ms);
         let bundle = CertBundle {
             version: self.version,

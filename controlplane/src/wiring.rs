@@ -186,9 +186,7 @@ pub async fn run(config: Config) -> Result<()> {
 fn tls_acceptor(tls: &crate::spec::AgentTls) -> Result<tokio_rustls::TlsAcceptor> {
     use rusty_shared::certs::{load_pair, read_capped};
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
+    let now = crate::certs::unix_now();
     let crt = read_capped(&tls.cert).context("agent.tls_cert")?;
     let key = read_capped(&tls.key).context("agent.tls_key")?;
     let pair = load_pair("agent", (&tls.cert, &crt), (&tls.key, &key), &provider, now)

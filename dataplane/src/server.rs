@@ -355,10 +355,7 @@ impl BackgroundService for Drain {
 /// load; nothing stops the start (the agent sends them again).
 fn restore_certs(state: &StateDir, certs: &Certs) {
     let now = crate::clock::unix_now();
-    for (path, read) in [
-        (state.path(), state.load()),
-        (state.previous_path(), state.load_previous()),
-    ] {
+    for (path, read) in state.saved() {
         let outcome = match read {
             Ok(None) => continue,
             Ok(Some(bytes)) => certs.offer_bundle(&bytes, now).map_err(|e| e.to_string()),

@@ -103,8 +103,13 @@ impl StateDir {
         read(&self.previous)
     }
 
-    pub fn previous_path(&self) -> &Path {
-        &self.previous
+    /// What a restore tries, in order: the file, then its previous version, each with its
+    /// path (for the log) and what reading it gave.
+    pub fn saved(&self) -> [(&Path, io::Result<Option<Vec<u8>>>); 2] {
+        [
+            (&self.file, self.load()),
+            (&self.previous, self.load_previous()),
+        ]
     }
 }
 

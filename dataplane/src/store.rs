@@ -150,15 +150,8 @@ impl TableStore {
         let state = self.state.as_ref()?;
         let _one_at_a_time = self.installing.lock().unwrap_or_else(|p| p.into_inner());
         let mut problems = Vec::new();
-        let candidates = [
-            (state.path(), state.load(), StateEvent::Restored),
-            (
-                state.previous_path(),
-                state.load_previous(),
-                StateEvent::RestoredPrevious,
-            ),
-        ];
-        for (path, read, event) in candidates {
+        let events = [StateEvent::Restored, StateEvent::RestoredPrevious];
+        for ((path, read), event) in state.saved().into_iter().zip(events) {
             let bytes = match read {
                 Ok(Some(b)) => b,
                 Ok(None) => continue,

@@ -408,9 +408,10 @@ fn upstream_tls(
         None => None,
         Some(f) => {
             let path = base_dir_join(base_dir, f);
-            let text = match std::fs::read(&path) {
+            // Capped while reading, like every certificate file; the table's own limit below.
+            let text = match rusty_shared::certs::read_capped(&path) {
                 Err(e) => {
-                    errs.add(key, format!("{}: cannot read it: {e}", path.display()));
+                    errs.add(key, e.to_string());
                     return None;
                 }
                 Ok(b) if b.len() > limits::MAX_CA_PEM_BYTES => {
