@@ -113,16 +113,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         info!(version = v, "serving the table saved in the state dir");
     }
     if args.state_dir.is_some() {
-        // A state dir that refused a table (full disk, read-only) gets it again until it takes
-        // it; the table serves meanwhile.
+        // Tables are saved off the install's path; a refused one is retried until it is taken,
+        // and the table serves meanwhile.
         let store = store.clone();
         std::thread::Builder::new()
-            .name("state-dir-retry".into())
-            .spawn(move || loop {
-                std::thread::sleep(std::time::Duration::from_secs(5));
-                store.retry_save();
-            })
-            .context("cannot start the state dir's retry thread")?;
+            .name("state-dir-saver".into())
+            .spawn(move || store.run_saver())
+            .context("cannot start the state dir's saver thread")?;
     }
     let file_source = match &args.table {
         Some(path) => {

@@ -928,3 +928,39 @@ pub mod wire {
         Some(read_answer(&mut r, head))
     }
 }
+
+/// A small tmpfs mounted for a test (needs root), lazily unmounted on drop: a state dir that
+/// can be made read-only.
+pub struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// `None` where mounting is not allowed (not root).
+    pub fn mount(at: &std::path::Path) -> Option<Tmpfs> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(at.to_owned()))
+    }
+
+    /// `remount` with `mode`: "ro" or "rw".
+    pub fn remount(&self, mode: &str) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,{mode}")])
+            .arg(&self.0)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "remount {mode}");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}

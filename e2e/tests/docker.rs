@@ -416,18 +416,33 @@ fn the_compose_stack_deploys_scales_rolls_heals_adopts_discovers_and_cleans_up()
     );
     assert_eq!(stack.managed().len(), 3);
 
-    // Kill the agent and start it again: it adopts the three containers, no duplicates, and
-    // keeps v2 (the deploy is part of its saved desired state).
+    // Kill the agent for 10 s under load and start it again: no request fails meanwhile (the
+    // containers outlive it and the data plane keeps its table), and it adopts the three
+    // containers, no duplicates, and keeps v2 (the deploy is part of its saved desired state).
     let containers = stack.managed();
     let agent_container = String::from_utf8_lossy(&stack.compose(&["ps", "-q", "agent"]).stdout)
         .trim()
         .to_owned();
+    let load = LoadLoop::start(stack.lb_port, "localhost", 2, Duration::from_secs(120));
     docker(&["kill", &agent_container]);
+    std::thread::sleep(Duration::from_secs(10));
     stack.compose(&["up", "-d", "agent"]);
     stack.wait("the restarted agent serving its adopted containers", |st| {
         app_serving(st, 3, 1) || app_serving(st, 3, 2)
     });
     std::thread::sleep(Duration::from_secs(2));
+    let report = load.finish();
+    eprintln!(
+        "docker runtime, agent SIGKILL 10 s then restarted: {} requests served, {} failed",
+        report.ok,
+        report.failures.len()
+    );
+    assert!(report.ok > 100, "{report:?}");
+    assert!(
+        report.failures.is_empty(),
+        "failed requests while the agent was down: {:?}",
+        report.failures
+    );
     assert_eq!(
         stack.managed(),
         containers,

@@ -11,6 +11,7 @@
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
+use std::io::ErrorKind;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,14 +28,15 @@ use crate::certs::{Certs, Offered};
 use crate::state_dir::StateDir;
 use crate::store::TableStore;
 
-/// The TCP connect: an attempt that gets no answer is abandoned after this and made again at
-/// once, so after a partition heals a fresh SYN goes out within a second (TCP's own
-/// retransmissions would wait 1, then 2, then 4 s).
+/// The TCP connect when the agent does not answer at all (a partition): a fresh attempt
+/// starts every [`CONNECT_STAGGER`] while the earlier ones still wait, each given up after
+/// [`TCP_CONNECT_TIMEOUT`], so after the partition heals a new SYN goes out within a quarter
+/// of a second (one attempt alone would wait for TCP's retransmissions: 1, then 2, then 4 s)
+/// and a slow but working path still gets a whole second to answer.
+const CONNECT_STAGGER: Duration = Duration::from_millis(250);
 const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// TLS and WebSocket handshakes after the connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Said by a session that could not even connect in time: retried without a further delay.
-const TCP_TIMED_OUT: &str = "TCP connect timed out";
 /// Pings keep the subscription's liveness known to within a few seconds: a partitioned or
 /// hung agent is given up after [`DEAD_AFTER`], and from then on a reconnect is tried every
 /// second, so a healed partition brings the newest table within about a second (a session
@@ -43,12 +45,16 @@ const PING_EVERY: Duration = Duration::from_secs(1);
 /// No frame at all (pongs included) for this long: the agent is gone.
 const DEAD_AFTER: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-/// Low, so a restarted agent has every data plane back within about a second (each retry is
+/// Low, so a restarted agent has every data plane back within half a second (each retry is
 /// one refused connect or a handshake: cheap for the agent even with many data planes, and the
 /// jitter spreads them).
-const BACKOFF_MAX: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_millis(500);
 /// A subscription that lived this long was healthy: the next retry starts from the minimum.
 const HEALTHY_SESSION: Duration = Duration::from_secs(10);
+/// At most this many frames already received are looked at together for overtaken tables.
+const COALESCE_FRAMES: usize = 16;
+/// A frame as the WebSocket stream yields it (`None`: the stream ended).
+type Frame = Option<Result<Message, tokio_tungstenite::tungstenite::Error>>;
 /// Room for the WebSocket framing around the largest table.
 const MAX_MESSAGE: usize = rusty_shared::limits::MAX_TABLE_BYTES + 1024;
 
@@ -138,6 +144,24 @@ impl AgentSource {
         }
     }
 
+    /// Acts on one frame from the agent; `Some` ends the session, saying how.
+    fn on_frame(&self, frame: Frame) -> Option<Result<&'static str, String>> {
+        match frame {
+            Some(Ok(Message::Text(table))) => {
+                // Installed or refused inside; either way we keep listening.
+                let _ = self.store.offer(table.as_bytes(), "agent");
+                None
+            }
+            Some(Ok(Message::Binary(bundle))) => {
+                self.offer_bundle(&bundle);
+                None
+            }
+            Some(Ok(Message::Close(_))) | None => Some(Ok("agent closed the connection")),
+            Some(Ok(_)) => None, // ping/pong: tungstenite answers pings itself
+            Some(Err(e)) => Some(Err(e.to_string())),
+        }
+    }
+
     /// One connection, until it fails or the agent closes it. Returns how it ended.
     async fn session(&self) -> Result<&'static str, String> {
         let mut request = self
@@ -167,13 +191,7 @@ impl AgentSource {
             } else {
                 80
             });
-        let tcp = tokio::time::timeout(
-            TCP_CONNECT_TIMEOUT,
-            tokio::net::TcpStream::connect((host.as_str(), port)),
-        )
-        .await
-        .map_err(|_| TCP_TIMED_OUT.to_owned())?
-        .map_err(|e| e.to_string())?;
+        let tcp = connect_tcp(&host, port, &self.url).await?;
         let _ = tcp.set_nodelay(true);
         let connect =
             tokio_tungstenite::client_async_tls_with_config(request, tcp, Some(config), connector);
@@ -189,15 +207,24 @@ impl AgentSource {
             tokio::select! {
                 frame = rx.next() => {
                     last_heard = Instant::now();
-                    match frame {
-                        Some(Ok(Message::Text(table))) => {
-                            // Installed or refused inside; either way we keep listening.
-                            let _ = self.store.offer(table.as_bytes(), "agent");
+                    // Frames that queued up meanwhile (a big table's install, a busy core):
+                    // a table overtaken by a later one is not worth installing.
+                    let mut frames = vec![frame];
+                    while frames.len() < COALESCE_FRAMES {
+                        match futures_util::FutureExt::now_or_never(rx.next()) {
+                            Some(f) => frames.push(f),
+                            None => break,
                         }
-                        Some(Ok(Message::Binary(bundle))) => self.offer_bundle(&bundle),
-                        Some(Ok(Message::Close(_))) | None => return Ok("agent closed the connection"),
-                        Some(Ok(_)) => {} // ping/pong: tungstenite answers pings itself
-                        Some(Err(e)) => return Err(e.to_string()),
+                    }
+                    let is_table = |f: &Frame| matches!(f, Some(Ok(Message::Text(_))));
+                    let newest = frames.iter().rposition(is_table);
+                    for (i, f) in frames.into_iter().enumerate() {
+                        if is_table(&f) && Some(i) != newest {
+                            continue;
+                        }
+                        if let Some(end) = self.on_frame(f) {
+                            return end;
+                        }
                     }
                 }
                 _ = ping.tick() => {
@@ -215,27 +242,14 @@ impl AgentSource {
 impl BackgroundService for AgentSource {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut backoff = BACKOFF_MIN;
-        let mut timing_out = false;
         loop {
             let started = Instant::now();
             let ended = tokio::select! {
                 r = self.session() => r,
                 _ = shutdown.changed() => return,
             };
-            let mut wait = None;
             match ended {
-                Ok(why) => {
-                    timing_out = false;
-                    info!(url = %self.url, why, "agent subscription ended; reconnecting")
-                }
-                // The timeout itself spaced the attempts; a little jitter spreads them. Said
-                // once per outage, not every second.
-                Err(e) if e == TCP_TIMED_OUT => {
-                    if !std::mem::replace(&mut timing_out, true) {
-                        warn!(url = %self.url, "agent unreachable (no answer to connect); serving the installed table and retrying every second");
-                    }
-                    wait = Some(jitter(BACKOFF_MIN));
-                }
+                Ok(why) => info!(url = %self.url, why, "agent subscription ended; reconnecting"),
                 Err(e) => warn!(url = %self.url, error = %e,
                     "agent unreachable; serving the installed table and retrying"),
             }
@@ -243,7 +257,7 @@ impl BackgroundService for AgentSource {
             if started.elapsed() > HEALTHY_SESSION {
                 backoff = BACKOFF_MIN;
             }
-            let wait = wait.unwrap_or_else(|| jitter(backoff));
+            let wait = jitter(backoff);
             backoff = (backoff * 2).min(BACKOFF_MAX);
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
@@ -251,6 +265,53 @@ impl BackgroundService for AgentSource {
             }
         }
     }
+}
+
+/// A TCP connection to the agent: staggered attempts while none is answered (see
+/// [`CONNECT_STAGGER`]), until one connects or one is refused. Says once when the agent does
+/// not answer.
+async fn connect_tcp(host: &str, port: u16, url: &str) -> Result<tokio::net::TcpStream, String> {
+    let mut attempts = futures_util::stream::FuturesUnordered::new();
+    attempts.push(attempt(host, port));
+    let mut stagger = tokio::time::interval_at(
+        tokio::time::Instant::now() + CONNECT_STAGGER,
+        CONNECT_STAGGER,
+    );
+    let mut said = false;
+    loop {
+        tokio::select! {
+            Some(attempt) = attempts.next() => match attempt {
+                Some(Ok(tcp)) => {
+                    if said {
+                        info!(%url, "the agent answers again");
+                    }
+                    return Ok(tcp);
+                }
+                // No path to the agent (its address did not resolve on the link, a router
+                // said so): the network is broken, not the agent, so keep trying as for no
+                // answer at all.
+                Some(Err(e)) if !matches!(e.kind(), ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable) => {
+                    return Err(e.to_string())
+                }
+                Some(Err(_)) | None if !said => {
+                    said = true;
+                    warn!(%url, "agent unreachable (no answer to connect); serving the installed table and trying again every {CONNECT_STAGGER:?}");
+                }
+                Some(Err(_)) | None => {}
+            },
+            _ = stagger.tick() => attempts.push(attempt(host, port)),
+        }
+    }
+}
+
+/// One TCP connect, `None` when it got no answer within [`TCP_CONNECT_TIMEOUT`].
+async fn attempt(host: &str, port: u16) -> Option<std::io::Result<tokio::net::TcpStream>> {
+    tokio::time::timeout(
+        TCP_CONNECT_TIMEOUT,
+        tokio::net::TcpStream::connect((host, port)),
+    )
+    .await
+    .ok()
 }
 
 /// Between half and all of `d`, so many data planes do not reconnect in lockstep.
