@@ -20,7 +20,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
     /// Run the agent.
-    Run(ConfigArgs),
+    Run(RunArgs),
     /// Validate a config and print it after the environment overlay (like `nginx -t`).
     Check(ConfigArgs),
     /// Services, instances and the last table of a running agent.
@@ -75,6 +75,22 @@ pub struct ConfigArgs {
     /// Apply [env.NAME] over the base config (e.g. production, development, slim).
     #[arg(long, value_name = "NAME")]
     pub env: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// The log's lines on stderr: `text` for people, `json` (one object per line) for a log
+    /// collector.
+    #[arg(long, value_enum, default_value = "text", value_name = "FORMAT")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Args)]

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use rusty_agent::api::DeployRequest;
-use rusty_agent::cli::{Cli, Cmd};
+use rusty_agent::cli::{Cli, Cmd, LogFormat};
 use rusty_agent::{client, config, wiring};
 
 fn main() -> ExitCode {
@@ -46,7 +46,8 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
-        Cmd::Run(args) => {
+        Cmd::Run(run) => {
+            let args = &run.config;
             // One TLS stack in the process (ring), also for the ACME client's connections.
             let _ = rustls::crypto::ring::default_provider().install_default();
             let loaded = match config::load(&args.config, args.env.as_deref()) {
@@ -56,7 +57,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            init_logs(&loaded.config.agent.log);
+            init_logs(&loaded.config.agent.log, run.log_format);
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -135,12 +136,16 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-fn init_logs(default: &str) {
+fn init_logs(default: &str, format: LogFormat) {
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| default.to_owned());
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_target(false)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => logs.json().init(),
+    }
 }

@@ -79,6 +79,9 @@ impl Admin {
                 plane.metrics.render(&installed, &mut body);
                 plane.queue.render(&mut body);
                 plane.connections.render(&mut body);
+                if let Some(log) = &plane.access_log {
+                    log.render_metrics(&mut body);
+                }
                 if let Some(certs) = &plane.certs {
                     certs.render(&mut body);
                 }

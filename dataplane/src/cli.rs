@@ -36,6 +36,15 @@ pub struct Args {
     #[arg(long, default_value_t = 10, value_name = "SECONDS")]
     pub tls_handshake_timeout: u64,
 
+    /// Write a line per request to this file (appended; `-` for stdout; off by default).
+    /// SIGUSR1 reopens it, for log rotation.
+    #[arg(long, value_name = "PATH")]
+    pub access_log: Option<String>,
+
+    /// The access log's lines: `json` (one object per line) or `combined` (nginx's).
+    #[arg(long, value_enum, default_value = "json", value_name = "FORMAT")]
+    pub access_log_format: crate::access_log::Format,
+
     /// Address of the admin listener (/metrics, /healthz, /table). Keep it on loopback unless
     /// something else must scrape it.
     #[arg(long, default_value = "127.0.0.1:9100")]
@@ -153,6 +162,17 @@ pub struct Args {
     /// Log filter (tracing's env-filter syntax); RUST_LOG overrides it.
     #[arg(long, default_value = "info")]
     pub log: String,
+
+    /// The log's lines on stderr: `text` for people, `json` (one object per line) for a log
+    /// collector.
+    #[arg(long, value_enum, default_value = "text", value_name = "FORMAT")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// The plain listener when no flag names one and there is no TLS listener either.

@@ -7,8 +7,8 @@
 //!    editor), [`answers`] (the proxy's own responses), [`hostnames`], [`router`], [`select`],
 //!    [`admission`], [`clock`];
 //! 2. state that outlives a request: [`metrics`], [`connections`], [`shutdown`], [`snapshot`],
-//!    [`queue`], [`state_dir`], [`store`], [`certs`] (what the TLS listener serves), and
-//!    [`plane`], which bundles them for the paths;
+//!    [`queue`], [`state_dir`], [`store`], [`certs`] (what the TLS listener serves),
+//!    [`access_log`], and [`plane`], which bundles them for the paths;
 //! 3. the attempt core every request path drives: [`attempt`];
 //! 4. I/O edges: [`front`] (which may call [`lane`], the one edge-to-edge import), [`lane`],
 //!    [`pipeline`], [`admin`], [`source`];
@@ -17,6 +17,7 @@
 //! `docs/request-path.md` walks a request through both paths. The modules benches, the fuzz
 //! target and the end-to-end tests use are public; the rest are the crate's own.
 
+pub mod access_log;
 pub mod admission;
 pub mod answers;
 pub mod attempt;

@@ -8,7 +8,7 @@
 //! phases and errors and those decisions. Called by Pingora, under the connection front.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -20,6 +20,7 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType};
 use rusty_shared::RequestClass;
 
+use crate::access_log::{AccessLog, Entry};
 use crate::answers::{self, Answer};
 use crate::attempt::{Failure, Routed};
 use crate::certs::TlsConn;
@@ -71,6 +72,10 @@ pub struct Ctx {
     discard_body: bool,
     /// The request came over the TLS listener.
     https: bool,
+    /// When `request_filter` began: the request's start for the attempt core and the log.
+    start: Option<Instant>,
+    /// The request id the editor made up (the client sent none), kept for the access log.
+    request_id: Option<Vec<u8>>,
 }
 
 /// The headers the editor adds, collected to be inserted into Pingora's header map.
@@ -126,6 +131,7 @@ impl ProxyHttp for Pipeline {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let plane = &*self.plane;
+        let start = *ctx.start.insert(Instant::now());
         // The request line as sent was checked by the connection front before Pingora parsed
         // it; these are the checks on the parsed head, and the editor's on its headers.
         let trusted = plane.trusted.trusts(client_ip(session));
@@ -236,9 +242,7 @@ impl ProxyHttp for Pipeline {
                 .unwrap_or(svc.class);
         }
         let limited = svc.limited;
-        let routed = ctx
-            .routed
-            .insert(Routed::new(snapshot, service, Instant::now()));
+        let routed = ctx.routed.insert(Routed::new(snapshot, service, start));
         // Capped backends: take a slot (or wait for one) before going upstream, so a request
         // that is shed gets its 503 on a connection that stays open.
         if limited {
@@ -347,6 +351,9 @@ impl ProxyHttp for Pipeline {
         for (name, value) in added.0 {
             // The editor writes tokens, addresses and ids: always a valid value.
             upstream.insert_header(name, value.as_slice())?;
+            if name == "x-request-id" && self.plane.access_log.is_some() {
+                ctx.request_id = Some(value);
+            }
         }
         Ok(())
     }
@@ -552,12 +559,63 @@ impl ProxyHttp for Pipeline {
             None if e.is_some_and(|e| e.esource() == &ErrorSource::Downstream) => 499,
             None => 502,
         };
+        if let Some(log) = &self.plane.access_log {
+            log_request(log, session, ctx, code);
+        }
         match ctx.routed.as_mut() {
             Some(routed) => routed.end(code),
             // Refused, before any table, or matching no service.
             None => self.plane.metrics.unrouted().count_response(code),
         }
     }
+}
+
+/// The access log's line for a request the pipeline answered with `status`.
+fn log_request(log: &AccessLog, session: &Session, ctx: &Ctx, status: u16) {
+    let req = session.req_header();
+    let header =
+        |name: http::header::HeaderName| req.headers.get(name).map_or(&b""[..], |v| v.as_bytes());
+    let host = match req.headers.get(http::header::HOST) {
+        Some(h) => h.as_bytes(),
+        None => req
+            .uri
+            .authority()
+            .map_or(&b""[..], |a| a.as_str().as_bytes()),
+    };
+    let routed = ctx.routed.as_ref();
+    let service = routed.map(Routed::service);
+    let backend = routed
+        .and_then(Routed::backend)
+        .zip(service)
+        .map_or("", |(i, svc)| &svc.backends[i as usize].id);
+    let request_id = match &ctx.request_id {
+        Some(id) => &id[..],
+        None => header(http::header::HeaderName::from_static("x-request-id")),
+    };
+    log.log(&Entry {
+        client: client_ip(session),
+        method: req.method.as_str().as_bytes(),
+        host,
+        target: req
+            .uri
+            .path_and_query()
+            .map_or(&b"/"[..], |p| p.as_str().as_bytes()),
+        version: match req.version {
+            http::Version::HTTP_10 => "HTTP/1.0",
+            _ => "HTTP/1.1",
+        },
+        status,
+        bytes: session.body_bytes_sent() as u64,
+        duration: ctx.start.map_or(Duration::ZERO, |s| s.elapsed()),
+        backend,
+        request_id,
+        service: service.map_or("", |s| &s.name),
+        attempts: routed.map_or(0, |r| r.tried().len()),
+        class: ctx.class,
+        user_agent: header(http::header::USER_AGENT),
+        referer: header(http::header::REFERER),
+        https: ctx.https,
+    });
 }
 
 /// The request's path in its normal form (`http1::path`), which it is routed and forwarded

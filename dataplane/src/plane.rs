@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::access_log::AccessLog;
 use crate::certs::Certs;
 use crate::connections::Connections;
 use crate::http1::editor::RequestIds;
@@ -34,6 +35,8 @@ pub struct Plane {
     pub certs: Option<Arc<Certs>>,
     /// The port redirects to HTTPS name (`--https-port`).
     pub https_port: u16,
+    /// Where each request is logged, when `--access-log` is given.
+    pub access_log: Option<Arc<AccessLog>>,
 }
 
 impl Plane {
@@ -61,6 +64,7 @@ impl Plane {
             send_timeout: send_timeout.max(Duration::from_secs(1)),
             certs: None,
             https_port: 443,
+            access_log: None,
         }
     }
 }

@@ -14,10 +14,11 @@ use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use rusty_shared::auth::read_token;
 
+use crate::access_log::{self, AccessLog};
 use crate::admin::Admin;
 use crate::certs::Certs;
 use crate::cli::Args;
@@ -187,6 +188,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Duration::from_secs(args.send_timeout),
     );
     plane.certs = certs.clone();
+    if let Some(target) = &args.access_log {
+        let log = Arc::new(AccessLog::new(
+            access_log::Target::parse(target),
+            args.access_log_format,
+        ));
+        log.start().context("--access-log")?;
+        plane.access_log = Some(log);
+    }
     plane.https_port = args
         .https_port
         .or(args.tls_listen.map(|a| a.port()))
@@ -235,6 +244,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(source) = cert_dir {
         server.add_service(background_service("certificate directory", source));
+    }
+    if let Some(log) = &plane.access_log {
+        server.add_service(background_service(
+            "access log reopen",
+            Reopen { log: log.clone() },
+        ));
     }
     server.add_service(background_service(
         "drain",
@@ -341,10 +356,41 @@ impl BackgroundService for Drain {
             };
             if idle_polls >= 2 {
                 info!("graceful shutdown: no connection open, exiting");
+                if let Some(log) = &self.plane.access_log {
+                    log.flush();
+                }
                 std::process::exit(0);
             }
         }
         info!("graceful shutdown: grace period over");
+    }
+}
+
+/// Reopens the access log on SIGUSR1, after a rotation moved the file away.
+struct Reopen {
+    log: Arc<AccessLog>,
+}
+
+#[async_trait]
+impl BackgroundService for Reopen {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut usr1 = match signal(SignalKind::user_defined1()) {
+            Ok(s) => s,
+            Err(e) => {
+                error!(error = %e, "cannot listen for SIGUSR1; the access log is not reopened");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = usr1.recv() => {
+                    info!("SIGUSR1: reopening the access log");
+                    self.log.reopen();
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
     }
 }
 

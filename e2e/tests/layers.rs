@@ -26,6 +26,7 @@ const DATAPLANE_LAYERS: &[(&str, u8)] = &[
     ("state_dir", 2),
     ("store", 2),
     ("certs", 2),
+    ("access_log", 2),
     ("plane", 2),
     ("attempt", 3),
     ("front", 4),

@@ -8,6 +8,7 @@
 use std::fmt;
 use std::future::Future;
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -16,10 +17,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use pingora::protocols::{Peek, Stream};
 use pingora::server::ShutdownWatch;
+use rusty_shared::RequestClass;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use super::DRAIN_IDLE;
+use crate::access_log::Entry;
 use crate::answers::Answer;
 use crate::connections::{self, Event};
 use crate::http1::request::{origin_form, Refused};
@@ -50,6 +53,8 @@ pub struct Guarded {
     /// Bytes read after an absolute-form head that the scan has not seen yet: scanned as if
     /// just read once the head before them is rewritten.
     rescan: Vec<u8>,
+    /// The client's address, for the access log.
+    peer: Option<IpAddr>,
 }
 
 impl Guarded {
@@ -58,8 +63,10 @@ impl Guarded {
         header_timeout: Duration,
         plane: Arc<Plane>,
         shutdown: ShutdownWatch,
+        peer: Option<IpAddr>,
     ) -> Self {
         Guarded {
+            peer,
             inner,
             phase: Phase::head(),
             header_timeout,
@@ -163,6 +170,7 @@ impl AsyncRead for Guarded {
                         // then sees it cut short, as with any connection closed mid-response.)
                         let (event, answer) = refusal;
                         this.plane.connections.count(event);
+                        this.log_refusal(answer, Duration::ZERO);
                         let mut rendered = Vec::new();
                         let bytes = match answer {
                             Answer::Refused(_) => {
@@ -240,6 +248,31 @@ impl Guarded {
         Ok(at > before)
     }
 
+    /// The access log's line for a request refused here, before anything parsed it: no
+    /// method, target or service to name.
+    fn log_refusal(&self, answer: Answer, duration: Duration) {
+        if let Some(log) = &self.plane.access_log {
+            log.log(&Entry {
+                client: self.peer,
+                method: b"",
+                host: b"",
+                target: b"",
+                version: "HTTP/1.1",
+                status: answer.status(),
+                bytes: answer.body().len() as u64,
+                duration,
+                backend: "",
+                request_id: b"",
+                service: "",
+                attempts: 0,
+                class: RequestClass::Normal,
+                user_agent: b"",
+                referer: b"",
+                https: false,
+            });
+        }
+    }
+
     /// `head` is an absolute-form head from its target to its end: read next in origin form.
     fn release(&mut self, head: &[u8]) -> Result<(), (Event, Answer)> {
         let origin = origin_form(head).ok_or((Event::BadRequestLine, Answer::BadRequestLine))?;
@@ -253,8 +286,12 @@ impl Guarded {
         // A head has begun (or it is the connection's first, timed from accept).
         let in_head = matches!(phase, Phase::Head(h) if h.started()) || self.deadline.is_some();
         match phase {
-            Phase::Head(_) if in_head && self.head_expired(cx) => {
+            Phase::Head(h) if in_head && self.head_expired(cx) => {
                 self.plane.connections.count(Event::HeadTimeout);
+                // A connection that never sent a byte made no request to log.
+                if h.started() {
+                    self.log_refusal(Answer::HeadTimeout, self.header_timeout);
+                }
                 // Best effort: the socket's send buffer is empty between requests.
                 let answer = Answer::HeadTimeout.closing_bytes();
                 let _ = Pin::new(&mut self.inner).poll_write(cx, answer);

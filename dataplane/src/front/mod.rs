@@ -262,6 +262,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Front<A> {
             self.limits.header_timeout,
             self.plane.clone(),
             drain.clone(),
+            peer,
         );
         if let Some(lane) = &self.lane {
             match lane.serve(&mut guarded, peer, tls.as_deref()).await {

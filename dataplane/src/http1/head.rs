@@ -25,6 +25,32 @@ pub struct Plain {
     pub host: Range<usize>,
     /// The target's path, without the query.
     pub path: Range<usize>,
+    /// The whole target, query included.
+    pub target: Range<usize>,
+    /// `User-Agent` and `Referer` (empty when absent), for the access log.
+    pub user_agent: Range<usize>,
+    pub referer: Range<usize>,
+    /// The client's request id in the upstream head (empty: it sent none).
+    request_id: Range<usize>,
+    /// Where the headers the editor added begin in the upstream head.
+    added: usize,
+}
+
+impl Plain {
+    /// The request id in `upstream`, the upstream head: the client's, or the one the editor
+    /// made up (looked for only here, for the access log, not on every request).
+    pub fn request_id<'a>(&self, upstream: &'a [u8]) -> &'a [u8] {
+        if !self.request_id.is_empty() {
+            return upstream.get(self.request_id.clone()).unwrap_or_default();
+        }
+        const NAME: &[u8] = b"x-request-id: ";
+        let added = upstream.get(self.added..).unwrap_or_default();
+        let Some(at) = added.windows(NAME.len()).position(|w| w == NAME) else {
+            return b"";
+        };
+        let value = &added[at + NAME.len()..];
+        &value[..value.iter().position(|&b| b == b'\r').unwrap_or(0)]
+    }
 }
 
 /// A request the lane leaves to the full pipeline.
@@ -69,6 +95,7 @@ pub fn plain_request(
         return Err(NotPlain);
     }
     let mut host = None;
+    let (mut user_agent, mut referer) = (&b""[..], &b""[..]);
     // One pass for the checks here and the editor's reading; each name classified once.
     let mut edit = editor::Request::new(true, origin.trusted);
     let mut kinds = [Name::Other; MAX_HEADERS];
@@ -93,6 +120,13 @@ pub fn plain_request(
             | Name::KeepAlive
             | Name::Te
             | Name::Trailer => return Err(NotPlain),
+            // Length first: most names are neither, and are told so by one comparison.
+            Name::Other if name.len() == 10 && name.eq_ignore_ascii_case(b"user-agent") => {
+                user_agent = h.value
+            }
+            Name::Other if name.len() == 7 && name.eq_ignore_ascii_case(b"referer") => {
+                referer = h.value
+            }
             _ => {}
         }
     }
@@ -124,15 +158,20 @@ pub fn plain_request(
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut request_id = 0..0;
     for line in lines {
         if edit.forwards(&line) {
             out.extend_from_slice(line.name);
             out.extend_from_slice(b": ");
+            if line.kind == Name::XRequestId {
+                request_id = out.len()..out.len() + line.value.len();
+            }
             out.extend_from_slice(line.value);
             out.extend_from_slice(b"\r\n");
         }
     }
     edit.closes_upstream = head;
+    let added = out.len();
     edit.add_headers(origin, ids, None, out);
     out.extend_from_slice(b"\r\n");
 
@@ -146,6 +185,19 @@ pub fn plain_request(
         close: edit.close,
         host: at(host),
         path: at(path.as_bytes()),
+        target: at(target.as_bytes()),
+        user_agent: if user_agent.is_empty() {
+            0..0
+        } else {
+            at(user_agent)
+        },
+        referer: if referer.is_empty() {
+            0..0
+        } else {
+            at(referer)
+        },
+        request_id,
+        added,
     }))
 }
 

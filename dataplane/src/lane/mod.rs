@@ -16,6 +16,7 @@ use pingora::prelude::fast_timeout::fast_timeout;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::access_log::Entry;
 use crate::attempt::{Failure, Routed};
 use crate::certs::TlsConn;
 use crate::clock;
@@ -59,6 +60,8 @@ struct Buffers {
     upstream: Vec<u8>,
     /// Going to the client: a response head and the start of its body.
     response: Vec<u8>,
+    /// Body bytes of the current request's answer that reached the client.
+    sent: u64,
 }
 
 /// How an exchange that reached the client ended.
@@ -94,7 +97,9 @@ impl Lane {
             request: Vec::with_capacity(1024),
             upstream: Vec::with_capacity(READ_CHUNK),
             response: Vec::with_capacity(1024),
+            sent: 0,
         };
+        let ip = peer;
         let mut first = true;
         // The client's address as `X-Forwarded-For` writes it, and whether it may speak for
         // others: both once per connection.
@@ -184,10 +189,36 @@ impl Lane {
             {
                 return Served::HandOver(bufs.client);
             }
-            let mut routed = Routed::new(snapshot, s, Instant::now());
+            let start = Instant::now();
+            let mut routed = Routed::new(snapshot, s, start);
+            bufs.sent = 0;
             let (status, keep) = self
                 .proxy(client, &mut routed, &plain, tls.is_some(), &mut bufs)
                 .await;
+            if let Some(log) = &plane.access_log {
+                let c = &bufs.client;
+                let svc = routed.service();
+                log.log(&Entry {
+                    client: ip,
+                    method: if plain.head { b"HEAD" } else { b"GET" },
+                    host: &c[plain.host.clone()],
+                    target: &c[plain.target.clone()],
+                    version: "HTTP/1.1",
+                    status,
+                    bytes: bufs.sent,
+                    duration: start.elapsed(),
+                    backend: routed
+                        .backend()
+                        .map_or("", |i| &svc.backends[i as usize].id),
+                    request_id: plain.request_id(&bufs.request),
+                    service: &svc.name,
+                    attempts: routed.tried().len(),
+                    class: svc.class,
+                    user_agent: &c[plain.user_agent.clone()],
+                    referer: &c[plain.referer.clone()],
+                    https: tls.is_some(),
+                });
+            }
             routed.end(status);
             plane.connections.lane_request();
             if !keep {
@@ -240,6 +271,9 @@ impl Lane {
         let sent = send(client, &bufs.response, plane.send_timeout)
             .await
             .is_ok();
+        if sent {
+            bufs.sent = answer.body_bytes().len() as u64;
+        }
         (if sent { answer.status() } else { 499 }, false)
     }
 }
@@ -373,6 +407,7 @@ where
     let Ok(first_part) = rest.take(&bufs.upstream[response.len..], &mut reusable) else {
         return Err(failed(UpstreamError::Other, &head));
     };
+    let head_len = bufs.response.len();
     if rest == Rest::UntilClose {
         chunk(&mut bufs.response, first_part);
     } else {
@@ -385,6 +420,7 @@ where
         // Nothing reached a client that is gone (nginx's 499), or that does not read.
         return Ok(Err(Cut(499)));
     }
+    bufs.sent = (bufs.response.len() - head_len) as u64;
 
     // The rest of the body, read by read and passed on as it comes.
     while rest != Rest::Length(0) {
@@ -398,6 +434,7 @@ where
                 {
                     return Ok(Err(Cut(status)));
                 }
+                bufs.sent += 5;
                 break;
             }
             Ok(0) | Err(_) => return Ok(Err(Cut(status))),
@@ -411,9 +448,11 @@ where
                 Err(_) => return Ok(Err(Cut(status))),
             },
         };
+        let n = part.len() as u64;
         if send(client, part, plane.send_timeout).await.is_err() {
             return Ok(Err(Cut(status)));
         }
+        bufs.sent += n;
     }
     if reusable {
         pool::put(backend.addr, up);
