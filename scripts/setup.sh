@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what building and testing RustyBalancer needs on a fresh Debian machine:
 # cmake (Pingora's libz-ng-sys builds zlib-ng with it), curl, pebble (an offline ACME CA for
-# the tests) and cargo-nextest if they are missing.
+# the tests), chromium (headless, for the status pages) and cargo-nextest if they are missing.
 set -euo pipefail
 
 need_apt=()
@@ -11,6 +11,8 @@ command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v pebble >/dev/null 2>&1 || need_apt+=(pebble)
 # The fault suite's network namespace (ip netns) and its socket checks (ss).
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
+# The status pages' test loads them in a real browser (headless).
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 if ((${#need_apt[@]})); then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

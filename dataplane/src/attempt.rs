@@ -68,6 +68,8 @@ pub struct Routed {
     /// Attempts that do not count against the retry budget: the first stale pooled connection
     /// of each backend (the pool's staleness, not a try of the backend).
     free: usize,
+    /// The backend whose in-flight count the current attempt holds.
+    holding: Option<u32>,
     ended: bool,
 }
 
@@ -85,6 +87,7 @@ impl Routed {
             last: None,
             failed_at: 0,
             free: 0,
+            holding: None,
             ended: false,
         }
     }
@@ -136,9 +139,23 @@ impl Routed {
 
     /// The next attempt goes to backend `i`.
     pub fn begin(&mut self, i: u32) {
+        self.release();
+        self.snapshot.services[self.service as usize].backends[i as usize]
+            .counters
+            .inflight_add(1);
+        self.holding = Some(i);
         if self.tries < MAX_TRIES {
             self.tried[self.tries] = i;
             self.tries += 1;
+        }
+    }
+
+    /// The current attempt is over: its backend has one less in flight.
+    fn release(&mut self) {
+        if let Some(i) = self.holding.take() {
+            self.snapshot.services[self.service as usize].backends[i as usize]
+                .counters
+                .inflight_add(-1);
         }
     }
 
@@ -150,6 +167,7 @@ impl Routed {
     /// connection. True when another attempt may follow (budget left, and nothing was sent or
     /// the request can be replayed); the path then asks [`Routed::next`] for the backend.
     pub fn fail(&mut self, failure: Failure, now: u64) -> bool {
+        self.release();
         self.last = Some(failure);
         self.failed_at = self.tries;
         let Some(i) = self.backend() else {
@@ -204,6 +222,7 @@ impl Routed {
         if std::mem::replace(&mut self.ended, true) {
             return;
         }
+        self.release();
         let svc = &self.snapshot.services[self.service as usize];
         match self.tried[..self.tries].last() {
             Some(&i) => {
@@ -262,6 +281,30 @@ mod tests {
         kind: UpstreamError::ReadTimeout,
         replayable: true,
     };
+
+    #[test]
+    fn a_backend_counts_the_attempts_under_way_on_it() {
+        let snap = snapshot(2, 1);
+        let inflight = |i: usize| snap.services[0].backends[i].counters.inflight();
+        let mut r = routed(&snap);
+        let first = r.next(NOW).unwrap() as usize;
+        assert_eq!((inflight(first), inflight(1 - first)), (1, 0));
+        assert!(r.fail(REFUSED, NOW));
+        assert_eq!(inflight(first), 0, "a failed attempt is over");
+        let second = r.next(NOW).unwrap() as usize;
+        assert_eq!((second, inflight(second)), (1 - first, 1));
+        r.end(200);
+        r.end(200);
+        assert_eq!(
+            (inflight(0), inflight(1)),
+            (0, 0),
+            "once, however often it ends"
+        );
+        let mut dropped = routed(&snap);
+        let i = dropped.next(NOW).unwrap() as usize;
+        drop(dropped);
+        assert_eq!(inflight(i), 0, "a request dropped unfinished");
+    }
 
     #[test]
     fn failed_connects_eject_and_retry_within_the_budget_then_answer_503() {

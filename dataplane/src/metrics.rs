@@ -89,6 +89,8 @@ impl UpstreamError {
 pub struct BackendCounters {
     requests: [AtomicU64; SLOTS],
     errors: [AtomicU64; 7],
+    /// Attempts on this backend now under way.
+    inflight: AtomicI64,
 }
 
 impl Default for BackendCounters {
@@ -96,11 +98,34 @@ impl Default for BackendCounters {
         BackendCounters {
             requests: std::array::from_fn(|_| AtomicU64::new(0)),
             errors: Default::default(),
+            inflight: AtomicI64::new(0),
         }
     }
 }
 
 impl BackendCounters {
+    pub fn inflight_add(&self, delta: i64) {
+        self.inflight.fetch_add(delta, Relaxed);
+    }
+    pub fn inflight(&self) -> i64 {
+        self.inflight.load(Relaxed)
+    }
+    /// Responses counted in all, and of those the server errors (5xx, the proxy's own 502,
+    /// 503 and 504 included): for the status page.
+    pub fn totals(&self) -> (u64, u64) {
+        let (mut all, mut server) = (0, 0);
+        for (slot, n) in self.requests.iter().enumerate() {
+            let n = n.load(Relaxed);
+            all += n;
+            let code_class = CODES
+                .get(slot)
+                .map_or_else(|| slot - CODES.len() + 1, |c| usize::from(*c / 100));
+            if code_class == 5 {
+                server += n;
+            }
+        }
+        (all, server)
+    }
     pub fn count_response(&self, code: u16) {
         self.requests[slot(code)].fetch_add(1, Relaxed);
     }
@@ -160,6 +185,16 @@ impl ServiceCounters {
     /// Requests observed by the duration histogram.
     pub fn observed(&self) -> u64 {
         self.count.load(Relaxed)
+    }
+    /// The histogram: upper bounds in seconds with the count of each bucket (not cumulative;
+    /// slower requests are the rest of `observed`), and the sum in seconds.
+    pub fn histogram(&self) -> (Vec<(f64, u64)>, f64) {
+        let buckets = BUCKETS
+            .iter()
+            .zip(&self.buckets)
+            .map(|(le, n)| (*le, n.load(Relaxed)))
+            .collect();
+        (buckets, self.sum_nanos.load(Relaxed) as f64 / 1e9)
     }
     pub fn count_shed(&self, class: rusty_shared::RequestClass) {
         self.shed[class as usize].fetch_add(1, Relaxed);
@@ -478,6 +513,16 @@ pub fn esc(s: &str) -> std::borrow::Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn totals_count_every_response_and_the_server_errors_among_them() {
+        let c = BackendCounters::default();
+        for code in [200, 204, 404, 499, 500, 502, 503, 504, 599, 1000] {
+            c.count_response(code);
+        }
+        // 599 lands in the 5xx slot and 1000 (not a status) is counted as a server error.
+        assert_eq!(c.totals(), (10, 6));
+    }
 
     #[test]
     fn every_code_lands_in_its_own_slot_or_its_class() {

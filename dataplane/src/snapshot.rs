@@ -44,6 +44,8 @@ pub struct Snapshot {
     pub services: Box<[Service]>,
     /// Counters for requests no service matched.
     pub unrouted: Arc<BackendCounters>,
+    /// When it was installed (`clock::now_ms`), for its age on the status page.
+    pub installed_ms: u64,
 }
 
 /// One service of the installed table.
@@ -286,6 +288,7 @@ impl Snapshot {
             router,
             services,
             unrouted: registry.unrouted(),
+            installed_ms: now,
         }
     }
 

@@ -27,12 +27,25 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// A free loopback port (bound and released; good enough on a test machine).
+/// A free loopback port for a server a test starts, from below the kernel's ephemeral range
+/// (32768 and up), so the local ports of the many client connections the tests make never take
+/// it between this call and the server's bind (a port the kernel handed out for `:0` is in that
+/// range). Each test process walks its own stretch of 10000–30000, from its pid on, taking the
+/// next port that binds.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const BASE: u32 = 10_000;
+    const SPAN: u32 = 20_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7919) % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (BASE + (start + n) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {BASE}..{}", BASE + SPAN)
 }
 
 /// A child process killed when dropped. Its stderr goes to a file it removes then (or to the

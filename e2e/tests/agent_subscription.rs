@@ -267,6 +267,12 @@ fn a_flood_of_a_thousand_tables_converges_on_the_last_without_growing_memory() {
         })
     });
     let lb = subscribed_lb(&dir, port, "any", false);
+    // The load is about the flood, not about the moment before the first table.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while lb.table_version().is_none() {
+        assert!(std::time::Instant::now() < deadline, "no table arrived");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let rss_before = rss_kib(lb.proc.pid());
     let load = LoadLoop::start(lb.port, "localhost", 2, Duration::from_secs(20));
     lb.wait_version(TABLES, Duration::from_secs(15));

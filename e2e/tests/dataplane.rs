@@ -512,6 +512,14 @@ fn the_admin_listener_off_loopback_needs_a_token_which_guards_metrics_and_table(
     assert_eq!(with("Authorization: Bearer nope\r\n", "/table"), 401);
     assert_eq!(with("Authorization: Bearer s3cret\r\n", "/metrics"), 200);
     assert_eq!(with("Authorization: Bearer s3cret\r\n", "/table"), 200);
+    for page in ["/", "/status"] {
+        assert_eq!(with("", page), 401, "{page}");
+        assert_eq!(
+            with("Authorization: Bearer s3cret\r\n", page),
+            200,
+            "{page}"
+        );
+    }
 }
 
 #[test]

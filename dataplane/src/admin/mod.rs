@@ -1,8 +1,10 @@
-//! The admin listener: `/metrics`, `/healthz` and `/table`, served by Pingora's HTTP app on
-//! `--admin`. It reads the plane; it never changes it. Loopback by default; it exposes the
-//! whole routing table, so binding it elsewhere needs a bearer token (`--admin-token-file`), which
-//! then guards `/metrics` and `/table` (compared in constant time). `/healthz` stays open for
-//! liveness probes.
+//! The admin listener: `/` (a live status page), `/status`, `/metrics`, `/healthz` and
+//! `/table`, served by Pingora's HTTP app on `--admin`. It reads the plane; it never changes
+//! it. Loopback by default; it exposes the whole routing table, so binding it elsewhere needs a
+//! bearer token (`--admin-token-file`), which then guards everything but `/healthz` (compared
+//! in constant time), which stays open for liveness probes.
+
+mod status;
 
 use std::sync::Arc;
 
@@ -103,6 +105,18 @@ impl Admin {
                     b"no table installed yet\n".to_vec(),
                 ),
             },
+            "/" => (
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                include_bytes!("page.html").to_vec(),
+            ),
+            "/status" => (
+                StatusCode::OK,
+                "application/json",
+                status::status(plane, clock::now_ms())
+                    .to_string()
+                    .into_bytes(),
+            ),
             "/table" => match &snap {
                 Some(s) => (
                     StatusCode::OK,
@@ -118,7 +132,7 @@ impl Admin {
             _ => (
                 StatusCode::NOT_FOUND,
                 TEXT,
-                b"not found: try /metrics, /healthz or /table\n".to_vec(),
+                b"not found: try /, /status, /metrics, /healthz or /table\n".to_vec(),
             ),
         }
     }
