@@ -1,5 +1,6 @@
-//! The agent's listeners: the admin API (JSON over HTTP/1.1), `/metrics`, `/healthz`, and the
-//! table stream (`GET /v1/tables`, a WebSocket), on `agent.listen` and, over TLS, on
+//! The agent's listeners: the admin API (JSON over HTTP/1.1), `/metrics`, `/healthz`, a status
+//! page at `/` (static: its script reads `/v1/status` with the token the operator gives it), and
+//! the table stream (`GET /v1/tables`, a WebSocket), on `agent.listen` and, over TLS, on
 //! `agent.tls_listen`. Certificate bundles go only to subscribers that reach the agent over TLS
 //! or from loopback.
 //!
@@ -242,6 +243,17 @@ async fn connection(mut stream: Stream, conn: Conn, shared: &Shared) -> std::io:
     let path = req.path.split('?').next().unwrap_or("").to_owned();
     match (req.method.as_str(), path.as_str()) {
         ("GET", "/healthz") => return respond(&mut stream, 200, "text/plain", "", "ok\n").await,
+        // No data in it: what it shows comes from `/v1/status`, behind the token.
+        ("GET", "/") => {
+            return respond(
+                &mut stream,
+                200,
+                "text/html; charset=utf-8",
+                "Cache-Control: no-store\r\nContent-Security-Policy: default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'\r\n",
+                include_str!("page.html"),
+            )
+            .await
+        }
         ("GET", "/metrics") => {
             let Some(status) = status(shared).await else {
                 return error(&mut stream, 503, "agent is shutting down").await;
