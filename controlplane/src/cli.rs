@@ -25,8 +25,11 @@ pub enum Cmd {
     Check(ConfigArgs),
     /// Services, instances and the last table of a running agent.
     Status {
-        /// Print the raw JSON.
-        #[arg(long)]
+        /// `text` for people, `json` for scripts (the agent's answer as it is).
+        #[arg(long, value_enum, default_value = "text", value_name = "FORMAT")]
+        output: Output,
+        /// The same as `--output json`.
+        #[arg(long, conflicts_with = "output")]
         json: bool,
     },
     /// Change a service's number of instances and follow until it is done.
@@ -75,6 +78,12 @@ pub struct ConfigArgs {
     /// Apply [env.NAME] over the base config (e.g. production, development, slim).
     #[arg(long, value_name = "NAME")]
     pub env: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Args)]

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use rusty_agent::api::DeployRequest;
-use rusty_agent::cli::{Cli, Cmd, LogFormat};
+use rusty_agent::cli::{Cli, Cmd, LogFormat, Output};
 use rusty_agent::{client, config, wiring};
 
 fn main() -> ExitCode {
@@ -84,7 +84,9 @@ fn main() -> ExitCode {
             };
             report(rt.block_on(async move {
                 match other {
-                    Cmd::Status { json } => client::status(&agent, json).await,
+                    Cmd::Status { output, json } => {
+                        client::status(&agent, json || output == Output::Json).await
+                    }
                     Cmd::Scale {
                         service,
                         replicas,

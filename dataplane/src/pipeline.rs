@@ -232,14 +232,17 @@ impl ProxyHttp for Pipeline {
             }
             return Ok(true);
         }
-        // The class only matters where admission does: services with capped backends.
+        // A class header only matters where admission does: services with capped backends.
+        ctx.class = svc.class;
         if svc.limited {
-            ctx.class = svc
+            if let Some(class) = svc
                 .class_header
                 .as_ref()
                 .and_then(|h| req.headers.get(h))
                 .and_then(|v| RequestClass::from_bytes(v.as_bytes()))
-                .unwrap_or(svc.class);
+            {
+                ctx.class = class;
+            }
         }
         let limited = svc.limited;
         let routed = ctx.routed.insert(Routed::new(snapshot, service, start));

@@ -548,3 +548,24 @@ fn slow_start_ramps_a_new_instance_through_successive_tables() {
         "it started low: {seen:?}"
     );
 }
+
+#[test]
+fn status_prints_text_for_people_and_the_api_answer_for_scripts() {
+    let agent = Agent::start("status-output", &echo_service("web", 1, ""));
+    agent.wait_serving("web", 1, LIMIT);
+    let (ok, text) = agent.cli(&["status"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("web"), "{text}");
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&text).is_err(),
+        "text, not JSON: {text}"
+    );
+    for flags in [&["status", "--output", "json"][..], &["status", "--json"]] {
+        let (ok, out) = agent.cli(flags);
+        assert!(ok, "{out}");
+        let v: serde_json::Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+        assert_eq!(v["services"][0]["name"], "web", "{flags:?}");
+        assert_eq!(v, agent.status(), "the API's answer as it is");
+    }
+}

@@ -159,7 +159,7 @@ rise = 1
         let start = Instant::now();
         loop {
             if self.token_file().exists() {
-                let (ok, out) = self.cli(&["status", "--json"]);
+                let (ok, out) = self.cli(&["status", "--output", "json"]);
                 if ok {
                     let st: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
                     if check(&st) {

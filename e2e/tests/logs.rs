@@ -145,9 +145,22 @@ fn the_lane_and_the_pipeline_log_a_request_alike() {
     let a = Echo::start("a");
     let line_of = |extra: &[&str], tag: &str| {
         let logs = TempDir::new(tag);
-        let mut flags = log_flags(&logs, "json");
-        flags.extend_from_slice(extra);
-        let (_dir, lb) = proxy_to(&a, &format!("{tag}-lb"), &flags);
+        // A class of its own, so the line shows which one the request was given.
+        let path = logs.path("table.json");
+        write_atomic(
+            &path,
+            &serde_json::json!({"version": 1, "services": [{"name": "web", "class": "critical",
+                "backends": [{"id": "a", "addr": a.addr(), "weight": 1, "priority": 0}]}]})
+            .to_string(),
+        );
+        let mut flags: Vec<String> = log_flags(&logs, "json")
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect();
+        flags.extend(["--table".to_owned(), path.display().to_string()]);
+        let lb = Lb::start(&flags);
+        lb.wait_version(1, Duration::from_secs(10));
         let r = Client::new(lb.port)
             .request("GET /same?q=2 HTTP/1.1\r\nHost: localhost\r\nUser-Agent: ua\r\n\r\n")
             .unwrap();
@@ -160,6 +173,7 @@ fn the_lane_and_the_pipeline_log_a_request_alike() {
     };
     let lane = line_of(&[], "access-lane");
     let pipeline = line_of(&["--no-fast-lane"], "access-pipeline");
+    assert_eq!(lane["class"], "critical");
     assert_eq!(lane, pipeline);
 }
 
