@@ -182,13 +182,7 @@ impl ProxyHttp for Pipeline {
             .and_then(|d| TlsConn::of(d));
         ctx.https = tls.is_some();
         let req = session.req_header();
-        let host = match req.headers.get(http::header::HOST) {
-            Some(h) => h.as_bytes(),
-            None => req
-                .uri
-                .authority()
-                .map_or(&b""[..], |a| a.as_str().as_bytes()),
-        };
+        let host = request_host(req);
         // The agent's open ACME challenges are answered here, for any host; a token the table
         // does not carry goes to the backends (which may run their own ACME client).
         let challenge = req
@@ -573,18 +567,23 @@ impl ProxyHttp for Pipeline {
     }
 }
 
-/// The access log's line for a request the pipeline answered with `status`.
-fn log_request(log: &AccessLog, session: &Session, ctx: &Ctx, status: u16) {
-    let req = session.req_header();
-    let header =
-        |name: http::header::HeaderName| req.headers.get(name).map_or(&b""[..], |v| v.as_bytes());
-    let host = match req.headers.get(http::header::HOST) {
+/// The host a request names: its `Host`, else the authority of an absolute-form target.
+fn request_host(req: &RequestHeader) -> &[u8] {
+    match req.headers.get(http::header::HOST) {
         Some(h) => h.as_bytes(),
         None => req
             .uri
             .authority()
             .map_or(&b""[..], |a| a.as_str().as_bytes()),
-    };
+    }
+}
+
+/// The access log's line for a request the pipeline answered with `status`.
+fn log_request(log: &AccessLog, session: &Session, ctx: &Ctx, status: u16) {
+    let req = session.req_header();
+    let header =
+        |name: http::header::HeaderName| req.headers.get(name).map_or(&b""[..], |v| v.as_bytes());
+    let host = request_host(req);
     let routed = ctx.routed.as_ref();
     let service = routed.map(Routed::service);
     let backend = routed
