@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what building and testing RustyBalancer needs on a fresh Debian machine:
 # cmake (Pingora's libz-ng-sys builds zlib-ng with it), curl, pebble (an offline ACME CA for
-# the tests), chromium (headless, for the status pages) and cargo-nextest if they are missing.
+# the tests), chromium (headless, for the status pages), prometheus (with promtool, for the
+# monitoring test) and cargo-nextest if they are missing.
 set -euo pipefail
 
 need_apt=()
@@ -13,6 +14,8 @@ command -v pebble >/dev/null 2>&1 || need_apt+=(pebble)
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 # The status pages' test loads them in a real browser (headless).
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+# The monitoring test runs a real Prometheus and checks the shipped rules with promtool.
+command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
 if ((${#need_apt[@]})); then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -182,5 +182,43 @@ fn lane(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, pick, install, request_path, lane);
+/// What one request does to the metrics (a service's and a backend's in-flight gauges up and
+/// down, a response counted, the duration observed), and what a scrape of a 1,000-backend
+/// table costs.
+fn metrics(c: &mut Criterion) {
+    let registry = Registry::default();
+    let ids: Vec<String> = (0..1000).map(|i| format!("b{i}")).collect();
+    let handles = registry.handles_for(&[("web", ids.iter().map(String::as_str).collect())]);
+    let (svc, backend) = (&handles[0].service, &handles[0].backends[0]);
+    c.bench_function("metrics/one_request", |b| {
+        b.iter(|| {
+            svc.inflight_add(1);
+            backend.inflight_add(1);
+            backend.count_response(black_box(200));
+            svc.observe(black_box(1_234_567));
+            backend.inflight_add(-1);
+            svc.inflight_add(-1);
+        })
+    });
+    for (i, b) in handles[0].backends.iter().enumerate() {
+        b.count_response(if i % 10 == 0 { 503 } else { 200 });
+    }
+    let ejected: Vec<(&str, &str, bool)> =
+        ids.iter().map(|id| ("web", id.as_str(), false)).collect();
+    c.bench_function("metrics/scrape_1000_backends", |b| {
+        b.iter(|| {
+            let mut text = String::new();
+            registry.render(
+                &rusty_lb::metrics::Installed {
+                    table_version: Some(1),
+                    ejected: ejected.clone(),
+                },
+                &mut text,
+            );
+            black_box(text)
+        })
+    });
+}
+
+criterion_group!(benches, pick, install, request_path, lane, metrics);
 criterion_main!(benches);

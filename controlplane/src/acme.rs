@@ -11,7 +11,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -158,7 +157,7 @@ impl Acme {
             // With no data plane subscribed, nobody could answer the CA: an order would fail
             // and count against the CA's limits.
             let due = names.iter().any(|n| n.next_order_at <= now);
-            if due && self.metrics.subscribers.load(Ordering::Relaxed) <= 0 {
+            if due && self.metrics.subscribers.get() <= 0 {
                 if !told {
                     info!("ACME: waiting for a data plane to subscribe before ordering");
                     told = true;

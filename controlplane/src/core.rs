@@ -343,9 +343,7 @@ impl Core {
         match self.publisher.offer(table) {
             Ok(Some(version)) => {
                 self.published = true;
-                self.metrics
-                    .tables_published
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.metrics.tables_published.inc();
                 let summary: Vec<String> = self
                     .services
                     .values()
@@ -688,11 +686,7 @@ impl Core {
         Status {
             acme: Vec::new(),
             table_version: self.publisher.current().map(|p| p.version),
-            subscribers: self
-                .metrics
-                .subscribers
-                .load(std::sync::atomic::Ordering::Relaxed)
-                .max(0) as usize,
+            subscribers: self.metrics.subscribers.get().max(0) as usize,
             services: self
                 .services
                 .values()

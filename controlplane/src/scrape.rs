@@ -10,6 +10,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use rusty_shared::exposition::samples;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
@@ -32,39 +33,26 @@ const MAX_BODY: usize = 16 << 20;
 
 /// The backends one data plane's metrics text reports ejected, as (service, backend id).
 pub fn ejected_backends(text: &str) -> HashSet<(String, String)> {
-    let mut out = HashSet::new();
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix("rustybalancer_backend_ejected{service=\"") else {
-            continue;
-        };
-        let Some((service, rest)) = rest.split_once("\",backend=\"") else {
-            continue;
-        };
-        let Some((backend, value)) = rest.split_once("\"} ") else {
-            continue;
-        };
-        if value.trim() == "1" {
-            out.insert((service.to_owned(), backend.to_owned()));
-        }
-    }
-    out
+    samples(text)
+        .filter(|s| s.name == "rustybalancer_backend_ejected" && s.value == 1.0)
+        .filter_map(|s| {
+            Some((
+                s.label("service")?.to_owned(),
+                s.label("backend")?.to_owned(),
+            ))
+        })
+        .collect()
 }
 
 /// The requests in flight per service in one data plane's metrics text.
 pub fn inflight_by_service(text: &str) -> HashMap<String, f64> {
     let mut out = HashMap::new();
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix("rustybalancer_inflight_requests{service=\"") else {
+    for s in samples(text) {
+        if s.name != "rustybalancer_inflight_requests" || !s.value.is_finite() || s.value < 0.0 {
             continue;
-        };
-        let Some((service, value)) = rest.split_once("\"} ") else {
-            continue;
-        };
-        match value.trim().parse::<f64>() {
-            Ok(v) if v.is_finite() && v >= 0.0 => {
-                *out.entry(service.to_owned()).or_insert(0.0) += v
-            }
-            _ => {}
+        }
+        if let Some(service) = s.label("service") {
+            *out.entry(service.to_owned()).or_insert(0.0) += s.value;
         }
     }
     out
@@ -173,10 +161,10 @@ mod tests {
     }
 
     #[test]
-    fn ejected_backends_are_those_reported_at_1() {
+    fn ejected_backends_are_those_reported_at_1_whatever_the_label_order() {
         let text = "rustybalancer_backend_ejected{service=\"web\",backend=\"web-2\"} 1\n\
             rustybalancer_backend_ejected{service=\"web\",backend=\"web-3\"} 0\n\
-            rustybalancer_backend_ejected{service=\"api\",backend=\"api-1\"} 1\n";
+            rustybalancer_backend_ejected{backend=\"api-1\",service=\"api\"} 1\n";
         let e = ejected_backends(text);
         assert!(e.contains(&("web".to_owned(), "web-2".to_owned())));
         assert!(e.contains(&("api".to_owned(), "api-1".to_owned())));

@@ -9,7 +9,6 @@
 //! answered 401 without reading further. One request per connection: the API is for operators
 //! and scripts, not for throughput.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -268,10 +267,7 @@ async fn connection(mut stream: Stream, conn: Conn, shared: &Shared) -> std::io:
     }
     if !shared.token.admits(req.header("authorization")) {
         if path == "/v1/tables" {
-            shared
-                .metrics
-                .subscribers_refused
-                .fetch_add(1, Ordering::Relaxed);
+            shared.metrics.subscribers_refused.inc();
         }
         warn!(path, "refused: missing or wrong bearer token");
         return respond(
@@ -487,10 +483,7 @@ async fn subscribe(
     let certs = match (wants_certs, conn.private()) {
         (true, true) => Some(shared.certs.clone()),
         (true, false) => {
-            shared
-                .metrics
-                .cert_bundles_withheld
-                .fetch_add(1, Ordering::Relaxed);
+            shared.metrics.cert_bundles_withheld.inc();
             warn!(%peer, "a data plane asked for certificates over plain ws:// from off loopback: not sent (keys never cross a network in clear); subscribe over wss:// to agent.tls_listen");
             None
         }
@@ -502,10 +495,10 @@ async fn subscribe(
         ..WebSocketConfig::default()
     };
     let mut ws = WebSocketStream::from_raw_socket(stream, Role::Server, Some(config)).await;
-    shared.metrics.subscribers.fetch_add(1, Ordering::Relaxed);
+    shared.metrics.subscribers.inc();
     info!(%peer, "data plane subscribed");
     let end = session(&mut ws, shared, certs).await;
-    shared.metrics.subscribers.fetch_sub(1, Ordering::Relaxed);
+    shared.metrics.subscribers.dec();
     info!(%peer, "data plane left: {end}");
     Ok(())
 }
@@ -528,10 +521,7 @@ async fn session(
         if let Some(p) = pending.take() {
             match tokio::time::timeout(SEND_TIMEOUT, ws.send(Message::Text(p.json.clone()))).await {
                 Ok(Ok(())) => {
-                    shared
-                        .metrics
-                        .table_frames_sent
-                        .fetch_add(1, Ordering::Relaxed);
+                    shared.metrics.table_frames_sent.inc();
                     debug!(version = p.version, "table sent");
                 }
                 Ok(Err(e)) => return format!("send failed: {e}"),
@@ -543,10 +533,7 @@ async fn session(
                 .await
             {
                 Ok(Ok(())) => {
-                    shared
-                        .metrics
-                        .cert_bundles_sent
-                        .fetch_add(1, Ordering::Relaxed);
+                    shared.metrics.cert_bundles_sent.inc();
                     info!(version = b.version, names = ?b.names, "certificates sent");
                 }
                 Ok(Err(e)) => return format!("send failed: {e}"),

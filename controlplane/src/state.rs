@@ -5,10 +5,10 @@
 //! cannot be written (full disk, read-only) is the caller's to log; nothing the agent decides
 //! waits for its state files.
 
+use crate::metrics::{FELL_BACK, UNUSABLE};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -45,11 +45,6 @@ impl Desired {
     }
 }
 
-/// Saved files found damaged, and damaged files replaced by their previous version, since
-/// start (for `rusty_agent_state_files_total`).
-pub static UNUSABLE: AtomicU64 = AtomicU64::new(0);
-pub static FELL_BACK: AtomicU64 = AtomicU64::new(0);
-
 fn previous(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(".prev");
@@ -75,14 +70,14 @@ pub fn read_or_previous<T>(path: &Path, parse: impl Fn(&[u8]) -> Result<T, Strin
         match read {
             Ok(v) => {
                 if i == 1 && damaged {
-                    FELL_BACK.fetch_add(1, Ordering::Relaxed);
+                    FELL_BACK.inc();
                     tracing::warn!(file = %path.display(), previous = %file.display(),
                         "the saved state is damaged; using the version before it");
                 }
                 return Some(v);
             }
             Err(e) => {
-                UNUSABLE.fetch_add(1, Ordering::Relaxed);
+                UNUSABLE.inc();
                 damaged = true;
                 tracing::warn!(file = %file.display(), "ignoring an unreadable state file: {e}");
             }
@@ -148,10 +143,10 @@ mod tests {
         write_atomic(&file, b"41").unwrap();
         write_atomic(&file, b"42").unwrap();
         assert_eq!(read_or_previous(&file, parse), Some(42));
-        let before = FELL_BACK.load(Ordering::Relaxed);
+        let before = FELL_BACK.get();
         std::fs::write(&file, b"4\0garbage").unwrap();
         assert_eq!(read_or_previous(&file, parse), Some(41), "the one before");
-        assert_eq!(FELL_BACK.load(Ordering::Relaxed), before + 1);
+        assert_eq!(FELL_BACK.get(), before + 1);
         write_private(&file, b"43").unwrap();
         assert_eq!(read_or_previous(&file, parse), Some(43));
         std::fs::remove_dir_all(&dir).unwrap();

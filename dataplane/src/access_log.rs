@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use prometheus::IntCounter;
 use rusty_shared::RequestClass;
 use tracing::warn;
 
@@ -250,8 +251,8 @@ pub struct AccessLog {
     out: Mutex<Option<Box<dyn Write + Send>>>,
     writer: OnceLock<std::thread::Thread>,
     reopen: AtomicBool,
-    dropped: AtomicU64,
-    lines: AtomicU64,
+    dropped: IntCounter,
+    lines: IntCounter,
     write_errors: AtomicU64,
 }
 
@@ -272,8 +273,14 @@ impl AccessLog {
             out: Mutex::new(None),
             writer: OnceLock::new(),
             reopen: AtomicBool::new(false),
-            dropped: AtomicU64::new(0),
-            lines: AtomicU64::new(0),
+            dropped: crate::metrics::counter(
+                "rustybalancer_access_log_dropped_total",
+                "Access log lines dropped because the writer fell behind or could not write.",
+            ),
+            lines: crate::metrics::counter(
+                "rustybalancer_access_log_lines_total",
+                "Lines given to the access log.",
+            ),
             write_errors: AtomicU64::new(0),
         }
     }
@@ -348,7 +355,7 @@ impl AccessLog {
                     warn!(error = %e, "cannot write the access log; its lines are dropped until it can");
                 }
                 let lost = spare.iter().filter(|&&b| b == b'\n').count();
-                self.dropped.fetch_add(lost as u64, Ordering::Relaxed);
+                self.dropped.inc_by(lost as u64);
             }
             wrote = true;
             spare.clear();
@@ -386,12 +393,12 @@ impl AccessLog {
             };
             let mut lines = buffer.lock().unwrap_or_else(|p| p.into_inner());
             if lines.len() >= BUFFER_CAP {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
+                self.dropped.inc();
                 return;
             }
             let before = lines.len();
             render(entry, SystemTime::now(), self.format, &mut lines);
-            self.lines.fetch_add(1, Ordering::Relaxed);
+            self.lines.inc();
             if before < WAKE_AT && lines.len() >= WAKE_AT {
                 if let Some(w) = self.writer.get() {
                     w.unpark();
@@ -400,31 +407,9 @@ impl AccessLog {
         });
     }
 
-    /// Prometheus text for the log's counters.
-    pub fn render_metrics(&self, w: &mut String) {
-        use std::fmt::Write as _;
-        crate::metrics::header(
-            w,
-            "rustybalancer_access_log_lines_total",
-            "counter",
-            "Lines given to the access log.",
-        );
-        let _ = writeln!(
-            w,
-            "rustybalancer_access_log_lines_total {}",
-            self.lines.load(Ordering::Relaxed)
-        );
-        crate::metrics::header(
-            w,
-            "rustybalancer_access_log_dropped_total",
-            "counter",
-            "Access log lines dropped because the writer fell behind or could not write.",
-        );
-        let _ = writeln!(
-            w,
-            "rustybalancer_access_log_dropped_total {}",
-            self.dropped.load(Ordering::Relaxed)
-        );
+    /// The log's metrics, for the registry.
+    pub fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![Box::new(self.lines.clone()), Box::new(self.dropped.clone())]
     }
 }
 
@@ -534,7 +519,7 @@ mod tests {
         for _ in 0..fits + 10 {
             log.log(&entry());
         }
-        assert_eq!(log.dropped.load(Ordering::Relaxed), 10);
+        assert_eq!(log.dropped.get(), 10);
         log.start().unwrap();
         let threads: Vec<_> = (0..4)
             .map(|_| {

@@ -9,12 +9,12 @@
 //! Key material stays in rustls' types: nothing here logs or renders a key.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use prometheus::core::Collector;
+use prometheus::{IntCounter, IntCounterVec, IntGaugeVec};
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ProducesTickets, ResolvesServerCert, StoresServerSessions};
 use rustls::sign::CertifiedKey;
@@ -25,7 +25,7 @@ use rusty_shared::certs::{load_pair, read_capped, BundleError, CertBundle, Loade
 pub use rusty_shared::certs::{CertError, DEFAULT_PAIR};
 
 use crate::hostnames::Names;
-use crate::metrics::{esc, header};
+use crate::metrics::{counter_vec, gauge_vec};
 
 /// Most pairs in one directory.
 pub const MAX_PAIRS: usize = 10_000;
@@ -241,8 +241,10 @@ pub struct Certs {
     provider: Arc<CryptoProvider>,
     ticketer: Arc<dyn ProducesTickets>,
     sessions: Arc<dyn StoresServerSessions>,
-    loaded: AtomicU64,
-    refused: AtomicU64,
+    expiry: IntGaugeVec,
+    loads: IntCounterVec,
+    loaded: IntCounter,
+    refused: IntCounter,
 }
 
 /// The two places certificates come from: `--certs DIR` and the agent's bundles.
@@ -293,14 +295,25 @@ impl Certs {
             rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE);
         let empty = Arc::new(CertSet::default());
         let config = server_config(&provider, &empty, &ticketer, &sessions)?;
+        let loads = counter_vec(
+            "rustybalancer_tls_certificate_loads_total",
+            "Certificate pairs loaded, and refused (the previous one of that name kept serving).",
+            &["result"],
+        );
         Ok(Certs {
             current: ArcSwap::from_pointee(Generation { set: empty, config }),
             sources: std::sync::Mutex::new(Sources::default()),
             provider,
             ticketer,
             sessions,
-            loaded: AtomicU64::new(0),
-            refused: AtomicU64::new(0),
+            loaded: loads.with_label_values(&["loaded"]),
+            refused: loads.with_label_values(&["refused"]),
+            loads,
+            expiry: gauge_vec(
+                "rustybalancer_tls_certificate_expiry_timestamp_seconds",
+                "End of validity of each certificate served, by pair name (unix time).",
+                &["pair"],
+            ),
         })
     }
 
@@ -384,46 +397,25 @@ impl Certs {
         let all = sources.dir.iter().chain(&sources.agent).cloned().collect();
         let set = Arc::new(CertSet::new(all));
         let config = server_config(&self.provider, &set, &self.ticketer, &self.sessions)?;
+        self.expiry.reset();
+        for cert in set.certs() {
+            self.expiry
+                .with_label_values(&[&cert.pair])
+                .set(cert.not_after);
+        }
         self.current.store(Arc::new(Generation { set, config }));
         Ok(())
     }
 
     /// Count a load: how many pairs loaded and how many were refused.
     pub fn count_load(&self, loaded: usize, refused: usize) {
-        self.loaded.fetch_add(loaded as u64, Relaxed);
-        self.refused.fetch_add(refused as u64, Relaxed);
+        self.loaded.inc_by(loaded as u64);
+        self.refused.inc_by(refused as u64);
     }
 
-    /// The certificate series, in the Prometheus text format. Names and dates only.
-    pub fn render(&self, w: &mut String) {
-        let current = self.current();
-        header(
-            w,
-            "rustybalancer_tls_certificate_expiry_timestamp_seconds",
-            "gauge",
-            "End of validity of each certificate served, by pair name (unix time).",
-        );
-        for cert in current.set.certs() {
-            let _ = writeln!(
-                w,
-                "rustybalancer_tls_certificate_expiry_timestamp_seconds{{pair=\"{}\"}} {}",
-                esc(&cert.pair),
-                cert.not_after
-            );
-        }
-        header(
-            w,
-            "rustybalancer_tls_certificate_loads_total",
-            "counter",
-            "Certificate pairs loaded, and refused (the previous one of that name kept serving).",
-        );
-        for (result, n) in [("loaded", &self.loaded), ("refused", &self.refused)] {
-            let _ = writeln!(
-                w,
-                "rustybalancer_tls_certificate_loads_total{{result=\"{result}\"}} {}",
-                n.load(Relaxed)
-            );
-        }
+    /// The certificate metrics, for the registry: names and dates only.
+    pub fn collectors(&self) -> Vec<Box<dyn Collector>> {
+        vec![Box::new(self.expiry.clone()), Box::new(self.loads.clone())]
     }
 }
 
@@ -599,8 +591,7 @@ mod tests {
         );
         assert_eq!(generation.config.alpn_protocols, vec![b"http/1.1".to_vec()]);
         assert_eq!(generation.config.max_early_data_size, 0);
-        let mut metrics = String::new();
-        certs.render(&mut metrics);
+        let metrics = crate::metrics::text_of(certs.collectors());
         assert!(
             metrics.contains("expiry_timestamp_seconds{pair=\"a\"} 1893456000"),
             "{metrics}"

@@ -4,24 +4,77 @@
 //! switched protocols ([`switch_protocols`], [`switched`]). Atomics and a task-local, no I/O.
 
 use std::cell::Cell;
-use std::fmt::Write as _;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
-use crate::metrics::header;
+use prometheus::core::Collector;
+use prometheus::{IntCounter, IntCounterVec, IntGauge};
+
+use crate::metrics::{counter, counter_vec, gauge};
 
 /// Counters of every client connection of the proxy listener.
-#[derive(Debug, Default)]
 pub struct Connections {
+    /// Read by admission (`--max-connections`); mirrored in `open_gauge` for scrapes.
     open: AtomicUsize,
-    refused: AtomicU64,
-    head_timeouts: AtomicU64,
-    drained_idle: AtomicU64,
-    bad_request_lines: AtomicU64,
-    bad_chunks: AtomicU64,
-    lane_requests: AtomicU64,
-    lane_handovers: AtomicU64,
-    tls: [AtomicU64; 6],
+    open_gauge: IntGauge,
+    refused: IntCounter,
+    head_timeouts: IntCounter,
+    drained_idle: IntCounter,
+    bad_request_lines: IntCounter,
+    bad_chunks: IntCounter,
+    lane_requests: IntCounter,
+    lane_handovers: IntCounter,
+    tls_family: IntCounterVec,
+    tls: [IntCounter; 6],
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        let tls_family = counter_vec(
+            "rustybalancer_tls_handshakes_total",
+            "TLS handshakes on the TLS listener, by result.",
+            &["result"],
+        );
+        Connections {
+            open: AtomicUsize::new(0),
+            open_gauge: gauge(
+                "rustybalancer_client_connections",
+                "Client connections open now.",
+            ),
+            refused: counter(
+                "rustybalancer_client_connections_refused_total",
+                "Client connections answered 503 because --max-connections were open.",
+            ),
+            head_timeouts: counter(
+                "rustybalancer_request_head_timeouts_total",
+                "Client connections closed with 408: a request head took longer than --header-timeout.",
+            ),
+            bad_request_lines: counter(
+                "rustybalancer_bad_request_lines_total",
+                "Requests refused with 400 because the request line as sent was malformed.",
+            ),
+            bad_chunks: counter(
+                "rustybalancer_bad_chunked_bodies_total",
+                "Requests refused with 400 because their chunked framing was malformed.",
+            ),
+            drained_idle: counter(
+                "rustybalancer_drained_idle_connections_total",
+                "Idle keep-alive connections closed by a graceful shutdown.",
+            ),
+            lane_requests: counter(
+                "rustybalancer_fast_lane_requests_total",
+                "Requests served on the fast lane, without the full proxy pipeline.",
+            ),
+            lane_handovers: counter(
+                "rustybalancer_fast_lane_handovers_total",
+                "Connections the fast lane handed to the full proxy pipeline (a request it does not serve).",
+            ),
+            // In the order of `Connections::counter`.
+            tls: ["ok", "timeout", "unrecognized_name", "plain_http", "failed", "closed"]
+                .map(|r| tls_family.with_label_values(&[r])),
+            tls_family,
+        }
+    }
 }
 
 /// Something that ended a client connection early, or moved it between request paths.
@@ -54,11 +107,12 @@ pub enum Event {
 }
 
 /// Decrements the open count however a connection ends.
-pub struct Open<'a>(&'a AtomicUsize);
+pub struct Open<'a>(&'a Connections);
 
 impl Drop for Open<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Relaxed);
+        self.0.open.fetch_sub(1, Relaxed);
+        self.0.open_gauge.dec();
     }
 }
 
@@ -90,7 +144,8 @@ impl Connections {
     /// many are open with it.
     pub fn open_one(&self) -> (Open<'_>, usize) {
         let n = self.open.fetch_add(1, Relaxed) + 1;
-        (Open(&self.open), n)
+        self.open_gauge.inc();
+        (Open(self), n)
     }
 
     /// Client connections open now.
@@ -99,14 +154,14 @@ impl Connections {
     }
 
     pub fn count(&self, event: Event) {
-        self.counter(event).fetch_add(1, Relaxed);
+        self.counter(event).inc();
     }
 
     pub fn counted(&self, event: Event) -> u64 {
-        self.counter(event).load(Relaxed)
+        self.counter(event).get()
     }
 
-    fn counter(&self, event: Event) -> &AtomicU64 {
+    fn counter(&self, event: Event) -> &IntCounter {
         match event {
             Event::Refused => &self.refused,
             Event::HeadTimeout => &self.head_timeouts,
@@ -125,88 +180,26 @@ impl Connections {
 
     /// A request the fast lane served.
     pub fn lane_request(&self) {
-        self.lane_requests.fetch_add(1, Relaxed);
+        self.lane_requests.inc();
     }
 
     pub fn lane_requests(&self) -> u64 {
-        self.lane_requests.load(Relaxed)
+        self.lane_requests.get()
     }
 
-    /// The connection series, in the Prometheus text format.
-    pub fn render(&self, w: &mut String) {
-        for (name, kind, help, value) in [
-            (
-                "rustybalancer_client_connections",
-                "gauge",
-                "Client connections open now.",
-                self.open() as u64,
-            ),
-            (
-                "rustybalancer_client_connections_refused_total",
-                "counter",
-                "Client connections answered 503 because --max-connections were open.",
-                self.counted(Event::Refused),
-            ),
-            (
-                "rustybalancer_request_head_timeouts_total",
-                "counter",
-                "Client connections closed with 408: a request head took longer than --header-timeout.",
-                self.counted(Event::HeadTimeout),
-            ),
-            (
-                "rustybalancer_bad_request_lines_total",
-                "counter",
-                "Requests refused with 400 because the request line as sent was malformed.",
-                self.counted(Event::BadRequestLine),
-            ),
-            (
-                "rustybalancer_bad_chunked_bodies_total",
-                "counter",
-                "Requests refused with 400 because their chunked framing was malformed.",
-                self.counted(Event::BadChunk),
-            ),
-            (
-                "rustybalancer_drained_idle_connections_total",
-                "counter",
-                "Idle keep-alive connections closed by a graceful shutdown.",
-                self.counted(Event::DrainedIdle),
-            ),
-            (
-                "rustybalancer_fast_lane_requests_total",
-                "counter",
-                "Requests served on the fast lane, without the full proxy pipeline.",
-                self.lane_requests(),
-            ),
-            (
-                "rustybalancer_fast_lane_handovers_total",
-                "counter",
-                "Connections the fast lane handed to the full proxy pipeline (a request it does not serve).",
-                self.counted(Event::LaneHandover),
-            ),
-        ] {
-            header(w, name, kind, help);
-            let _ = writeln!(w, "{name} {value}");
-        }
-        header(
-            w,
-            "rustybalancer_tls_handshakes_total",
-            "counter",
-            "TLS handshakes on the TLS listener, by result.",
-        );
-        for (result, event) in [
-            ("ok", Event::TlsHandshake),
-            ("timeout", Event::TlsTimeout),
-            ("unrecognized_name", Event::TlsUnknownName),
-            ("plain_http", Event::TlsPlainHttp),
-            ("closed", Event::TlsClosed),
-            ("failed", Event::TlsFailed),
-        ] {
-            let _ = writeln!(
-                w,
-                "rustybalancer_tls_handshakes_total{{result=\"{result}\"}} {}",
-                self.counted(event)
-            );
-        }
+    /// The connection metrics, for the registry.
+    pub fn collectors(&self) -> Vec<Box<dyn Collector>> {
+        vec![
+            Box::new(self.open_gauge.clone()),
+            Box::new(self.refused.clone()),
+            Box::new(self.head_timeouts.clone()),
+            Box::new(self.bad_request_lines.clone()),
+            Box::new(self.bad_chunks.clone()),
+            Box::new(self.drained_idle.clone()),
+            Box::new(self.lane_requests.clone()),
+            Box::new(self.lane_handovers.clone()),
+            Box::new(self.tls_family.clone()),
+        ]
     }
 }
 
@@ -239,8 +232,7 @@ mod tests {
         drop(b);
         assert_eq!(c.open(), 0);
         c.count(Event::Refused);
-        let mut text = String::new();
-        c.render(&mut text);
+        let text = crate::metrics::text_of(c.collectors());
         assert!(text.contains("rustybalancer_client_connections 0\n"));
         assert!(text.contains("rustybalancer_client_connections_refused_total 1\n"));
     }

@@ -1,14 +1,20 @@
-//! The data plane's Prometheus metrics, kept in atomics and rendered on scrape. Counters live in
-//! the [`Registry`] across table swaps; a snapshot holds `Arc` handles to the series its table
-//! can produce, so a request does relaxed adds on handles it already has — no lock, no
-//! allocation, no label lookup — and series of what left the table are dropped at the next
-//! install. Only metrics: connections, the drain flag and the queue render their own series
-//! with [`header`].
+//! The data plane's Prometheus metrics, on the `prometheus` crate: typed metrics in one
+//! [`prometheus::Registry`], rendered by its text encoder on scrape. A snapshot holds handles to
+//! the series its table can produce, so a request does relaxed adds on handles it already has —
+//! no lock, no allocation, no label lookup. Per-service series are resolved when a table is
+//! installed; a backend's series by status code and error kind on their first use (a backend
+//! sees a few of the 60 codes, and a series of zeros for each of the others would bloat every
+//! scrape), once. Series of what left the table are removed at the next install. Connections,
+//! the queue, the certificates and the access log own their metrics and register them here.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use prometheus::core::{Collector, Metric as _};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+};
 
 /// Codes with a slot of their own. The last five slots are the classes `1xx`..`5xx`.
 const CODES: [u16; 53] = [
@@ -85,25 +91,144 @@ impl UpstreamError {
     }
 }
 
-/// Counters of one backend (or of a service's "no backend" outcomes, with an empty backend id).
-pub struct BackendCounters {
-    requests: [AtomicU64; SLOTS],
-    errors: [AtomicU64; 7],
-    /// Attempts on this backend now under way.
-    inflight: AtomicI64,
+/// An unlabelled counter (a metric's name and help are constants, so they are valid).
+pub fn counter(name: &str, help: &str) -> IntCounter {
+    IntCounter::new(name, help).expect("a constant metric name")
 }
 
-impl Default for BackendCounters {
-    fn default() -> Self {
-        BackendCounters {
-            requests: std::array::from_fn(|_| AtomicU64::new(0)),
-            errors: Default::default(),
-            inflight: AtomicI64::new(0),
+/// An unlabelled gauge.
+pub fn gauge(name: &str, help: &str) -> IntGauge {
+    IntGauge::new(name, help).expect("a constant metric name")
+}
+
+/// A counter family with labels.
+pub fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("a constant metric name")
+}
+
+/// A gauge family with labels.
+pub fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    IntGaugeVec::new(Opts::new(name, help), labels).expect("a constant metric name")
+}
+
+/// A histogram family with labels and these bucket bounds (seconds).
+pub fn histogram_vec(name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
+    HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )
+    .expect("a constant metric name")
+}
+
+/// The families a backend creates its series in, on first use.
+struct Families {
+    requests: IntCounterVec,
+    errors: IntCounterVec,
+    /// Held while a backend's series is created or the backend retired, so a request still on
+    /// an old table never brings back the series of a backend that left.
+    creating: Mutex<()>,
+}
+
+impl Families {
+    fn new() -> Families {
+        Families {
+            requests: counter_vec(
+                "rustybalancer_requests_total",
+                "Requests answered, by service, backend and status code (backend \"\" when none was used).",
+                &["service", "backend", "code"],
+            ),
+            errors: counter_vec(
+                "rustybalancer_upstream_errors_total",
+                "Failed attempts to reach or read from a backend, by kind.",
+                &["service", "backend", "kind"],
+            ),
+            creating: Mutex::new(()),
         }
     }
 }
 
+/// Counters of one backend (or of a service's "no backend" outcomes, with an empty backend id).
+pub struct BackendCounters {
+    families: Arc<Families>,
+    service: String,
+    backend: String,
+    requests: [OnceLock<IntCounter>; SLOTS],
+    errors: [OnceLock<IntCounter>; 7],
+    /// Attempts on this backend now under way (for the status page; not a series).
+    inflight: AtomicI64,
+    retired: AtomicBool,
+}
+
+impl Default for BackendCounters {
+    /// Counters in families of their own, registered nowhere (for tests).
+    fn default() -> Self {
+        BackendCounters::new(Arc::new(Families::new()), "", "")
+    }
+}
+
 impl BackendCounters {
+    fn new(families: Arc<Families>, service: &str, backend: &str) -> BackendCounters {
+        BackendCounters {
+            families,
+            service: service.to_owned(),
+            backend: backend.to_owned(),
+            requests: std::array::from_fn(|_| OnceLock::new()),
+            errors: std::array::from_fn(|_| OnceLock::new()),
+            inflight: AtomicI64::new(0),
+            retired: AtomicBool::new(false),
+        }
+    }
+
+    /// The series in `cell`, created in `family` with `label` last on first use.
+    fn series<'a>(
+        &self,
+        cell: &'a OnceLock<IntCounter>,
+        family: &IntCounterVec,
+        label: impl FnOnce() -> String,
+    ) -> &'a IntCounter {
+        cell.get_or_init(|| {
+            let _creating = self
+                .families
+                .creating
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if self.retired.load(Relaxed) {
+                // Counted, but into a series no scrape shows: the backend has left the table.
+                counter("rustybalancer_retired", "a retired backend's counter")
+            } else {
+                family.with_label_values(&[&self.service, &self.backend, &label()])
+            }
+        })
+    }
+
+    /// The backend left the table: remove its series, and create none after this.
+    fn retire(&self) {
+        let _creating = self
+            .families
+            .creating
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        self.retired.store(true, Relaxed);
+        for (i, cell) in self.requests.iter().enumerate() {
+            if cell.get().is_some() {
+                let _ = self.families.requests.remove_label_values(&[
+                    &self.service,
+                    &self.backend,
+                    &slot_label(i),
+                ]);
+            }
+        }
+        for kind in UpstreamError::ALL {
+            if self.errors[kind as usize].get().is_some() {
+                let _ = self.families.errors.remove_label_values(&[
+                    &self.service,
+                    &self.backend,
+                    kind.label(),
+                ]);
+            }
+        }
+    }
+
     pub fn inflight_add(&self, delta: i64) {
         self.inflight.fetch_add(delta, Relaxed);
     }
@@ -114,8 +239,8 @@ impl BackendCounters {
     /// 503 and 504 included): for the status page.
     pub fn totals(&self) -> (u64, u64) {
         let (mut all, mut server) = (0, 0);
-        for (slot, n) in self.requests.iter().enumerate() {
-            let n = n.load(Relaxed);
+        for (slot, cell) in self.requests.iter().enumerate() {
+            let n = cell.get().map_or(0, IntCounter::get);
             all += n;
             let code_class = CODES
                 .get(slot)
@@ -127,18 +252,25 @@ impl BackendCounters {
         (all, server)
     }
     pub fn count_response(&self, code: u16) {
-        self.requests[slot(code)].fetch_add(1, Relaxed);
+        let slot = slot(code);
+        self.series(&self.requests[slot], &self.families.requests, || {
+            slot_label(slot)
+        })
+        .inc();
     }
     pub fn count_error(&self, kind: UpstreamError) {
-        self.errors[kind as usize].fetch_add(1, Relaxed);
+        self.series(&self.errors[kind as usize], &self.families.errors, || {
+            kind.label().to_owned()
+        })
+        .inc();
     }
     /// Responses counted with this code's slot (for tests and the status page).
     pub fn responses(&self, code: u16) -> u64 {
-        self.requests[slot(code)].load(Relaxed)
+        self.requests[slot(code)].get().map_or(0, IntCounter::get)
     }
     /// Failures of this kind counted.
     pub fn errors(&self, kind: UpstreamError) -> u64 {
-        self.errors[kind as usize].load(Relaxed)
+        self.errors[kind as usize].get().map_or(0, IntCounter::get)
     }
 }
 
@@ -146,58 +278,48 @@ impl BackendCounters {
 const BUCKETS: [f64; 11] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
-const BUCKET_NANOS: [u64; 11] = {
-    let mut t = [0u64; 11];
-    let mut i = 0;
-    while i < 11 {
-        t[i] = (BUCKETS[i] * 1e9) as u64;
-        i += 1;
-    }
-    t
-};
 
-/// Per-service request duration histogram and in-flight gauge.
-#[derive(Default)]
+/// Per-service request duration histogram, in-flight gauge and requests shed.
 pub struct ServiceCounters {
-    buckets: [AtomicU64; 11],
-    count: AtomicU64,
-    sum_nanos: AtomicU64,
-    inflight: AtomicI64,
+    duration: Histogram,
+    inflight: IntGauge,
     /// Requests shed (503) under overload, by class.
-    shed: [AtomicU64; 3],
+    shed: [IntCounter; 3],
 }
 
 impl ServiceCounters {
     pub fn observe(&self, nanos: u64) {
-        // Buckets are stored non-cumulative and summed on scrape: one add per request.
-        if let Some(i) = BUCKET_NANOS.iter().position(|&b| nanos <= b) {
-            self.buckets[i].fetch_add(1, Relaxed);
-        }
-        self.count.fetch_add(1, Relaxed);
-        self.sum_nanos.fetch_add(nanos, Relaxed);
+        self.duration.observe(nanos as f64 / 1e9);
     }
     pub fn inflight_add(&self, delta: i64) {
-        self.inflight.fetch_add(delta, Relaxed);
+        self.inflight.add(delta);
     }
     pub fn inflight(&self) -> i64 {
-        self.inflight.load(Relaxed)
+        self.inflight.get()
     }
     /// Requests observed by the duration histogram.
     pub fn observed(&self) -> u64 {
-        self.count.load(Relaxed)
+        self.duration.get_sample_count()
     }
     /// The histogram: upper bounds in seconds with the count of each bucket (not cumulative;
     /// slower requests are the rest of `observed`), and the sum in seconds.
     pub fn histogram(&self) -> (Vec<(f64, u64)>, f64) {
-        let buckets = BUCKETS
+        let metric = self.duration.metric();
+        let h = metric.get_histogram();
+        let mut below = 0;
+        let buckets = h
+            .get_bucket()
             .iter()
-            .zip(&self.buckets)
-            .map(|(le, n)| (*le, n.load(Relaxed)))
+            .map(|b| {
+                let n = b.cumulative_count() - below;
+                below = b.cumulative_count();
+                (b.upper_bound(), n)
+            })
             .collect();
-        (buckets, self.sum_nanos.load(Relaxed) as f64 / 1e9)
+        (buckets, h.get_sample_sum())
     }
     pub fn count_shed(&self, class: rusty_shared::RequestClass) {
-        self.shed[class as usize].fetch_add(1, Relaxed);
+        self.shed[class as usize].inc();
     }
 }
 
@@ -222,23 +344,22 @@ pub enum StateEvent {
     SaveFailed,
 }
 
-impl StateEvent {
-    const ALL: [(StateEvent, &'static str); 4] = [
-        (StateEvent::Restored, "restored"),
-        (StateEvent::RestoredPrevious, "restored_previous"),
-        (StateEvent::Unusable, "unusable"),
-        (StateEvent::SaveFailed, "save_failed"),
-    ];
-}
-
 /// Every metric series the data plane exports.
-#[derive(Default)]
 pub struct Registry {
+    prom: prometheus::Registry,
+    families: Arc<Families>,
+    duration: HistogramVec,
+    inflight: IntGaugeVec,
+    shed: IntCounterVec,
+    ejected: IntGaugeVec,
+    table_version: IntGaugeVec,
+    updates: [IntCounter; 3],
+    state_events: [IntCounter; 4],
     series: Mutex<Series>,
-    updates: [AtomicU64; 3],
-    state_events: [AtomicU64; 4],
     /// Requests that matched no service (`service=""`).
     unrouted: Arc<BackendCounters>,
+    /// Scrapes set the gauges of the installed table one at a time.
+    scrape: Mutex<()>,
 }
 
 #[derive(Default)]
@@ -255,17 +376,90 @@ pub struct Installed<'a> {
     pub ejected: Vec<(&'a str, &'a str, bool)>,
 }
 
+impl Default for Registry {
+    fn default() -> Self {
+        let families = Arc::new(Families::new());
+        let updates = counter_vec(
+            "rustybalancer_table_updates_total",
+            "Tables offered to this data plane, by result.",
+            &["result"],
+        );
+        let state_events = counter_vec(
+            "rustybalancer_state_dir_events_total",
+            "The state dir's table: restored at start (the saved one or the one before), files found unusable, saves that failed.",
+            &["event"],
+        );
+        let r = Registry {
+            prom: prometheus::Registry::new(),
+            duration: histogram_vec(
+                "rustybalancer_request_duration_seconds",
+                "Time from routing a request to the end of its response, by service.",
+                &["service"],
+                &BUCKETS,
+            ),
+            inflight: gauge_vec(
+                "rustybalancer_inflight_requests",
+                "Requests being proxied now, by service.",
+                &["service"],
+            ),
+            shed: counter_vec(
+                "rustybalancer_requests_shed_total",
+                "Requests answered 503 under overload (queue full or queue timeout), by service and class.",
+                &["service", "class"],
+            ),
+            ejected: gauge_vec(
+                "rustybalancer_backend_ejected",
+                "1 while a backend is ejected locally after failed connects, else 0.",
+                &["service", "backend"],
+            ),
+            table_version: gauge_vec(
+                "rustybalancer_table_version",
+                "Version of the installed table (absent before the first one).",
+                &[],
+            ),
+            updates: ["applied", "rejected", "stale"].map(|r| updates.with_label_values(&[r])),
+            state_events: ["restored", "restored_previous", "unusable", "save_failed"]
+                .map(|e| state_events.with_label_values(&[e])),
+            unrouted: Arc::new(BackendCounters::new(families.clone(), "", "")),
+            families,
+            series: Mutex::default(),
+            scrape: Mutex::default(),
+        };
+        let own: Vec<Box<dyn Collector>> = vec![
+            Box::new(r.families.requests.clone()),
+            Box::new(r.families.errors.clone()),
+            Box::new(r.duration.clone()),
+            Box::new(r.inflight.clone()),
+            Box::new(r.ejected.clone()),
+            Box::new(r.table_version.clone()),
+            Box::new(updates),
+            Box::new(state_events),
+            Box::new(r.shed.clone()),
+        ];
+        r.register(own)
+            .expect("the registry's own metrics have distinct names");
+        r
+    }
+}
+
 impl Registry {
+    /// Add metrics owned elsewhere (connections, the queue, …) to what a scrape renders.
+    pub fn register(&self, collectors: Vec<Box<dyn Collector>>) -> Result<(), prometheus::Error> {
+        collectors
+            .into_iter()
+            .try_for_each(|c| self.prom.register(c))
+    }
+
     pub fn count_update(&self, r: UpdateResult) {
-        self.updates[r as usize].fetch_add(1, Relaxed);
+        self.updates[r as usize].inc();
     }
 
     pub fn updates(&self, r: UpdateResult) -> u64 {
-        self.updates[r as usize].load(Relaxed)
+        self.updates[r as usize].get()
     }
 
     pub fn count_state(&self, e: StateEvent) {
-        self.state_events[e as usize].fetch_add(1, Relaxed);
+        self.state_events[e as usize].inc();
     }
 
     pub fn unrouted(&self) -> Arc<BackendCounters> {
@@ -273,13 +467,22 @@ impl Registry {
     }
 
     /// Handles for the services and backends of a table being installed. `keep` lists every
-    /// (service, [backend ids]) of the new table; series of anything else are dropped.
+    /// (service, [backend ids]) of the new table; series of anything else are removed.
     pub fn handles_for(&self, keep: &[(&str, Vec<&str>)]) -> Vec<ServiceHandles> {
         let mut s = self.series.lock().unwrap_or_else(|p| p.into_inner());
         let wanted_services: std::collections::HashSet<&str> =
             keep.iter().map(|(svc, _)| *svc).collect();
-        s.services
-            .retain(|k, _| wanted_services.contains(k.as_str()));
+        s.services.retain(|name, _| {
+            let keep = wanted_services.contains(name.as_str());
+            if !keep {
+                let _ = self.duration.remove_label_values(&[name]);
+                let _ = self.inflight.remove_label_values(&[name]);
+                for class in rusty_shared::RequestClass::ALL {
+                    let _ = self.shed.remove_label_values(&[name, class.as_str()]);
+                }
+            }
+            keep
+        });
         let mut wanted_backends = std::collections::HashSet::new();
         for (svc, ids) in keep {
             wanted_backends.insert((*svc, ""));
@@ -287,15 +490,26 @@ impl Registry {
                 wanted_backends.insert((*svc, *id));
             }
         }
-        s.backends
-            .retain(|(svc, id), _| wanted_backends.contains(&(svc.as_str(), id.as_str())));
+        s.backends.retain(|(svc, id), c| {
+            let keep = wanted_backends.contains(&(svc.as_str(), id.as_str()));
+            if !keep {
+                c.retire();
+            }
+            keep
+        });
         keep.iter()
             .map(|(svc, ids)| {
-                let service = s.services.entry((*svc).to_owned()).or_default().clone();
+                let service = s
+                    .services
+                    .entry((*svc).to_owned())
+                    .or_insert_with(|| Arc::new(self.service_counters(svc)))
+                    .clone();
                 let mut backend = |id: &str| {
                     s.backends
                         .entry(((*svc).to_owned(), id.to_owned()))
-                        .or_default()
+                        .or_insert_with(|| {
+                            Arc::new(BackendCounters::new(self.families.clone(), svc, id))
+                        })
                         .clone()
                 };
                 let no_backend = backend("");
@@ -309,180 +523,47 @@ impl Registry {
             .collect()
     }
 
-    /// Render the request and table series in the Prometheus text exposition format, appended
-    /// to `w` (the connection and queue series are rendered by their owners, with [`header`]).
-    pub fn render(&self, live: &Installed<'_>, w: &mut String) {
-        let s = self.series.lock().unwrap_or_else(|p| p.into_inner());
-        w.reserve(4096 + s.backends.len() * 256);
-
-        header(w, "rustybalancer_requests_total", "counter",
-            "Requests answered, by service, backend and status code (backend \"\" when none was used).");
-        let write_codes = |w: &mut String, svc: &str, id: &str, c: &BackendCounters| {
-            for (i, n) in c.requests.iter().enumerate() {
-                let n = n.load(Relaxed);
-                if n > 0 {
-                    let _ = writeln!(
-                        w,
-                        "rustybalancer_requests_total{{service=\"{}\",backend=\"{}\",code=\"{}\"}} {n}",
-                        esc(svc),
-                        esc(id),
-                        slot_label(i)
-                    );
-                }
-            }
-        };
-        write_codes(w, "", "", &self.unrouted);
-        for ((svc, id), c) in &s.backends {
-            write_codes(w, svc, id, c);
-        }
-
-        header(
-            w,
-            "rustybalancer_upstream_errors_total",
-            "counter",
-            "Failed attempts to reach or read from a backend, by kind.",
-        );
-        for ((svc, id), c) in &s.backends {
-            for kind in UpstreamError::ALL {
-                let n = c.errors[kind as usize].load(Relaxed);
-                if n > 0 {
-                    let _ = writeln!(
-                        w,
-                        "rustybalancer_upstream_errors_total{{service=\"{}\",backend=\"{}\",kind=\"{}\"}} {n}",
-                        esc(svc),
-                        esc(id),
-                        kind.label()
-                    );
-                }
-            }
-        }
-
-        header(
-            w,
-            "rustybalancer_request_duration_seconds",
-            "histogram",
-            "Time from routing a request to the end of its response, by service.",
-        );
-        for (svc, c) in &s.services {
-            let mut cumulative = 0;
-            for (i, b) in BUCKETS.iter().enumerate() {
-                cumulative += c.buckets[i].load(Relaxed);
-                let _ = writeln!(
-                    w,
-                    "rustybalancer_request_duration_seconds_bucket{{service=\"{}\",le=\"{b}\"}} {cumulative}",
-                    esc(svc)
-                );
-            }
-            let count = c.count.load(Relaxed);
-            let _ = writeln!(
-                w,
-                "rustybalancer_request_duration_seconds_bucket{{service=\"{}\",le=\"+Inf\"}} {count}",
-                esc(svc)
-            );
-            let _ = writeln!(
-                w,
-                "rustybalancer_request_duration_seconds_sum{{service=\"{}\"}} {}",
-                esc(svc),
-                c.sum_nanos.load(Relaxed) as f64 / 1e9
-            );
-            let _ = writeln!(
-                w,
-                "rustybalancer_request_duration_seconds_count{{service=\"{}\"}} {count}",
-                esc(svc)
-            );
-        }
-
-        header(
-            w,
-            "rustybalancer_inflight_requests",
-            "gauge",
-            "Requests being proxied now, by service.",
-        );
-        for (svc, c) in &s.services {
-            let _ = writeln!(
-                w,
-                "rustybalancer_inflight_requests{{service=\"{}\"}} {}",
-                esc(svc),
-                c.inflight()
-            );
-        }
-
-        header(
-            w,
-            "rustybalancer_backend_ejected",
-            "gauge",
-            "1 while a backend is ejected locally after failed connects, else 0.",
-        );
-        for (svc, id, ejected) in &live.ejected {
-            let _ = writeln!(
-                w,
-                "rustybalancer_backend_ejected{{service=\"{}\",backend=\"{}\"}} {}",
-                esc(svc),
-                esc(id),
-                u8::from(*ejected)
-            );
-        }
-
-        header(
-            w,
-            "rustybalancer_table_version",
-            "gauge",
-            "Version of the installed table (absent before the first one).",
-        );
-        if let Some(v) = live.table_version {
-            let _ = writeln!(w, "rustybalancer_table_version {v}");
-        }
-
-        header(
-            w,
-            "rustybalancer_table_updates_total",
-            "counter",
-            "Tables offered to this data plane, by result.",
-        );
-        for (r, label) in [
-            (UpdateResult::Applied, "applied"),
-            (UpdateResult::Rejected, "rejected"),
-            (UpdateResult::Stale, "stale"),
-        ] {
-            let _ = writeln!(
-                w,
-                "rustybalancer_table_updates_total{{result=\"{label}\"}} {}",
-                self.updates(r)
-            );
-        }
-        header(
-            w,
-            "rustybalancer_state_dir_events_total",
-            "counter",
-            "The state dir's table: restored at start (the saved one or the one before), files found unusable, saves that failed.",
-        );
-        for (e, label) in StateEvent::ALL {
-            let _ = writeln!(
-                w,
-                "rustybalancer_state_dir_events_total{{event=\"{label}\"}} {}",
-                self.state_events[e as usize].load(Relaxed)
-            );
-        }
-        header(
-            w,
-            "rustybalancer_requests_shed_total",
-            "counter",
-            "Requests answered 503 under overload (queue full or queue timeout), by service and class.",
-        );
-        for (svc, c) in &s.services {
-            for class in rusty_shared::RequestClass::ALL {
-                let n = c.shed[class as usize].load(Relaxed);
-                if n > 0 {
-                    let _ = writeln!(
-                        w,
-                        "rustybalancer_requests_shed_total{{service=\"{}\",class=\"{}\"}} {n}",
-                        esc(svc),
-                        class.as_str()
-                    );
-                }
-            }
+    fn service_counters(&self, svc: &str) -> ServiceCounters {
+        ServiceCounters {
+            duration: self.duration.with_label_values(&[svc]),
+            inflight: self.inflight.with_label_values(&[svc]),
+            shed: rusty_shared::RequestClass::ALL
+                .map(|class| self.shed.with_label_values(&[svc, class.as_str()])),
         }
     }
+
+    /// Every registered series in the Prometheus text exposition format, appended to `w`, with
+    /// the gauges of the installed table set from `live` first.
+    pub fn render(&self, live: &Installed<'_>, w: &mut String) {
+        let _scrape = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
+        self.ejected.reset();
+        for (svc, id, ejected) in &live.ejected {
+            self.ejected
+                .with_label_values(&[svc, id])
+                .set(i64::from(*ejected));
+        }
+        self.table_version.reset();
+        if let Some(v) = live.table_version {
+            self.table_version
+                .with_label_values::<&str>(&[])
+                .set(i64::try_from(v).unwrap_or(i64::MAX));
+        }
+        if let Err(e) = prometheus::TextEncoder::new().encode_utf8(&self.prom.gather(), w) {
+            tracing::warn!(error = %e, "cannot render the metrics");
+        }
+    }
+}
+
+/// The text exposition of these metrics alone (for the tests of their owners).
+#[cfg(test)]
+pub(crate) fn text_of(collectors: Vec<Box<dyn Collector>>) -> String {
+    let registry = prometheus::Registry::new();
+    for c in collectors {
+        registry.register(c).expect("distinct names");
+    }
+    prometheus::TextEncoder::new()
+        .encode_to_string(&registry.gather())
+        .expect("encodable")
 }
 
 /// The counters one installed service holds on to.
@@ -492,27 +573,10 @@ pub struct ServiceHandles {
     pub backends: Vec<Arc<BackendCounters>>,
 }
 
-/// `# HELP` and `# TYPE` lines of one metric.
-pub fn header(w: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(w, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
-
-/// Label values are names validated by `shared` (no quotes or backslashes), but escape anyway:
-/// the exposition must stay parseable whatever a future schema allows.
-pub fn esc(s: &str) -> std::borrow::Cow<'_, str> {
-    if s.bytes().any(|b| matches!(b, b'"' | b'\\' | b'\n')) {
-        s.replace('\\', "\\\\")
-            .replace('"', "\\\"")
-            .replace('\n', "\\n")
-            .into()
-    } else {
-        s.into()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rusty_shared::exposition::{samples, value_of};
 
     #[test]
     fn totals_count_every_response_and_the_server_errors_among_them() {
@@ -551,16 +615,98 @@ mod tests {
             },
             &mut text,
         );
-        assert!(text.contains(
-            "rustybalancer_requests_total{service=\"web\",backend=\"a\",code=\"200\"} 2"
-        ));
+        let v = |name, labels: &[(&str, &str)]| value_of(&text, name, labels);
+        assert_eq!(
+            v(
+                "rustybalancer_requests_total",
+                &[("service", "web"), ("backend", "a"), ("code", "200")]
+            ),
+            Some(2.0),
+            "{text}"
+        );
         assert!(!text.contains("backend=\"b\""), "{text}");
-        assert!(text.contains(
-            "rustybalancer_request_duration_seconds_bucket{service=\"web\",le=\"0.005\"} 1"
-        ));
-        assert!(text.contains("rustybalancer_request_duration_seconds_count{service=\"web\"} 1"));
-        assert!(text.contains("rustybalancer_table_version 3"));
-        assert!(text.contains("rustybalancer_backend_ejected{service=\"web\",backend=\"a\"} 0"));
+        assert_eq!(
+            v(
+                "rustybalancer_request_duration_seconds_bucket",
+                &[("service", "web"), ("le", "0.005")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            v(
+                "rustybalancer_request_duration_seconds_count",
+                &[("service", "web")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(v("rustybalancer_table_version", &[]), Some(3.0));
+        assert_eq!(
+            v(
+                "rustybalancer_backend_ejected",
+                &[("service", "web"), ("backend", "a")]
+            ),
+            Some(0.0)
+        );
+    }
+
+    #[test]
+    fn a_request_still_on_an_old_table_never_brings_back_a_removed_backend() {
+        let r = Registry::default();
+        let old = r.handles_for(&[("web", vec!["a", "b"])]);
+        old[0].backends[1].count_response(200);
+        r.handles_for(&[("web", vec!["a"])]);
+        // Counted after the install, on a code and a kind it had not used before.
+        old[0].backends[1].count_response(503);
+        old[0].backends[1].count_error(UpstreamError::Closed);
+        old[0].backends[1].count_response(200);
+        let mut text = String::new();
+        r.render(
+            &Installed {
+                table_version: Some(2),
+                ejected: vec![],
+            },
+            &mut text,
+        );
+        assert!(
+            samples(&text).all(|s| s.label("backend") != Some("b")),
+            "{text}"
+        );
+        assert!(!text.contains("rustybalancer_retired"), "{text}");
+    }
+
+    #[test]
+    fn label_values_are_escaped_and_the_histogram_reads_back() {
+        let r = Registry::default();
+        let h = r.handles_for(&[("we\"b", vec!["x"])]);
+        h[0].backends[0].count_response(200);
+        h[0].service.observe(2_000_000);
+        h[0].service.observe(20_000_000_000);
+        let mut text = String::new();
+        r.render(
+            &Installed {
+                table_version: None,
+                ejected: vec![],
+            },
+            &mut text,
+        );
+        assert_eq!(
+            value_of(
+                &text,
+                "rustybalancer_requests_total",
+                &[("service", "we\"b"), ("backend", "x"), ("code", "200")]
+            ),
+            Some(1.0),
+            "{text}"
+        );
+        let (buckets, sum) = h[0].service.histogram();
+        assert_eq!(buckets[0], (0.005, 1));
+        assert_eq!(
+            buckets.iter().map(|b| b.1).sum::<u64>(),
+            1,
+            "20 s is over every bound"
+        );
+        assert_eq!(h[0].service.observed(), 2);
+        assert!((sum - 20.002).abs() < 1e-9);
     }
 
     #[test]
@@ -577,9 +723,16 @@ mod tests {
             },
             &mut text,
         );
-        assert!(text.contains("rustybalancer_table_updates_total{result=\"applied\"} 1"));
-        assert!(text.contains("rustybalancer_table_updates_total{result=\"stale\"} 2"));
-        assert!(text.contains("rustybalancer_table_updates_total{result=\"rejected\"} 0"));
-        assert!(!text.contains("\nrustybalancer_table_version "));
+        for (result, n) in [("applied", 1.0), ("stale", 2.0), ("rejected", 0.0)] {
+            assert_eq!(
+                value_of(
+                    &text,
+                    "rustybalancer_table_updates_total",
+                    &[("result", result)]
+                ),
+                Some(n)
+            );
+        }
+        assert_eq!(value_of(&text, "rustybalancer_table_version", &[]), None);
     }
 }

@@ -67,4 +67,18 @@ impl Plane {
             access_log: None,
         }
     }
+
+    /// Put the metrics of the connections, the queue, the certificates and the access log into
+    /// the registry a scrape renders (once, when the plane is complete).
+    pub fn register_metrics(&self) -> Result<(), prometheus::Error> {
+        let mut all = self.connections.collectors();
+        all.extend(self.queue.stats.collectors());
+        if let Some(certs) = &self.certs {
+            all.extend(certs.collectors());
+        }
+        if let Some(log) = &self.access_log {
+            all.extend(log.collectors());
+        }
+        self.metrics.register(all)
+    }
 }

@@ -9,25 +9,64 @@
 //! overloaded requests ever take; the pipeline drives it through [`Queue::acquire`].
 
 use std::collections::{HashMap, VecDeque};
-use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::atomic::{fence, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use prometheus::core::Collector;
+use prometheus::{Histogram, HistogramVec, IntGauge, IntGaugeVec};
 use rusty_shared::RequestClass;
 use tokio::sync::oneshot;
 
 use crate::admission::{self, Limiter, DEFAULT_QUEUE_SIZE};
-use crate::metrics::header;
+use crate::metrics::{gauge_vec, histogram_vec};
 use crate::snapshot::Snapshot;
 
 /// Queue metrics, by class (index = `RequestClass as usize`).
-#[derive(Debug, Default)]
 pub struct QueueStats {
-    pub waiting: [AtomicI64; 3],
-    pub wait_nanos: [AtomicU64; 3],
-    pub waits: [AtomicU64; 3],
+    waiting_family: IntGaugeVec,
+    wait_family: HistogramVec,
+    pub waiting: [IntGauge; 3],
+    /// How long requests that got a slot waited for it.
+    pub wait: [Histogram; 3],
+}
+
+/// Queue wait buckets, in seconds: from a slot freed at once to the longest queue timeout.
+const WAIT_BUCKETS: [f64; 12] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+impl Default for QueueStats {
+    fn default() -> Self {
+        let waiting_family = gauge_vec(
+            "rustybalancer_queue_waiting",
+            "Requests waiting for a backend slot, by class.",
+            &["class"],
+        );
+        let wait_family = histogram_vec(
+            "rustybalancer_queue_wait_seconds",
+            "Time requests that got a slot spent waiting for it, by class.",
+            &["class"],
+            &WAIT_BUCKETS,
+        );
+        QueueStats {
+            waiting: RequestClass::ALL.map(|c| waiting_family.with_label_values(&[c.as_str()])),
+            wait: RequestClass::ALL.map(|c| wait_family.with_label_values(&[c.as_str()])),
+            waiting_family,
+            wait_family,
+        }
+    }
+}
+
+impl QueueStats {
+    /// The queue metrics, for the registry.
+    pub fn collectors(&self) -> Vec<Box<dyn Collector>> {
+        vec![
+            Box::new(self.waiting_family.clone()),
+            Box::new(self.wait_family.clone()),
+        ]
+    }
 }
 
 /// A request waiting for a slot.
@@ -185,7 +224,7 @@ impl Queue {
             service,
             grant: tx,
         });
-        self.stats.waiting[class as usize].fetch_add(1, Ordering::Relaxed);
+        self.stats.waiting[class as usize].inc();
         Admit::Wait(rx, seq)
     }
 
@@ -274,11 +313,9 @@ impl Queue {
 
     fn left(&self, w: &Waiter, served: bool) {
         let c = w.class as usize;
-        self.stats.waiting[c].fetch_sub(1, Ordering::Relaxed);
+        self.stats.waiting[c].dec();
         if served {
-            self.stats.wait_nanos[c]
-                .fetch_add(w.since.elapsed().as_nanos() as u64, Ordering::Relaxed);
-            self.stats.waits[c].fetch_add(1, Ordering::Relaxed);
+            self.stats.wait[c].observe(w.since.elapsed().as_secs_f64());
         }
     }
 
@@ -326,41 +363,6 @@ impl Queue {
                 };
                 wait.granted(svc.queue_timeout).await
             }
-        }
-    }
-
-    /// The queue series, in the Prometheus text format.
-    pub fn render(&self, w: &mut String) {
-        let q = &self.stats;
-        header(
-            w,
-            "rustybalancer_queue_waiting",
-            "gauge",
-            "Requests waiting for a backend slot, by class.",
-        );
-        for class in RequestClass::ALL {
-            let _ = writeln!(
-                w,
-                "rustybalancer_queue_waiting{{class=\"{}\"}} {}",
-                class.as_str(),
-                q.waiting[class as usize].load(Ordering::Relaxed)
-            );
-        }
-        header(
-            w,
-            "rustybalancer_queue_wait_seconds",
-            "summary",
-            "Time requests that got a slot spent waiting for it, by class.",
-        );
-        for class in RequestClass::ALL {
-            let c = class as usize;
-            let _ = writeln!(
-                w,
-                "rustybalancer_queue_wait_seconds_sum{{class=\"{0}\"}} {1}\nrustybalancer_queue_wait_seconds_count{{class=\"{0}\"}} {2}",
-                class.as_str(),
-                q.wait_nanos[c].load(Ordering::Relaxed) as f64 / 1e9,
-                q.waits[c].load(Ordering::Relaxed)
-            );
         }
     }
 }
@@ -450,7 +452,7 @@ mod tests {
         assert!(limiter.try_acquire());
         let (mut bulk, _) = wait(a, &snap, Bulk);
         let (mut crit, _) = wait(a, &snap, Critical);
-        assert_eq!(a.stats.waiting[Bulk as usize].load(Ordering::Relaxed), 1);
+        assert_eq!(a.stats.waiting[Bulk as usize].get(), 1);
 
         a.release(&limiter, NOW);
         assert_eq!(crit.try_recv(), Ok(0), "critical first");
@@ -464,8 +466,8 @@ mod tests {
         a.release(&limiter, NOW);
         assert_eq!(limiter.inflight(), 0);
         assert_eq!(a.queued(), 0);
-        assert_eq!(a.stats.waiting[Bulk as usize].load(Ordering::Relaxed), 0);
-        assert_eq!(a.stats.waits[Critical as usize].load(Ordering::Relaxed), 1);
+        assert_eq!(a.stats.waiting[Bulk as usize].get(), 0);
+        assert_eq!(a.stats.wait[Critical as usize].get_sample_count(), 1);
     }
 
     #[test]
@@ -495,7 +497,7 @@ mod tests {
         assert!(a.cancel(seq));
         assert!(!a.cancel(seq));
         assert_eq!(a.queued(), 0);
-        assert_eq!(a.stats.waiting[Normal as usize].load(Ordering::Relaxed), 0);
+        assert_eq!(a.stats.waiting[Normal as usize].get(), 0);
         // A waiter whose request is gone is skipped: the slot goes to the counter.
         let (rx, _) = wait(a, &snap, Normal);
         drop(rx);

@@ -200,6 +200,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .https_port
         .or(args.tls_listen.map(|a| a.port()))
         .unwrap_or(443);
+    plane
+        .register_metrics()
+        .context("cannot register the metrics")?;
     let plane = Arc::new(plane);
     let proxy_app = pingora::proxy::http_proxy(&server.configuration, Pipeline::new(plane.clone()));
     let mut front_app = Front::new(

@@ -209,32 +209,15 @@ impl Lb {
         get(self.admin, "localhost", path)
     }
 
-    /// The value of one metric series (exact name with labels), 0 when absent.
+    /// The value of one metric series, 0 when absent: `series` is written as in the exposition
+    /// (`name{label="value",…}`), its labels in any order.
     pub fn metric(&self, series: &str) -> f64 {
-        let text = self.admin_get("/metrics").body;
-        text.lines()
-            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or(0.0)
+        metric_in(&self.admin_get("/metrics").body, series)
     }
 
     /// Requests answered by each backend of `service` so far, over every status code.
     pub fn served_by_backend(&self, service: &str) -> std::collections::BTreeMap<String, u64> {
-        let text = self.admin_get("/metrics").body;
-        let prefix = format!("rustybalancer_requests_total{{service=\"{service}\",backend=\"");
-        let mut by = std::collections::BTreeMap::new();
-        for line in text.lines() {
-            let Some(rest) = line.strip_prefix(&prefix) else {
-                continue;
-            };
-            let (Some((backend, _)), Some((_, n))) = (rest.split_once('"'), line.rsplit_once(' '))
-            else {
-                continue;
-            };
-            if !backend.is_empty() {
-                *by.entry(backend.to_owned()).or_default() += n.parse::<u64>().unwrap_or(0);
-            }
-        }
-        by
+        served_by_backend(&self.admin_get("/metrics").body, service)
     }
 
     /// Wait until a series reaches `value`. Requests are counted when Pingora logs them, just
@@ -976,4 +959,36 @@ impl Drop for Tmpfs {
             .arg(&self.0)
             .status();
     }
+}
+
+/// The value of one series in a metrics text, 0 when absent: `series` is written as in the
+/// exposition (`name{label="value",…}`), its labels in any order.
+pub fn metric_in(text: &str, series: &str) -> f64 {
+    let line = format!("{series} 0");
+    let wanted =
+        rusty_shared::exposition::sample(&line).unwrap_or_else(|| panic!("not a series: {series}"));
+    let labels: Vec<(&str, &str)> = wanted
+        .labels
+        .iter()
+        .map(|(k, v)| (*k, v.as_str()))
+        .collect();
+    rusty_shared::exposition::value_of(text, wanted.name, &labels).unwrap_or(0.0)
+}
+
+/// Requests answered by each backend of `service` in a data plane's metrics text, over every
+/// status code.
+pub fn served_by_backend(text: &str, service: &str) -> std::collections::BTreeMap<String, u64> {
+    let mut by = std::collections::BTreeMap::new();
+    for s in rusty_shared::exposition::samples(text) {
+        if s.name != "rustybalancer_requests_total" || s.label("service") != Some(service) {
+            continue;
+        }
+        match s.label("backend") {
+            Some(backend) if !backend.is_empty() => {
+                *by.entry(backend.to_owned()).or_default() += s.value as u64;
+            }
+            _ => {}
+        }
+    }
+    by
 }

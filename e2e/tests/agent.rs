@@ -211,8 +211,12 @@ fn a_deploy_that_never_becomes_healthy_leaves_v1_serving() {
     let report = load.finish();
     assert_no_failures(&report);
     let metrics = agent.api_get("/metrics").body;
-    assert!(
-        metrics.contains("rusty_agent_deploys_total{service=\"web\",outcome=\"failed\"} 1"),
+    assert_eq!(
+        metric_in(
+            &metrics,
+            "rusty_agent_deploys_total{service=\"web\",outcome=\"failed\"}"
+        ),
+        1.0,
         "{metrics}"
     );
 }

@@ -111,7 +111,10 @@ healthy_timeout = "5s"
         let series = format!(
             "rusty_agent_autoscale_decisions_total{{service=\"web\",direction=\"{direction}\"}}"
         );
-        assert!(metrics.contains(&series), "{series} missing:\n{metrics}");
+        assert!(
+            metric_in(&metrics, &series) >= 1.0,
+            "{series} missing:\n{metrics}"
+        );
     }
     drop(lb);
 }
@@ -201,10 +204,13 @@ healthy_timeout = "5s"
         ok && text.contains("last outlier replaced: web-2"),
         "{text}"
     );
-    assert!(agent
-        .api_get("/metrics")
-        .body
-        .contains("rusty_agent_outlier_replacements_total{service=\"web\"} 1"));
+    assert_eq!(
+        metric_in(
+            &agent.api_get("/metrics").body,
+            "rusty_agent_outlier_replacements_total{service=\"web\"}"
+        ),
+        1.0
+    );
 }
 
 /// `kill -SIG pid`, through the command so the test needs no libc binding.

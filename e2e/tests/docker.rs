@@ -212,23 +212,10 @@ rise = 1
 
     /// Requests counted by the data plane for `service`, per backend id.
     fn backend_counts(&self, service: &str) -> std::collections::BTreeMap<String, f64> {
-        let text = self.admin_get("/metrics").body;
-        let prefix = format!("rustybalancer_requests_total{{service=\"{service}\",backend=\"");
-        let mut counts = std::collections::BTreeMap::new();
-        for line in text.lines() {
-            if let Some(rest) = line.strip_prefix(&prefix) {
-                let (backend, rest) = rest.split_once('"').unwrap_or_default();
-                let n: f64 = rest
-                    .rsplit(' ')
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0.0);
-                if !backend.is_empty() {
-                    *counts.entry(backend.to_owned()).or_default() += n;
-                }
-            }
-        }
-        counts
+        served_by_backend(&self.admin_get("/metrics").body, service)
+            .into_iter()
+            .map(|(backend, n)| (backend, n as f64))
+            .collect()
     }
 }
 

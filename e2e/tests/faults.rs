@@ -305,11 +305,7 @@ impl Plane {
     }
 
     fn metric(&self, ns: &Netns, series: &str) -> f64 {
-        self.admin(ns, "/metrics")
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-            .unwrap_or(0.0)
+        metric_in(&self.admin(ns, "/metrics").unwrap_or_default(), series)
     }
 
     fn rss_kb(&self) -> u64 {

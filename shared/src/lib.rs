@@ -14,10 +14,13 @@
 //! - [`hostnames`]: the normal form of a host, and the names a certificate covers.
 //! - [`certs`]: a certificate pair checked the same way on both sides, and the bundle message
 //!   that carries pairs from the agent to the data planes.
+//! - [`exposition`]: the samples of a Prometheus `/metrics` answer (the agent reads the data
+//!   planes' load with it).
 
 pub mod auth;
 pub mod certs;
 pub mod error;
+pub mod exposition;
 pub mod hostnames;
 pub mod invariants;
 pub mod limits;

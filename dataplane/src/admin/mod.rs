@@ -79,14 +79,6 @@ impl Admin {
                 };
                 let mut body = String::new();
                 plane.metrics.render(&installed, &mut body);
-                plane.queue.render(&mut body);
-                plane.connections.render(&mut body);
-                if let Some(log) = &plane.access_log {
-                    log.render_metrics(&mut body);
-                }
-                if let Some(certs) = &plane.certs {
-                    certs.render(&mut body);
-                }
                 (
                     StatusCode::OK,
                     "text/plain; version=0.0.4",
