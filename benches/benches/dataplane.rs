@@ -203,18 +203,13 @@ fn metrics(c: &mut Criterion) {
     for (i, b) in handles[0].backends.iter().enumerate() {
         b.count_response(if i % 10 == 0 { 503 } else { 200 });
     }
-    let ejected: Vec<(&str, &str, bool)> =
-        ids.iter().map(|id| ("web", id.as_str(), false)).collect();
     c.bench_function("metrics/scrape_1000_backends", |b| {
         b.iter(|| {
+            for backend in &handles[0].backends {
+                backend.set_ejected(false);
+            }
             let mut text = String::new();
-            registry.render(
-                &rusty_lb::metrics::Installed {
-                    table_version: Some(1),
-                    ejected: ejected.clone(),
-                },
-                &mut text,
-            );
+            registry.render(Some(1), &mut text);
             black_box(text)
         })
     });

@@ -4,16 +4,18 @@
 //! no lock, no allocation, no label lookup. Per-service series are resolved when a table is
 //! installed; a backend's series by status code and error kind on their first use (a backend
 //! sees a few of the 60 codes, and a series of zeros for each of the others would bloat every
-//! scrape), once. Series of what left the table are removed at the next install. Connections,
+//! scrape), once. The request durations are plain atomics rendered by a collector of their
+//! own ([`Latency`]). Series of what left the table are removed at the next install. Connections,
 //! the queue, the certificates and the access log own their metrics and register them here.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use prometheus::core::{Collector, Metric as _};
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::{self, MetricFamily, MetricType};
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
 };
 
 /// Codes with a slot of their own. The last five slots are the classes `1xx`..`5xx`.
@@ -156,19 +158,28 @@ pub struct BackendCounters {
     errors: [OnceLock<IntCounter>; 7],
     /// Attempts on this backend now under way (for the status page; not a series).
     inflight: AtomicI64,
+    /// `rustybalancer_backend_ejected` of a backend of the table (none for "no backend"), set
+    /// from the table's balancer at each scrape.
+    ejected: Option<IntGauge>,
     retired: AtomicBool,
 }
 
 impl Default for BackendCounters {
     /// Counters in families of their own, registered nowhere (for tests).
     fn default() -> Self {
-        BackendCounters::new(Arc::new(Families::new()), "", "")
+        BackendCounters::new(Arc::new(Families::new()), "", "", None)
     }
 }
 
 impl BackendCounters {
-    fn new(families: Arc<Families>, service: &str, backend: &str) -> BackendCounters {
+    fn new(
+        families: Arc<Families>,
+        service: &str,
+        backend: &str,
+        ejected: Option<IntGauge>,
+    ) -> BackendCounters {
         BackendCounters {
+            ejected,
             families,
             service: service.to_owned(),
             backend: backend.to_owned(),
@@ -202,13 +213,16 @@ impl BackendCounters {
     }
 
     /// The backend left the table: remove its series, and create none after this.
-    fn retire(&self) {
+    fn retire(&self, ejected: &IntGaugeVec) {
         let _creating = self
             .families
             .creating
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         self.retired.store(true, Relaxed);
+        if self.ejected.is_some() {
+            let _ = ejected.remove_label_values(&[&self.service, &self.backend]);
+        }
         for (i, cell) in self.requests.iter().enumerate() {
             if cell.get().is_some() {
                 let _ = self.families.requests.remove_label_values(&[
@@ -234,6 +248,12 @@ impl BackendCounters {
     }
     pub fn inflight(&self) -> i64 {
         self.inflight.load(Relaxed)
+    }
+    /// Whether the table's balancer has this backend ejected now (set before a scrape).
+    pub fn set_ejected(&self, ejected: bool) {
+        if let Some(g) = &self.ejected {
+            g.set(i64::from(ejected));
+        }
     }
     /// Responses counted in all, and of those the server errors (5xx, the proxy's own 502,
     /// 503 and 504 included): for the status page.
@@ -278,10 +298,109 @@ impl BackendCounters {
 const BUCKETS: [f64; 11] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
+const BUCKET_NANOS: [u64; 11] = {
+    let mut t = [0u64; 11];
+    let mut i = 0;
+    while i < 11 {
+        t[i] = (BUCKETS[i] * 1e9) as u64;
+        i += 1;
+    }
+    t
+};
+
+/// One service's request durations: three relaxed adds a request (its bucket, the count, the
+/// sum in nanoseconds). The crate's `Histogram` does two more atomic operations a request (a
+/// hot/cold shard count and a floating-point compare-and-swap loop), which the harness measured
+/// as 6–9 % fewer requests per second at 200 connections (`loadtest/TUNING.md`); these are
+/// rendered through the crate's registry and encoder by [`Durations`] instead.
+#[derive(Default)]
+pub struct Latency {
+    /// Not cumulative: summed on scrape.
+    buckets: [AtomicU64; 11],
+    count: AtomicU64,
+    sum_nanos: AtomicU64,
+}
+
+impl Latency {
+    fn observe(&self, nanos: u64) {
+        if let Some(i) = BUCKET_NANOS.iter().position(|&b| nanos <= b) {
+            self.buckets[i].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_nanos.fetch_add(nanos, Relaxed);
+    }
+}
+
+/// `rustybalancer_request_duration_seconds{service}`: every installed service's [`Latency`], as
+/// one histogram family for the registry.
+#[derive(Clone)]
+struct Durations {
+    desc: Desc,
+    by_service: Arc<Mutex<BTreeMap<String, Arc<Latency>>>>,
+}
+
+impl Durations {
+    fn new() -> Durations {
+        Durations {
+            desc: Desc::new(
+                "rustybalancer_request_duration_seconds".into(),
+                "Time from routing a request to the end of its response, by service.".into(),
+                vec!["service".into()],
+                Default::default(),
+            )
+            .expect("a constant metric name"),
+            by_service: Arc::default(),
+        }
+    }
+}
+
+impl Collector for Durations {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let by_service = self.by_service.lock().unwrap_or_else(|p| p.into_inner());
+        let metrics = by_service
+            .iter()
+            .map(|(service, l)| {
+                let mut label = proto::LabelPair::default();
+                label.set_name("service".into());
+                label.set_value(service.clone());
+                let mut cumulative = 0;
+                let buckets = BUCKETS
+                    .iter()
+                    .zip(&l.buckets)
+                    .map(|(le, n)| {
+                        cumulative += n.load(Relaxed);
+                        let mut b = proto::Bucket::default();
+                        b.set_upper_bound(*le);
+                        b.set_cumulative_count(cumulative);
+                        b
+                    })
+                    .collect();
+                let mut h = proto::Histogram::default();
+                h.set_bucket(buckets);
+                h.set_sample_count(l.count.load(Relaxed));
+                h.set_sample_sum(l.sum_nanos.load(Relaxed) as f64 / 1e9);
+                let mut m = proto::Metric::default();
+                m.set_label(vec![label]);
+                m.set_histogram(h);
+                m
+            })
+            .collect();
+        let mut family = MetricFamily::default();
+        family.set_name(self.desc.fq_name.clone());
+        family.set_help(self.desc.help.clone());
+        family.set_field_type(MetricType::HISTOGRAM);
+        family.set_metric(metrics);
+        vec![family]
+    }
+}
 
 /// Per-service request duration histogram, in-flight gauge and requests shed.
 pub struct ServiceCounters {
-    duration: Histogram,
+    duration: Arc<Latency>,
     inflight: IntGauge,
     /// Requests shed (503) under overload, by class.
     shed: [IntCounter; 3],
@@ -289,7 +408,7 @@ pub struct ServiceCounters {
 
 impl ServiceCounters {
     pub fn observe(&self, nanos: u64) {
-        self.duration.observe(nanos as f64 / 1e9);
+        self.duration.observe(nanos);
     }
     pub fn inflight_add(&self, delta: i64) {
         self.inflight.add(delta);
@@ -299,24 +418,18 @@ impl ServiceCounters {
     }
     /// Requests observed by the duration histogram.
     pub fn observed(&self) -> u64 {
-        self.duration.get_sample_count()
+        self.duration.count.load(Relaxed)
     }
     /// The histogram: upper bounds in seconds with the count of each bucket (not cumulative;
     /// slower requests are the rest of `observed`), and the sum in seconds.
     pub fn histogram(&self) -> (Vec<(f64, u64)>, f64) {
-        let metric = self.duration.metric();
-        let h = metric.get_histogram();
-        let mut below = 0;
-        let buckets = h
-            .get_bucket()
+        let l = &self.duration;
+        let buckets = BUCKETS
             .iter()
-            .map(|b| {
-                let n = b.cumulative_count() - below;
-                below = b.cumulative_count();
-                (b.upper_bound(), n)
-            })
+            .zip(&l.buckets)
+            .map(|(le, n)| (*le, n.load(Relaxed)))
             .collect();
-        (buckets, h.get_sample_sum())
+        (buckets, l.sum_nanos.load(Relaxed) as f64 / 1e9)
     }
     pub fn count_shed(&self, class: rusty_shared::RequestClass) {
         self.shed[class as usize].inc();
@@ -348,7 +461,7 @@ pub enum StateEvent {
 pub struct Registry {
     prom: prometheus::Registry,
     families: Arc<Families>,
-    duration: HistogramVec,
+    durations: Durations,
     inflight: IntGaugeVec,
     shed: IntCounterVec,
     ejected: IntGaugeVec,
@@ -369,13 +482,6 @@ struct Series {
     backends: BTreeMap<(String, String), Arc<BackendCounters>>,
 }
 
-/// What the installed table says at scrape time: its version and which backends are ejected,
-/// as (service, backend, ejected).
-pub struct Installed<'a> {
-    pub table_version: Option<u64>,
-    pub ejected: Vec<(&'a str, &'a str, bool)>,
-}
-
 impl Default for Registry {
     fn default() -> Self {
         let families = Arc::new(Families::new());
@@ -391,12 +497,7 @@ impl Default for Registry {
         );
         let r = Registry {
             prom: prometheus::Registry::new(),
-            duration: histogram_vec(
-                "rustybalancer_request_duration_seconds",
-                "Time from routing a request to the end of its response, by service.",
-                &["service"],
-                &BUCKETS,
-            ),
+            durations: Durations::new(),
             inflight: gauge_vec(
                 "rustybalancer_inflight_requests",
                 "Requests being proxied now, by service.",
@@ -420,7 +521,7 @@ impl Default for Registry {
             updates: ["applied", "rejected", "stale"].map(|r| updates.with_label_values(&[r])),
             state_events: ["restored", "restored_previous", "unusable", "save_failed"]
                 .map(|e| state_events.with_label_values(&[e])),
-            unrouted: Arc::new(BackendCounters::new(families.clone(), "", "")),
+            unrouted: Arc::new(BackendCounters::new(families.clone(), "", "", None)),
             families,
             series: Mutex::default(),
             scrape: Mutex::default(),
@@ -428,7 +529,7 @@ impl Default for Registry {
         let own: Vec<Box<dyn Collector>> = vec![
             Box::new(r.families.requests.clone()),
             Box::new(r.families.errors.clone()),
-            Box::new(r.duration.clone()),
+            Box::new(r.durations.clone()),
             Box::new(r.inflight.clone()),
             Box::new(r.ejected.clone()),
             Box::new(r.table_version.clone()),
@@ -475,7 +576,11 @@ impl Registry {
         s.services.retain(|name, _| {
             let keep = wanted_services.contains(name.as_str());
             if !keep {
-                let _ = self.duration.remove_label_values(&[name]);
+                self.durations
+                    .by_service
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(name);
                 let _ = self.inflight.remove_label_values(&[name]);
                 for class in rusty_shared::RequestClass::ALL {
                     let _ = self.shed.remove_label_values(&[name, class.as_str()]);
@@ -493,7 +598,7 @@ impl Registry {
         s.backends.retain(|(svc, id), c| {
             let keep = wanted_backends.contains(&(svc.as_str(), id.as_str()));
             if !keep {
-                c.retire();
+                c.retire(&self.ejected);
             }
             keep
         });
@@ -508,7 +613,14 @@ impl Registry {
                     s.backends
                         .entry(((*svc).to_owned(), id.to_owned()))
                         .or_insert_with(|| {
-                            Arc::new(BackendCounters::new(self.families.clone(), svc, id))
+                            let ejected = (!id.is_empty())
+                                .then(|| self.ejected.with_label_values(&[svc, id]));
+                            Arc::new(BackendCounters::new(
+                                self.families.clone(),
+                                svc,
+                                id,
+                                ejected,
+                            ))
                         })
                         .clone()
                 };
@@ -524,8 +636,14 @@ impl Registry {
     }
 
     fn service_counters(&self, svc: &str) -> ServiceCounters {
+        let duration = Arc::new(Latency::default());
+        self.durations
+            .by_service
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(svc.to_owned(), duration.clone());
         ServiceCounters {
-            duration: self.duration.with_label_values(&[svc]),
+            duration,
             inflight: self.inflight.with_label_values(&[svc]),
             shed: rusty_shared::RequestClass::ALL
                 .map(|class| self.shed.with_label_values(&[svc, class.as_str()])),
@@ -533,17 +651,12 @@ impl Registry {
     }
 
     /// Every registered series in the Prometheus text exposition format, appended to `w`, with
-    /// the gauges of the installed table set from `live` first.
-    pub fn render(&self, live: &Installed<'_>, w: &mut String) {
+    /// the installed table's version (`None` before the first). The caller sets each backend's
+    /// ejected gauge first ([`BackendCounters::set_ejected`]).
+    pub fn render(&self, table_version: Option<u64>, w: &mut String) {
         let _scrape = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
-        self.ejected.reset();
-        for (svc, id, ejected) in &live.ejected {
-            self.ejected
-                .with_label_values(&[svc, id])
-                .set(i64::from(*ejected));
-        }
         self.table_version.reset();
-        if let Some(v) = live.table_version {
+        if let Some(v) = table_version {
             self.table_version
                 .with_label_values::<&str>(&[])
                 .set(i64::try_from(v).unwrap_or(i64::MAX));
@@ -608,13 +721,7 @@ mod tests {
         let h2 = r.handles_for(&[("web", vec!["a"])]);
         h2[0].backends[0].count_response(200);
         let mut text = String::new();
-        r.render(
-            &Installed {
-                table_version: Some(3),
-                ejected: vec![("web", "a", false)],
-            },
-            &mut text,
-        );
+        r.render(Some(3), &mut text);
         let v = |name, labels: &[(&str, &str)]| value_of(&text, name, labels);
         assert_eq!(
             v(
@@ -660,13 +767,7 @@ mod tests {
         old[0].backends[1].count_error(UpstreamError::Closed);
         old[0].backends[1].count_response(200);
         let mut text = String::new();
-        r.render(
-            &Installed {
-                table_version: Some(2),
-                ejected: vec![],
-            },
-            &mut text,
-        );
+        r.render(Some(2), &mut text);
         assert!(
             samples(&text).all(|s| s.label("backend") != Some("b")),
             "{text}"
@@ -682,13 +783,7 @@ mod tests {
         h[0].service.observe(2_000_000);
         h[0].service.observe(20_000_000_000);
         let mut text = String::new();
-        r.render(
-            &Installed {
-                table_version: None,
-                ejected: vec![],
-            },
-            &mut text,
-        );
+        r.render(None, &mut text);
         assert_eq!(
             value_of(
                 &text,
@@ -716,13 +811,7 @@ mod tests {
         r.count_update(UpdateResult::Stale);
         r.count_update(UpdateResult::Stale);
         let mut text = String::new();
-        r.render(
-            &Installed {
-                table_version: None,
-                ejected: vec![],
-            },
-            &mut text,
-        );
+        r.render(None, &mut text);
         for (result, n) in [("applied", 1.0), ("stale", 2.0), ("rejected", 0.0)] {
             assert_eq!(
                 value_of(

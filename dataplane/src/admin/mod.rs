@@ -14,7 +14,6 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
 use crate::clock;
-use crate::metrics::Installed;
 use crate::plane::Plane;
 
 pub struct Admin {
@@ -60,25 +59,15 @@ impl Admin {
         match path {
             "/metrics" => {
                 let now = clock::now_ms();
-                let ejected = snap
-                    .as_ref()
-                    .map(|s| {
-                        s.services
-                            .iter()
-                            .flat_map(|svc| {
-                                svc.backends.iter().enumerate().map(move |(i, b)| {
-                                    (&*svc.name, &*b.id, svc.balancer.ejected(i as u32, now))
-                                })
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                let installed = Installed {
-                    table_version: snap.as_ref().map(|s| s.version),
-                    ejected,
-                };
+                for svc in snap.iter().flat_map(|s| &s.services) {
+                    for (i, b) in svc.backends.iter().enumerate() {
+                        b.counters.set_ejected(svc.balancer.ejected(i as u32, now));
+                    }
+                }
                 let mut body = String::new();
-                plane.metrics.render(&installed, &mut body);
+                plane
+                    .metrics
+                    .render(snap.as_ref().map(|s| s.version), &mut body);
                 (
                     StatusCode::OK,
                     "text/plain; version=0.0.4",
