@@ -63,8 +63,13 @@ pub enum Cmd {
         #[command(flatten)]
         wait: WaitArgs,
     },
-    /// Take one instance (e.g. web-3) out of the table, stop it after the drain time, replace it.
-    Drain { instance: String },
+    /// Take one instance (e.g. web-3) out of the table, stop it after the drain time, replace it,
+    /// and follow until the replacement serves.
+    Drain {
+        instance: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
     /// Order every `[tls.acme]` certificate again now (the current ones serve until the new
     /// ones arrive).
     Renew,

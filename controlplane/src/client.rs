@@ -1,5 +1,6 @@
 //! The CLI's side of the admin API: a one-request-per-connection HTTP client and the commands
-//! that follow an operation until it is done, printing each change.
+//! that follow an operation until it is done, showing each change (a progress bar on a
+//! terminal, plain lines otherwise: `progress`).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -12,6 +13,7 @@ use tokio::net::TcpStream;
 use crate::api::{DeployAccepted, DeployRequest, ErrorBody, ScaleRequest, ServiceStatus, Status};
 use crate::auth::Token;
 use crate::cli::{AgentArgs, WaitArgs};
+use crate::progress::{scale_steps, Progress, Steps};
 
 const POLL: Duration = Duration::from_millis(200);
 
@@ -194,25 +196,9 @@ pub async fn status(args: &AgentArgs, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ` (UTC), without a date crate.
+/// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ` (UTC).
 fn rfc3339(t: i64) -> String {
-    let (days, secs) = (t.div_euclid(86_400), t.rem_euclid(86_400));
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
+    rusty_shared::civil::Civil::from_unix(t).rfc3339()
 }
 
 /// `rusty-agent renew`: order every ACME certificate again now.
@@ -248,8 +234,20 @@ fn line(s: &ServiceStatus) -> String {
     format!("{}: desired {}, {}", s.name, s.replicas, gens.join("; "))
 }
 
+/// Instances the agent runs for the service (discovered containers serve it too but are not the
+/// agent's to count), and of those the ones of its current generation in the table.
+fn managed(s: &ServiceStatus) -> (u64, u64) {
+    let managed = s.instances.iter().filter(|i| i.managed);
+    let serving = managed
+        .clone()
+        .filter(|i| i.in_table && i.generation == s.generation)
+        .count();
+    (managed.count() as u64, serving as u64)
+}
+
 pub async fn scale(service: &str, replicas: u32, args: &AgentArgs, wait: &WaitArgs) -> Result<()> {
     let client = Client::new(args)?;
+    let from = managed(&client.service(service).await?).0;
     let body = serde_json::to_string(&ScaleRequest { replicas })?;
     let _: ScaleRequest = client
         .call("POST", &format!("/v1/services/{service}/scale"), Some(body))
@@ -259,41 +257,49 @@ pub async fn scale(service: &str, replicas: u32, args: &AgentArgs, wait: &WaitAr
         return Ok(());
     }
     let started = Instant::now();
-    follow(&client, service, wait, |s| {
-        // Discovered containers serve the service too but are not the agent's to count.
-        let managed: Vec<_> = s.instances.iter().filter(|i| i.managed).collect();
-        let settled = managed.len() == replicas as usize
-            && managed
-                .iter()
-                .all(|i| i.in_table && i.generation == s.generation);
-        settled.then(|| {
-            println!(
-                "{service}: {replicas} instances in the table after {:.1}s",
-                started.elapsed().as_secs_f64()
-            );
-            Ok(())
-        })
-    })
+    let to = u64::from(replicas);
+    let steps = |s: &ServiceStatus| {
+        let (all, serving) = managed(s);
+        scale_steps(from, to, if to >= from { serving } else { all })
+    };
+    follow(
+        &client,
+        service,
+        wait,
+        &format!("scale {service}"),
+        steps,
+        |s| {
+            let (all, serving) = managed(s);
+            let settled = all == to && serving == to;
+            settled.then(|| {
+                println!(
+                    "{service}: {replicas} instances in the table after {:.1}s",
+                    started.elapsed().as_secs_f64()
+                );
+                Ok(())
+            })
+        },
+    )
     .await
 }
 
-/// Print each change of `service` until `done` gives an outcome or the wait runs out.
+/// Show each change of `service` (`what` names the operation on a bar, `steps` counts its
+/// progress) until `done` gives an outcome or the wait runs out.
 async fn follow(
     client: &Client,
     service: &str,
     wait: &WaitArgs,
+    what: &str,
+    steps: impl Fn(&ServiceStatus) -> Steps,
     mut done: impl FnMut(&ServiceStatus) -> Option<Result<()>>,
 ) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(wait.timeout);
-    let mut last = String::new();
+    let mut progress = Progress::new(what);
     loop {
         let s = client.service(service).await?;
-        let l = line(&s);
-        if l != last {
-            println!("  {l}");
-            last = l;
-        }
+        progress.update(&line(&s), steps(&s));
         if let Some(outcome) = done(&s) {
+            progress.finish();
             return outcome;
         }
         if Instant::now() > deadline {
@@ -326,7 +332,20 @@ pub async fn deploy(
     if wait.no_wait {
         return Ok(());
     }
-    follow(&client, service, wait, |s| {
+    let steps = |s: &ServiceStatus| {
+        let new = s
+            .instances
+            .iter()
+            .filter(|i| i.managed && i.generation == generation && i.in_table)
+            .count() as u64;
+        let of = u64::from(s.replicas).max(1);
+        Steps {
+            done: new.min(of),
+            of,
+        }
+    };
+    let what = format!("deploy {service} generation {generation}");
+    follow(&client, service, wait, &what, steps, |s| {
         let d = s.deploy.as_ref().filter(|d| d.generation == generation)?;
         let secs = d.elapsed_ms as f64 / 1000.0;
         match d.state.as_str() {
@@ -345,7 +364,7 @@ pub async fn deploy(
     .await
 }
 
-pub async fn drain(instance: &str, args: &AgentArgs) -> Result<()> {
+pub async fn drain(instance: &str, args: &AgentArgs, wait: &WaitArgs) -> Result<()> {
     let (service, _) = instance
         .rsplit_once('-')
         .ok_or_else(|| anyhow!("{instance:?} is not an instance id like web-3"))?;
@@ -358,7 +377,37 @@ pub async fn drain(instance: &str, args: &AgentArgs) -> Result<()> {
         )
         .await?;
     println!("{instance}: draining; a replacement is starting");
-    Ok(())
+    if wait.no_wait {
+        return Ok(());
+    }
+    let started = Instant::now();
+    // Two steps: the instance is gone, and the service is back to its replicas in the table.
+    let gone = |s: &ServiceStatus| s.instances.iter().all(|i| i.id != instance);
+    let whole = |s: &ServiceStatus| {
+        let (all, serving) = managed(s);
+        all == u64::from(s.replicas) && serving == all
+    };
+    let steps = |s: &ServiceStatus| Steps {
+        done: u64::from(gone(s)) + u64::from(gone(s) && whole(s)),
+        of: 2,
+    };
+    follow(
+        &client,
+        service,
+        wait,
+        &format!("drain {instance}"),
+        steps,
+        |s| {
+            (gone(s) && whole(s)).then(|| {
+                println!(
+                    "{instance}: stopped and replaced after {:.1}s",
+                    started.elapsed().as_secs_f64()
+                );
+                Ok(())
+            })
+        },
+    )
+    .await
 }
 
 /// `--set-env K=V` pairs → a map, naming the bad one.
@@ -375,14 +424,4 @@ pub fn parse_env(pairs: &[String]) -> Result<Option<BTreeMap<String, String>>> {
         env.insert(k.to_owned(), v.to_owned());
     }
     Ok(Some(env))
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn times_print_as_rfc3339_utc() {
-        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(super::rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(super::rfc3339(1_796_136_061), "2026-12-01T14:41:01Z");
-    }
 }

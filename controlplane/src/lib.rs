@@ -16,7 +16,7 @@
 //! - [`outlier`] spots instances the data planes keep ejecting (pure);
 //! - [`core`] is the single task that owns the state and drives the others;
 //! - [`server`] is the listener: admin API, metrics, and the table stream;
-//! - [`client`] and [`cli`] are the command line;
+//! - [`client`] and [`cli`] are the command line, [`progress`] how it shows what it follows;
 //! - [`wiring`] builds all of it for `rusty-agent run` and owns the shutdown.
 //!
 //! The validated spec types ([`spec`]) sit below everything that uses them; no module imports
@@ -34,6 +34,7 @@ pub mod core;
 pub mod health;
 pub mod metrics;
 pub mod outlier;
+pub mod progress;
 pub mod publish;
 pub mod reconcile;
 pub mod runtime;

@@ -119,7 +119,7 @@ fn main() -> ExitCode {
                         }
                         client::deploy(&service, request, &agent, &wait).await
                     }
-                    Cmd::Drain { instance } => client::drain(&instance, &agent).await,
+                    Cmd::Drain { instance, wait } => client::drain(&instance, &agent, &wait).await,
                     Cmd::Renew => client::renew(&agent).await,
                     Cmd::Run(_) | Cmd::Check(_) => unreachable!("handled above"),
                 }

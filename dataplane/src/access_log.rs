@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus::IntCounter;
+use rusty_shared::civil::Civil;
 use rusty_shared::RequestClass;
 use tracing::warn;
 
@@ -81,13 +82,20 @@ pub struct Entry<'a> {
 
 /// Append `e`, logged at `now`, to `out` as one line.
 pub fn render(e: &Entry<'_>, now: SystemTime, format: Format, out: &mut Vec<u8>) {
-    let t = Civil::of(now);
+    let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let t = Civil::from_unix(since.as_secs() as i64);
     match format {
         Format::Json => {
             let _ = write!(
                 out,
                 "{{\"time\":\"{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z\",\"client\":\"",
-                t.year, t.month, t.day, t.hour, t.minute, t.second, t.millis
+                t.year,
+                t.month,
+                t.day,
+                t.hour,
+                t.minute,
+                t.second,
+                since.subsec_millis()
             );
             if let Some(ip) = e.client {
                 let _ = write!(out, "{ip}");
@@ -195,45 +203,6 @@ fn dash_or_quoted(s: &[u8], out: &mut Vec<u8>) {
         out.push(b'-');
     } else {
         quoted(s, out);
-    }
-}
-
-/// A UTC time of day and date (proleptic Gregorian), to the millisecond.
-#[derive(Debug, PartialEq, Eq)]
-struct Civil {
-    year: i64,
-    month: u32,
-    day: u32,
-    hour: u32,
-    minute: u32,
-    second: u32,
-    millis: u32,
-}
-
-impl Civil {
-    fn of(t: SystemTime) -> Civil {
-        let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-        let secs = d.as_secs() as i64;
-        let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-        // Howard Hinnant's days-to-civil.
-        let z = days + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z.rem_euclid(146_097);
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-        let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-        let year = yoe + era * 400 + i64::from(month <= 2);
-        Civil {
-            year,
-            month,
-            day,
-            hour: (rem / 3600) as u32,
-            minute: (rem % 3600 / 60) as u32,
-            second: (rem % 60) as u32,
-            millis: d.subsec_millis(),
-        }
     }
 }
 
@@ -440,29 +409,6 @@ mod tests {
 
     fn at(secs: u64, millis: u64) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_millis(millis)
-    }
-
-    #[test]
-    fn dates_are_the_calendars() {
-        // 2000-02-29 (a leap day of a century year), 1970-01-01, 2026-12-01 18:02:03.
-        assert_eq!(
-            Civil::of(at(951_782_400, 0)),
-            Civil {
-                year: 2000,
-                month: 2,
-                day: 29,
-                hour: 0,
-                minute: 0,
-                second: 0,
-                millis: 0
-            }
-        );
-        assert_eq!(Civil::of(UNIX_EPOCH).year, 1970);
-        let c = Civil::of(at(1_796_148_123, 45));
-        assert_eq!(
-            (c.year, c.month, c.day, c.hour, c.minute, c.second, c.millis),
-            (2026, 12, 1, 18, 2, 3, 45)
-        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! with a bounded load loop through the data plane while the agent scales, replaces and rolls
 //! instances. Every test asserts zero failed requests where the issue promises it.
 
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rusty_e2e::*;
@@ -94,6 +95,61 @@ fn scaling_2_to_5_to_1_moves_traffic_with_no_failed_requests() {
     assert_eq!(seen.len(), 1, "{seen:?}");
     let report = load.finish();
     assert_no_failures(&report);
+}
+
+#[test]
+fn the_cli_follows_with_lines_off_a_terminal_and_a_progress_bar_on_one() {
+    let agent = Agent::start("cliprogress", &echo_service("web", 1, ""));
+    agent.wait_serving("web", 1, LIMIT);
+
+    // Piped: the plain lines, no terminal control.
+    let (ok, out) = agent.cli(&["drain", "web-1"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("web-1: draining"), "{out}");
+    assert!(out.contains("\n  web: desired 1, "), "{out}");
+    assert!(out.contains("web-1: stopped and replaced after"), "{out}");
+    assert!(!out.contains('\x1b'), "{out:?}");
+    agent.wait_serving("web", 1, LIMIT);
+    assert!(agent.service("web")["instances"][0]["id"] != "web-1");
+
+    // On a terminal (a pseudo-terminal from util-linux's `script`): a bar, then the outcome.
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!(
+            "\n==== SKIPPED: no `script` here (util-linux); the progress bar is untested ====\n"
+        );
+        return;
+    }
+    let cli = format!(
+        "{} scale --agent 127.0.0.1:{} --token-file {} web 2",
+        bin("rusty-agent").display(),
+        agent.port,
+        agent.token_file.display()
+    );
+    let out = Command::new("script")
+        .args(["-qfec", &cli, "/dev/null"])
+        .env("TERM", "xterm")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run script");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("scale web"),
+        "the bar names the operation: {text:?}"
+    );
+    assert!(
+        text.contains('\x1b'),
+        "drawn with terminal control: {text:?}"
+    );
+    assert!(
+        !text.contains("\n  web: desired"),
+        "no plain lines: {text:?}"
+    );
+    assert!(
+        text.contains("web: 2 instances in the table after"),
+        "{text:?}"
+    );
+    agent.wait_serving("web", 2, LIMIT);
 }
 
 #[test]

@@ -14,11 +14,13 @@
 //! - [`hostnames`]: the normal form of a host, and the names a certificate covers.
 //! - [`certs`]: a certificate pair checked the same way on both sides, and the bundle message
 //!   that carries pairs from the agent to the data planes.
+//! - [`civil`]: unix time as a UTC calendar date (for logs and the CLI).
 //! - [`exposition`]: the samples of a Prometheus `/metrics` answer (the agent reads the data
 //!   planes' load with it).
 
 pub mod auth;
 pub mod certs;
+pub mod civil;
 pub mod error;
 pub mod exposition;
 pub mod hostnames;
