@@ -51,6 +51,9 @@ PORTS = {
     "rusty-lb-pipeline": 18084,
     # rusty-lb with the extra flags of --alt-args: for trying a setting side by side.
     "rusty-lb-alt": 18085,
+    # nginx with its access log on (combined, buffered as rusty-lb's: 64 KiB, flushed every
+    # 100 ms), the peer for `rusty-lb-alt --alt-args "--access-log FILE"`.
+    "nginx-log": 18086,
     # The TLS listeners of the nginx and rusty-lb processes above.
     "nginx-tls": 18091,
     "rusty-lb-tls": 18093,
@@ -126,30 +129,33 @@ http {{ access_log off; default_type text/plain; keepalive_timeout 300s;
         wait_port(p)
 
 
-def start_nginx(work, workers):
+def start_nginx(work, workers, name="nginx"):
     ups = "\n".join(f"    server 127.0.0.1:{p};" for p in BACKEND_PORTS)
     tls = ""
-    if CERTS:
+    access_log = "off"
+    if name == "nginx-log":
+        access_log = f"{work}/nginx-access.log combined buffer=64k flush=100ms"
+    if CERTS and name == "nginx":
         tls = (f"    listen 127.0.0.1:{PORTS['nginx-tls']} ssl backlog=4096;\n"
                f"    ssl_certificate {CERTS[0]}/default.crt; ssl_certificate_key {CERTS[0]}/default.key;\n"
                "    ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache shared:SSL:10m; ssl_session_tickets on;")
     write(
-        f"{work}/nginx.conf",
-        f"""worker_processes {workers}; daemon off; pid {work}/nginx.pid; error_log stderr error;
+        f"{work}/{name}.conf",
+        f"""worker_processes {workers}; daemon off; pid {work}/{name}.pid; error_log stderr error;
 events {{ worker_connections 8192; }}
-http {{ access_log off; keepalive_timeout 300s; keepalive_requests 1000000;
+http {{ access_log {access_log}; keepalive_timeout 300s; keepalive_requests 1000000;
   upstream web {{
 {ups}
     keepalive 256; keepalive_requests 1000000;
   }}
-  server {{ listen 127.0.0.1:{PORTS['nginx']} backlog=4096;
+  server {{ listen 127.0.0.1:{PORTS[name]} backlog=4096;
 {tls}
     location / {{ proxy_pass http://web; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering on; }}
   }}
 }}
 """,
     )
-    return start("nginx", ["nginx", "-c", f"{work}/nginx.conf", "-p", work], logdir=work)
+    return start(name, ["nginx", "-c", f"{work}/{name}.conf", "-p", work], logdir=work)
 
 
 def start_haproxy(work, workers):
@@ -460,6 +466,7 @@ def main():
         starters = {
             "direct": lambda: None,
             "nginx": lambda: start_nginx(work, args.workers),
+            "nginx-log": lambda: start_nginx(work, args.workers, "nginx-log"),
             "haproxy": lambda: start_haproxy(work, args.workers),
             "rusty-lb": lambda: start_rusty(work, args.workers, args.binary),
             "rusty-lb-pipeline": lambda: start_rusty(work, args.workers, args.binary, "rusty-lb-pipeline"),
@@ -529,11 +536,13 @@ def render(info, args, results, targets, swaps, base):
         "",
         f"- date: {info['date']}; machine: {info['cpus']} CPUs, Linux {info['kernel']}",
         f"- {info['nginx']}; {info['haproxy']}; {info['wrk']}; {info['rustc']}; rusty-lb at {info['rusty-lb']}",
-        f"- every proxy: {args.workers} workers/threads, upstream keep-alive, logging off; backends: 3 nginx "
+        f"- every proxy: {args.workers} workers/threads, upstream keep-alive, logging off (unless said below); backends: 3 nginx "
         f"ports (1 worker) on the same machine; load: "
         + (f"`wrk -t1 -cC -d{args.duration}s`; " if args.load == "wrk"
            else f"`oha -z {args.duration}s -c C -w --worker-threads 1`; ")
         + f"{args.rounds} interleaved rounds per scenario, median (min–max)",
+        *([f"- nginx-log: nginx with `access_log FILE combined buffer=64k flush=100ms`"]
+          if "nginx-log" in targets else []),
         *([f"- rusty-lb-pipeline: rusty-lb with `--no-fast-lane` (every request through Pingora's proxy pipeline)"]
           if "rusty-lb-pipeline" in targets else []),
         *([f"- rusty-lb-alt: rusty-lb with `{' '.join(ALT_ARGS)}`"

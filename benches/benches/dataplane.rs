@@ -215,5 +215,50 @@ fn metrics(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, pick, install, request_path, lane, metrics);
+/// One access log line of a wrk request, in each format.
+fn access_log(c: &mut Criterion) {
+    use rusty_lb::access_log::{render, Entry, Format};
+    let e = Entry {
+        client: Some("127.0.0.1".parse().unwrap()),
+        method: b"GET",
+        host: b"www.example.com",
+        target: b"/api/users?id=7",
+        version: "HTTP/1.1",
+        status: 200,
+        bytes: 187,
+        duration: std::time::Duration::from_micros(1_234),
+        backend: "web-2",
+        request_id: b"7f3a9c2e0000002a",
+        service: "web",
+        attempts: 1,
+        class: RequestClass::Normal,
+        user_agent: b"wrk",
+        referer: b"",
+        https: false,
+    };
+    let now = std::time::SystemTime::now();
+    for (name, format) in [
+        ("access_log/json", Format::Json),
+        ("access_log/combined", Format::Combined),
+    ] {
+        let mut out = Vec::with_capacity(1024);
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                out.clear();
+                render(black_box(&e), now, format, &mut out);
+                black_box(out.len())
+            })
+        });
+    }
+}
+
+criterion_group!(
+    benches,
+    pick,
+    install,
+    request_path,
+    lane,
+    metrics,
+    access_log
+);
 criterion_main!(benches);

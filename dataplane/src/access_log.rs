@@ -86,19 +86,23 @@ pub fn render(e: &Entry<'_>, now: SystemTime, format: Format, out: &mut Vec<u8>)
     let t = Civil::from_unix(since.as_secs() as i64);
     match format {
         Format::Json => {
-            let _ = write!(
-                out,
-                "{{\"time\":\"{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z\",\"client\":\"",
-                t.year,
-                t.month,
-                t.day,
-                t.hour,
-                t.minute,
-                t.second,
-                since.subsec_millis()
-            );
+            out.extend_from_slice(b"{\"time\":\"");
+            push_padded(out, t.year.max(0) as u64, 4);
+            out.push(b'-');
+            push_padded(out, u64::from(t.month), 2);
+            out.push(b'-');
+            push_padded(out, u64::from(t.day), 2);
+            out.push(b'T');
+            push_padded(out, u64::from(t.hour), 2);
+            out.push(b':');
+            push_padded(out, u64::from(t.minute), 2);
+            out.push(b':');
+            push_padded(out, u64::from(t.second), 2);
+            out.push(b'.');
+            push_padded(out, u64::from(since.subsec_millis()), 3);
+            out.extend_from_slice(b"Z\",\"client\":\"");
             if let Some(ip) = e.client {
-                let _ = write!(out, "{ip}");
+                push_ip(out, ip);
             }
             out.extend_from_slice(b"\",\"method\":\"");
             json_str(e.method, out);
@@ -106,26 +110,33 @@ pub fn render(e: &Entry<'_>, now: SystemTime, format: Format, out: &mut Vec<u8>)
             json_str(e.host, out);
             out.extend_from_slice(b"\",\"path\":\"");
             json_str(e.target, out);
-            let _ = write!(
-                out,
-                "\",\"protocol\":\"{}\",\"tls\":{},\"status\":{},\"bytes\":{},\"duration_ms\":{:.3},\"backend\":\"",
-                e.version,
-                e.https,
-                e.status,
-                e.bytes,
-                e.duration.as_secs_f64() * 1000.0
-            );
+            out.extend_from_slice(b"\",\"protocol\":\"");
+            out.extend_from_slice(e.version.as_bytes());
+            out.extend_from_slice(if e.https {
+                b"\",\"tls\":true,\"status\":"
+            } else {
+                b"\",\"tls\":false,\"status\":"
+            });
+            push_u64(out, u64::from(e.status));
+            out.extend_from_slice(b",\"bytes\":");
+            push_u64(out, e.bytes);
+            // Milliseconds with three decimals, from whole microseconds.
+            let micros = u64::try_from(e.duration.as_micros()).unwrap_or(u64::MAX);
+            out.extend_from_slice(b",\"duration_ms\":");
+            push_u64(out, micros / 1000);
+            out.push(b'.');
+            push_padded(out, micros % 1000, 3);
+            out.extend_from_slice(b",\"backend\":\"");
             json_str(e.backend.as_bytes(), out);
             out.extend_from_slice(b"\",\"request_id\":\"");
             json_str(e.request_id, out);
             out.extend_from_slice(b"\",\"service\":\"");
             json_str(e.service.as_bytes(), out);
-            let _ = write!(
-                out,
-                "\",\"attempts\":{},\"class\":\"{}\",\"user_agent\":\"",
-                e.attempts,
-                e.class.as_str()
-            );
+            out.extend_from_slice(b"\",\"attempts\":");
+            push_u64(out, e.attempts as u64);
+            out.extend_from_slice(b",\"class\":\"");
+            out.extend_from_slice(e.class.as_str().as_bytes());
+            out.extend_from_slice(b"\",\"user_agent\":\"");
             json_str(e.user_agent, out);
             out.extend_from_slice(b"\",\"referer\":\"");
             json_str(e.referer, out);
@@ -133,21 +144,22 @@ pub fn render(e: &Entry<'_>, now: SystemTime, format: Format, out: &mut Vec<u8>)
         }
         Format::Combined => {
             match e.client {
-                Some(ip) => {
-                    let _ = write!(out, "{ip}");
-                }
+                Some(ip) => push_ip(out, ip),
                 None => out.push(b'-'),
             }
-            let _ = write!(
-                out,
-                " - - [{:02}/{}/{:04}:{:02}:{:02}:{:02} +0000] \"",
-                t.day,
-                MONTHS[t.month as usize - 1],
-                t.year,
-                t.hour,
-                t.minute,
-                t.second
-            );
+            out.extend_from_slice(b" - - [");
+            push_padded(out, u64::from(t.day), 2);
+            out.push(b'/');
+            out.extend_from_slice(MONTHS[t.month as usize - 1].as_bytes());
+            out.push(b'/');
+            push_padded(out, t.year.max(0) as u64, 4);
+            out.push(b':');
+            push_padded(out, u64::from(t.hour), 2);
+            out.push(b':');
+            push_padded(out, u64::from(t.minute), 2);
+            out.push(b':');
+            push_padded(out, u64::from(t.second), 2);
+            out.extend_from_slice(b" +0000] \"");
             // A request refused before it was parsed has no request line to show.
             if e.method.is_empty() {
                 out.push(b'-');
@@ -155,9 +167,14 @@ pub fn render(e: &Entry<'_>, now: SystemTime, format: Format, out: &mut Vec<u8>)
                 quoted(e.method, out);
                 out.push(b' ');
                 quoted(e.target, out);
-                let _ = write!(out, " {}", e.version);
+                out.push(b' ');
+                out.extend_from_slice(e.version.as_bytes());
             }
-            let _ = write!(out, "\" {} {} \"", e.status, e.bytes);
+            out.extend_from_slice(b"\" ");
+            push_u64(out, u64::from(e.status));
+            out.push(b' ');
+            push_u64(out, e.bytes);
+            out.extend_from_slice(b" \"");
             dash_or_quoted(e.referer, out);
             out.extend_from_slice(b"\" \"");
             dash_or_quoted(e.user_agent, out);
@@ -172,15 +189,69 @@ const MONTHS: [&str; 12] = [
 
 /// `s` inside a JSON string: quotes, backslashes and control bytes escaped, and bytes past
 /// ASCII as `\u00XX` (their Latin-1 reading), so a line is valid JSON whatever a client sent.
-fn json_str(s: &[u8], out: &mut Vec<u8>) {
-    for &b in s {
-        match b {
+fn json_str(mut s: &[u8], out: &mut Vec<u8>) {
+    // Runs that need no escape (nearly every byte) are copied whole.
+    while let Some(i) = s
+        .iter()
+        .position(|&b| matches!(b, b'"' | b'\\') || !(0x20..=0x7e).contains(&b))
+    {
+        out.extend_from_slice(&s[..i]);
+        match s[i] {
             b'"' => out.extend_from_slice(b"\\\""),
             b'\\' => out.extend_from_slice(b"\\\\"),
-            0x20..=0x7e => out.push(b),
-            _ => {
-                let _ = write!(out, "\\u{b:04x}");
+            b => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[usize::from(b >> 4)]);
+                out.push(HEX[usize::from(b & 0xf)]);
             }
+        }
+        s = &s[i + 1..];
+    }
+    out.extend_from_slice(s);
+}
+
+/// `n`'s decimal digits, in the tail of the array from the returned index.
+fn decimal(mut n: u64) -> ([u8; 20], usize) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return (digits, at);
+        }
+    }
+}
+
+/// `n` in decimal.
+fn push_u64(out: &mut Vec<u8>, n: u64) {
+    let (digits, at) = decimal(n);
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// `n` in decimal, zero-padded to at least `width` digits.
+fn push_padded(out: &mut Vec<u8>, n: u64, width: usize) {
+    let (digits, at) = decimal(n);
+    let len = digits.len() - at;
+    out.extend(std::iter::repeat_n(b'0', width.saturating_sub(len)));
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// A client address as text (IPv4 by hand: the common case; IPv6 through `Display`).
+fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                push_u64(out, u64::from(octet));
+            }
+        }
+        IpAddr::V6(_) => {
+            let _ = write!(out, "{ip}");
         }
     }
 }
@@ -409,6 +480,39 @@ mod tests {
 
     fn at(secs: u64, millis: u64) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_millis(millis)
+    }
+
+    #[test]
+    fn numbers_and_escapes_are_written_by_hand_as_fmt_would() {
+        for n in [0u64, 7, 10, 999, 1000, 65_535, u64::MAX] {
+            let mut out = Vec::new();
+            push_u64(&mut out, n);
+            assert_eq!(out, n.to_string().as_bytes());
+            for width in [0, 2, 3, 4] {
+                let mut out = Vec::new();
+                push_padded(&mut out, n, width);
+                assert_eq!(out, format!("{n:0width$}").as_bytes());
+            }
+        }
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "255.255.255.255",
+            "10.20.30.4",
+            "::1",
+            "2001:db8::7",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let mut out = Vec::new();
+            push_ip(&mut out, ip);
+            assert_eq!(out, ip.to_string().as_bytes());
+        }
+        let mut out = Vec::new();
+        json_str(b"a\"b\\c\x01\xff\x7fz", &mut out);
+        assert_eq!(out, b"a\\\"b\\\\c\\u0001\\u00ff\\u007fz".as_slice());
+        let decoded: String =
+            serde_json::from_slice(&[b"\"".as_slice(), &out, b"\""].concat()).unwrap();
+        assert_eq!(decoded, "a\"b\\c\u{1}\u{ff}\u{7f}z");
     }
 
     #[test]
