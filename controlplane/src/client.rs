@@ -272,11 +272,10 @@ pub async fn scale(service: &str, replicas: u32, args: &AgentArgs, wait: &WaitAr
             let (all, serving) = managed(s);
             let settled = all == to && serving == to;
             settled.then(|| {
-                println!(
+                Ok(format!(
                     "{service}: {replicas} instances in the table after {:.1}s",
                     started.elapsed().as_secs_f64()
-                );
-                Ok(())
+                ))
             })
         },
     )
@@ -284,14 +283,15 @@ pub async fn scale(service: &str, replicas: u32, args: &AgentArgs, wait: &WaitAr
 }
 
 /// Show each change of `service` (`what` names the operation on a bar, `steps` counts its
-/// progress) until `done` gives an outcome or the wait runs out.
+/// progress) until `done` gives an outcome — its closing line, printed once the bar is
+/// cleared, or the error — or the wait runs out.
 async fn follow(
     client: &Client,
     service: &str,
     wait: &WaitArgs,
     what: &str,
     steps: impl Fn(&ServiceStatus) -> Steps,
-    mut done: impl FnMut(&ServiceStatus) -> Option<Result<()>>,
+    mut done: impl FnMut(&ServiceStatus) -> Option<Result<String>>,
 ) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(wait.timeout);
     let mut progress = Progress::new(what);
@@ -300,7 +300,8 @@ async fn follow(
         progress.update(&line(&s), steps(&s));
         if let Some(outcome) = done(&s) {
             progress.finish();
-            return outcome;
+            println!("{}", outcome?);
+            return Ok(());
         }
         if Instant::now() > deadline {
             bail!(
@@ -350,8 +351,9 @@ pub async fn deploy(
         let secs = d.elapsed_ms as f64 / 1000.0;
         match d.state.as_str() {
             "succeeded" => {
-                println!("{service}: generation {generation} serves all traffic ({secs:.1}s)");
-                Some(Ok(()))
+                Some(Ok(format!(
+                    "{service}: generation {generation} serves all traffic ({secs:.1}s)"
+                )))
             }
             "failed" => Some(Err(anyhow!(
                 "{service}: deploy of generation {generation} failed after {secs:.1}s, generation {} keeps serving: {}",
@@ -399,11 +401,10 @@ pub async fn drain(instance: &str, args: &AgentArgs, wait: &WaitArgs) -> Result<
         steps,
         |s| {
             (gone(s) && whole(s)).then(|| {
-                println!(
+                Ok(format!(
                     "{instance}: stopped and replaced after {:.1}s",
                     started.elapsed().as_secs_f64()
-                );
-                Ok(())
+                ))
             })
         },
     )

@@ -93,11 +93,7 @@ pub fn render(e: &Entry<'_>, now: SystemTime, format: Format, out: &mut Vec<u8>)
             out.push(b'-');
             push_padded(out, u64::from(t.day), 2);
             out.push(b'T');
-            push_padded(out, u64::from(t.hour), 2);
-            out.push(b':');
-            push_padded(out, u64::from(t.minute), 2);
-            out.push(b':');
-            push_padded(out, u64::from(t.second), 2);
+            push_clock(out, &t);
             out.push(b'.');
             push_padded(out, u64::from(since.subsec_millis()), 3);
             out.extend_from_slice(b"Z\",\"client\":\"");
@@ -154,11 +150,7 @@ pub fn render(e: &Entry<'_>, now: SystemTime, format: Format, out: &mut Vec<u8>)
             out.push(b'/');
             push_padded(out, t.year.max(0) as u64, 4);
             out.push(b':');
-            push_padded(out, u64::from(t.hour), 2);
-            out.push(b':');
-            push_padded(out, u64::from(t.minute), 2);
-            out.push(b':');
-            push_padded(out, u64::from(t.second), 2);
+            push_clock(out, &t);
             out.extend_from_slice(b" +0000] \"");
             // A request refused before it was parsed has no request line to show.
             if e.method.is_empty() {
@@ -237,6 +229,15 @@ fn push_padded(out: &mut Vec<u8>, n: u64, width: usize) {
     let len = digits.len() - at;
     out.extend(std::iter::repeat_n(b'0', width.saturating_sub(len)));
     out.extend_from_slice(&digits[at..]);
+}
+
+/// The time of day of `t`, `HH:MM:SS`.
+fn push_clock(out: &mut Vec<u8>, t: &Civil) {
+    push_padded(out, u64::from(t.hour), 2);
+    out.push(b':');
+    push_padded(out, u64::from(t.minute), 2);
+    out.push(b':');
+    push_padded(out, u64::from(t.second), 2);
 }
 
 /// A client address as text (IPv4 by hand: the common case; IPv6 through `Display`).

@@ -332,15 +332,15 @@ impl Latency {
 }
 
 /// `rustybalancer_request_duration_seconds{service}`: every installed service's [`Latency`], as
-/// one histogram family for the registry.
+/// one histogram family for the registry, read from the registry's series.
 #[derive(Clone)]
 struct Durations {
     desc: Desc,
-    by_service: Arc<Mutex<BTreeMap<String, Arc<Latency>>>>,
+    series: Arc<Mutex<Series>>,
 }
 
 impl Durations {
-    fn new() -> Durations {
+    fn new(series: Arc<Mutex<Series>>) -> Durations {
         Durations {
             desc: Desc::new(
                 "rustybalancer_request_duration_seconds".into(),
@@ -349,7 +349,7 @@ impl Durations {
                 Default::default(),
             )
             .expect("a constant metric name"),
-            by_service: Arc::default(),
+            series,
         }
     }
 }
@@ -360,10 +360,12 @@ impl Collector for Durations {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let by_service = self.by_service.lock().unwrap_or_else(|p| p.into_inner());
-        let metrics = by_service
+        let series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        let metrics = series
+            .services
             .iter()
-            .map(|(service, l)| {
+            .map(|(service, c)| {
+                let l = &c.duration;
                 let mut label = proto::LabelPair::default();
                 label.set_name("service".into());
                 label.set_value(service.clone());
@@ -400,7 +402,7 @@ impl Collector for Durations {
 
 /// Per-service request duration histogram, in-flight gauge and requests shed.
 pub struct ServiceCounters {
-    duration: Arc<Latency>,
+    duration: Latency,
     inflight: IntGauge,
     /// Requests shed (503) under overload, by class.
     shed: [IntCounter; 3],
@@ -468,7 +470,7 @@ pub struct Registry {
     table_version: IntGaugeVec,
     updates: [IntCounter; 3],
     state_events: [IntCounter; 4],
-    series: Mutex<Series>,
+    series: Arc<Mutex<Series>>,
     /// Requests that matched no service (`service=""`).
     unrouted: Arc<BackendCounters>,
     /// Scrapes set the gauges of the installed table one at a time.
@@ -485,6 +487,7 @@ struct Series {
 impl Default for Registry {
     fn default() -> Self {
         let families = Arc::new(Families::new());
+        let series: Arc<Mutex<Series>> = Arc::default();
         let updates = counter_vec(
             "rustybalancer_table_updates_total",
             "Tables offered to this data plane, by result.",
@@ -497,7 +500,7 @@ impl Default for Registry {
         );
         let r = Registry {
             prom: prometheus::Registry::new(),
-            durations: Durations::new(),
+            durations: Durations::new(series.clone()),
             inflight: gauge_vec(
                 "rustybalancer_inflight_requests",
                 "Requests being proxied now, by service.",
@@ -523,7 +526,7 @@ impl Default for Registry {
                 .map(|e| state_events.with_label_values(&[e])),
             unrouted: Arc::new(BackendCounters::new(families.clone(), "", "", None)),
             families,
-            series: Mutex::default(),
+            series,
             scrape: Mutex::default(),
         };
         let own: Vec<Box<dyn Collector>> = vec![
@@ -576,11 +579,6 @@ impl Registry {
         s.services.retain(|name, _| {
             let keep = wanted_services.contains(name.as_str());
             if !keep {
-                self.durations
-                    .by_service
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(name);
                 let _ = self.inflight.remove_label_values(&[name]);
                 for class in rusty_shared::RequestClass::ALL {
                     let _ = self.shed.remove_label_values(&[name, class.as_str()]);
@@ -636,14 +634,8 @@ impl Registry {
     }
 
     fn service_counters(&self, svc: &str) -> ServiceCounters {
-        let duration = Arc::new(Latency::default());
-        self.durations
-            .by_service
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(svc.to_owned(), duration.clone());
         ServiceCounters {
-            duration,
+            duration: Latency::default(),
             inflight: self.inflight.with_label_values(&[svc]),
             shed: rusty_shared::RequestClass::ALL
                 .map(|class| self.shed.with_label_values(&[svc, class.as_str()])),
