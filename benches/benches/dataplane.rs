@@ -1,7 +1,8 @@
 //! What our own code costs the data plane, apart from Pingora:
 //! - `pick/N`: one backend pick at N backends (the fast path: nobody ejected), and with a
 //!   quarter of the backends ejected (the slow path).
-//! - `install/…`: decode + validate + build the snapshot of a 10,000-backend table.
+//! - `install/…`: decode + validate + build the snapshot of a 10,000-backend table, into an
+//!   empty store and over the version before it.
 //! - `request_path`: everything our proxy does for one request outside Pingora (snapshot load,
 //!   route, pick, peer copy, forwarding headers, metrics). It also copies the request header,
 //!   which Pingora does per request anyway, so the figure is an upper bound for our share.
@@ -27,6 +28,15 @@ const NOW: u64 = 1_000;
 
 fn snapshot(n: usize, weights: &[u32]) -> Snapshot {
     Snapshot::fresh(validate(table(n, weights)).unwrap(), &Registry::default())
+}
+
+/// The table as the agent publishes it: with each tier's schedule computed.
+fn with_schedules(mut t: rusty_shared::Table) -> rusty_shared::Table {
+    let valid = validate(t.clone()).unwrap();
+    for (svc, v) in t.services.iter_mut().zip(&valid.services) {
+        svc.schedule = Some(v.tiers.iter().map(|t| t.schedule.clone()).collect());
+    }
+    t
 }
 
 fn store() -> TableStore {
@@ -84,6 +94,27 @@ fn install(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new(name, 10_000), |b| {
             // A fresh store each time so the version check passes; building it is negligible.
             b.iter(|| black_box(store().offer(json.as_bytes(), "bench").unwrap()))
+        });
+    }
+    // What the agent sends most: the next version of the installed table with one backend's
+    // weight changed (a slow-start step), so every backend is matched against the old table.
+    // It carries the schedules the agent computed, as the agent's tables do.
+    for n in [10_000, 100_000] {
+        let first = with_schedules(table(n, &[1, 2, 3, 4])).to_json();
+        let mut next = table(n, &[1, 2, 3, 4]);
+        next.version = 2;
+        next.services[0].backends[17].weight = 3;
+        let next = with_schedules(next).to_json();
+        g.bench_function(BenchmarkId::new("next_version", n), |b| {
+            b.iter_batched(
+                || {
+                    let s = store();
+                    s.offer(first.as_bytes(), "bench").unwrap();
+                    s
+                },
+                |s| black_box(s.offer(next.as_bytes(), "bench").unwrap()),
+                criterion::BatchSize::PerIteration,
+            )
         });
     }
     g.finish();

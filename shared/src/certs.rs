@@ -267,7 +267,7 @@ impl CertBundle {
     /// Parse and check the shape of a bundle (each pair's content is checked by
     /// [`load_pair`] where it is installed).
     pub fn decode(bytes: &[u8]) -> Result<CertBundle, BundleError> {
-        let limit = crate::limits::MAX_TABLE_BYTES;
+        let limit = crate::limits::MAX_BUNDLE_BYTES;
         if bytes.len() > limit {
             return Err(BundleError::TooLarge {
                 size: bytes.len(),

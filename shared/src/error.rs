@@ -77,12 +77,12 @@ pub enum TableError {
         id: String,
         priority: u32,
     },
-    #[error("service {service:?}, tier {priority}: schedule would have {len} entries for {members} backends, over the limit (length {max_len}, length x backends {max_work}); use weights with a larger common divisor")]
+    #[error("service {service:?}, tier {priority}: schedule would have {len} entries over {weights} distinct weights, over the limit (length {max_len}, length x distinct weights {max_work}); use weights with a larger common divisor")]
     ScheduleTooLong {
         service: String,
         priority: u32,
         len: u64,
-        members: usize,
+        weights: u64,
         max_len: u64,
         max_work: u64,
     },

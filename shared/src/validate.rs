@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::error::TableError;
 use crate::limits::*;
-use crate::schedule::{reduce_weights, schedule_len, smooth_weighted};
+use crate::schedule::{reduce_weights, schedule_cost, smooth_weighted};
 use crate::table::{RequestClass, Service, Table};
 
 /// A table that passed [`validate`], in the shape the data plane routes with.
@@ -502,13 +502,13 @@ fn build_tiers(
             .iter()
             .map(|&i| backends[i as usize].weight)
             .collect();
-        let len = schedule_len(&weights);
-        if len > MAX_SCHEDULE_LEN || len * members.len() as u64 > MAX_SCHEDULE_WORK {
+        let (len, groups) = schedule_cost(&weights);
+        if len > MAX_SCHEDULE_LEN || len * groups > MAX_SCHEDULE_WORK {
             return Err(TableError::ScheduleTooLong {
                 service: service.to_owned(),
                 priority,
                 len,
-                members: members.len(),
+                weights: groups,
                 max_len: MAX_SCHEDULE_LEN,
                 max_work: MAX_SCHEDULE_WORK,
             });
@@ -885,7 +885,11 @@ mod tests {
             .map(|i| Backend::new(format!("b{i}"), "127.0.0.1:1", 1, 0))
             .collect();
         let t = Table::new(1, vec![Service::new("big", backends)]);
-        assert!(rejected(t).contains("10001 backends, over the limit of 10000"));
+        let want = format!(
+            "{} backends, over the limit of {MAX_BACKENDS}",
+            MAX_BACKENDS + 1
+        );
+        assert!(rejected(t).contains(&want));
     }
 
     #[test]
@@ -896,6 +900,22 @@ mod tests {
             .collect();
         let t = Table::new(1, vec![Service::new("huge", backends)]);
         assert!(rejected(t).contains("tier 0: schedule would have"));
+    }
+
+    #[test]
+    fn schedules_of_too_many_distinct_weights_are_rejected_for_their_work() {
+        // Weights 1..=1000: 500,500 entries (under the length limit) over 1,000 groups.
+        let distinct = (1..=1000u32)
+            .map(|w| Backend::new(format!("b{w}"), "127.0.0.1:1", w, 0))
+            .collect();
+        let t = Table::new(1, vec![Service::new("many", distinct)]);
+        assert!(rejected(t).contains("500500 entries over 1000 distinct weights, over the limit"));
+        // Nearly as long but two weights: cheap to build, so accepted.
+        let two = (0..1000u32)
+            .map(|i| Backend::new(format!("b{i}"), "127.0.0.1:1", 999 + i % 2, 0))
+            .collect();
+        let v = validate(Table::new(1, vec![Service::new("two", two)])).unwrap();
+        assert_eq!(v.services[0].tiers[0].schedule.len(), 999_500);
     }
 
     #[test]

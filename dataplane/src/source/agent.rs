@@ -55,8 +55,16 @@ const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 const COALESCE_FRAMES: usize = 16;
 /// A frame as the WebSocket stream yields it (`None`: the stream ended).
 type Frame = Option<Result<Message, tokio_tungstenite::tungstenite::Error>>;
-/// Room for the WebSocket framing around the largest table.
-const MAX_MESSAGE: usize = rusty_shared::limits::MAX_TABLE_BYTES + 1024;
+/// Room for the WebSocket framing around the largest table or bundle.
+const MAX_MESSAGE: usize = {
+    use rusty_shared::limits::{MAX_BUNDLE_BYTES, MAX_TABLE_BYTES};
+    let largest = if MAX_TABLE_BYTES > MAX_BUNDLE_BYTES {
+        MAX_TABLE_BYTES
+    } else {
+        MAX_BUNDLE_BYTES
+    };
+    largest + 1024
+};
 
 pub struct AgentSource {
     url: String,
@@ -208,20 +216,20 @@ impl AgentSource {
                 frame = rx.next() => {
                     last_heard = Instant::now();
                     // Frames that queued up meanwhile (a big table's install, a busy core):
-                    // a table overtaken by a later one is not worth installing.
-                    let mut frames = vec![frame];
-                    while frames.len() < COALESCE_FRAMES {
-                        match futures_util::FutureExt::now_or_never(rx.next()) {
-                            Some(f) => frames.push(f),
-                            None => break,
-                        }
-                    }
+                    // a table overtaken by a later one is not worth installing, nor keeping
+                    // (tables reach 16 MiB), so at most one table is held at a time.
                     let is_table = |f: &Frame| matches!(f, Some(Ok(Message::Text(_))));
-                    let newest = frames.iter().rposition(is_table);
-                    for (i, f) in frames.into_iter().enumerate() {
-                        if is_table(&f) && Some(i) != newest {
-                            continue;
+                    let mut frames = vec![frame];
+                    for _ in 1..COALESCE_FRAMES {
+                        let Some(f) = futures_util::FutureExt::now_or_never(rx.next()) else {
+                            break;
+                        };
+                        if is_table(&f) {
+                            frames.retain(|held| !is_table(held));
                         }
+                        frames.push(f);
+                    }
+                    for f in frames {
                         if let Some(end) = self.on_frame(f) {
                             return end;
                         }
