@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Side-by-side load test: direct, nginx, HAProxy and rusty-lb in front of the same backends.
+"""Side-by-side load test: direct, nginx, HAProxy, Caddy and rusty-lb in front of the same backends.
 
 Everything listens on 127.0.0.1. Three nginx backends (one nginx process, three ports) answer a
 ~100-byte body on `/` and 64 KiB on `/big`. Each proxy gets the same number of workers/threads
@@ -27,6 +27,8 @@ import json
 import os
 import platform
 import re
+import resource
+import shutil
 import signal
 import socket
 import statistics
@@ -35,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -54,6 +57,9 @@ PORTS = {
     # nginx with its access log on (combined, buffered as rusty-lb's: 64 KiB, flushed every
     # 100 ms), the peer for `rusty-lb-alt --alt-args "--access-log FILE"`.
     "nginx-log": 18086,
+    # Caddy's reverse_proxy, with upstream keep-alive raised to nginx's (its default keeps 32
+    # idle connections per upstream and re-dials above that).
+    "caddy": 18087,
     # The TLS listeners of the nginx and rusty-lb processes above.
     "nginx-tls": 18091,
     "rusty-lb-tls": 18093,
@@ -63,6 +69,8 @@ TLS_OF = {"nginx-tls": "nginx", "rusty-lb-tls": "rusty-lb"}
 # Set when a TLS target runs: the certificate directory the proxies serve.
 CERTS = []
 ALT_ARGS = []
+# Client connections each proxy must take at once (loadtest/idle.py raises it); 0: the defaults.
+CONN_LIMIT = [0]
 SMALL_BODY = "x" * 99 + "\n"
 
 procs = []
@@ -76,11 +84,15 @@ def start(name, argv, **kw):
 
 
 def stop_all():
-    for name, p in reversed(procs):
+    stop_all_of(procs)
+
+
+def stop_all_of(which):
+    for name, p in reversed(which):
         if p.poll() is None:
             p.terminate()
     deadline = time.time() + 10
-    for name, p in procs:
+    for name, p in which:
         try:
             p.wait(timeout=max(0.1, deadline - time.time()))
         except subprocess.TimeoutExpired:
@@ -142,7 +154,7 @@ def start_nginx(work, workers, name="nginx"):
     write(
         f"{work}/{name}.conf",
         f"""worker_processes {workers}; daemon off; pid {work}/{name}.pid; error_log stderr error;
-events {{ worker_connections 8192; }}
+events {{ worker_connections {max(8192, CONN_LIMIT[0])}; }}
 http {{ access_log {access_log}; keepalive_timeout 300s; keepalive_requests 1000000;
   upstream web {{
 {ups}
@@ -164,7 +176,8 @@ def start_haproxy(work, workers):
         f"{work}/haproxy.cfg",
         f"""global
   nbthread {workers}
-  maxconn 4096
+  maxconn {max(4096, CONN_LIMIT[0])}
+{f"  ulimit-n {resource.getrlimit(resource.RLIMIT_NOFILE)[1]}" if CONN_LIMIT[0] else ""}
 defaults
   mode http
   timeout connect 1s
@@ -184,21 +197,73 @@ backend be
     return start("haproxy", ["haproxy", "-f", f"{work}/haproxy.cfg", "-db"], logdir=work)
 
 
+def start_caddy(work, workers):
+    ups = " ".join(f"127.0.0.1:{p}" for p in BACKEND_PORTS)
+    write(
+        f"{work}/Caddyfile",
+        f"""{{
+  admin off
+  auto_https off
+  log {{
+    level ERROR
+  }}
+}}
+http://127.0.0.1:{PORTS['caddy']} {{
+  bind 127.0.0.1
+  reverse_proxy {ups} {{
+    lb_policy round_robin
+    transport http {{
+      keepalive 300s
+      keepalive_idle_conns 768
+      keepalive_idle_conns_per_host 256
+    }}
+  }}
+}}
+""",
+    )
+    # Go uses every core unless told; the other proxies get `workers` threads.
+    env = dict(os.environ, GOMAXPROCS=str(workers), XDG_DATA_HOME=work, XDG_CONFIG_HOME=work,
+               HOME=work)
+    return start("caddy", ["caddy", "run", "--config", f"{work}/Caddyfile", "--adapter", "caddyfile"],
+                 logdir=work, env=env)
+
+
+# Backends of the service `bulk` in every table rusty-lb loads (--swap-backends): a large table
+# that nobody sends requests to, so the swaps measure what installing it costs the requests of
+# the small service `web`.
+BULK = [0]
+
+
 def table(version, weights=(1, 1, 1)):
-    return json.dumps(
+    services = [
         {
-            "version": version,
-            "services": [
-                {
-                    "name": "web",
-                    "backends": [
-                        {"id": f"b{i}", "addr": f"127.0.0.1:{p}", "weight": w}
-                        for i, (p, w) in enumerate(zip(BACKEND_PORTS, weights))
-                    ],
-                }
+            "name": "web",
+            "backends": [
+                {"id": f"b{i}", "addr": f"127.0.0.1:{p}", "weight": w}
+                for i, (p, w) in enumerate(zip(BACKEND_PORTS, weights))
             ],
         }
-    )
+    ]
+    if BULK[0]:
+        services.append({
+            "name": "bulk",
+            "hosts": ["bulk.example"],
+            "backends": [
+                {"id": f"x{i}", "addr": f"127.{1 + i // 62500 % 250}.{i // 250 % 250}.{i % 250 + 1}:8080",
+                 "weight": 1 + (i + version) % 4}
+                for i in range(BULK[0])
+            ],
+        })
+    return json.dumps({"version": version, "services": services})
+
+
+def tables_applied(proc_name):
+    """rusty-lb's count of applied tables, from its admin /metrics."""
+    port = PORTS[proc_name] + 100
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        body = r.read()
+    m = re.search(rb'rustybalancer_table_updates_total\{result="applied"\} (\d+)', body)
+    return int(m.group(1)) if m else 0
 
 
 def start_rusty(work, workers, binary, name="rusty-lb"):
@@ -395,12 +460,15 @@ def swap_run(work, proc, rate, conns, duration):
             else:
                 nxt = time.monotonic()
 
+    applied = tables_applied("rusty-lb")
     t = threading.Thread(target=swapper, daemon=True)
     t.start()
     r = measure("rusty-lb", proc, "/", conns, duration)
     stop.set()
     t.join()
     r["swaps"] = swaps[0]
+    # SIGHUPs that arrive during an install are served by one reload.
+    r["applied"] = tables_applied("rusty-lb") - applied
     return r
 
 
@@ -418,6 +486,7 @@ def machine():
         "kernel": platform.release(),
         "nginx": ver(["nginx", "-v"]),
         "haproxy": ver(["haproxy", "-v"]),
+        "caddy": ver(["caddy", "version"]) if shutil.which("caddy") else "caddy not installed",
         "wrk": ver(["wrk", "--version"]) if LOADER[0] == "wrk" else ver(["oha", "--version"]),
         "rustc": ver(["rustc", "--version"]),
         "rusty-lb": subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip(),
@@ -432,8 +501,11 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="interleaved runs per target and scenario")
     ap.add_argument("--conns", default="10,50,200")
     ap.add_argument("--bodies", default="small,big")
-    ap.add_argument("--targets", default="direct,nginx,haproxy,rusty-lb")
+    ap.add_argument("--targets", default="direct,nginx,haproxy,caddy,rusty-lb")
     ap.add_argument("--swap-rates", default="10,100,1000", help="table swaps per second; empty: none")
+    ap.add_argument("--swap-backends", type=int, default=0,
+                    help="add a service of this many backends (weights 1-4, changing with every "
+                         "version) to rusty-lb's tables: the cost of installing large tables")
     ap.add_argument("--out", help="write the markdown report here too")
     ap.add_argument("--alt-args", default="", help="extra rusty-lb flags for the target rusty-lb-alt")
     ap.add_argument("--alt-binary", help="another rusty-lb build for the target rusty-lb-alt")
@@ -449,6 +521,7 @@ def main():
                          "e.g. 4; runs the TLS targets only")
     args = ap.parse_args()
     ALT_ARGS.extend(args.alt_args.split())
+    BULK[0] = args.swap_backends
     LOADER[0] = args.load
 
     work = tempfile.mkdtemp(prefix="rusty-loadtest-")
@@ -468,6 +541,7 @@ def main():
             "nginx": lambda: start_nginx(work, args.workers),
             "nginx-log": lambda: start_nginx(work, args.workers, "nginx-log"),
             "haproxy": lambda: start_haproxy(work, args.workers),
+            "caddy": lambda: start_caddy(work, args.workers),
             "rusty-lb": lambda: start_rusty(work, args.workers, args.binary),
             "rusty-lb-pipeline": lambda: start_rusty(work, args.workers, args.binary, "rusty-lb-pipeline"),
             "rusty-lb-alt": lambda: start_rusty(work, args.workers, args.alt_binary or args.binary, "rusty-lb-alt"),
@@ -520,7 +594,8 @@ def main():
             for rate in rates:
                 r = swap_run(work, started["rusty-lb"], rate, 50, args.duration)
                 swaps.append((rate, r))
-                print(f"swap {rate}/s: {r['swaps']} swaps, {r['errors']} errors, p99 {r['p99']:.2f} ms "
+                print(f"swap {rate}/s: {r['swaps']} swaps, {r['applied']} applied, {r['errors']} errors, "
+                      f"p99 {r['p99']:.2f} ms "
                       f"(no swaps: {base['p99']:.2f} ms)", file=sys.stderr)
         report = render(machine(), args, results, targets, swaps, base if swaps else None)
         print(report)
@@ -532,15 +607,20 @@ def main():
 
 def render(info, args, results, targets, swaps, base):
     lines = [
-        "# Load test: rusty-lb next to nginx and HAProxy",
+        "# Load test: rusty-lb next to nginx, HAProxy and Caddy",
         "",
         f"- date: {info['date']}; machine: {info['cpus']} CPUs, Linux {info['kernel']}",
-        f"- {info['nginx']}; {info['haproxy']}; {info['wrk']}; {info['rustc']}; rusty-lb at {info['rusty-lb']}",
+        f"- {info['nginx']}; {info['haproxy']}; "
+        + (f"Caddy {info['caddy']}; " if "caddy" in targets else "")
+        + f"{info['wrk']}; {info['rustc']}; rusty-lb at {info['rusty-lb']}",
         f"- every proxy: {args.workers} workers/threads, upstream keep-alive, logging off (unless said below); backends: 3 nginx "
         f"ports (1 worker) on the same machine; load: "
         + (f"`wrk -t1 -cC -d{args.duration}s`; " if args.load == "wrk"
            else f"`oha -z {args.duration}s -c C -w --worker-threads 1`; ")
         + f"{args.rounds} interleaved rounds per scenario, median (min–max)",
+        *(["- caddy: `reverse_proxy` round robin, `GOMAXPROCS` = workers, upstream `keepalive 300s`, "
+           "`keepalive_idle_conns_per_host 256` (its default of 32 re-dials under 50 connections)"]
+          if "caddy" in targets else []),
         *([f"- nginx-log: nginx with `access_log FILE combined buffer=64k flush=100ms`"]
           if "nginx-log" in targets else []),
         *([f"- rusty-lb-pipeline: rusty-lb with `--no-fast-lane` (every request through Pingora's proxy pipeline)"]
@@ -587,16 +667,19 @@ def render(info, args, results, targets, swaps, base):
             "",
             "## Table swaps under load (rusty-lb, small body, 50 connections)",
             "",
-            "Each swap rewrites the table file (a new version, weights alternating 1/2/3 and 3/2/1) and "
+            "Each swap rewrites the table file (a new version, weights alternating 1/2/3 and 3/2/1"
+            + (f", plus a service `bulk` of {BULK[0]:,} backends of weights 1–4 that change with every "
+               "version and get no requests" if BULK[0] else "")
+            + ") and "
             "sends SIGHUP.",
             "",
-            "| swaps/s (asked) | swaps done | req/s | failed requests | p99 ms | p99 ÷ no-swap p99 |",
-            "|---:|---:|---:|---:|---:|---:|",
-            f"| 0 | 0 | {base['rps']:,.0f} | {base['errors']} | {base['p99']:.2f} | 1.00 |",
+            "| swaps/s (asked) | swaps done | tables applied | req/s | failed requests | p99 ms | p99 ÷ no-swap p99 |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+            f"| 0 | 0 | 0 | {base['rps']:,.0f} | {base['errors']} | {base['p99']:.2f} | 1.00 |",
         ]
         for rate, r in swaps:
             lines.append(
-                f"| {rate} | {r['swaps']} | {r['rps']:,.0f} | {r['errors']} | {r['p99']:.2f} | "
+                f"| {rate} | {r['swaps']} | {r['applied']} | {r['rps']:,.0f} | {r['errors']} | {r['p99']:.2f} | "
                 f"{r['p99'] / base['p99']:.2f} |"
             )
     return "\n".join(lines) + "\n"

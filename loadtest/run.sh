@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The load-test harness: direct, nginx, HAProxy and rusty-lb through the same scenarios.
+# The load-test harness: direct, nginx, HAProxy, Caddy and rusty-lb through the same scenarios.
 #
 #   loadtest/run.sh                       full run (about 12 minutes), report on stdout
 #   loadtest/run.sh --out loadtest/results/$(date +%F).md
@@ -7,13 +7,13 @@
 #   loadtest/run.sh --load oha            oha instead of wrk (installed with cargo when missing)
 #   loadtest/run.sh --help                every option (durations, rounds, connections, targets)
 #
-# Installs wrk, nginx and HAProxy from Debian's packages when missing and builds rusty-lb in
+# Installs wrk, nginx, HAProxy and Caddy from Debian's packages when missing and builds rusty-lb in
 # release. Everything listens on 127.0.0.1 and every process it starts is stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 source loadtest/prepare.sh
-prepare wrk=wrk nginx=nginx-light haproxy=haproxy
+prepare wrk=wrk nginx=nginx-light haproxy=haproxy caddy=caddy
 # oha, when asked for (`--load oha` or `--load=oha`), comes from crates.io (a few minutes to build).
 if [[ " $* " == *" --load oha "* || " $* " == *" --load=oha "* ]] && ! command -v oha >/dev/null; then
   cargo install --locked oha

@@ -51,3 +51,5 @@ cargo bench -p rusty-benches --bench dataplane -- --test
 # The load-test harness runs for a few seconds so it keeps working (not a measurement).
 loadtest/run.sh --smoke > /dev/null
 loadtest/soak.sh --smoke > /dev/null
+loadtest/idle.sh --smoke > /dev/null
+loadtest/fanout.sh --smoke > /dev/null

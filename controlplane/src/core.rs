@@ -337,8 +337,9 @@ impl Core {
         if !ready {
             return;
         }
+        let decided = Instant::now();
         let states: Vec<&ServiceState> = self.services.values().collect();
-        let mut table = publish::build(&states, Instant::now());
+        let mut table = publish::build(&states, decided);
         table.acme_challenges = self.challenges.clone();
         match self.publisher.offer(table) {
             Ok(Some(version)) => {
@@ -349,7 +350,11 @@ impl Core {
                     .values()
                     .map(|s| format!("{}={}", s.name(), s.backends().len()))
                     .collect();
-                info!(version, backends = %summary.join(" "), "table published");
+                // How long building, checking and saving took before the table went out:
+                // the agent's share of the time from a decision to the data planes
+                // (loadtest/fanout.py reads it).
+                let took_us = decided.elapsed().as_micros() as u64;
+                info!(version, backends = %summary.join(" "), took_us, "table published");
             }
             Ok(None) => {}
             Err(e) => error!("not publishing: {e}"),

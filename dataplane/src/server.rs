@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use async_trait::async_trait;
 use pingora::apps::http_app::ServeHttp;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
@@ -228,7 +229,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // every listen socket.
     let mut proxy = Service::new("proxy".to_owned(), front_app);
     for addr in listen.iter().chain(args.tls_listen.iter()) {
-        proxy.add_tcp(&addr.to_string());
+        // No L4 buffers on accepted sockets: Pingora's default puts a 64 KiB read buffer in
+        // front of each one, which the lane (its own buffers, lent only while a request is in
+        // hand) and the pipeline (its own head buffer) do not need, and which the default
+        // path's `rehome` threw away after paying for it on every accept.
+        proxy.add_listener(
+            ListenerConfig::tcp(addr.to_string()).l4_buffer(L4BufferSettings::new(0, 0)),
+        );
     }
     server.add_service(proxy);
 

@@ -220,11 +220,36 @@ impl<A> Front<A> {
 
 #[async_trait]
 impl<A: ServerApp + Send + Sync + 'static> ServerApp for Front<A> {
+    /// Each connection is served by a task of its own on this thread's runtime, and the task
+    /// Pingora's listener spawned for it ends at once: Pingora's task is sized for its own
+    /// handshake and timeout (about 9 KiB, heaptrack), and would hold that for the life of
+    /// every keep-alive connection. Ours holds what an idle connection needs (see
+    /// `loadtest/idle.py`). Our cleanup and drain do not depend on Pingora's task.
     async fn process_new(
         self: &Arc<Self>,
-        mut stream: Stream,
+        stream: Stream,
         _pingora_shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        tokio::spawn(self.clone().serve_connection(stream));
+        None
+    }
+
+    /// Runs once the listener has stopped. The proxy's own cleanup drops every idle keep-alive
+    /// connection at once; [`Guarded`] closes them gently instead, so the proxy's cleanup only
+    /// runs after the drain window, for whatever is left.
+    async fn cleanup(&self) {
+        // Only now, with the listener closed, do responses start saying `Connection: close`.
+        // Earlier, a client told to reconnect could land in the listen backlog just before it
+        // closed, and get a reset instead of a refusal.
+        self.plane.shutdown.begin();
+        tokio::time::sleep(DRAIN_IDLE * 2).await;
+        self.inner.cleanup().await;
+    }
+}
+
+impl<A: ServerApp + Send + Sync + 'static> Front<A> {
+    /// One client connection, from accept to close.
+    async fn serve_connection(self: Arc<Self>, mut stream: Stream) {
         let connections = &self.plane.connections;
         let (_open, count) = connections.open_one();
         let certs = self.tls_of(&stream).cloned();
@@ -232,15 +257,17 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Front<A> {
             connections.count(Event::Refused);
             // A TLS client could not read a plaintext 503: it is closed before any handshake
             // work is spent on it.
+            // Boxed, as the rare path it is: its read buffer would otherwise be part of every
+            // connection's task.
             if certs.is_none() {
-                refuse(&mut stream).await;
+                Box::pin(refuse(&mut stream)).await;
             }
-            return None;
+            return;
         }
         let stream = if self.limits.rehome {
             match rehome(stream) {
                 Ok(s) => s,
-                Err(_) => return None,
+                Err(_) => return,
             }
         } else {
             stream
@@ -248,10 +275,11 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Front<A> {
         let peer = stream
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        // The handshake's future is boxed: it is large and over once the connection is in.
         let (stream, tls) = match certs {
-            Some(certs) => match self.handshake(&certs, stream).await {
+            Some(certs) => match Box::pin(self.handshake(&certs, stream)).await {
                 Ok((stream, conn)) => (stream, Some(conn)),
-                Err(()) => return None,
+                Err(()) => return,
             },
             None => (stream, None),
         };
@@ -266,7 +294,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Front<A> {
         );
         if let Some(lane) = &self.lane {
             match lane.serve(&mut guarded, peer, tls.as_deref()).await {
-                Served::Done => return None,
+                Served::Done => return,
                 // What the lane read and did not answer is read again by the pipeline.
                 Served::HandOver(read) => {
                     connections.count(Event::LaneHandover);
@@ -277,19 +305,8 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Front<A> {
         // Pingora's HTTP/1 app runs the keep-alive loop itself and returns `None` when the
         // connection is done, so this wraps each connection exactly once, and the connection's
         // switch of protocols lives as long as its task.
-        connections::with_switch(self.inner.process_new(Box::new(guarded), &drain)).await
-    }
-
-    /// Runs once the listener has stopped. The proxy's own cleanup drops every idle keep-alive
-    /// connection at once; [`Guarded`] closes them gently instead, so the proxy's cleanup only
-    /// runs after the drain window, for whatever is left.
-    async fn cleanup(&self) {
-        // Only now, with the listener closed, do responses start saying `Connection: close`.
-        // Earlier, a client told to reconnect could land in the listen backlog just before it
-        // closed, and get a reset instead of a refusal.
-        self.plane.shutdown.begin();
-        tokio::time::sleep(DRAIN_IDLE * 2).await;
-        self.inner.cleanup().await;
+        let pipeline = connections::with_switch(self.inner.process_new(Box::new(guarded), &drain));
+        let _ = Box::pin(pipeline).await;
     }
 }
 

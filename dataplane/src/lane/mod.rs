@@ -6,6 +6,7 @@
 //! `docs/request-path.md` walks both paths.
 
 pub mod pool;
+pub mod spare;
 
 use std::io;
 use std::net::IpAddr;
@@ -34,7 +35,7 @@ const READ_CHUNK: usize = 16 * 1024;
 
 /// Room for each read of a body that did not come with its head: large bodies move in few
 /// reads and writes. Only connections that stream such bodies grow their buffer to it.
-const BODY_CHUNK: usize = 64 * 1024;
+const BODY_CHUNK: usize = spare::Size::Body.bytes();
 
 /// What the lane did with a connection.
 pub enum Served {
@@ -50,7 +51,8 @@ pub struct Lane {
     plane: Arc<Plane>,
 }
 
-/// Buffers of one client connection, reused by each of its requests.
+/// Buffers of one client connection while it has a request in hand; given back to the
+/// thread's spares ([`spare`]) when it goes idle or ends.
 struct Buffers {
     /// From the client: the current head and whatever was pipelined after it.
     client: Vec<u8>,
@@ -62,6 +64,22 @@ struct Buffers {
     response: Vec<u8>,
     /// Body bytes of the current request's answer that reached the client.
     sent: u64,
+}
+
+impl Buffers {
+    /// Nothing in hand: hold no memory until the next request comes.
+    fn release(&mut self) {
+        spare::release(&mut self.client);
+        spare::release(&mut self.request);
+        spare::release(&mut self.upstream);
+        spare::release(&mut self.response);
+    }
+}
+
+impl Drop for Buffers {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 /// How an exchange that reached the client ended.
@@ -93,10 +111,10 @@ impl Lane {
     {
         let plane = &*self.plane;
         let mut bufs = Buffers {
-            client: Vec::with_capacity(READ_CHUNK / 4),
-            request: Vec::with_capacity(1024),
-            upstream: Vec::with_capacity(READ_CHUNK),
-            response: Vec::with_capacity(1024),
+            client: Vec::new(),
+            request: Vec::new(),
+            upstream: Vec::new(),
+            response: Vec::new(),
             sent: 0,
         };
         let ip = peer;
@@ -128,6 +146,7 @@ impl Lane {
                     bufs.client.drain(..blank);
                 }
                 if !bufs.client.is_empty() {
+                    spare::ensure(&mut bufs.request, spare::Size::Head);
                     match plain_request(
                         &bufs.client,
                         &plane.limits,
@@ -137,11 +156,22 @@ impl Lane {
                     ) {
                         Ok(Some(plain)) => break plain,
                         Ok(None) => {}
-                        Err(head::NotPlain) => return Served::HandOver(bufs.client),
+                        Err(head::NotPlain) => {
+                            return Served::HandOver(std::mem::take(&mut bufs.client))
+                        }
                     }
                 }
                 let idle = bufs.client.is_empty() && !first;
-                let read = read_more(client, &mut bufs.client);
+                if bufs.client.is_empty() {
+                    bufs.release();
+                }
+                let read = async {
+                    if bufs.client.capacity() == 0 {
+                        spare::read_idle(client, &mut bufs.client).await
+                    } else {
+                        read_more(client, &mut bufs.client).await
+                    }
+                };
                 let n = if idle {
                     // Between requests the keep-alive timeout applies; the head deadline and
                     // the drain are the stream's (`front::Guarded`).
@@ -162,22 +192,22 @@ impl Lane {
             let host = &bufs.client[plain.host.clone()];
             // A host the connection's certificate does not cover: the pipeline answers 421.
             if tls.is_some_and(|t| !t.covers(host)) {
-                return Served::HandOver(bufs.client);
+                return Served::HandOver(std::mem::take(&mut bufs.client));
             }
             let Some(snapshot) = plane.store.current() else {
-                return Served::HandOver(bufs.client);
+                return Served::HandOver(std::mem::take(&mut bufs.client));
             };
             let route = snapshot
                 .router
                 .route(host, &bufs.client[plain.path.clone()]);
             let Some(s) = route else {
-                return Served::HandOver(bufs.client);
+                return Served::HandOver(std::mem::take(&mut bufs.client));
             };
             // ACME challenges are answered by the pipeline.
             if !snapshot.table.acme_challenges.is_empty()
                 && bufs.client[plain.path.clone()].starts_with(ACME_CHALLENGE_PREFIX.as_bytes())
             {
-                return Served::HandOver(bufs.client);
+                return Served::HandOver(std::mem::take(&mut bufs.client));
             }
             let svc = &snapshot.services[s as usize];
             // With no backend there is nothing to attempt; with capped ones, admission decides;
@@ -187,14 +217,17 @@ impl Lane {
                 || svc.upstream_tls
                 || (svc.https_redirect && tls.is_none())
             {
-                return Served::HandOver(bufs.client);
+                return Served::HandOver(std::mem::take(&mut bufs.client));
             }
             let start = Instant::now();
             let mut routed = Routed::new(snapshot, s, start);
+            spare::ensure(&mut bufs.upstream, spare::Size::Upstream);
+            spare::ensure(&mut bufs.response, spare::Size::Head);
             bufs.sent = 0;
-            let (status, keep) = self
-                .proxy(client, &mut routed, &plain, tls.is_some(), &mut bufs)
-                .await;
+            // Boxed: the request's state is then allocated for its exchange only, and an idle
+            // connection's task stays small (`loadtest/idle.py`).
+            let (status, keep) =
+                Box::pin(self.proxy(client, &mut routed, &plain, tls.is_some(), &mut bufs)).await;
             if let Some(log) = &plane.access_log {
                 let c = &bufs.client;
                 let svc = routed.service();
