@@ -188,82 +188,102 @@ impl Lane {
                 }
             };
             first = false;
-
-            let host = &bufs.client[plain.host.clone()];
-            // A host the connection's certificate does not cover: the pipeline answers 421.
-            if tls.is_some_and(|t| !t.covers(host)) {
-                return Served::HandOver(std::mem::take(&mut bufs.client));
+            let len = plain.len;
+            // Routing, the exchange and the access log line in one boxed future: its state is
+            // allocated for the request only, so an idle connection's task holds little more
+            // than its read (`loadtest/idle.py`).
+            match Box::pin(self.request(client, plain, ip, tls, &mut bufs)).await {
+                None => return Served::HandOver(std::mem::take(&mut bufs.client)),
+                Some(false) => {
+                    let _ = client.shutdown().await;
+                    return Served::Done;
+                }
+                Some(true) => {}
             }
-            let Some(snapshot) = plane.store.current() else {
-                return Served::HandOver(std::mem::take(&mut bufs.client));
-            };
-            let route = snapshot
-                .router
-                .route(host, &bufs.client[plain.path.clone()]);
-            let Some(s) = route else {
-                return Served::HandOver(std::mem::take(&mut bufs.client));
-            };
-            // ACME challenges are answered by the pipeline.
-            if !snapshot.table.acme_challenges.is_empty()
-                && bufs.client[plain.path.clone()].starts_with(ACME_CHALLENGE_PREFIX.as_bytes())
-            {
-                return Served::HandOver(std::mem::take(&mut bufs.client));
-            }
-            let svc = &snapshot.services[s as usize];
-            // With no backend there is nothing to attempt; with capped ones, admission decides;
-            // TLS to the backends and the redirect to HTTPS are the pipeline's.
-            if svc.limited
-                || svc.backends.is_empty()
-                || svc.upstream_tls
-                || (svc.https_redirect && tls.is_none())
-            {
-                return Served::HandOver(std::mem::take(&mut bufs.client));
-            }
-            let start = Instant::now();
-            let mut routed = Routed::new(snapshot, s, start);
-            spare::ensure(&mut bufs.upstream, spare::Size::Upstream);
-            spare::ensure(&mut bufs.response, spare::Size::Head);
-            bufs.sent = 0;
-            // Boxed: the request's state is then allocated for its exchange only, and an idle
-            // connection's task stays small (`loadtest/idle.py`).
-            let (status, keep) =
-                Box::pin(self.proxy(client, &mut routed, &plain, tls.is_some(), &mut bufs)).await;
-            if let Some(log) = &plane.access_log {
-                let c = &bufs.client;
-                let svc = routed.service();
-                log.log(&Entry {
-                    client: ip,
-                    method: if plain.head { b"HEAD" } else { b"GET" },
-                    host: &c[plain.host.clone()],
-                    target: &c[plain.target.clone()],
-                    version: "HTTP/1.1",
-                    status,
-                    bytes: bufs.sent,
-                    duration: start.elapsed(),
-                    backend: routed
-                        .backend()
-                        .map_or("", |i| &svc.backends[i as usize].id),
-                    request_id: plain.request_id(&bufs.request),
-                    service: &svc.name,
-                    attempts: routed.tried().len(),
-                    class: svc.class,
-                    user_agent: &c[plain.user_agent.clone()],
-                    referer: &c[plain.referer.clone()],
-                    https: tls.is_some(),
-                });
-            }
-            routed.end(status);
-            plane.connections.lane_request();
-            if !keep {
-                let _ = client.shutdown().await;
-                return Served::Done;
-            }
-            if bufs.client.len() == plain.len {
+            if bufs.client.len() == len {
                 bufs.client.clear();
             } else {
-                bufs.client.drain(..plain.len);
+                bufs.client.drain(..len);
             }
         }
+    }
+
+    /// One plain request whose head is in `bufs.client`: routed and proxied, or `None` when it
+    /// is the pipeline's to serve (nothing was sent then). `Some(keep)`: whether the client
+    /// connection can take another request.
+    async fn request<S>(
+        &self,
+        client: &mut S,
+        plain: head::Plain,
+        ip: Option<IpAddr>,
+        tls: Option<&TlsConn>,
+        bufs: &mut Buffers,
+    ) -> Option<bool>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let plane = &*self.plane;
+        let host = &bufs.client[plain.host.clone()];
+        // A host the connection's certificate does not cover: the pipeline answers 421.
+        if tls.is_some_and(|t| !t.covers(host)) {
+            return None;
+        }
+        let snapshot = plane.store.current()?;
+        let route = snapshot
+            .router
+            .route(host, &bufs.client[plain.path.clone()]);
+        let s = route?;
+        // ACME challenges are answered by the pipeline.
+        if !snapshot.table.acme_challenges.is_empty()
+            && bufs.client[plain.path.clone()].starts_with(ACME_CHALLENGE_PREFIX.as_bytes())
+        {
+            return None;
+        }
+        let svc = &snapshot.services[s as usize];
+        // With no backend there is nothing to attempt; with capped ones, admission decides;
+        // TLS to the backends and the redirect to HTTPS are the pipeline's.
+        if svc.limited
+            || svc.backends.is_empty()
+            || svc.upstream_tls
+            || (svc.https_redirect && tls.is_none())
+        {
+            return None;
+        }
+        let start = Instant::now();
+        let mut routed = Routed::new(snapshot, s, start);
+        spare::ensure(&mut bufs.upstream, spare::Size::Upstream);
+        spare::ensure(&mut bufs.response, spare::Size::Head);
+        bufs.sent = 0;
+        let (status, keep) = self
+            .proxy(client, &mut routed, &plain, tls.is_some(), bufs)
+            .await;
+        if let Some(log) = &plane.access_log {
+            let c = &bufs.client;
+            let svc = routed.service();
+            log.log(&Entry {
+                client: ip,
+                method: if plain.head { b"HEAD" } else { b"GET" },
+                host: &c[plain.host.clone()],
+                target: &c[plain.target.clone()],
+                version: "HTTP/1.1",
+                status,
+                bytes: bufs.sent,
+                duration: start.elapsed(),
+                backend: routed
+                    .backend()
+                    .map_or("", |i| &svc.backends[i as usize].id),
+                request_id: plain.request_id(&bufs.request),
+                service: &svc.name,
+                attempts: routed.tried().len(),
+                class: svc.class,
+                user_agent: &c[plain.user_agent.clone()],
+                referer: &c[plain.referer.clone()],
+                https: tls.is_some(),
+            });
+        }
+        routed.end(status);
+        plane.connections.lane_request();
+        Some(keep)
     }
 
     /// One request, through as many attempts as the attempt core allows. Returns the status
