@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
-use pingora::protocols::{GetSocketDigest, Shutdown, Stream};
+use pingora::protocols::{Shutdown, Stream};
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -116,6 +116,7 @@ macro_rules! pass_through_io {
     };
 }
 
+mod accepted;
 mod guarded;
 pub mod tls;
 pub use guarded::Guarded;
@@ -125,6 +126,7 @@ use crate::certs::{Certs, TlsConn};
 use crate::connections::{self, Event};
 use crate::lane::{Lane, Served};
 use crate::plane::Plane;
+use accepted::Accepted;
 
 /// How long a connection idle between requests stays open once a graceful shutdown began.
 pub const DRAIN_IDLE: Duration = Duration::from_millis(500);
@@ -264,6 +266,9 @@ impl<A: ServerApp + Send + Sync + 'static> Front<A> {
             }
             return;
         }
+        let peer = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
         let stream = if self.limits.rehome {
             match rehome(stream) {
                 Ok(s) => s,
@@ -272,9 +277,6 @@ impl<A: ServerApp + Send + Sync + 'static> Front<A> {
         } else {
             stream
         };
-        let peer = stream
-            .get_socket_digest()
-            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
         // The handshake's future is boxed: it is large and over once the connection is in.
         let (stream, tls) = match certs {
             Some(certs) => match Box::pin(self.handshake(&certs, stream)).await {
@@ -318,8 +320,9 @@ impl<A: ServerApp + Send + Sync + 'static> Front<A> {
 /// and a wake-up of the serving thread for about every other request (`strace -f -k`, see
 /// loadtest/TUNING.md). A duplicate of the socket registered here, and the original dropped
 /// (deregistering it there), keeps all of the connection's I/O on one thread, as in nginx.
-/// Costs a few system calls per connection, none per request. Sockets that are not TCP are
-/// returned as they are.
+/// Costs a few system calls per connection, none per request. The socket comes back as an
+/// [`Accepted`], lighter than Pingora's stream. Sockets that are not TCP are returned as they
+/// are.
 fn rehome(stream: Stream) -> io::Result<Stream> {
     use std::os::fd::BorrowedFd;
     let fd = stream.id();
@@ -335,14 +338,7 @@ fn rehome(stream: Stream) -> io::Result<Stream> {
     std_stream.set_nonblocking(true)?;
     let here = tokio::net::TcpStream::from_std(std_stream)?;
     drop(stream);
-    let new_fd = std::os::fd::AsRawFd::as_raw_fd(&here);
-    let mut l4 = pingora::protocols::l4::stream::Stream::from(here);
-    let digest = pingora::protocols::SocketDigest::from_raw_fd(new_fd);
-    let _ = digest
-        .peer_addr
-        .set(Some(pingora::protocols::l4::socket::SocketAddr::Inet(peer)));
-    l4.set_socket_digest(digest);
-    Ok(Box::new(l4))
+    Ok(Box::new(Accepted::new(here, peer)))
 }
 
 /// Answer 503 without reading the request, then close cleanly.
