@@ -82,6 +82,17 @@ impl Group {
     }
 }
 
+/// The cycles that need no stepping: none for no weight, and for equal weights plain round
+/// robin, both nginx's answer and the smoothest one. `w` is reduced, `total` its sum.
+fn trivial_cycle(w: &[u32], total: i64) -> Option<Vec<u32>> {
+    if total == 0 {
+        return Some(Vec::new());
+    }
+    w.iter()
+        .all(|&x| x == w[0])
+        .then(|| (0..w.len() as u32).collect())
+}
+
 /// The smooth weighted round-robin cycle for `weights` (indices into `weights`).
 ///
 /// Weights are reduced by their gcd first. Zero weights are never picked. Callers bound the
@@ -91,12 +102,8 @@ pub fn smooth_weighted(weights: &[u32]) -> Vec<u32> {
     let w = reduce_weights(weights);
     let n = w.len();
     let total: i64 = w.iter().map(|&x| i64::from(x)).sum();
-    if total == 0 {
-        return Vec::new();
-    }
-    // Equal weights: plain round robin is both nginx's answer and the smoothest one.
-    if w.iter().all(|&x| x == w[0]) {
-        return (0..n as u32).collect();
+    if let Some(cycle) = trivial_cycle(&w, total) {
+        return cycle;
     }
     let mut groups: Vec<Group> = Vec::new();
     let mut by_weight: Vec<(u32, u32)> = (0..n as u32)
@@ -188,11 +195,8 @@ mod tests {
         let w = reduce_weights(weights);
         let n = w.len();
         let total: i64 = w.iter().map(|&x| i64::from(x)).sum();
-        if total == 0 {
-            return Vec::new();
-        }
-        if w.iter().all(|&x| x == w[0]) {
-            return (0..n as u32).collect();
+        if let Some(cycle) = trivial_cycle(&w, total) {
+            return cycle;
         }
         let mut current = vec![0i64; n];
         let mut left: Vec<i64> = w.iter().map(|&x| i64::from(x)).collect();
