@@ -63,8 +63,12 @@ thread_local! {
 
 /// An empty buffer with room for `size.bytes()`.
 pub fn take(size: Size) -> Vec<u8> {
+    // `try_with`: a connection dropped while its thread ends finds the list gone, and then
+    // allocates or frees as if there were none.
     SPARE
-        .with_borrow_mut(|spare| spare[size as usize].pop())
+        .try_with(|spare| spare.borrow_mut()[size as usize].pop())
+        .ok()
+        .flatten()
         .unwrap_or_else(|| Vec::with_capacity(size.bytes()))
 }
 
@@ -75,8 +79,8 @@ pub fn give(mut buf: Vec<u8>) {
         return;
     };
     buf.clear();
-    SPARE.with_borrow_mut(|spare| {
-        let list = &mut spare[size as usize];
+    let _ = SPARE.try_with(|spare| {
+        let list = &mut spare.borrow_mut()[size as usize];
         if list.len() < size.keep() {
             list.push(buf);
         }
