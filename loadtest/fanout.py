@@ -34,8 +34,10 @@ import tempfile
 import threading
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+ROOT = harness.ROOT
 
 AGENT_PORT = 17170
 FLAP_PORT = 17190
@@ -43,25 +45,12 @@ STEADY_PORT = 17191
 DP_PORT = 17200  # data plane i listens on DP_PORT + i, its admin on DP_PORT + 100 + i
 WARMUP = 3
 
-procs = []
+# Processes are started and stopped as the load-test harness does (its `procs` list).
+procs = harness.procs
 
 
 def start(name, argv, work):
-    log = open(os.path.join(work, f"{name}.log"), "w")
-    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log)
-    procs.append((name, p))
-    return p
-
-
-def stop(which):
-    for _, p in which:
-        if p.poll() is None:
-            p.terminate()
-    for _, p in which:
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
+    return harness.start(name, argv, logdir=work)
 
 
 def lines(path, message):
@@ -204,12 +193,12 @@ fall = 1
             flapper.stop.set()
             flapper.thread.join()
             time.sleep(1)  # the last tables reach every data plane
-            stop(planes)
+            harness.stop_all_of(planes)
             procs[:] = [p for p in procs if p not in planes]
-            decided = {f["version"]: t - f["took_us"] / 1e6
-                       for t, f in lines(f"{work}/agent.log", "table published") if f["version"] > first}
-            took = {f["version"]: f["took_us"] / 1e3
-                    for _, f in lines(f"{work}/agent.log", "table published") if f["version"] > first}
+            published = [(t, f) for t, f in lines(f"{work}/agent.log", "table published")
+                         if f["version"] > first]
+            decided = {f["version"]: t - f["took_us"] / 1e6 for t, f in published}
+            took = {f["version"]: f["took_us"] / 1e3 for _, f in published}
             versions = sorted(decided)[WARMUP:WARMUP + args.tables]
             applied = {name: sorted((f["version"], t) for t, f in lines(f"{work}/{name}.log", "table applied"))
                        for name, _ in planes}
@@ -244,7 +233,7 @@ fall = 1
                   f"max {row['max']:.2f} ms (agent's share p50 {row['took_p50']:.2f} ms); "
                   f"{skipped} skipped, {missing} never installed", file=sys.stderr)
     finally:
-        stop(list(reversed(procs)))
+        harness.stop_all()
         steady.close()
     report = render(args, results)
     print(report)
@@ -283,5 +272,5 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:
-        stop(list(reversed(procs)))
+        harness.stop_all()
         sys.exit(130)

@@ -304,16 +304,21 @@ def cpu_seconds(pids):
     return total / TICK
 
 
-def peak_rss_mb(pids):
+def status_kib(pids, field):
+    """A memory field of /proc/PID/status (VmHWM: peak RSS, VmRSS: now), summed, in KiB."""
     total = 0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/status") as f:
-                m = re.search(r"VmHWM:\s+(\d+) kB", f.read())
+                m = re.search(rf"{field}:\s+(\d+) kB", f.read())
                 total += int(m.group(1)) if m else 0
         except OSError:
             pass
-    return total / 1024
+    return total
+
+
+def peak_rss_mb(pids):
+    return status_kib(pids, "VmHWM") / 1024
 
 
 def unit(value, suffix):

@@ -33,16 +33,7 @@ BATCH = 500
 
 
 def rss_kib(pids):
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-        except OSError:
-            pass
-    return total
+    return harness.status_kib(pids, "VmRSS")
 
 
 def response_done(buf):

@@ -55,16 +55,10 @@ const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 const COALESCE_FRAMES: usize = 16;
 /// A frame as the WebSocket stream yields it (`None`: the stream ended).
 type Frame = Option<Result<Message, tokio_tungstenite::tungstenite::Error>>;
-/// Room for the WebSocket framing around the largest table or bundle.
-const MAX_MESSAGE: usize = {
-    use rusty_shared::limits::{MAX_BUNDLE_BYTES, MAX_TABLE_BYTES};
-    let largest = if MAX_TABLE_BYTES > MAX_BUNDLE_BYTES {
-        MAX_TABLE_BYTES
-    } else {
-        MAX_BUNDLE_BYTES
-    };
-    largest + 1024
-};
+/// Room for the WebSocket framing around the largest table (bundles are smaller).
+const MAX_MESSAGE: usize = rusty_shared::limits::MAX_TABLE_BYTES + 1024;
+const _: () =
+    assert!(rusty_shared::limits::MAX_BUNDLE_BYTES <= rusty_shared::limits::MAX_TABLE_BYTES);
 
 pub struct AgentSource {
     url: String,
