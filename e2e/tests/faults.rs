@@ -176,11 +176,18 @@ impl Drop for Netns {
     }
 }
 
+/// A request that did not get 200: when it was sent, and what it got.
+#[derive(Debug, Clone)]
+struct Failure {
+    sent: Instant,
+    error: String,
+}
+
 /// A load from inside the namespace: keep-alive clients, every outcome counted.
 struct Load {
     stop: Arc<AtomicBool>,
     ok: Arc<AtomicU64>,
-    failures: Arc<Mutex<Vec<(Instant, String)>>>,
+    failures: Arc<Mutex<Vec<Failure>>>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -198,21 +205,24 @@ impl Load {
                     let mut client = Client::new(port);
                     let deadline = Instant::now() + Duration::from_secs(240);
                     while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                        match client.get("localhost", "/") {
+                        let sent = Instant::now();
+                        let answer = client.get("localhost", "/");
+                        let took = sent.elapsed();
+                        let error = match answer {
                             Ok(r) if r.status == 200 => {
                                 ok.fetch_add(1, Ordering::Relaxed);
+                                None
                             }
-                            Ok(r) => failures
-                                .lock()
-                                .unwrap()
-                                .push((Instant::now(), format!("status {}", r.status))),
+                            Ok(r) => Some(format!("status {}", r.status)),
                             Err(e) => {
-                                failures
-                                    .lock()
-                                    .unwrap()
-                                    .push((Instant::now(), e.to_string()));
+                                // A broken connection is not retried at once.
                                 std::thread::sleep(Duration::from_millis(20));
+                                Some(e.to_string())
                             }
+                        };
+                        if let Some(error) = error {
+                            let error = format!("{error} after {took:?}");
+                            failures.lock().unwrap().push(Failure { sent, error });
                         }
                         std::thread::sleep(Duration::from_millis(2));
                     }
@@ -227,15 +237,12 @@ impl Load {
         }
     }
 
-    /// Requests served and failures so far.
-    fn counts(&self) -> (u64, usize) {
-        (
-            self.ok.load(Ordering::Relaxed),
-            self.failures.lock().unwrap().len(),
-        )
+    /// Requests served so far.
+    fn served(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
     }
 
-    fn finish(self) -> (u64, Vec<(Instant, String)>) {
+    fn finish(self) -> (u64, Vec<Failure>) {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.threads {
             let _ = t.join();
@@ -248,12 +255,15 @@ impl Load {
 struct Plane {
     proc: Proc,
     admin: u16,
+    /// The access log (JSON lines), outside the state dir so a read-only state dir keeps it.
+    access_log: std::path::PathBuf,
 }
 
 impl Plane {
     /// `rusty-lb` in the namespace, subscribed to `agent`, its state dir `state`; returns once
     /// its admin listener answers.
     fn start(ns: &Netns, agent: &Agent, state: &Path, port: u16, admin: u16) -> Plane {
+        let access_log = agent.dir.path("lb-access.log");
         let plane = Plane {
             proc: Proc::spawn(
                 "rusty-lb",
@@ -274,9 +284,12 @@ impl Plane {
                     agent.token_file.display().to_string(),
                     "--state-dir".into(),
                     state.display().to_string(),
+                    "--access-log".into(),
+                    access_log.display().to_string(),
                 ],
             ),
             admin,
+            access_log,
         };
         // Both listeners: Pingora starts the admin service before the proxy's, and a load
         // that finds the proxy's port not yet open would count refused connects.
@@ -306,6 +319,19 @@ impl Plane {
 
     fn metric(&self, ns: &Netns, series: &str) -> f64 {
         metric_in(&self.admin(ns, "/metrics").unwrap_or_default(), series)
+    }
+
+    /// Access log lines of requests that did not get 200 or took a second or more (a
+    /// diagnosis for a failed run), as the file is now.
+    fn unusual_requests(&self) -> Vec<String> {
+        let text = std::fs::read_to_string(&self.access_log).unwrap_or_default();
+        text.lines()
+            .filter(|line| {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+                v["status"].as_u64() != Some(200) || v["duration_ms"].as_f64() >= Some(1000.0)
+            })
+            .map(str::to_owned)
+            .collect()
     }
 
     fn rss_kb(&self) -> u64 {
@@ -393,10 +419,13 @@ fn agent_faults_with_the_data_plane_in_its_own_network_namespace() {
     let load = Load::start(&ns, port, 3);
     std::thread::sleep(Duration::from_millis(500));
     let rss_before = plane.rss_kb();
+    let test_start = Instant::now();
     let mut report = Vec::new();
+    // The first five faults share one load: (fault, when it began, served, newest table after).
+    let mut under_load = Vec::new();
 
     // 1. SIGKILL for 10 s, then a restart: the instances keep serving, nothing fails.
-    let before = load.counts();
+    let before = (load.served(), Instant::now());
     let old = newest(&agent);
     agent.kill();
     std::thread::sleep(Duration::from_secs(10));
@@ -404,18 +433,17 @@ fn agent_faults_with_the_data_plane_in_its_own_network_namespace() {
     agent.kill_and_restart();
     let took = converge(&plane, &ns, &agent, back, old, "SIGKILL 10 s");
     agent.wait_serving("web", 2, LIMIT);
-    let after = load.counts();
-    report.push((
+    under_load.push((
         "agent SIGKILL 10 s",
-        after.1 - before.1,
-        after.0 - before.0,
+        before.1,
+        load.served() - before.0,
         took,
     ));
     assert!(took < CONVERGED, "{took:?}");
 
     // 2. SIGSTOP past the data plane's dead-peer timeout (15 s), then SIGCONT and a scale: the
     //    last table serves meanwhile; the scaled table arrives within a second or so.
-    let before = load.counts();
+    let before = (load.served(), Instant::now());
     let old = newest(&agent);
     agent.proc.signal("STOP");
     std::thread::sleep(Duration::from_secs(17));
@@ -425,11 +453,10 @@ fn agent_faults_with_the_data_plane_in_its_own_network_namespace() {
     assert!(ok, "{out}");
     agent.wait_serving("web", 3, LIMIT);
     let took = converge(&plane, &ns, &agent, back, old, "SIGSTOP 17 s");
-    let after = load.counts();
-    report.push((
+    under_load.push((
         "agent SIGSTOP 17 s, then scale 2→3",
-        after.1 - before.1,
-        after.0 - before.0,
+        before.1,
+        load.served() - before.0,
         took,
     ));
     assert!(took < CONVERGED, "{took:?}");
@@ -437,7 +464,7 @@ fn agent_faults_with_the_data_plane_in_its_own_network_namespace() {
     // 3. The link down for 20 s while the agent scales: the backends are out of reach too, so
     //    requests fail meanwhile (counted, not a target); the newest table arrives soon after
     //    the link is back.
-    let before = load.counts();
+    let before = (load.served(), Instant::now());
     let old = newest(&agent);
     ns.link(false);
     let (ok, out) = agent.cli(&["scale", "web", "2", "--no-wait"]);
@@ -453,17 +480,16 @@ fn agent_faults_with_the_data_plane_in_its_own_network_namespace() {
     eprintln!("link down 20 s: the kernel had the veth operational {carrier:?} after link up");
     let back = Instant::now();
     let took = converge(&plane, &ns, &agent, back, old, "link down 20 s");
-    let after = load.counts();
-    report.push((
+    under_load.push((
         "link down 20 s, scale 3→2",
-        after.1 - before.1,
-        after.0 - before.0,
+        before.1,
+        load.served() - before.0,
         took,
     ));
     assert!(took < CONVERGED, "{took:?}");
 
     // 4. Many tables fast: a scale every 100 ms, twenty times.
-    let before = load.counts();
+    let before = (load.served(), Instant::now());
     let old = newest(&agent);
     let started = Instant::now();
     for i in 0..20 {
@@ -475,18 +501,12 @@ fn agent_faults_with_the_data_plane_in_its_own_network_namespace() {
     agent.wait_serving("web", 2, LIMIT);
     let settled = Instant::now();
     let took = converge(&plane, &ns, &agent, settled, old, "20 scales");
-    let after = load.counts();
-    report.push((
-        "20 scales in 2 s",
-        after.1 - before.1,
-        after.0 - before.0,
-        took,
-    ));
+    under_load.push(("20 scales in 2 s", before.1, load.served() - before.0, took));
     eprintln!("20 scales took {:?}", started.elapsed());
 
     // 5. A read-only state dir: tables still apply in memory, the refusal is counted, and the
     //    newest table is saved once the state dir takes it again.
-    let before = load.counts();
+    let before = (load.served(), Instant::now());
     let old = newest(&agent);
     fs.remount("ro");
     let back = Instant::now();
@@ -506,16 +526,39 @@ fn agent_faults_with_the_data_plane_in_its_own_network_namespace() {
         assert!(Instant::now() < deadline, "never saved once writable again");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let after = load.counts();
-    report.push((
+    under_load.push((
         "read-only state dir, scale 2→3",
-        after.1 - before.1,
-        after.0 - before.0,
+        before.1,
+        load.served() - before.0,
         took,
     ));
 
     let (served, failures) = load.finish();
     let rss_after = plane.rss_kb();
+    // A failed request is the fault's during which it was sent: a request sent while the link
+    // is down can fail only after the link is back, when the client's 10 s timeout runs out.
+    let mut failed_in = Vec::new();
+    for (i, &(fault, began, ok, took)) in under_load.iter().enumerate() {
+        let ended = under_load.get(i + 1).map(|next| next.1);
+        let failed: Vec<String> = failures
+            .iter()
+            .filter(|f| f.sent >= began && ended.is_none_or(|end| f.sent < end))
+            .map(|f| format!("{fault}: {} sent at {:?}", f.error, f.sent - test_start))
+            .collect();
+        report.push((fault, failed.len(), ok, took));
+        failed_in.extend(failed);
+    }
+    let unusual = plane.unusual_requests();
+    eprintln!(
+        "{} requests through the first five faults not 200 or over a second:\n{}",
+        unusual.len(),
+        unusual
+            .iter()
+            .take(20)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 
     // 6. With the agent down, the data plane restarts on a garbage state file: it serves the
     //    table saved before it, then the agent's once the agent is back.
@@ -565,7 +608,7 @@ fn agent_faults_with_the_data_plane_in_its_own_network_namespace() {
     let (ok, failed) = missing.finish();
     let late: Vec<_> = failed
         .iter()
-        .filter(|(at, _)| *at > converged + Duration::from_millis(200))
+        .filter(|f| f.sent > converged + Duration::from_millis(200))
         .collect();
     assert!(late.is_empty(), "failed after the table arrived: {late:?}");
     report.push((
@@ -601,9 +644,13 @@ fn agent_faults_with_the_data_plane_in_its_own_network_namespace() {
     assert_eq!(
         counted,
         0,
-        "failures outside the partition: {:?}, after the restart on a corrupt file: {:?}",
-        failures.iter().map(|(_, e)| e).collect::<Vec<_>>(),
-        corrupt_failed.iter().map(|(_, e)| e).collect::<Vec<_>>()
+        "failures outside the partition:\n{}\nafter the restart on a corrupt file: {:?}\n\
+         --- the data plane's access log, requests not 200 or over a second:\n{}\n\
+         --- the agent's log, last lines:\n{}",
+        failed_in.join("\n"),
+        corrupt_failed,
+        unusual.join("\n"),
+        tail(&agent.proc.stderr_text(), 80),
     );
     assert!(
         rss_after < rss_before * 2 + 8 * 1024,
