@@ -15,7 +15,8 @@ and a session cache on both); their ratios are to `nginx-tls`. wrk negotiates TL
 resumes its sessions, so the `resumed` scenario (--handshakes: `Connection: close` on every
 request) measures new connections with abbreviated handshakes; the `full` scenario
 (--full-handshakes P) runs P parallel `openssl s_time -new` (TLS 1.3, a full handshake per
-connection, no request).
+connection, no request). The HTTP/2 scenario (--h2-streams S,…) runs h2load over TLS (ALPN h2)
+against the TLS targets at each of --conns with S streams in flight per connection.
 
 Every process it starts is stopped on exit, including on Ctrl-C or an error.
 Run it through loadtest/run.sh, which installs what it needs and builds rusty-lb.
@@ -148,7 +149,7 @@ def start_nginx(work, workers, name="nginx"):
     if name == "nginx-log":
         access_log = f"{work}/nginx-access.log combined buffer=64k flush=100ms"
     if CERTS and name == "nginx":
-        tls = (f"    listen 127.0.0.1:{PORTS['nginx-tls']} ssl backlog=4096;\n"
+        tls = (f"    listen 127.0.0.1:{PORTS['nginx-tls']} ssl http2 backlog=4096;\n"
                f"    ssl_certificate {CERTS[0]}/default.crt; ssl_certificate_key {CERTS[0]}/default.key;\n"
                "    ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache shared:SSL:10m; ssl_session_tickets on;")
     write(
@@ -432,6 +433,30 @@ def full_handshakes(target, proc, parallel, duration):
             "rss": peak_rss_mb(pids)}
 
 
+def h2load(target, proc, conns, streams, duration):
+    """HTTP/2 over TLS: h2load with one thread, `conns` connections of up to `streams` requests
+    in flight each, for `duration` seconds; CPU per request is the proxy's."""
+    pids = pids_of(proc)
+    before = cpu_seconds(pids)
+    out = subprocess.run(
+        ["h2load", "-t1", f"-c{conns}", f"-m{streams}", "-D", str(duration), url(PORTS[target], "/")],
+        capture_output=True, text=True,
+    ).stdout
+    used = cpu_seconds(pids) - before
+    m = re.search(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s", out)
+    done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", out)
+    if not m or not done:
+        raise SystemExit(f"h2load said:\n{out}")
+    reqs = int(done.group(2))
+    lat = {}
+    # h2load prints min, max, mean, sd and "+/- sd" of request times; no percentiles.
+    t = re.search(r"time for request:\s+([\d.]+)(us|ms|s)\s+([\d.]+)(us|ms|s)\s+([\d.]+)(us|ms|s)", out)
+    lat["mean"] = unit(t.group(5), t.group(6)) if t else float("nan")
+    return {"rps": float(m.group(3)), "requests": reqs, "p50": lat["mean"], "p99": float("nan"),
+            "errors": int(done.group(3)) + int(done.group(4)),
+            "cpu_us": used / reqs * 1e6 if reqs else float("nan"), "rss": peak_rss_mb(pids)}
+
+
 def med(runs, key):
     vals = [r[key] for r in runs]
     return statistics.median(vals), min(vals), max(vals)
@@ -524,6 +549,9 @@ def main():
     ap.add_argument("--full-handshakes", default="",
                     help="parallel `openssl s_time -new` clients of the full-handshake scenario, "
                          "e.g. 4; runs the TLS targets only")
+    ap.add_argument("--h2-streams", default="",
+                    help="streams per connection of the HTTP/2 scenario (h2load over TLS at each of "
+                         "--conns), e.g. 1,100; runs the TLS targets only")
     args = ap.parse_args()
     ALT_ARGS.extend(args.alt_args.split())
     BULK[0] = args.swap_backends
@@ -592,6 +620,16 @@ def main():
                     results.setdefault(("full", parallel, t), []).append(r)
                     print(f"full  c={parallel:<3} round {rnd + 1} {t:9} {r['rps']:>10,.0f} conn/s  "
                           f"cpu {fmt_num(r['cpu_us'])} us/conn", file=sys.stderr)
+        for streams in [int(m) for m in args.h2_streams.split(",") if m]:
+            for conns in [int(c) for c in args.conns.split(",") if c]:
+                for t in tls_targets:  # warm up
+                    h2load(t, started[t], conns, streams, 1)
+                for rnd in range(args.rounds):
+                    for t in tls_targets:
+                        r = h2load(t, started[t], conns, streams, args.duration)
+                        results.setdefault((f"h2 m={streams}", conns, t), []).append(r)
+                        print(f"h2 m={streams:<3} c={conns:<3} round {rnd + 1} {t:9} {r['rps']:>10,.0f} req/s  "
+                              f"cpu {fmt_num(r['cpu_us'])} us/req  errors {r['errors']}", file=sys.stderr)
         swaps = []
         rates = [int(x) for x in args.swap_rates.split(",") if x]
         if rates and "rusty-lb" in targets:
@@ -638,6 +676,9 @@ def render(info, args, results, targets, swaps, base):
            "conns = parallel `openssl s_time -new` clients, a full TLS 1.3 handshake per connection and no request; "
            "CPU/req is per connection in both"]
           if any(t in TLS_OF for t in targets) else []),
+        *([f"- `h2 m=S` rows: HTTP/2 over TLS (ALPN h2) with `h2load -t1 -cC -mS -D {args.duration}`, S streams in "
+           "flight per connection; nginx has `http2` on its TLS listener; the p50 column is h2load's mean request time "
+           "(it prints no percentiles)"] if args.h2_streams else []),
         "- CPU/req is the proxy's own utime+stime from /proc over the run, divided by the requests the load generator "
         "counted; the load generator and the backends share the same 2 cores, so absolute figures are noisy: "
         "compare ratios within this file",
@@ -646,7 +687,7 @@ def render(info, args, results, targets, swaps, base):
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     order = {"small": 0, "big": 1, "resumed": 2, "full": 3}
-    keys = sorted({(b, c) for (b, c, _) in results}, key=lambda k: (order.get(k[0], 3), k[1]))
+    keys = sorted({(b, c) for (b, c, _) in results}, key=lambda k: (order.get(k[0], 4), k[0], k[1]))
     for body, conns in keys:
         direct = results.get((body, conns, "direct"))
         for t in targets:

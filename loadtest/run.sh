@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 source loadtest/prepare.sh
-prepare wrk=wrk nginx=nginx-light haproxy=haproxy caddy=caddy
+prepare wrk=wrk nginx=nginx-light haproxy=haproxy caddy=caddy h2load=nghttp2-client
 # oha, when asked for (`--load oha` or `--load=oha`), comes from crates.io (a few minutes to build).
 if [[ " $* " == *" --load oha "* || " $* " == *" --load=oha "* ]] && ! command -v oha >/dev/null; then
   cargo install --locked oha

@@ -2,7 +2,8 @@
 # Install what building and testing RustyBalancer needs on a fresh Debian machine:
 # cmake (Pingora's libz-ng-sys builds zlib-ng with it), curl, pebble (an offline ACME CA for
 # the tests), chromium (headless, for the status pages), prometheus (with promtool, for the
-# monitoring test) and cargo-nextest if they are missing.
+# monitoring test), grpcio and h2 from PyPI (the HTTP/2 tests) and cargo-nextest if they are
+# missing.
 set -euo pipefail
 
 need_apt=()
@@ -21,6 +22,11 @@ if ((${#need_apt[@]})); then
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+# The HTTP/2 tests' peers: a real gRPC server and client (grpcio), and clients written frame by
+# frame (h2's hpack encoder).
+if ! python3 -c "import grpc, hpack" >/dev/null 2>&1; then
+  python3 -m pip install --quiet --root-user-action=ignore grpcio h2
 fi
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest

@@ -499,7 +499,13 @@ impl Core {
         let key = instance.clone();
         let task = tokio::spawn(async move {
             // Checked when the config was read; a failure here fails every check, loudly.
-            let tls = match spec.tls.as_ref().map(health::TlsProbe::new).transpose() {
+            let grpc = matches!(spec.probe, crate::spec::Probe::Grpc { .. });
+            let tls = match spec
+                .tls
+                .as_ref()
+                .map(|t| health::TlsProbe::new(t, grpc))
+                .transpose()
+            {
                 Ok(t) => t,
                 Err(e) => {
                     error!(%instance, "health checks cannot speak TLS: {e}");

@@ -1,5 +1,5 @@
-//! Health: the rise/fall rule (pure) and the probes that feed it (HTTP GET or TCP connect, over
-//! TLS for services whose backends speak it).
+//! Health: the rise/fall rule (pure) and the probes that feed it (HTTP GET, TCP connect, or
+//! the gRPC health service over HTTP/2, over TLS for services whose backends speak it).
 //!
 //! An instance enters the table after `rise` passing checks in a row and leaves it after `fall`
 //! failing checks in a row, as in HAProxy. A process that exits is taken down at once, without
@@ -86,7 +86,8 @@ pub struct TlsProbe {
 }
 
 impl TlsProbe {
-    pub fn new(tls: &ProbeTls) -> Result<TlsProbe, String> {
+    /// `h2`: offer only HTTP/2 in ALPN (the gRPC check).
+    pub fn new(tls: &ProbeTls, h2: bool) -> Result<TlsProbe, String> {
         let mut roots = rustls::RootCertStore::empty();
         match &tls.ca_pem {
             Some(pem) => {
@@ -101,13 +102,16 @@ impl TlsProbe {
                 }
             }
         }
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
         .with_no_client_auth();
+        if h2 {
+            config.alpn_protocols = vec![b"h2".to_vec()];
+        }
         let server_name = match &tls.server_name {
             Some(n) => Some(
                 ServerName::try_from(n.clone()).map_err(|e| format!("server_name {n:?}: {e}"))?,
@@ -162,13 +166,15 @@ async fn probe_inner(
 }
 
 /// The check proper, on a connected stream: nothing more for TCP, a GET for HTTP.
-async fn check<S: AsyncRead + AsyncWrite + Unpin>(
+async fn check<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     mut stream: S,
     probe: &Probe,
     host: &str,
 ) -> Result<(), String> {
-    let Probe::Http { path } = probe else {
-        return Ok(());
+    let path = match probe {
+        Probe::Http { path } => path,
+        Probe::Tcp => return Ok(()),
+        Probe::Grpc { service } => return grpc_check(stream, host, service).await,
     };
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: rusty-agent-health\r\nConnection: close\r\n\r\n"
@@ -208,9 +214,166 @@ async fn check<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// Largest gRPC health answer read (a `HealthCheckResponse` is 2 bytes).
+const MAX_GRPC_ANSWER: usize = 1024;
+
+/// `grpc.health.v1.Health/Check` for `service` on an HTTP/2 connection: passes when the call
+/// ends with `grpc-status` 0 and the answer says `SERVING`.
+async fn grpc_check<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    stream: S,
+    host: &str,
+    service: &str,
+) -> Result<(), String> {
+    let (mut client, connection) = h2::client::handshake(stream)
+        .await
+        .map_err(|e| format!("HTTP/2: {e}"))?;
+    // The connection is driven while the call runs and dropped with it.
+    let driver = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let _stop = AbortOnDrop(driver);
+    let request = http::Request::post(format!("http://{host}/grpc.health.v1.Health/Check"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("user-agent", "rusty-agent-health")
+        .body(())
+        .map_err(|e| format!("request: {e}"))?;
+    let (answer, mut send) = client
+        .send_request(request, false)
+        .map_err(|e| format!("HTTP/2: {e}"))?;
+    send.send_data(health_request(service).into(), true)
+        .map_err(|e| format!("HTTP/2: {e}"))?;
+    let answer = answer.await.map_err(|e| format!("HTTP/2: {e}"))?;
+    if answer.status() != http::StatusCode::OK {
+        return Err(format!("status {}", answer.status().as_u16()));
+    }
+    // A trailers-only answer carries the status in its head.
+    if let Some(status) = answer.headers().get("grpc-status") {
+        return Err(format!(
+            "grpc-status {}",
+            String::from_utf8_lossy(status.as_bytes())
+        ));
+    }
+    let mut body = answer.into_body();
+    let mut message = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.map_err(|e| format!("HTTP/2: {e}"))?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        message.extend_from_slice(&chunk);
+        if message.len() > MAX_GRPC_ANSWER {
+            return Err("health answer too large".into());
+        }
+    }
+    let trailers = body.trailers().await.map_err(|e| format!("HTTP/2: {e}"))?;
+    let status = trailers.as_ref().and_then(|t| t.get("grpc-status"));
+    match status.map(|s| s.as_bytes()) {
+        Some(b"0") => {}
+        Some(other) => return Err(format!("grpc-status {}", String::from_utf8_lossy(other))),
+        None => return Err("no grpc-status".into()),
+    }
+    match serving_status(&message) {
+        Some(1) => Ok(()),
+        Some(n) => Err(format!("health status {n} (not SERVING)")),
+        None => Err("unreadable health answer".into()),
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// One gRPC message (uncompressed) holding `HealthCheckRequest { service }`.
+fn health_request(service: &str) -> Vec<u8> {
+    // Field 1, length-delimited; names are at most 200 bytes (checked in the config), so the
+    // length is one varint byte when under 128 and two otherwise.
+    let mut message = Vec::with_capacity(service.len() + 3);
+    if !service.is_empty() {
+        message.push(0x0a);
+        let n = service.len();
+        if n < 0x80 {
+            message.push(n as u8);
+        } else {
+            message.extend_from_slice(&[(n as u8 & 0x7f) | 0x80, (n >> 7) as u8]);
+        }
+        message.extend_from_slice(service.as_bytes());
+    }
+    let mut framed = Vec::with_capacity(5 + message.len());
+    framed.push(0);
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&message);
+    framed
+}
+
+/// The `status` (field 1, a varint) of the one `HealthCheckResponse` message in `framed`;
+/// absent is 0 (UNKNOWN), as protobuf's default.
+fn serving_status(framed: &[u8]) -> Option<u64> {
+    let (&[0], rest) = (framed.get(..1)?, framed.get(1..)?) else {
+        return None; // compressed, or nothing
+    };
+    let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+    let mut message = rest.get(4..4 + len)?;
+    let mut status = 0;
+    while let Some((&tag, rest)) = message.split_first() {
+        let (value, rest) = varint(rest)?;
+        match tag {
+            0x08 => status = value,
+            // Any other varint field is skipped; anything else is not a HealthCheckResponse.
+            t if t & 0x07 == 0 => {}
+            _ => return None,
+        }
+        message = rest;
+    }
+    Some(status)
+}
+
+fn varint(bytes: &[u8]) -> Option<(u64, &[u8])> {
+    let mut value = 0u64;
+    for (i, &b) in bytes.iter().enumerate().take(10) {
+        value |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some((value, &bytes[i + 1..]));
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_health_messages_are_framed_and_read_as_the_protocol_says() {
+        assert_eq!(health_request(""), [0, 0, 0, 0, 0]);
+        assert_eq!(
+            health_request("web"),
+            [0, 0, 0, 0, 5, 0x0a, 3, b'w', b'e', b'b']
+        );
+        let long = "s".repeat(200);
+        assert_eq!(&health_request(&long)[5..8], &[0x0a, 0xc8, 0x01]);
+        assert_eq!(serving_status(&[0, 0, 0, 0, 2, 0x08, 1]), Some(1));
+        assert_eq!(serving_status(&[0, 0, 0, 0, 2, 0x08, 2]), Some(2));
+        assert_eq!(
+            serving_status(&[0, 0, 0, 0, 0]),
+            Some(0),
+            "absent is UNKNOWN"
+        );
+        assert_eq!(
+            serving_status(&[1, 0, 0, 0, 2, 0x08, 1]),
+            None,
+            "compressed"
+        );
+        assert_eq!(serving_status(&[0, 0, 0, 0, 9, 0x08, 1]), None, "truncated");
+        assert_eq!(
+            serving_status(&[0, 0, 0, 0, 2, 0x0a, 1]),
+            None,
+            "not a status"
+        );
+    }
 
     #[test]
     fn rises_after_rise_passes_in_a_row_and_falls_after_fall_failures() {

@@ -105,8 +105,14 @@ pub struct RunSpec {
 /// How instances are checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Probe {
-    Http { path: String },
+    Http {
+        path: String,
+    },
     Tcp,
+    /// `grpc.health.v1.Health/Check` for `service` (empty: the server as a whole).
+    Grpc {
+        service: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

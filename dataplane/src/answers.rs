@@ -17,6 +17,37 @@ use crate::http1::Refused;
 /// What every answer's body is.
 pub const CONTENT_TYPE: &str = "text/plain; charset=utf-8";
 
+/// The gRPC status codes our answers use (grpc/doc/statuscodes.md).
+pub const GRPC_DEADLINE_EXCEEDED: u32 = 4;
+pub const GRPC_PERMISSION_DENIED: u32 = 7;
+pub const GRPC_RESOURCE_EXHAUSTED: u32 = 8;
+pub const GRPC_UNIMPLEMENTED: u32 = 12;
+pub const GRPC_INTERNAL: u32 = 13;
+pub const GRPC_UNAVAILABLE: u32 = 14;
+
+/// `grpc-message` as the gRPC wire spec wants it: bytes outside printable ASCII, and `%`,
+/// percent-encoded.
+fn grpc_message(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Whether a request is a gRPC call: its `content-type` is `application/grpc`, alone or with a
+/// `+format` or `;parameters` suffix.
+pub fn is_grpc(content_type: &[u8]) -> bool {
+    let prefix = b"application/grpc";
+    content_type.len() >= prefix.len()
+        && content_type[..prefix.len()].eq_ignore_ascii_case(prefix)
+        && matches!(content_type.get(prefix.len()), None | Some(b'+' | b';'))
+}
+
 /// A response the proxy writes itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Answer {
@@ -182,6 +213,53 @@ impl Answer {
         resp
     }
 
+    /// The gRPC status a gRPC client gets for this answer: the HTTP-to-gRPC mapping of the
+    /// gRPC spec, except that our own timeout is `DEADLINE_EXCEEDED` and load shedding and a
+    /// body over the limit are `RESOURCE_EXHAUSTED`.
+    pub fn grpc_status(self) -> u32 {
+        match self {
+            Answer::GatewayTimeout | Answer::HeadTimeout => GRPC_DEADLINE_EXCEEDED,
+            Answer::Shed(_) | Answer::PayloadTooLarge => GRPC_RESOURCE_EXHAUSTED,
+            Answer::NoRoute => GRPC_UNIMPLEMENTED,
+            Answer::Misdirected | Answer::HttpsRedirect => GRPC_PERMISSION_DENIED,
+            Answer::Refused(_)
+            | Answer::BadRequestLine
+            | Answer::BadChunk
+            | Answer::PlainHttpToTls
+            | Answer::Internal => GRPC_INTERNAL,
+            Answer::NoTable
+            | Answer::NoBackend
+            | Answer::BadGateway
+            | Answer::TooManyConnections => GRPC_UNAVAILABLE,
+        }
+    }
+
+    /// The answer to a gRPC client, trailers-only: HTTP 200, `application/grpc`, the status in
+    /// `grpc-status` and the text in `grpc-message` (percent-encoded where it must be), no body.
+    pub fn grpc_response_header(self) -> ResponseHeader {
+        let mut resp = ResponseHeader::build(200, Some(4)).expect("200 is a status");
+        let _ = resp.insert_header("Content-Type", "application/grpc");
+        for (name, value) in self.grpc_trailers().iter() {
+            let _ = resp.insert_header(name.clone(), value.clone());
+        }
+        if let Some(after) = self.retry_after() {
+            let _ = resp.insert_header("Retry-After", after);
+        }
+        resp
+    }
+
+    /// `grpc-status` and `grpc-message`: the end of a gRPC call the backend broke off after its
+    /// answer began, or the status part of [`Answer::grpc_response_header`].
+    pub fn grpc_trailers(self) -> http::HeaderMap {
+        let mut trailers = http::HeaderMap::with_capacity(2);
+        trailers.insert("grpc-status", self.grpc_status().into());
+        // Printable ASCII after encoding: always a valid value.
+        if let Ok(message) = http::HeaderValue::from_str(&grpc_message(self.body().trim_end())) {
+            trailers.insert("grpc-message", message);
+        }
+        trailers
+    }
+
     /// The body as Pingora sends it.
     pub fn body_bytes(self) -> bytes::Bytes {
         if self.needs_newline() {
@@ -276,6 +354,33 @@ mod tests {
         Answer::PlainHttpToTls,
         Answer::Internal,
     ];
+
+    #[test]
+    fn grpc_clients_get_a_status_and_no_body_and_only_grpc_types_count() {
+        let head = Answer::NoBackend.grpc_response_header();
+        assert_eq!(head.status.as_u16(), 200);
+        let get = |n: &str| head.headers.get(n).map(|v| v.to_str().unwrap().to_owned());
+        assert_eq!(get("content-type").as_deref(), Some("application/grpc"));
+        assert_eq!(get("grpc-status").as_deref(), Some("14"));
+        assert_eq!(
+            get("grpc-message").as_deref(),
+            Some("service unavailable: no backend available")
+        );
+        assert_eq!(head.headers.get("content-length"), None);
+        assert_eq!(Answer::GatewayTimeout.grpc_status(), GRPC_DEADLINE_EXCEEDED);
+        assert_eq!(Answer::Shed(RequestClass::Bulk).grpc_status(), 8);
+        assert_eq!(Answer::NoRoute.grpc_status(), 12);
+        assert_eq!(grpc_message("50% off\n"), "50%25 off%0A");
+        for (ct, grpc) in [
+            (&b"application/grpc"[..], true),
+            (b"application/grpc+proto", true),
+            (b"Application/GRPC; charset=x", true),
+            (b"application/grpc-web", false),
+            (b"application/json", false),
+        ] {
+            assert_eq!(is_grpc(ct), grpc, "{}", String::from_utf8_lossy(ct));
+        }
+    }
 
     #[test]
     fn every_answer_frames_its_body_exactly_and_renders_like_the_pipeline_head() {

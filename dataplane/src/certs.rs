@@ -33,8 +33,9 @@ pub const MAX_PAIRS: usize = 10_000;
 /// Sessions remembered for resumption by id (TLS 1.2 clients without tickets).
 const SESSION_CACHE: usize = 4096;
 
-/// The protocols offered in ALPN, most preferred first.
-const ALPN: &[&[u8]] = &[b"http/1.1"];
+/// The protocols offered in ALPN, most preferred first: rustls picks the first of these the
+/// client offers too, so HTTP/2 wins whenever a client can speak it.
+const ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
 
 /// One certificate with its key, as loaded.
 #[derive(Debug)]
@@ -589,7 +590,10 @@ mod tests {
             generation.set.resolve(Some("a.example.com")).unwrap().pair,
             "a"
         );
-        assert_eq!(generation.config.alpn_protocols, vec![b"http/1.1".to_vec()]);
+        assert_eq!(
+            generation.config.alpn_protocols,
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
         assert_eq!(generation.config.max_early_data_size, 0);
         let metrics = crate::metrics::text_of(certs.collectors());
         assert!(

@@ -104,6 +104,16 @@ pub struct Args {
     #[arg(long, default_value_t = 10_000, value_name = "N")]
     pub max_connections: usize,
 
+    /// Also serve HTTP/2 with prior knowledge (h2c) on --listen: a connection that starts
+    /// with the HTTP/2 preface is HTTP/2, any other HTTP/1. (The TLS listener offers h2 by
+    /// ALPN always.)
+    #[arg(long)]
+    pub h2c: bool,
+
+    /// Streams an HTTP/2 client may have open at once on one connection (nginx: 128).
+    #[arg(long, default_value_t = 128, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub h2_max_streams: u32,
+
     /// Most requests waiting, over all services, for a backend slot when backends are at their
     /// `max_inflight`; when full, the lowest class waiting is shed first.
     #[arg(long, default_value_t = crate::admission::DEFAULT_QUEUE_SIZE, value_name = "N")]

@@ -26,6 +26,10 @@ pub struct Connections {
     lane_handovers: IntCounter,
     tls_family: IntCounterVec,
     tls: [IntCounter; 6],
+    h2_connections: IntCounter,
+    h2_refused_streams: IntCounter,
+    h2_closed_family: IntCounterVec,
+    h2_closed: [IntCounter; 5],
 }
 
 impl Default for Connections {
@@ -34,6 +38,11 @@ impl Default for Connections {
             "rustybalancer_tls_handshakes_total",
             "TLS handshakes on the TLS listener, by result.",
             &["result"],
+        );
+        let h2_closed_family = counter_vec(
+            "rustybalancer_h2_connections_closed_total",
+            "HTTP/2 client connections the proxy closed itself, by reason.",
+            &["reason"],
         );
         Connections {
             open: AtomicUsize::new(0),
@@ -73,8 +82,36 @@ impl Default for Connections {
             tls: ["ok", "timeout", "unrecognized_name", "plain_http", "failed", "closed"]
                 .map(|r| tls_family.with_label_values(&[r])),
             tls_family,
+            h2_connections: counter(
+                "rustybalancer_h2_connections_total",
+                "Client connections that spoke HTTP/2 (ALPN h2, or the h2c preface).",
+            ),
+            h2_refused_streams: counter(
+                "rustybalancer_h2_refused_streams_total",
+                "HTTP/2 streams refused (REFUSED_STREAM) because their connection had too many requests in flight.",
+            ),
+            // In the order of `H2Close`.
+            h2_closed: ["idle", "handshake_timeout", "rapid_reset", "refusals", "malformed"]
+                .map(|r| h2_closed_family.with_label_values(&[r])),
+            h2_closed_family,
         }
     }
+}
+
+/// Why the proxy closed an HTTP/2 connection itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum H2Close {
+    /// No request in flight for the idle time (GOAWAY, graceful).
+    Idle = 0,
+    /// The client's preface did not arrive in time.
+    HandshakeTimeout = 1,
+    /// Half or more of its streams were abandoned before their answer (GOAWAY
+    /// `ENHANCE_YOUR_CALM`).
+    RapidReset = 2,
+    /// Too many streams refused over the in-flight cap (`ENHANCE_YOUR_CALM`).
+    Refusals = 3,
+    /// Too many malformed streams (`ENHANCE_YOUR_CALM`).
+    Malformed = 4,
 }
 
 /// Something that ended a client connection early, or moved it between request paths.
@@ -120,6 +157,29 @@ tokio::task_local! {
     /// Set once the connection's answer to a WebSocket upgrade was a `101`: from then on it
     /// carries another protocol. Each connection is one task, so one value per connection.
     static SWITCHED: Cell<bool>;
+}
+
+tokio::task_local! {
+    /// Set when the HTTP/2 stream of the calling task was left by its client before it was
+    /// answered. Each stream is one task.
+    static ABANDONED: Cell<bool>;
+}
+
+/// Run an HTTP/2 stream's future with its own mark, unset.
+pub fn with_stream<F: Future>(stream: F) -> impl Future<Output = F::Output> {
+    ABANDONED.scope(Cell::new(false), stream)
+}
+
+/// The client of the calling task's HTTP/2 stream left before its answer (the pipeline, when
+/// it logs a 499). Nothing outside a stream's task.
+pub fn abandon_stream() {
+    let _ = ABANDONED.try_with(|a| a.set(true));
+}
+
+/// Whether the calling task's stream was abandoned (the front's HTTP/2 loop, after the
+/// pipeline is done with it).
+pub fn stream_abandoned() -> bool {
+    ABANDONED.try_with(Cell::get).unwrap_or(false)
 }
 
 /// Run a connection's future with its own switch, unset.
@@ -178,6 +238,21 @@ impl Connections {
         }
     }
 
+    /// An HTTP/2 connection was established.
+    pub fn count_h2_connection(&self) {
+        self.h2_connections.inc();
+    }
+
+    /// An HTTP/2 stream was refused over the in-flight cap.
+    pub fn count_h2_refused_stream(&self) {
+        self.h2_refused_streams.inc();
+    }
+
+    /// The proxy closed an HTTP/2 connection itself.
+    pub fn count_h2_close(&self, why: H2Close) {
+        self.h2_closed[why as usize].inc();
+    }
+
     /// A request the fast lane served.
     pub fn lane_request(&self) {
         self.lane_requests.inc();
@@ -199,6 +274,9 @@ impl Connections {
             Box::new(self.lane_requests.clone()),
             Box::new(self.lane_handovers.clone()),
             Box::new(self.tls_family.clone()),
+            Box::new(self.h2_connections.clone()),
+            Box::new(self.h2_refused_streams.clone()),
+            Box::new(self.h2_closed_family.clone()),
         ]
     }
 }

@@ -406,7 +406,14 @@ pub struct ServiceCounters {
     inflight: IntGauge,
     /// Requests shed (503) under overload, by class.
     shed: [IntCounter; 3],
+    /// gRPC answers by `grpc-status`, made on first use: most services never see one.
+    grpc: [std::sync::OnceLock<IntCounter>; GRPC_CODES],
+    grpc_family: IntCounterVec,
+    name: Arc<str>,
 }
+
+/// gRPC status codes, 0 (OK) to 16 (UNAUTHENTICATED); anything else is counted as 2 (UNKNOWN).
+const GRPC_CODES: usize = 17;
 
 impl ServiceCounters {
     pub fn observe(&self, nanos: u64) {
@@ -435,6 +442,23 @@ impl ServiceCounters {
     }
     pub fn count_shed(&self, class: rusty_shared::RequestClass) {
         self.shed[class as usize].inc();
+    }
+
+    /// A gRPC call of this service ended with `grpc-status` `code` (from the backend's
+    /// trailers, or our own answer).
+    pub fn count_grpc(&self, code: u32) {
+        let code = if (code as usize) < GRPC_CODES {
+            code
+        } else {
+            2
+        };
+        self.grpc[code as usize]
+            .get_or_init(|| {
+                let label = code.to_string();
+                self.grpc_family
+                    .with_label_values(&[&*self.name, label.as_str()])
+            })
+            .inc();
     }
 }
 
@@ -466,6 +490,7 @@ pub struct Registry {
     durations: Durations,
     inflight: IntGaugeVec,
     shed: IntCounterVec,
+    grpc: IntCounterVec,
     ejected: IntGaugeVec,
     table_version: IntGaugeVec,
     updates: [IntCounter; 3],
@@ -511,6 +536,11 @@ impl Default for Registry {
                 "Requests answered 503 under overload (queue full or queue timeout), by service and class.",
                 &["service", "class"],
             ),
+            grpc: counter_vec(
+                "rustybalancer_grpc_responses_total",
+                "gRPC calls by service and grpc-status (the backend's, or ours when the proxy answered).",
+                &["service", "code"],
+            ),
             ejected: gauge_vec(
                 "rustybalancer_backend_ejected",
                 "1 while a backend is ejected locally after failed connects, else 0.",
@@ -539,6 +569,7 @@ impl Default for Registry {
             Box::new(updates),
             Box::new(state_events),
             Box::new(r.shed.clone()),
+            Box::new(r.grpc.clone()),
         ];
         r.register(own)
             .expect("the registry's own metrics have distinct names");
@@ -582,6 +613,9 @@ impl Registry {
                 let _ = self.inflight.remove_label_values(&[name]);
                 for class in rusty_shared::RequestClass::ALL {
                     let _ = self.shed.remove_label_values(&[name, class.as_str()]);
+                }
+                for code in 0..GRPC_CODES {
+                    let _ = self.grpc.remove_label_values(&[name, &code.to_string()]);
                 }
             }
             keep
@@ -639,6 +673,9 @@ impl Registry {
             inflight: self.inflight.with_label_values(&[svc]),
             shed: rusty_shared::RequestClass::ALL
                 .map(|class| self.shed.with_label_values(&[svc, class.as_str()])),
+            grpc: Default::default(),
+            grpc_family: self.grpc.clone(),
+            name: svc.into(),
         }
     }
 

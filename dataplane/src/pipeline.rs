@@ -15,6 +15,7 @@ use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::modules::http::HttpModules;
 use pingora::prelude::*;
+use pingora::protocols::http::ServerSession;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType};
@@ -76,6 +77,14 @@ pub struct Ctx {
     start: Option<Instant>,
     /// The request id the editor made up (the client sent none), kept for the access log.
     request_id: Option<Vec<u8>>,
+    /// A gRPC call over HTTP/2: our own answers to it are gRPC statuses.
+    grpc: bool,
+    /// The call's `grpc-status`, once the backend's trailers (or our answer) gave it.
+    grpc_status: Option<u32>,
+    /// When a gRPC call's `grpc-timeout` runs out.
+    deadline: Option<Instant>,
+    /// The client asked for trailers (`TE: trailers`), which HTTP/2 backends are told again.
+    te_trailers: bool,
 }
 
 /// The headers the editor adds, collected to be inserted into Pingora's header map.
@@ -135,7 +144,21 @@ impl ProxyHttp for Pipeline {
         // The request line as sent was checked by the connection front before Pingora parsed
         // it; these are the checks on the parsed head, and the editor's on its headers.
         let trusted = plane.trusted.trusts(client_ip(session));
+        let h2 = session.as_downstream().is_http2();
         let req = session.req_header();
+        if h2 {
+            let header = |n: http::header::HeaderName| req.headers.get(n).map(|v| v.as_bytes());
+            ctx.grpc = header(http::header::CONTENT_TYPE).is_some_and(answers::is_grpc);
+            ctx.te_trailers =
+                header(http::header::TE).is_some_and(|v| v.eq_ignore_ascii_case(b"trailers"));
+            if ctx.grpc {
+                ctx.deadline = req
+                    .headers
+                    .get("grpc-timeout")
+                    .and_then(|v| grpc_timeout(v.as_bytes()))
+                    .map(|t| start + t);
+            }
+        }
         let checked = request::check(req, &plane.limits).and_then(|()| {
             let lines = req
                 .headers
@@ -153,7 +176,7 @@ impl ProxyHttp for Pipeline {
             Err(why) => {
                 // Framing or routing that could be read two ways: answer, close, forward
                 // nothing.
-                respond(session, Answer::Refused(why), true).await?;
+                respond(session, Answer::Refused(why), true, ctx).await?;
                 return Ok(true);
             }
         }
@@ -173,7 +196,7 @@ impl ProxyHttp for Pipeline {
             session.as_downstream_mut().set_pipelining_enabled(true);
         }
         let Some(snapshot) = plane.store.current() else {
-            respond(session, Answer::NoTable, false).await?;
+            respond(session, Answer::NoTable, false, ctx).await?;
             return Ok(true);
         };
         let tls = session
@@ -199,11 +222,11 @@ impl ProxyHttp for Pipeline {
         // No domain fronting: on TLS, a request may only name a host its connection's
         // certificate covers (RFC 9110 §15.5.20).
         if tls.is_some_and(|t| !host.is_empty() && !t.covers(host)) {
-            respond(session, Answer::Misdirected, false).await?;
+            respond(session, Answer::Misdirected, false, ctx).await?;
             return Ok(true);
         }
         let Some(service) = snapshot.router.route(host, req.uri.path().as_bytes()) else {
-            respond(session, Answer::NoRoute, false).await?;
+            respond(session, Answer::NoRoute, false, ctx).await?;
             return Ok(true);
         };
         let svc = &snapshot.services[service as usize];
@@ -221,7 +244,7 @@ impl ProxyHttp for Pipeline {
                 }
                 None => {
                     let why = http1::Refused(400, "a redirect to HTTPS needs a valid Host");
-                    respond(session, Answer::Refused(why), false).await?;
+                    respond(session, Answer::Refused(why), false, ctx).await?;
                 }
             }
             return Ok(true);
@@ -248,7 +271,7 @@ impl ProxyHttp for Pipeline {
                     Some(i) => ctx.assigned = Some(i),
                     None => {
                         let answer = Answer::Shed(ctx.class);
-                        respond(session, answer, false).await?;
+                        respond(session, answer, false, ctx).await?;
                         return Ok(true);
                     }
                 }
@@ -286,7 +309,26 @@ impl ProxyHttp for Pipeline {
         };
         let routed = ctx.routed.as_ref().ok_or_else(not_routed)?;
         match pick {
-            Some(i) => Ok(Box::new(routed.service().backends[i as usize].peer.clone())),
+            Some(i) => {
+                let mut peer = Box::new(routed.service().backends[i as usize].peer.clone());
+                if let Some(deadline) = ctx.deadline {
+                    // A gRPC call's deadline bounds each attempt's connect and each read.
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        ctx.answer = Some(Answer::GatewayTimeout);
+                        return Error::e_explain(ErrorType::HTTPStatus(504), "grpc-timeout passed");
+                    }
+                    let options = &mut peer.options;
+                    for t in [
+                        &mut options.connection_timeout,
+                        &mut options.total_connection_timeout,
+                        &mut options.read_timeout,
+                    ] {
+                        *t = Some(t.map_or(left, |t| t.min(left)));
+                    }
+                }
+                Ok(peer)
+            }
             // No attempt left: answered for the last failure (a 504 after a timeout, as nginx
             // does), or 503 when there was no backend at all.
             None => {
@@ -313,11 +355,12 @@ impl ProxyHttp for Pipeline {
             proto: if ctx.https { Proto::Https } else { Proto::Http },
         };
         // HTTP/1.0 clients may send no Host; the request goes upstream as HTTP/1.1, which
-        // needs one.
-        let host = (!upstream.headers.contains_key(http::header::HOST))
-            .then(|| routed.backend())
-            .flatten()
-            .map(|i| routed.service().backends[i as usize].addr.to_string());
+        // needs one. (An HTTP/2 request's `:authority` is its host.)
+        let host = (!upstream.headers.contains_key(http::header::HOST)
+            && upstream.uri.authority().is_none())
+        .then(|| routed.backend())
+        .flatten()
+        .map(|i| routed.service().backends[i as usize].addr.to_string());
         let host = host.as_deref().map(str::as_bytes);
         // The downstream head passed `request_filter`'s editor check, so this reads the same.
         let (remove, added) = {
@@ -352,6 +395,11 @@ impl ProxyHttp for Pipeline {
                 ctx.request_id = Some(value);
             }
         }
+        // `TE` is hop-by-hop, but `trailers` is what a gRPC server needs to hear again on
+        // the next hop, and the one value HTTP/2 allows.
+        if ctx.te_trailers && routed.service().upstream_h2 {
+            upstream.insert_header(http::header::TE, "trailers")?;
+        }
         Ok(())
     }
 
@@ -367,6 +415,12 @@ impl ProxyHttp for Pipeline {
             return Err(Error::explain(ErrorType::InvalidHTTPHeader, why).into_up());
         }
         ctx.response_started = true;
+        if ctx.grpc {
+            // A trailers-only answer carries its status in the head.
+            if let Some(code) = upstream_response.headers.get("grpc-status") {
+                ctx.grpc_status = grpc_code(code.as_bytes());
+            }
+        }
         let names: Vec<http::HeaderName> = {
             let lines = upstream_response
                 .headers
@@ -418,7 +472,23 @@ impl ProxyHttp for Pipeline {
         _digest: Option<&pingora::protocols::Digest>,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        ctx.upstream_fd = Some(fd);
+        // An HTTP/2 backend's connection carries other requests' streams: never ours to shut.
+        let h2 = ctx.routed.as_ref().is_some_and(|r| r.service().upstream_h2);
+        ctx.upstream_fd = (!h2).then_some(fd);
+        Ok(())
+    }
+
+    fn upstream_response_trailer_filter(
+        &self,
+        _session: &mut Session,
+        trailers: &mut http::HeaderMap,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if ctx.grpc {
+            if let Some(code) = trailers.get("grpc-status") {
+                ctx.grpc_status = grpc_code(code.as_bytes());
+            }
+        }
         Ok(())
     }
 
@@ -512,9 +582,23 @@ impl ProxyHttp for Pipeline {
         if let Some(answer) = answer {
             // The connection may be unusable (a half-read body): the error path closes it.
             session.set_keepalive(None);
-            let _ = session
-                .write_error_response(answer.response_header(), answer.body_bytes())
-                .await;
+            if ctx.grpc {
+                // Before the backend's answer began, the status is the whole answer; after,
+                // it ends the call as trailers (the messages the client got stay valid).
+                if session.response_written().is_none() {
+                    let _ = write_grpc(session, answer, ctx);
+                } else {
+                    ctx.grpc_status = Some(answer.grpc_status());
+                    let _ = session
+                        .as_downstream_mut()
+                        .write_response_trailers(answer.grpc_trailers())
+                        .await;
+                }
+            } else {
+                let _ = session
+                    .write_error_response(answer.response_header(), answer.body_bytes())
+                    .await;
+            }
         }
         FailToProxy {
             error_code: answer.map_or(0, Answer::status),
@@ -556,8 +640,17 @@ impl ProxyHttp for Pipeline {
             None if e.is_some_and(|e| e.esource() == &ErrorSource::Downstream) => 499,
             None => 502,
         };
+        if code == 499 {
+            // An HTTP/2 stream left unanswered counts against its connection's reset budget.
+            connections::abandon_stream();
+        }
         if let Some(log) = &self.plane.access_log {
             log_request(log, session, ctx, code);
+        }
+        if let (true, Some(routed)) = (ctx.grpc, ctx.routed.as_ref()) {
+            // A call that ended with no status: the client cancelled it, or it broke.
+            let status = ctx.grpc_status.unwrap_or(if code == 499 { 1 } else { 2 });
+            routed.service().counters.count_grpc(status);
         }
         match ctx.routed.as_mut() {
             Some(routed) => routed.end(code),
@@ -604,6 +697,7 @@ fn log_request(log: &AccessLog, session: &Session, ctx: &Ctx, status: u16) {
             .map_or(&b"/"[..], |p| p.as_str().as_bytes()),
         version: match req.version {
             http::Version::HTTP_10 => "HTTP/1.0",
+            http::Version::HTTP_2 => "HTTP/2.0",
             _ => "HTTP/1.1",
         },
         status,
@@ -618,6 +712,41 @@ fn log_request(log: &AccessLog, session: &Session, ctx: &Ctx, status: u16) {
         referer: header(http::header::REFERER),
         https: ctx.https,
     });
+}
+
+/// Our answer to a gRPC call, trailers-only: one HEADERS frame that ends the stream, which
+/// only the HTTP/2 session itself can write (the proxy's session ends a stream with a body).
+fn write_grpc(session: &mut Session, answer: Answer, ctx: &mut Ctx) -> Result<()> {
+    ctx.grpc_status = Some(answer.grpc_status());
+    let head = Box::new(answer.grpc_response_header());
+    match session.as_downstream_mut() {
+        ServerSession::H2(h2) => h2.write_response_header(head, true),
+        // Calls are only marked gRPC on HTTP/2.
+        _ => Error::e_explain(ErrorType::InternalError, "a gRPC answer on HTTP/1"),
+    }
+}
+
+/// A `grpc-status` value: a decimal number.
+fn grpc_code(value: &[u8]) -> Option<u32> {
+    std::str::from_utf8(value).ok()?.trim().parse().ok()
+}
+
+/// A `grpc-timeout` value: up to 8 digits and a unit (`H`, `M`, `S`, `m`, `u`, `n`).
+fn grpc_timeout(value: &[u8]) -> Option<Duration> {
+    let (&unit, digits) = value.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// The request's path in its normal form (`http1::path`), which it is routed and forwarded
@@ -753,10 +882,14 @@ impl Pipeline {
     }
 }
 
-/// A short answer of ours on a connection Pingora keeps unless `close` (or the answer) says so.
-async fn respond(session: &mut Session, answer: Answer, close: bool) -> Result<()> {
+/// A short answer of ours on a connection Pingora keeps unless `close` (or the answer) says so;
+/// a gRPC call gets it as a gRPC status.
+async fn respond(session: &mut Session, answer: Answer, close: bool, ctx: &mut Ctx) -> Result<()> {
     if close || answer.closes() {
         session.set_keepalive(None);
+    }
+    if ctx.grpc {
+        return write_grpc(session, answer, ctx);
     }
     session
         .write_response_header(Box::new(answer.response_header()), false)

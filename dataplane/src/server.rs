@@ -23,7 +23,7 @@ use crate::access_log::{self, AccessLog};
 use crate::admin::Admin;
 use crate::certs::Certs;
 use crate::cli::Args;
-use crate::front::{Front, FrontLimits, TlsListener};
+use crate::front::{Front, FrontLimits, H2Limits, TlsListener};
 use crate::http1::trust::TrustedProxies;
 use crate::http1::Limits;
 use crate::lane::Lane;
@@ -213,6 +213,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             header_timeout: Duration::from_secs(args.header_timeout),
             rehome: !args.work_stealing,
             tls_handshake_timeout: Duration::from_secs(args.tls_handshake_timeout.max(1)),
+            h2: H2Limits {
+                max_streams: args.h2_max_streams,
+                // One size limit for a request head, whatever its protocol.
+                max_header_list: u32::try_from(args.max_head_bytes).unwrap_or(u32::MAX),
+                handshake: Duration::from_secs(args.header_timeout),
+                idle: Duration::from_secs(args.keepalive_timeout),
+            },
+            h2c: args.h2c,
         },
         plane.clone(),
     );

@@ -35,6 +35,13 @@ pub const UPSTREAM_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 pub const UPSTREAM_KEEPALIVE_PROBES: u32 = 3;
 pub const UPSTREAM_USER_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Streams at once on one HTTP/2 connection to a backend (its own `SETTINGS` may lower it);
+/// more requests open another connection. 100 is nginx's and Envoy's usual server default.
+const UPSTREAM_H2_STREAMS: usize = 100;
+
+/// Mixed into an HTTP/2 backend's pool key (see its use).
+const H2_POOL_KEY: u64 = 0x6832_6832_6832_6832;
+
 pub struct Snapshot {
     pub version: u64,
     /// The table as received, for `GET /table` and the state dir.
@@ -68,6 +75,9 @@ pub struct Service {
     pub hsts: Option<Arc<str>>,
     /// Its backends are reached over TLS (by the pipeline only).
     pub upstream_tls: bool,
+    /// Its backends speak HTTP/2 (`h2c` or `h2`; by the pipeline only): requests are streams
+    /// of a shared connection, which no request may shut down.
+    pub upstream_h2: bool,
 }
 
 /// One backend of a service.
@@ -254,6 +264,14 @@ impl Snapshot {
                         // The editor decides which headers go upstream, on every path.
                         peer.options.http_upstream_request_policy =
                             HttpUpstreamRequestPolicy::preserve();
+                        if s.upstream_protocol.is_h2() {
+                            // HTTP/2 only: over TLS by ALPN, plain with prior knowledge.
+                            peer.options.set_http_version(2, 2);
+                            peer.options.max_h2_streams = UPSTREAM_H2_STREAMS;
+                            // Pingora's pool key does not see the protocol: an address that is
+                            // HTTP/1 in one service and HTTP/2 in another keeps two pools.
+                            peer.group_key ^= H2_POOL_KEY;
+                        }
                         Backend {
                             id: b.id.as_str().into(),
                             addr: b.addr,
@@ -290,6 +308,7 @@ impl Snapshot {
                     https_redirect: s.https_redirect,
                     hsts: s.hsts.as_deref().map(Arc::from),
                     upstream_tls: s.upstream_tls.is_some(),
+                    upstream_h2: s.upstream_protocol.is_h2(),
                 }
             })
             .collect();

@@ -32,7 +32,7 @@ pub mod table;
 pub mod validate;
 
 pub use error::TableError;
-pub use table::{Backend, Hsts, RequestClass, Service, Table, UpstreamTls};
+pub use table::{Backend, Hsts, RequestClass, Service, Table, UpstreamProtocol, UpstreamTls};
 pub use validate::{
     check_succession, decode, validate, CaSource, HostPattern, ValidBackend, ValidService,
     ValidTable, ValidTier, ValidUpstreamTls,

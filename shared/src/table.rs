@@ -25,6 +25,9 @@
 //! - `services[].upstream_tls` [none = plain HTTP]: TLS to the backends, `{"server_name"}` (SNI
 //!   and the name verified; default: the backend's address) and a CA, `"ca_pem"` (the PEM text)
 //!   or `"ca_file"` (a path on the data plane's machine); default: the system's roots.
+//! - `services[].upstream_protocol` ["http1"]: what the data plane speaks to the backends:
+//!   `http1`, `h2c` (HTTP/2 with prior knowledge, plain) or `h2` (HTTP/2 over TLS, ALPN; needs
+//!   `upstream_tls`). gRPC backends need `h2c` or `h2` (HTTP/1 cannot carry trailers).
 //! - `acme_challenges` [none]: `{"TOKEN": "KEY_AUTHORIZATION"}`, the answers to ACME HTTP-01
 //!   challenges the agent has open; a data plane answers `GET /.well-known/acme-challenge/TOKEN`
 //!   with the key authorization, on any host, before routing.
@@ -88,6 +91,39 @@ pub struct Service {
     pub hsts: Option<Hsts>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_tls: Option<UpstreamTls>,
+    #[serde(default, skip_serializing_if = "UpstreamProtocol::is_default")]
+    pub upstream_protocol: UpstreamProtocol,
+}
+
+/// The protocol from the data plane to a service's backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge over plain TCP.
+    H2c,
+    /// HTTP/2 over TLS, negotiated with ALPN.
+    H2,
+}
+
+impl UpstreamProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamProtocol::Http1 => "http1",
+            UpstreamProtocol::H2c => "h2c",
+            UpstreamProtocol::H2 => "h2",
+        }
+    }
+
+    /// Whether requests travel as HTTP/2 streams.
+    pub fn is_h2(self) -> bool {
+        self != UpstreamProtocol::Http1
+    }
+
+    fn is_default(&self) -> bool {
+        *self == UpstreamProtocol::Http1
+    }
 }
 
 /// `Strict-Transport-Security` for a service's HTTPS responses (RFC 6797).
@@ -189,6 +225,7 @@ impl Service {
             https_redirect: false,
             hsts: None,
             upstream_tls: None,
+            upstream_protocol: UpstreamProtocol::Http1,
         }
     }
 }

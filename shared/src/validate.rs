@@ -49,6 +49,8 @@ pub struct ValidService {
     /// The `Strict-Transport-Security` value for HTTPS responses, rendered once.
     pub hsts: Option<String>,
     pub upstream_tls: Option<ValidUpstreamTls>,
+    /// `H2` only with `upstream_tls`, `H2c` only without.
+    pub upstream_protocol: crate::UpstreamProtocol,
 }
 
 /// TLS to a service's backends, checked for shape (the data plane parses the certificates).
@@ -312,6 +314,21 @@ fn validate_service(svc: &Service) -> Result<ValidService, TableError> {
         .as_ref()
         .map(|t| check_upstream_tls(name, t))
         .transpose()?;
+    let upstream_protocol = svc.upstream_protocol;
+    let protocol_error = match (upstream_protocol, upstream_tls.is_some()) {
+        (crate::UpstreamProtocol::H2, false) => Some("h2 is HTTP/2 over TLS: set upstream_tls too"),
+        (crate::UpstreamProtocol::H2c, true) => {
+            Some("h2c is plain HTTP/2: with upstream_tls use h2")
+        }
+        _ => None,
+    };
+    if let Some(reason) = protocol_error {
+        return Err(TableError::BadTls {
+            service: name.clone(),
+            field: "upstream_protocol",
+            reason: reason.to_owned(),
+        });
+    }
 
     let mut ids = HashSet::new();
     let mut backends = Vec::with_capacity(svc.backends.len());
@@ -373,6 +390,7 @@ fn validate_service(svc: &Service) -> Result<ValidService, TableError> {
         https_redirect: svc.https_redirect,
         hsts,
         upstream_tls,
+        upstream_protocol,
     })
 }
 
@@ -719,6 +737,27 @@ mod tests {
             e.contains("hsts.max_age_s = 63072001 is out of range"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn h2_to_backends_needs_upstream_tls_and_h2c_refuses_it() {
+        use crate::UpstreamProtocol::{H2c, Http1, H2};
+        let with = |protocol, tls: bool| {
+            let mut t = example();
+            t.services[0].upstream_protocol = protocol;
+            t.services[0].upstream_tls = tls.then(crate::table::UpstreamTls::default);
+            validate(t).map(|v| v.services[0].upstream_protocol)
+        };
+        assert_eq!(with(H2, true).unwrap(), H2);
+        assert_eq!(with(H2c, false).unwrap(), H2c);
+        assert_eq!(with(Http1, true).unwrap(), Http1);
+        for (protocol, tls, says) in [(H2, false, "set upstream_tls"), (H2c, true, "use h2")] {
+            let e = with(protocol, tls).unwrap_err().to_string();
+            assert!(e.contains("upstream_protocol") && e.contains(says), "{e}");
+        }
+        let json = r#"{"version": 1, "services": [{"name": "g", "upstream_protocol": "h3"}]}"#;
+        let e = serde_json::from_str::<Table>(json).unwrap_err().to_string();
+        assert!(e.contains("h3"), "{e}");
     }
 
     #[test]

@@ -248,6 +248,10 @@ pub struct RawService {
     /// TLS to its instances: from the data planes and from the agent's health checks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_tls: Option<RawUpstreamTls>,
+    /// What the data planes speak to its instances: `http1` (default), `h2c` (HTTP/2 with
+    /// prior knowledge) or `h2` (HTTP/2 over TLS, with `upstream_tls`). gRPC needs `h2c` or `h2`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_protocol: Option<rusty_shared::UpstreamProtocol>,
     /// `"acme"`: the agent orders a certificate for each of its hosts from `[tls.acme]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ServiceTls>,
@@ -313,16 +317,22 @@ pub struct RawAutoscale {
 pub enum CheckKind {
     Http,
     Tcp,
+    Grpc,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawHealth {
-    /// `http`: GET `path`, any 2xx or 3xx passes; `tcp`: a connection that opens passes.
+    /// `http`: GET `path`, any 2xx or 3xx passes; `tcp`: a connection that opens passes;
+    /// `grpc`: the standard `grpc.health.v1.Health/Check` over HTTP/2 (h2c, or h2 with
+    /// `upstream_tls`), `SERVING` passes.
     #[serde(default = "default_check")]
     pub kind: CheckKind,
     #[serde(default = "default_health_path")]
     pub path: String,
+    /// For `grpc`: the service asked about (`HealthCheckRequest.service`; empty: the server).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub grpc_service: String,
     #[serde(default = "default_interval")]
     pub interval: Dur,
     #[serde(default = "default_check_timeout")]
@@ -340,6 +350,7 @@ impl Default for RawHealth {
         RawHealth {
             kind: default_check(),
             path: default_health_path(),
+            grpc_service: String::new(),
             interval: default_interval(),
             timeout: default_check_timeout(),
             rise: default_rise(),

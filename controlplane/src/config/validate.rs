@@ -664,6 +664,26 @@ fn service(name: &str, s: &RawService, base_dir: &Path, errs: &mut Errors) -> Op
             }
         }
         CheckKind::Tcp => Probe::Tcp,
+        CheckKind::Grpc => {
+            if h.grpc_service.len() > 200 || h.grpc_service.bytes().any(|b| !b.is_ascii_graphic()) {
+                errs.add(
+                    key("health.grpc_service"),
+                    format!(
+                        "{:?} must be at most 200 visible ASCII characters",
+                        h.grpc_service
+                    ),
+                );
+            }
+            if !s.upstream_protocol.unwrap_or_default().is_h2() {
+                errs.add(
+                    key("health.kind"),
+                    "grpc checks speak HTTP/2: set upstream_protocol to \"h2c\" (or \"h2\" with upstream_tls)",
+                );
+            }
+            Probe::Grpc {
+                service: h.grpc_service.clone(),
+            }
+        }
     };
     if h.interval.0 < Duration::from_millis(10) {
         errs.add(key("health.interval"), "must be at least 10ms");
@@ -779,6 +799,7 @@ fn service(name: &str, s: &RawService, base_dir: &Path, errs: &mut Errors) -> Op
         .upstream_tls
         .as_ref()
         .and_then(|t| upstream_tls(t, base_dir, &key("upstream_tls.ca_file"), errs));
+    route.upstream_protocol = s.upstream_protocol.unwrap_or_default();
     route.upstream_tls = upstream_tls.clone().map(|t| rusty_shared::UpstreamTls {
         server_name: t.server_name,
         ca_pem: t.ca_pem,

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use pingora::apps::ServerApp;
-use pingora::protocols::{Shutdown, Stream};
+use pingora::apps::{HttpServerApp, ServerApp};
+use pingora::protocols::{Shutdown, Stream, ALPN};
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -118,8 +118,11 @@ macro_rules! pass_through_io {
 
 mod accepted;
 mod guarded;
+pub mod h2;
+mod replay;
 pub mod tls;
 pub use guarded::Guarded;
+pub use h2::H2Limits;
 
 use crate::answers::Answer;
 use crate::certs::{Certs, TlsConn};
@@ -147,7 +150,14 @@ pub struct FrontLimits {
     pub rehome: bool,
     /// Longest time a TLS handshake may take, from accept.
     pub tls_handshake_timeout: Duration,
+    /// HTTP/2 connections: ALPN `h2` on the TLS listener, and the h2c preface on plain
+    /// listeners when `h2c` is set.
+    pub h2: H2Limits,
+    pub h2c: bool,
 }
+
+/// What a client sends first on an HTTP/2 connection with prior knowledge (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// The TLS listener: connections accepted on its port are TLS, served with these
 /// certificates.
@@ -221,7 +231,7 @@ impl<A> Front<A> {
 }
 
 #[async_trait]
-impl<A: ServerApp + Send + Sync + 'static> ServerApp for Front<A> {
+impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Front<A> {
     /// Each connection is served by a task of its own on this thread's runtime, and the task
     /// Pingora's listener spawned for it ends at once: Pingora's task is sized for its own
     /// handshake and timeout (about 9 KiB, heaptrack), and would hold that for the life of
@@ -249,7 +259,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Front<A> {
     }
 }
 
-impl<A: ServerApp + Send + Sync + 'static> Front<A> {
+impl<A: HttpServerApp + Send + Sync + 'static> Front<A> {
     /// One client connection, from accept to close.
     async fn serve_connection(self: Arc<Self>, mut stream: Stream) {
         let connections = &self.plane.connections;
@@ -287,6 +297,30 @@ impl<A: ServerApp + Send + Sync + 'static> Front<A> {
         };
         // Our drain signal, not Pingora's (see `shutdown`).
         let drain = self.plane.shutdown.subscribe();
+        // HTTP/2 skips the lane and the HTTP/1 guards: its own loop bounds it.
+        let (stream, h2) = match &tls {
+            Some(_) => {
+                let h2 = stream.selected_alpn_proto() == Some(ALPN::H2);
+                (stream, h2)
+            }
+            None if self.limits.h2c => {
+                match Box::pin(h2c_preface(stream, self.limits.header_timeout)).await {
+                    Some(read) => read,
+                    None => return,
+                }
+            }
+            None => (stream, false),
+        };
+        if h2 {
+            let serve = h2::serve(
+                self.inner.clone(),
+                stream,
+                self.limits.h2,
+                drain,
+                connections,
+            );
+            return Box::pin(serve).await;
+        }
         let mut guarded = Guarded::new(
             stream,
             self.limits.header_timeout,
@@ -310,6 +344,34 @@ impl<A: ServerApp + Send + Sync + 'static> Front<A> {
         let pipeline = connections::with_switch(self.inner.process_new(Box::new(guarded), &drain));
         let _ = Box::pin(pipeline).await;
     }
+}
+
+/// Read a plain connection's first bytes while they match the HTTP/2 preface: `true` when the
+/// whole preface came, `false` at the first byte that differs (an HTTP/1 request). The bytes
+/// read are put back in front of the stream. `None`: closed, or the preface did not finish
+/// within `timeout`.
+async fn h2c_preface(mut stream: Stream, timeout: Duration) -> Option<(Stream, bool)> {
+    let mut read = Vec::with_capacity(H2_PREFACE.len());
+    let h2 = tokio::time::timeout(timeout, async {
+        loop {
+            let mut buf = [0u8; 24];
+            let want = H2_PREFACE.len() - read.len();
+            let n = stream.read(&mut buf[..want]).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            read.extend_from_slice(&buf[..n]);
+            if !H2_PREFACE.starts_with(&read) {
+                return Some(false);
+            }
+            if read.len() == H2_PREFACE.len() {
+                return Some(true);
+            }
+        }
+    })
+    .await
+    .ok()??;
+    Some((Box::new(replay::Replay::new(read, stream)), h2))
 }
 
 /// Move an accepted socket's registration to the runtime this task runs on.

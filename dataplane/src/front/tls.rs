@@ -9,23 +9,21 @@
 //! Plain HTTP sent to this port gets a 400 that says so. The caller bounds all of it in time.
 
 use std::any::Any;
-use std::fmt;
-use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::listeners::tls::Acceptor;
 use pingora::listeners::TlsAccept;
 use pingora::protocols::tls::TlsRef;
-use pingora::protocols::{Peek, Stream};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
+use pingora::protocols::Stream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::answers::Answer;
 use crate::certs::{Certs, TlsConn};
 use crate::connections::Event;
+
+use super::replay::Replay;
 
 /// Largest ClientHello read before the handshake (a post-quantum key share makes one about
 /// 2 KiB; rustls itself refuses handshake messages over 64 KiB).
@@ -110,11 +108,7 @@ pub async fn accept(certs: &Certs, mut stream: Stream) -> Result<(Stream, Arc<Tl
     };
     let acceptor = Acceptor::from_server_config(generation.config.clone());
     let chosen = Chosen(Arc::new(TlsConn { cert, sni }));
-    let replay = Replay {
-        unread: hello,
-        at: 0,
-        inner: stream,
-    };
+    let replay = Replay::new(hello, stream);
     match pingora::protocols::tls::server::handshake_with_callback(&acceptor, replay, &chosen).await
     {
         Ok(tls) => Ok((Box::new(tls), chosen.0)),
@@ -151,47 +145,5 @@ impl TlsAccept for Chosen {
     ) -> Option<Arc<dyn Any + Send + Sync>> {
         // Stored as the `Arc` itself (see `TlsConn::of`).
         Some(Arc::new(self.0.clone()))
-    }
-}
-
-/// The client stream with the ClientHello already read put back in front of it.
-struct Replay {
-    unread: Vec<u8>,
-    at: usize,
-    inner: Stream,
-}
-
-impl AsyncRead for Replay {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if this.at < this.unread.len() {
-            let n = (this.unread.len() - this.at).min(buf.remaining());
-            buf.put_slice(&this.unread[this.at..this.at + n]);
-            this.at += n;
-            if this.at == this.unread.len() {
-                this.unread = Vec::new();
-                this.at = 0;
-            }
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
-    }
-}
-
-pass_through_io!(Replay);
-
-#[async_trait]
-impl Peek for Replay {}
-
-impl fmt::Debug for Replay {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Replay")
-            .field("unread", &(self.unread.len() - self.at))
-            .field("inner", &self.inner)
-            .finish()
     }
 }

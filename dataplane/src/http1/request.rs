@@ -199,6 +199,11 @@ fn check_framing(req: &RequestHeader) -> Result<(), Refused> {
 fn check_host(req: &RequestHeader) -> Result<(), Refused> {
     match first_two(req, HOST) {
         (None, _) if req.version == Version::HTTP_10 => Ok(()),
+        // HTTP/2 names the host in `:authority` (Pingora refuses a stream without one).
+        (None, _) if req.version == Version::HTTP_2 => match req.uri.authority() {
+            Some(authority) => valid_host(authority.as_str().as_bytes()),
+            None => Err(Refused(400, "missing :authority")),
+        },
         (None, _) => Err(Refused(400, "missing Host")),
         (Some(_), Some(_)) => Err(Refused(400, "repeated Host")),
         (Some(h), None) => valid_host(h.as_bytes()),
