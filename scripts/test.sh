@@ -50,6 +50,8 @@ fi
 cargo bench -p rusty-benches --bench dataplane -- --test
 # The load-test harness runs for a few seconds so it keeps working (not a measurement).
 loadtest/run.sh --smoke > /dev/null
+loadtest/run.sh --smoke --targets nginx,rusty-lb,nginx-tls,rusty-lb-tls --bodies "" \
+  --h2-streams 1 --swap-rates "" > /dev/null
 loadtest/soak.sh --smoke > /dev/null
 loadtest/idle.sh --smoke > /dev/null
 loadtest/fanout.sh --smoke > /dev/null

@@ -170,8 +170,8 @@ pub fn with_stream<F: Future>(stream: F) -> impl Future<Output = F::Output> {
     ABANDONED.scope(Cell::new(false), stream)
 }
 
-/// The client of the calling task's HTTP/2 stream left before its answer (the pipeline, when
-/// it logs a 499). Nothing outside a stream's task.
+/// The client of the calling task's HTTP/2 stream left before its answer was through (the
+/// pipeline, when it logs a 499 or a downstream error). Nothing outside a stream's task.
 pub fn abandon_stream() {
     let _ = ABANDONED.try_with(|a| a.set(true));
 }

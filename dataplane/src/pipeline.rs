@@ -640,8 +640,9 @@ impl ProxyHttp for Pipeline {
             None if e.is_some_and(|e| e.esource() == &ErrorSource::Downstream) => 499,
             None => 502,
         };
-        if code == 499 {
-            // An HTTP/2 stream left unanswered counts against its connection's reset budget.
+        if code == 499 || e.is_some_and(|e| e.esource() == &ErrorSource::Downstream) {
+            // An HTTP/2 stream its client left before the answer was through counts against
+            // its connection's reset budget.
             connections::abandon_stream();
         }
         if let Some(log) = &self.plane.access_log {

@@ -1,7 +1,8 @@
 """A real gRPC server and client (grpcio) for the HTTP/2 end-to-end tests.
 
-serve --port P --id ID [--health STATUS]
-                            a plaintext (h2c) gRPC server with generic handlers, no protobuf:
+serve --port P --id ID [--health STATUS] [--tls CERT KEY]
+                            a gRPC server with generic handlers, no protobuf, plaintext (h2c)
+                            or with --tls over TLS (h2 by ALPN):
                             /test.Echo/Unary      answers "ID:" + the request, trailing metadata
                                                   served-by=ID
                             /test.Echo/Stream     the request is "N,MS": N messages MS ms apart
@@ -76,7 +77,12 @@ class Echo(grpc.GenericRpcHandler):
 def serve(args):
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=16))
     server.add_generic_rpc_handlers((Echo(args.id, args.health),))
-    server.add_insecure_port(f"127.0.0.1:{args.port}")
+    if args.tls:
+        cert, key = (open(f, "rb").read() for f in args.tls)
+        creds = grpc.ssl_server_credentials([(key, cert)])
+        server.add_secure_port(f"127.0.0.1:{args.port}", creds)
+    else:
+        server.add_insecure_port(f"127.0.0.1:{args.port}")
     server.start()
     print(f"grpc_peer {args.id} listening on {args.port}", flush=True)
     server.wait_for_termination()
@@ -126,6 +132,7 @@ def main():
     s.add_argument("--port", type=int, required=True)
     s.add_argument("--id", required=True)
     s.add_argument("--health", default="SERVING", choices=sorted(HEALTH))
+    s.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"))
     c = sub.add_parser("call")
     c.add_argument("--target", required=True)
     c.add_argument("--authority", required=True)

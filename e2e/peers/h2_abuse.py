@@ -10,6 +10,7 @@ CASE is one of:
   hpack-bomb          one request whose header block decodes to 2 MiB (one header repeated
                       through the dynamic table)
   settings-flood      50,000 SETTINGS frames (and reading the ACKs), then one request
+  ping-flood          50,000 PING frames (and reading the ACKs), then one request
   zero-window         a window of 0 (SETTINGS_INITIAL_WINDOW_SIZE), one request, and no
                       WINDOW_UPDATE ever: its answer can never be sent
 
@@ -144,9 +145,10 @@ def main():
         block += b"\xbe" * 500
         c.send(frame(HEADERS, END_HEADERS | END_STREAM, 1, block))
         opened = 1
-    elif case == "settings-flood":
+    elif case in ("settings-flood", "ping-flood"):
+        flood = frame(SETTINGS, 0, 0) if case == "settings-flood" else frame(PING, 0, 0, b"12345678")
         for _ in range(50_000):
-            if not c.send(frame(SETTINGS, 0, 0)):
+            if not c.send(flood):
                 break
             c.pump(0)
         c.send(frame(HEADERS, END_HEADERS | END_STREAM, 1, c.request_block()))
@@ -160,7 +162,7 @@ def main():
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and not c.closed:
         c.pump(0.2)
-        if case in ("hpack-bomb", "settings-flood") and (c.statuses or c.goaway is not None):
+        if case in ("hpack-bomb", "settings-flood", "ping-flood") and (c.statuses or c.goaway is not None):
             break
         if case == "zero-window" and (c.resets or c.goaway is not None):
             break

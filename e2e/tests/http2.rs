@@ -3,8 +3,8 @@
 //! backends and a grpcio client (`e2e/peers/grpc_peer.py`) for unary and streaming calls, a
 //! backend killed mid-stream, deadlines, our own errors as gRPC statuses, and hostile clients
 //! written frame by frame (`e2e/peers/h2_abuse.py`): rapid reset, CONTINUATION flood, HPACK
-//! bomb, SETTINGS flood and a window kept at zero, each bounded, with a plain request on a
-//! fresh connection served after it.
+//! bomb, SETTINGS and PING floods and a window kept at zero, each bounded, with a plain request
+//! on a fresh connection served after it.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -28,8 +28,12 @@ struct GrpcServer {
 
 impl GrpcServer {
     fn start(id: &str) -> GrpcServer {
+        GrpcServer::start_with(id, &[])
+    }
+
+    fn start_with(id: &str, extra: &[String]) -> GrpcServer {
         let port = free_port();
-        let args = [
+        let mut args = vec![
             peer("grpc_peer.py").display().to_string(),
             "serve".into(),
             "--port".into(),
@@ -37,6 +41,7 @@ impl GrpcServer {
             "--id".into(),
             id.into(),
         ];
+        args.extend(extra.iter().cloned());
         let proc = Proc::spawn(id, std::path::Path::new("python3"), &args);
         wait_for_port(port, Duration::from_secs(20));
         GrpcServer { proc, port }
@@ -460,6 +465,82 @@ fn the_agent_checks_grpc_instances_with_the_health_service_and_routes_calls_to_t
     assert_eq!(calls[0]["code"], "UNAVAILABLE", "{}", calls[0]);
 }
 
+#[test]
+fn grpc_calls_reach_backends_over_h2_with_tls_verified_against_the_tables_ca() {
+    let dir = TempDir::new("grpc-h2-tls");
+    let (pki, certs) = certs(&dir);
+    let backend_certs = dir.path("backend");
+    pki.issue(&backend_certs, "api", &["DNS:api.internal"], 10);
+    let tls_args = |pair: &str| {
+        vec![
+            "--tls".to_owned(),
+            backend_certs
+                .join(format!("{pair}.crt"))
+                .display()
+                .to_string(),
+            backend_certs
+                .join(format!("{pair}.key"))
+                .display()
+                .to_string(),
+        ]
+    };
+    let g1 = GrpcServer::start_with("g1", &tls_args("api"));
+    let echo = Echo::start("e1");
+    let ca = std::fs::read_to_string(pki.ca()).unwrap();
+    let extra = serde_json::json!({
+        "upstream_protocol": "h2",
+        "upstream_tls": {"server_name": "api.internal", "ca_pem": ca},
+    });
+    let table = dir.path("table.json");
+    write_atomic(
+        &table,
+        &grpc_table(1, &echo.addr(), &[&g1], &extra.to_string()),
+    );
+    let lb = TlsLb::start(&certs, &["--table".into(), table.display().to_string()]);
+    lb.lb.wait_version(1, Duration::from_secs(10));
+    let target = format!("127.0.0.1:{}", lb.tls_port);
+    let ca_file = pki.ca();
+    let calls = grpc_calls(
+        &target,
+        "grpc.test",
+        Some(&ca_file),
+        &["--count", "3", "Unary", "s"],
+    );
+    assert!(
+        calls
+            .iter()
+            .all(|c| c["code"] == "OK" && c["served_by"] == "g1"),
+        "{calls:?}"
+    );
+    let calls = grpc_calls(&target, "grpc.test", Some(&ca_file), &["Stream", "3,10"]);
+    assert_eq!(
+        calls[0]["reply"],
+        serde_json::json!(["g1:0", "g1:1", "g1:2"]),
+        "{}",
+        calls[0]
+    );
+
+    // A name the backend's certificate does not carry: nothing reaches it, the call is
+    // UNAVAILABLE, and the failed handshake is counted.
+    let wrong = serde_json::json!({
+        "upstream_protocol": "h2",
+        "upstream_tls": {"server_name": "other.internal", "ca_pem": std::fs::read_to_string(pki.ca()).unwrap()},
+    });
+    write_atomic(
+        &table,
+        &grpc_table(2, &echo.addr(), &[&g1], &wrong.to_string()),
+    );
+    lb.lb.proc.signal("HUP");
+    lb.lb.wait_version(2, Duration::from_secs(10));
+    let calls = grpc_calls(&target, "grpc.test", Some(&ca_file), &["Unary", "s"]);
+    assert_eq!(calls[0]["code"], "UNAVAILABLE", "{}", calls[0]);
+    assert!(
+        lb.lb.metric(
+            "rustybalancer_upstream_errors_total{service=\"grpc\",backend=\"g1\",kind=\"tls_handshake\"}"
+        ) >= 1.0
+    );
+}
+
 /// One hostile client against the h2c listener; its JSON report.
 fn abuse(port: u16, host: &str, case: &str) -> Value {
     let out = Command::new("python3")
@@ -522,10 +603,17 @@ fn hostile_http2_clients_are_bounded_and_a_fresh_connection_is_still_served() {
     };
     let mut report = Vec::new();
 
-    // Rapid reset, each stream reset at once: h2's own bound (20 resets before accept).
+    // Rapid reset, each stream reset at once: h2's own bound (20 resets before accept) ends
+    // the connection. The client has written hundreds of streams into the socket by the time
+    // it sees that; what counts is how few became requests.
+    let requests = |lb: &Lb| lb.served_by_backend("web").values().sum::<u64>();
+    let before = requests(&lb);
     let r = abuse(lb.port, "web.test", "rapid-reset-now");
     assert!(calmed(&r), "{r}");
-    assert!(r["opened"].as_u64().unwrap() < 1000, "{r}");
+    std::thread::sleep(Duration::from_millis(300));
+    let became = requests(&lb) - before;
+    assert!(became < 256, "{became} requests from {r}");
+    eprintln!("rapid reset at once: {became} requests reached the pipeline");
     report.push(("rapid reset, at once", r));
     fresh();
 
@@ -564,11 +652,31 @@ fn hostile_http2_clients_are_bounded_and_a_fresh_connection_is_still_served() {
     report.push(("HPACK bomb", r));
     fresh();
 
-    // 50,000 SETTINGS: each acknowledged, nothing kept, and the request after them served.
-    let r = abuse(lb.port, "web.test", "settings-flood");
-    assert_eq!(r["statuses"], serde_json::json!([200]), "{r}");
-    report.push(("SETTINGS flood", r));
-    fresh();
+    // 50,000 SETTINGS, then PINGs: each acknowledged, nothing kept, and the request after
+    // them served.
+    let rss = |pid: i32| {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+            .unwrap()
+    };
+    let before = rss(lb.proc.pid());
+    for (case, name) in [
+        ("settings-flood", "SETTINGS flood"),
+        ("ping-flood", "PING flood"),
+    ] {
+        let r = abuse(lb.port, "web.test", case);
+        assert_eq!(r["statuses"], serde_json::json!([200]), "{r}");
+        report.push((name, r));
+        fresh();
+    }
+    let after = rss(lb.proc.pid());
+    assert!(
+        after < before + 16 * 1024,
+        "RSS {before} kB → {after} kB over the floods"
+    );
 
     // A window kept at zero: the answer cannot go out; the stream is reset at --send-timeout.
     let r = abuse(lb.port, "web.test", "zero-window");
@@ -578,7 +686,7 @@ fn hostile_http2_clients_are_bounded_and_a_fresh_connection_is_still_served() {
     report.push(("window kept at zero", r));
     fresh();
 
-    eprintln!("\n| case | streams opened | GOAWAY | lasted |\n|---|---:|---|---:|");
+    eprintln!("\n| case | streams the client sent | GOAWAY | lasted |\n|---|---:|---|---:|");
     for (case, r) in &report {
         eprintln!(
             "| {case} | {} | {} | {} s |",
