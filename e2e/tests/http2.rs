@@ -541,6 +541,159 @@ fn grpc_calls_reach_backends_over_h2_with_tls_verified_against_the_tables_ca() {
     );
 }
 
+/// Backend answers the HTTP/2 lane and the pipeline must pass on alike (`rusty-echo
+/// --script`: each case is what the backend sends for `/case/NAME`).
+const SCRIPT: &str = r#"
+case length
+  send "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Kind: length\r\n\r\nhello"
+case chunked
+  send "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n"
+  sleep 20
+  send "7\r\n, world\r\n0\r\nX-Trailer: t\r\n\r\n"
+case until-close
+  send "HTTP/1.1 200 OK\r\nX-Kind: close\r\n\r\nuntil"
+  sleep 20
+  send " close"
+  close
+case hop-by-hop
+  send "HTTP/1.1 200 OK\r\nConnection: X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nX-Open: 2\r\nContent-Length: 2\r\n\r\nok"
+case no-content
+  send "HTTP/1.1 204 No Content\r\nX-Kind: empty\r\n\r\n"
+case interim
+  send "HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nyes"
+case two-lengths
+  send "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc"
+case not-found
+  send "HTTP/1.1 404 Not Found\r\nContent-Length: 4\r\n\r\nnope"
+case cut
+  send "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello"
+  sleep 20
+  close
+"#;
+
+/// What an HTTP/2 client got: status, fields (sorted, lower-case, without `date` and
+/// `x-request-id`), body.
+fn h2_answer(port: u16, method: &str, path: &str) -> (u16, Vec<String>, String) {
+    let how: &[&str] = if method == "HEAD" {
+        &["-I"]
+    } else {
+        &["-D", "-", "-X", method]
+    };
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--http2-prior-knowledge"])
+        .args(["-H", "Host: web.test"])
+        .args(how)
+        .arg(format!("http://127.0.0.1:{port}{path}"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let mut fields: Vec<String> = lines
+        .map(str::to_ascii_lowercase)
+        .filter(|l| !l.starts_with("date:") && !l.starts_with("x-request-id:"))
+        .collect();
+    fields.sort();
+    (status, fields, body.to_owned())
+}
+
+#[test]
+fn the_http2_lane_answers_as_the_pipeline_does_and_takes_plain_streams_only() {
+    let dir = TempDir::new("h2-lane");
+    let script = dir.path("script.txt");
+    std::fs::write(&script, SCRIPT).unwrap();
+    let scripted = Echo::start_with("s1", &["--script", script.to_str().unwrap()]);
+    let table = dir.path("table.json");
+    write_atomic(&table, &table_json(1, &scripted.addr()));
+    let start = |extra: &[&str]| {
+        let mut args = vec![
+            "--table".to_owned(),
+            table.display().to_string(),
+            "--h2c".to_owned(),
+            "--threads".to_owned(),
+            "1".to_owned(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let lb = Lb::start(&args);
+        lb.wait_version(1, Duration::from_secs(10));
+        lb
+    };
+    let lane = start(&[]);
+    let pipeline = start(&["--no-fast-lane"]);
+    let lane_count = |lb: &Lb| lb.metric("rustybalancer_fast_lane_requests_total");
+    for (method, case) in [
+        ("GET", "length"),
+        ("GET", "chunked"),
+        ("GET", "until-close"),
+        ("GET", "hop-by-hop"),
+        ("GET", "no-content"),
+        ("GET", "interim"),
+        ("GET", "two-lengths"),
+        ("GET", "not-found"),
+        ("HEAD", "length"),
+    ] {
+        let path = format!("/case/{case}");
+        let before = lane_count(&lane);
+        let by_lane = h2_answer(lane.port, method, &path);
+        let by_pipeline = h2_answer(pipeline.port, method, &path);
+        assert_eq!(by_lane, by_pipeline, "{method} {case}: lane, then pipeline");
+        lane.wait_metric(
+            "rustybalancer_fast_lane_requests_total",
+            before + 1.0,
+            Duration::from_secs(5),
+        );
+        eprintln!("{method} {case}: {by_lane:?}");
+    }
+    let (status, fields, body) = h2_answer(lane.port, "GET", "/case/chunked");
+    assert_eq!((status, body.as_str()), (200, "hello, world"), "{fields:?}");
+    let (_, fields, _) = h2_answer(lane.port, "GET", "/case/hop-by-hop");
+    assert!(
+        fields
+            .iter()
+            .all(|f| !f.starts_with("x-secret") && !f.starts_with("keep-alive")),
+        "{fields:?}"
+    );
+    assert_eq!(h2_answer(lane.port, "GET", "/case/two-lengths").0, 502);
+    // A body the backend breaks off: the stream is reset on both paths, so the client knows.
+    for lb in [&lane, &pipeline] {
+        let out = Command::new("curl")
+            .args(["-sS", "--http2-prior-knowledge", "-H", "Host: web.test"])
+            .arg(format!("http://127.0.0.1:{}/case/cut", lb.port))
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+
+    // A stream with a body is the pipeline's.
+    let before = lane_count(&lane);
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--http2-prior-knowledge",
+            "-H",
+            "Host: web.test",
+            "-d",
+            "x=1",
+        ])
+        .arg(format!("http://127.0.0.1:{}/case/length", lane.port))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(lane_count(&lane), before, "a POST is not the lane's");
+    assert_eq!(lane_count(&pipeline), 0.0);
+}
+
 /// One hostile client against the h2c listener; its JSON report.
 fn abuse(port: u16, host: &str, case: &str) -> Value {
     let out = Command::new("python3")
@@ -613,7 +766,7 @@ fn hostile_http2_clients_are_bounded_and_a_fresh_connection_is_still_served() {
     std::thread::sleep(Duration::from_millis(300));
     let became = requests(&lb) - before;
     assert!(became < 256, "{became} requests from {r}");
-    eprintln!("rapid reset at once: {became} requests reached the pipeline");
+    eprintln!("rapid reset at once: {became} requests reached a backend");
     report.push(("rapid reset, at once", r));
     fresh();
 

@@ -1,10 +1,11 @@
 //! HTTP/2 client connections: the accept loop of one connection that negotiated `h2` (ALPN on
-//! the TLS listener, or the preface with `--h2c`), run by the front in place of the lane. Each
-//! stream goes through the pipeline as a request of its own. The loop bounds what one
+//! the TLS listener, or the preface with `--h2c`), run by the front. Each stream is a request
+//! of its own, served by the lane when it is plain and by the pipeline otherwise. The loop bounds what one
 //! connection can make the proxy do: requests in the pipeline at once, streams the client
 //! abandons before their answer (rapid reset), malformed streams, time to the preface and time
 //! with no stream open; a graceful shutdown sends GOAWAY. It reads no request itself.
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +17,9 @@ use pingora::protocols::http::ServerSession;
 use pingora::protocols::{Digest, Stream};
 use pingora::server::ShutdownWatch;
 
+use crate::certs::TlsConn;
 use crate::connections::{self, Connections, H2Close};
+use crate::lane::Lane;
 
 /// Limits of HTTP/2 client connections, from the command line.
 #[derive(Debug, Clone, Copy)]
@@ -59,9 +62,29 @@ struct Tally {
     abandoned: AtomicUsize,
 }
 
-/// Serve an HTTP/2 connection until it closes: `app` gets each stream.
+/// Where the streams of a connection go: the lane first, if there is one, then `app`.
+pub struct Streams<A> {
+    pub app: Arc<A>,
+    pub lane: Option<Lane>,
+    /// The client's address and TLS facts, the same for every stream.
+    pub peer: Option<IpAddr>,
+    pub tls: Option<Arc<TlsConn>>,
+}
+
+impl<A> Clone for Streams<A> {
+    fn clone(&self) -> Self {
+        Streams {
+            app: self.app.clone(),
+            lane: self.lane.clone(),
+            peer: self.peer,
+            tls: self.tls.clone(),
+        }
+    }
+}
+
+/// Serve an HTTP/2 connection until it closes.
 pub async fn serve<A>(
-    app: Arc<A>,
+    streams: Streams<A>,
     stream: Stream,
     limits: H2Limits,
     drain: ShutdownWatch,
@@ -137,11 +160,22 @@ pub async fn serve<A>(
             break Some(H2Close::RapidReset);
         }
         tally.in_flight.fetch_add(1, Relaxed);
-        let (app, tally, drain) = (app.clone(), tally.clone(), drain.clone());
+        let (streams, tally, drain) = (streams.clone(), tally.clone(), drain.clone());
         tokio::spawn(async move {
             let request = async {
-                app.process_new_http(ServerSession::new_http2(session), &drain)
-                    .await;
+                let left = match &streams.lane {
+                    Some(lane) => {
+                        lane.serve_h2(session, streams.peer, streams.tls.as_deref())
+                            .await
+                    }
+                    None => Some(session),
+                };
+                if let Some(session) = left {
+                    streams
+                        .app
+                        .process_new_http(ServerSession::new_http2(session), &drain)
+                        .await;
+                }
                 connections::stream_abandoned()
             };
             if connections::with_stream(request).await {

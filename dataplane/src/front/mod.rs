@@ -312,13 +312,13 @@ impl<A: HttpServerApp + Send + Sync + 'static> Front<A> {
             None => (stream, false),
         };
         if h2 {
-            let serve = h2::serve(
-                self.inner.clone(),
-                stream,
-                self.limits.h2,
-                drain,
-                connections,
-            );
+            let streams = h2::Streams {
+                app: self.inner.clone(),
+                lane: self.lane.clone(),
+                peer,
+                tls,
+            };
+            let serve = h2::serve(streams, stream, self.limits.h2, drain, connections);
             return Box::pin(serve).await;
         }
         let mut guarded = Guarded::new(

@@ -7,6 +7,8 @@ use std::borrow::Cow;
 use std::mem::MaybeUninit;
 use std::ops::Range;
 
+use pingora::http::ResponseHeader;
+
 use super::editor::{self, Line, Name, Origin, RequestIds};
 use super::Limits;
 
@@ -349,18 +351,110 @@ pub fn response_framing<'h>(
     })
 }
 
+/// Where [`response_head`] writes the head a client gets: the bytes of an HTTP/1.1 head
+/// (`Vec<u8>`, the fast lane's clients), or the status and fields of an HTTP/2 answer
+/// ([`H2Head`]).
+pub trait ResponseOut {
+    /// The status line; the reason as the backend gave it, if it gave one.
+    fn status(&mut self, status: u16, reason: Option<&str>);
+    /// One field, its value as received (an obsolete line fold in it is the writer's to
+    /// flatten).
+    fn field(&mut self, name: &[u8], value: &[u8]);
+    /// After the fields of a final response: an HTTP/1 client learns that a body delimited
+    /// by the backend's close comes `chunked`, and whether its connection stays open.
+    fn finish(&mut self, until_close: bool, close: bool);
+    /// The end of the head, interim or final.
+    fn end(&mut self);
+}
+
+impl ResponseOut for Vec<u8> {
+    #[inline]
+    fn status(&mut self, status: u16, reason: Option<&str>) {
+        self.clear();
+        self.extend_from_slice(b"HTTP/1.1 ");
+        // httparse reads exactly three digits.
+        self.extend_from_slice(&status_digits(status));
+        if let Some(reason) = reason {
+            self.push(b' ');
+            self.extend_from_slice(reason.as_bytes());
+        }
+        self.extend_from_slice(b"\r\n");
+    }
+
+    #[inline]
+    fn field(&mut self, name: &[u8], value: &[u8]) {
+        self.extend_from_slice(name);
+        self.extend_from_slice(b": ");
+        // An obsolete line fold becomes spaces (RFC 9112 §5.2).
+        self.extend(
+            value
+                .iter()
+                .map(|&b| if b == b'\r' || b == b'\n' { b' ' } else { b }),
+        );
+        self.extend_from_slice(b"\r\n");
+    }
+
+    #[inline]
+    fn finish(&mut self, until_close: bool, close: bool) {
+        if until_close {
+            // Re-framed for the client, which keeps its connection (the pipeline does the same).
+            self.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
+        }
+        if close {
+            self.extend_from_slice(b"Connection: close\r\n");
+        } else {
+            self.extend_from_slice(b"Connection: keep-alive\r\n");
+        }
+    }
+
+    #[inline]
+    fn end(&mut self) {
+        self.extend_from_slice(b"\r\n");
+    }
+}
+
+/// The head of an HTTP/2 answer made by [`response_head`]: HTTP/2 has no reason phrase, no
+/// `Connection` and no transfer coding (its frames delimit the body).
+#[derive(Default)]
+pub struct H2Head(pub Option<ResponseHeader>);
+
+impl ResponseOut for H2Head {
+    fn status(&mut self, status: u16, _reason: Option<&str>) {
+        self.0 = ResponseHeader::build(status, Some(16)).ok();
+    }
+
+    fn field(&mut self, name: &[u8], value: &[u8]) {
+        let Some(head) = self.0.as_mut() else { return };
+        let value: Vec<u8> = value
+            .iter()
+            .map(|&b| if b == b'\r' || b == b'\n' { b' ' } else { b })
+            .collect();
+        // httparse passed the name as a token and the value without controls but tab.
+        if let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(name),
+            http::HeaderValue::from_bytes(&value),
+        ) {
+            let _ = head.append_header(name, value);
+        }
+    }
+
+    fn finish(&mut self, _until_close: bool, _close: bool) {}
+
+    fn end(&mut self) {}
+}
+
 /// Parse a backend's response head at the start of `buf`; `Ok(None)` if incomplete. On
-/// success the client's head is in `out` (cleared first): status and headers as received
-/// minus those the editor keeps back (hop-by-hop), plus the client connection's
-/// own `Connection` (as the pipeline writes it): `close` when `close`, else `keep-alive`. A
-/// body that runs until the backend closes is sent to the client chunked. `hsts`, when given,
+/// success the client's head is in `out` (started anew): status and fields as received minus
+/// those the editor keeps back (hop-by-hop), and for an HTTP/1 client its connection's own
+/// `Connection` (as the pipeline writes it): `close` when `close`, else `keep-alive`. A body
+/// that runs until the backend closes is sent to an HTTP/1 client chunked. `hsts`, when given,
 /// is the `Strict-Transport-Security` value the client gets instead of the backend's.
 pub fn response_head(
     buf: &[u8],
     head_request: bool,
     close: bool,
     hsts: Option<&str>,
-    out: &mut Vec<u8>,
+    out: &mut impl ResponseOut,
 ) -> Result<Option<Response>, BadResponse> {
     let mut headers = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_RESPONSE_HEADERS];
     let mut resp = httparse::Response::new(&mut []);
@@ -388,15 +482,7 @@ pub fn response_head(
     let framing = response_framing(version, status, head_request, lines())?;
     let (body, reusable) = (framing.body, framing.reusable);
 
-    out.clear();
-    out.extend_from_slice(b"HTTP/1.1 ");
-    // httparse reads exactly three digits.
-    out.extend_from_slice(&status_digits(status));
-    if let Some(reason) = resp.reason.filter(|r| !r.is_empty()) {
-        out.push(b' ');
-        out.extend_from_slice(reason.as_bytes());
-    }
-    out.extend_from_slice(b"\r\n");
+    out.status(status, resp.reason.filter(|r| !r.is_empty()));
     // Most responses name nothing in `Connection` but `keep-alive` or `close`: then there is
     // nothing for the editor to read.
     let edit = editor::read_response(status, lines().filter(|_| framing.options));
@@ -411,33 +497,15 @@ pub fn response_head(
         if hsts.is_some() && line.name.eq_ignore_ascii_case(b"strict-transport-security") {
             continue;
         }
-        out.extend_from_slice(line.name);
-        out.extend_from_slice(b": ");
-        // An obsolete line fold becomes spaces (RFC 9112 §5.2).
-        out.extend(
-            line.value
-                .iter()
-                .map(|&b| if b == b'\r' || b == b'\n' { b' ' } else { b }),
-        );
-        out.extend_from_slice(b"\r\n");
+        out.field(line.name, line.value);
     }
     if status >= 200 {
         if let Some(value) = hsts {
-            out.extend_from_slice(b"Strict-Transport-Security: ");
-            out.extend_from_slice(value.as_bytes());
-            out.extend_from_slice(b"\r\n");
+            out.field(b"Strict-Transport-Security", value.as_bytes());
         }
-        if body == Body::UntilClose {
-            // Re-framed for the client, which keeps its connection (the pipeline does the same).
-            out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
-        }
-        if close {
-            out.extend_from_slice(b"Connection: close\r\n");
-        } else {
-            out.extend_from_slice(b"Connection: keep-alive\r\n");
-        }
+        out.finish(body == Body::UntilClose, close);
     }
-    out.extend_from_slice(b"\r\n");
+    out.end();
     Ok(Some(Response {
         len,
         status,

@@ -382,6 +382,17 @@ const MAX_SIZE_DIGITS: u8 = 16;
 impl ChunkScan {
     /// Scan bytes; `Some(n)` if the body ended after `n` of them.
     pub(crate) fn scan(&mut self, bytes: &[u8]) -> Result<Option<usize>, Bad> {
+        self.scan_data(bytes, |_| {})
+    }
+
+    /// [`ChunkScan::scan`], handing each run of chunk data to `data` as it is passed (the
+    /// body without its framing, for a client that frames it another way).
+    #[inline]
+    pub(crate) fn scan_data(
+        &mut self,
+        bytes: &[u8],
+        mut data: impl FnMut(&[u8]),
+    ) -> Result<Option<usize>, Bad> {
         let mut i = 0;
         while i < bytes.len() {
             let b = bytes[i];
@@ -456,6 +467,7 @@ impl ChunkScan {
                 },
                 ChunkScan::Data(left) => {
                     let skip = left.min((bytes.len() - i) as u64);
+                    data(&bytes[i..i + skip as usize]);
                     i += skip as usize;
                     *self = if skip == left {
                         ChunkScan::DataCr
@@ -640,6 +652,29 @@ mod tests {
         let mut phase = Phase::head();
         feed_copy(&mut phase, &chunked(b"10\r\nabc")).unwrap();
         assert_eq!(phase, Phase::Chunked(ChunkScan::Data(13)));
+    }
+
+    #[test]
+    fn the_data_of_a_chunked_body_comes_out_whole_however_it_is_split() {
+        let body = b"5;ext\r\nabcde\r\nA\r\n0123456789\r\n0\r\nTrailer: x\r\n\r\nNEXT";
+        let end = body.len() - 4;
+        for split in 0..body.len() {
+            for second in split..body.len() {
+                let mut scan = ChunkScan::default();
+                let mut data = Vec::new();
+                let mut ended = None;
+                let mut at = 0;
+                for part in [&body[..split], &body[split..second], &body[second..]] {
+                    if ended.is_none() {
+                        let got = scan.scan_data(part, |d| data.extend_from_slice(d)).unwrap();
+                        ended = got.map(|n| at + n);
+                    }
+                    at += part.len();
+                }
+                assert_eq!(data, b"abcde0123456789", "split at {split}, {second}");
+                assert_eq!(ended, Some(end), "split at {split}, {second}");
+            }
+        }
     }
 
     #[test]

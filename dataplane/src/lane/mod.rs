@@ -5,6 +5,7 @@
 //! bytes it read, and never attempts a request the pipeline will. Called by the front only.
 //! `docs/request-path.md` walks both paths.
 
+mod h2;
 pub mod pool;
 pub mod spare;
 
@@ -47,6 +48,7 @@ pub enum Served {
 }
 
 /// The fast lane of one listener.
+#[derive(Clone)]
 pub struct Lane {
     plane: Arc<Plane>,
 }
