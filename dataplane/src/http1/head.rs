@@ -741,4 +741,51 @@ mod tests {
         }
         assert_eq!(response("HTTP/1.1 200 OK\r\n", false, false).0, Ok(None));
     }
+
+    #[test]
+    fn an_http2_head_has_the_same_fields_without_framing_or_connection() {
+        let raw = "HTTP/1.1 200 Fine\r\nConnection: X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\n\
+                   X-Folded: a\r\n b\r\nStrict-Transport-Security: max-age=1\r\nX-Keep: 2\r\n\r\nbody";
+        let mut h1 = Vec::new();
+        let mut h2 = H2Head::default();
+        let hsts = Some("max-age=63072000");
+        let a = response_head(raw.as_bytes(), false, false, hsts, &mut h1)
+            .unwrap()
+            .unwrap();
+        let b = response_head(raw.as_bytes(), false, false, hsts, &mut h2)
+            .unwrap()
+            .unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.body, Body::UntilClose);
+        let h1 = String::from_utf8(h1).unwrap();
+        assert!(
+            h1.contains("Transfer-Encoding: chunked\r\n") && h1.contains("Connection: keep-alive")
+        );
+        let head = h2.0.expect("a head");
+        assert_eq!(head.status.as_u16(), 200);
+        let fields: Vec<(String, String)> = head
+            .headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_owned()))
+            .collect();
+        // What the HTTP/1 client gets, less what HTTP/2 frames itself.
+        assert_eq!(
+            fields,
+            [
+                ("x-folded".to_owned(), "a   b".to_owned()),
+                ("x-keep".to_owned(), "2".to_owned()),
+                (
+                    "strict-transport-security".to_owned(),
+                    "max-age=63072000".to_owned()
+                ),
+            ]
+        );
+        for (name, value) in &fields {
+            assert!(
+                h1.to_ascii_lowercase()
+                    .contains(&format!("{name}: {value}")),
+                "{h1}"
+            );
+        }
+    }
 }
