@@ -43,6 +43,8 @@ healthy_timeout = "5s"
     agent.wait_until("one instance in the table", Duration::from_secs(15), |st| {
         st["services"][0]["healthy"] == 1
     });
+    // The agent counts an instance healthy before every data plane has the table with it.
+    wait_backends(&lb, 1, Duration::from_secs(10));
 
     // A light load (about one request in flight, under the target of 2 per instance).
     let light = LoadLoop::start(lb.port, "localhost", 1, Duration::from_secs(60));
@@ -153,6 +155,8 @@ healthy_timeout = "5s"
     agent.wait_until("3 instances in the table", Duration::from_secs(15), |st| {
         st["services"][0]["healthy"] == 3
     });
+    // The agent counts instances healthy before every data plane has the table with them.
+    wait_backends(&lb, 3, Duration::from_secs(10));
     let load = LoadLoop::start(lb.port, "localhost", 4, Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(500));
 

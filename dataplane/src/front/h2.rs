@@ -71,17 +71,6 @@ pub struct Streams<A> {
     pub tls: Option<Arc<TlsConn>>,
 }
 
-impl<A> Clone for Streams<A> {
-    fn clone(&self) -> Self {
-        Streams {
-            app: self.app.clone(),
-            lane: self.lane.clone(),
-            peer: self.peer,
-            tls: self.tls.clone(),
-        }
-    }
-}
-
 /// Serve an HTTP/2 connection until it closes.
 pub async fn serve<A>(
     streams: Streams<A>,
@@ -118,6 +107,9 @@ pub async fn serve<A>(
     };
     counters.count_h2_connection();
     let tally = Arc::new(Tally::default());
+    // Shared by the connection's stream tasks: one reference count per stream.
+    let streams = Arc::new(streams);
+    let peer_text: Option<Arc<str>> = streams.peer.map(|ip| ip.to_string().into());
     // In the pipeline at once: twice the streams the client may open, since a stream the client
     // resets is closed for h2 at once while its request may still be on its way.
     let max_in_flight = 2 * limits.max_streams as usize;
@@ -161,12 +153,13 @@ pub async fn serve<A>(
         }
         tally.in_flight.fetch_add(1, Relaxed);
         let (streams, tally, drain) = (streams.clone(), tally.clone(), drain.clone());
+        let peer_text = peer_text.clone();
         tokio::spawn(async move {
             let request = async {
                 let left = match &streams.lane {
                     Some(lane) => {
-                        lane.serve_h2(session, streams.peer, streams.tls.as_deref())
-                            .await
+                        let client = (streams.peer, peer_text.as_deref());
+                        lane.serve_h2(session, client, streams.tls.as_deref()).await
                     }
                     None => Some(session),
                 };

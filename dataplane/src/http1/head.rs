@@ -425,10 +425,17 @@ impl ResponseOut for H2Head {
 
     fn field(&mut self, name: &[u8], value: &[u8]) {
         let Some(head) = self.0.as_mut() else { return };
-        let value: Vec<u8> = value
-            .iter()
-            .map(|&b| if b == b'\r' || b == b'\n' { b' ' } else { b })
-            .collect();
+        // Only a folded value needs a copy (an obsolete line fold becomes spaces).
+        let value: Cow<'_, [u8]> = if value.iter().any(|&b| b == b'\r' || b == b'\n') {
+            Cow::Owned(
+                value
+                    .iter()
+                    .map(|&b| if b == b'\r' || b == b'\n' { b' ' } else { b })
+                    .collect(),
+            )
+        } else {
+            Cow::Borrowed(value)
+        };
         // httparse passed the name as a token and the value without controls but tab.
         if let (Ok(name), Ok(value)) = (
             http::HeaderName::from_bytes(name),

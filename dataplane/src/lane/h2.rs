@@ -97,14 +97,16 @@ impl Cut {
 
 impl Lane {
     /// Serve an HTTP/2 stream if it is plain; otherwise give it back as it came, for the
-    /// pipeline. `peer` and `tls` are its connection's.
+    /// pipeline. `client` (the address, and as `X-Forwarded-For` writes it) and `tls` are its
+    /// connection's.
     pub async fn serve_h2(
         &self,
         mut stream: Stream,
-        peer: Option<IpAddr>,
+        client: (Option<IpAddr>, Option<&str>),
         tls: Option<&TlsConn>,
     ) -> Option<Stream> {
-        let Some(plan) = self.plan(&stream, peer, tls) else {
+        let peer = client.0;
+        let Some(plan) = self.plan(&stream, client, tls) else {
             return Some(stream);
         };
         let plane = &*self.plane;
@@ -192,7 +194,12 @@ impl Lane {
 
     /// The lane's plan for a stream, or `None` when the pipeline is to serve it: the same
     /// conditions as the HTTP/1 lane's, on the fields HTTP/2 gives.
-    fn plan(&self, stream: &Stream, peer: Option<IpAddr>, tls: Option<&TlsConn>) -> Option<Plan> {
+    fn plan(
+        &self,
+        stream: &Stream,
+        (peer, client): (Option<IpAddr>, Option<&str>),
+        tls: Option<&TlsConn>,
+    ) -> Option<Plan> {
         let plane = &*self.plane;
         let req = stream.req_header();
         let head_request = match req.method {
@@ -259,9 +266,8 @@ impl Lane {
                 upstream_head.add_line(&line);
             }
         }
-        let client = peer.map(|ip| ip.to_string());
         let origin = Origin {
-            client: client.as_deref().map(str::as_bytes),
+            client: client.map(str::as_bytes),
             trusted,
             proto: if tls.is_some() {
                 Proto::Https
