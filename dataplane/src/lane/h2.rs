@@ -11,9 +11,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use pingora::protocols::http::v2::server::HttpSession as Stream;
-use tokio::io::AsyncWriteExt;
 
-use super::{connect, pool, read_upstream, replayable, Lane, Rest};
+use super::{pool, read_upstream, replayable, send_head, Lane, Rest};
 use crate::access_log::Entry;
 use crate::answers::Answer;
 use crate::attempt::{Failure, Routed};
@@ -341,24 +340,8 @@ async fn exchange(
     buf: &mut Vec<u8>,
 ) -> Result<Result<Delivered, Cut>, Failure> {
     let timeout = backend.peer.options.read_timeout;
-    let pooled = if fresh {
-        None
-    } else {
-        pool::take(backend.addr)
-    };
-    let reused = pooled.is_some();
-    let mut up = match pooled {
-        Some(conn) => conn,
-        None => connect(backend).await.map_err(Failure::Connect)?,
-    };
+    let (mut up, reused) = send_head(backend, upstream_head, fresh).await?;
     let stale = Failure::Stale { replayable: true };
-    if up.write_all(upstream_head).await.is_err() {
-        return Err(if reused {
-            stale
-        } else {
-            replayable(UpstreamError::Closed)
-        });
-    }
     buf.clear();
     let mut heard = false;
     let mut interim = 0u8;

@@ -416,24 +416,8 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let timeout = backend.peer.options.read_timeout;
-    let pooled = if fresh {
-        None
-    } else {
-        pool::take(backend.addr)
-    };
-    let reused = pooled.is_some();
-    let mut up = match pooled {
-        Some(conn) => conn,
-        None => connect(backend).await.map_err(Failure::Connect)?,
-    };
+    let (mut up, reused) = send_head(backend, &bufs.request, fresh).await?;
     let stale = Failure::Stale { replayable: true };
-    if up.write_all(&bufs.request).await.is_err() {
-        return Err(if reused {
-            stale
-        } else {
-            replayable(UpstreamError::Closed)
-        });
-    }
     bufs.upstream.clear();
     let mut head = HeadRead {
         heard: false,
@@ -514,6 +498,34 @@ where
         pool::put(backend.addr, up);
     }
     Ok(Ok(Answered { status, keep }))
+}
+
+/// An upstream connection for one attempt with `head` sent on it: a pooled one unless `fresh`
+/// (or none is idle), else a new one; and whether it was pooled, since a pooled connection
+/// found closed before any byte of an answer is `Stale`, not the backend's failure.
+async fn send_head(
+    backend: &Backend,
+    head: &[u8],
+    fresh: bool,
+) -> Result<(TcpStream, bool), Failure> {
+    let pooled = if fresh {
+        None
+    } else {
+        pool::take(backend.addr)
+    };
+    let reused = pooled.is_some();
+    let mut up = match pooled {
+        Some(conn) => conn,
+        None => connect(backend).await.map_err(Failure::Connect)?,
+    };
+    if up.write_all(head).await.is_err() {
+        return Err(if reused {
+            Failure::Stale { replayable: true }
+        } else {
+            replayable(UpstreamError::Closed)
+        });
+    }
+    Ok((up, reused))
 }
 
 /// A failure of a backend that took a plain request: a bodiless GET or HEAD, and nothing has
