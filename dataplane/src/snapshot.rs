@@ -91,6 +91,17 @@ pub struct Backend {
 }
 
 impl Service {
+    /// Whether the fast lane may take this service's plain requests (`tls`: the request came
+    /// over TLS). With no backend there is nothing to attempt; with capped ones, admission
+    /// decides; TLS or HTTP/2 to the backends and the redirect to HTTPS are the pipeline's.
+    pub fn lane_serves(&self, tls: bool) -> bool {
+        !(self.limited
+            || self.backends.is_empty()
+            || self.upstream_tls
+            || self.upstream_h2
+            || (self.https_redirect && !tls))
+    }
+
     /// The backend for the next attempt (see [`Balancer::pick`]).
     pub fn pick(&self, tried: &[u32], now: u64) -> Option<u32> {
         self.balancer.pick(tried, now)

@@ -34,7 +34,8 @@ struct Plan {
     /// The HTTP/1.1 head that goes upstream.
     upstream_head: Vec<u8>,
     head_request: bool,
-    /// The request id the backend gets (the client's, or the one the editor made up).
+    /// The request id the backend gets (the client's, or the one the editor made up), when
+    /// there is an access log to write it to.
     request_id: Vec<u8>,
 }
 
@@ -43,11 +44,13 @@ struct UpstreamHead<'a> {
     out: &'a mut Vec<u8>,
     request_id: Option<Vec<u8>>,
     in_id: bool,
+    /// Keep the id (only the access log reads it).
+    keep_id: bool,
 }
 
 impl HeaderOut for UpstreamHead<'_> {
     fn start(&mut self, name: &'static str) {
-        self.in_id = name == "x-request-id";
+        self.in_id = self.keep_id && name == "x-request-id";
         self.out.start(name);
     }
     fn value(&mut self, value: &[u8]) {
@@ -105,7 +108,8 @@ impl Lane {
         tls: Option<&TlsConn>,
     ) -> Option<Stream> {
         let peer = client.0;
-        let Some(plan) = self.plan(&stream, client, tls) else {
+        let start = Instant::now();
+        let Some(plan) = self.plan(&stream, client, tls, start) else {
             return Some(stream);
         };
         let plane = &*self.plane;
@@ -115,7 +119,6 @@ impl Lane {
             head_request,
             request_id,
         } = plan;
-        let start = Instant::now();
         stream.set_write_timeout(Some(plane.send_timeout));
         let hsts = routed.service().hsts.clone().filter(|_| tls.is_some());
         let mut buf = Vec::with_capacity(super::READ_CHUNK);
@@ -198,6 +201,7 @@ impl Lane {
         stream: &Stream,
         (peer, client): (Option<IpAddr>, Option<&str>),
         tls: Option<&TlsConn>,
+        start: Instant,
     ) -> Option<Plan> {
         let plane = &*self.plane;
         let req = stream.req_header();
@@ -235,13 +239,7 @@ impl Lane {
             return None;
         }
         let s = snapshot.router.route(authority, path_bytes)?;
-        let svc = &snapshot.services[s as usize];
-        if svc.limited
-            || svc.backends.is_empty()
-            || svc.upstream_tls
-            || svc.upstream_h2
-            || (svc.https_redirect && tls.is_none())
-        {
+        if !snapshot.services[s as usize].lane_serves(tls.is_some()) {
             return None;
         }
         let trusted = plane.trusted.trusts(peer);
@@ -262,7 +260,9 @@ impl Lane {
         for (name, value) in req.headers.iter() {
             let line = Line::new(name.as_str().as_bytes(), value.as_bytes());
             if edit.forwards(&line) {
-                upstream_head.add_line(&line);
+                for part in [line.name, b": ", line.value, b"\r\n"] {
+                    upstream_head.extend_from_slice(part);
+                }
             }
         }
         let origin = Origin {
@@ -274,40 +274,30 @@ impl Lane {
                 Proto::Http
             },
         };
+        let logged = plane.access_log.is_some();
         let mut out = UpstreamHead {
             out: &mut upstream_head,
             request_id: None,
             in_id: false,
+            keep_id: logged,
         };
         edit.add_headers(&origin, &plane.ids, Some(authority), &mut out);
+        // For the access log only: the id the backend got, the client's or the editor's.
         let request_id = match out.request_id.take() {
             Some(id) => id,
-            None => req
+            None if logged => req
                 .headers
                 .get("x-request-id")
                 .map_or_else(Vec::new, |v| v.as_bytes().to_vec()),
+            None => Vec::new(),
         };
         upstream_head.extend_from_slice(b"\r\n");
         Some(Plan {
-            routed: Routed::new(snapshot.clone(), s, Instant::now()),
+            routed: Routed::new(snapshot, s, start),
             upstream_head,
             head_request,
             request_id,
         })
-    }
-}
-
-/// A field line of the client's, as it goes upstream.
-trait AddLine {
-    fn add_line(&mut self, line: &Line<'_>);
-}
-
-impl AddLine for Vec<u8> {
-    fn add_line(&mut self, line: &Line<'_>) {
-        self.extend_from_slice(line.name);
-        self.extend_from_slice(b": ");
-        self.extend_from_slice(line.value);
-        self.extend_from_slice(b"\r\n");
     }
 }
 

@@ -241,15 +241,7 @@ impl Lane {
         {
             return None;
         }
-        let svc = &snapshot.services[s as usize];
-        // With no backend there is nothing to attempt; with capped ones, admission decides;
-        // TLS or HTTP/2 to the backends and the redirect to HTTPS are the pipeline's.
-        if svc.limited
-            || svc.backends.is_empty()
-            || svc.upstream_tls
-            || svc.upstream_h2
-            || (svc.https_redirect && tls.is_none())
-        {
+        if !snapshot.services[s as usize].lane_serves(tls.is_some()) {
             return None;
         }
         let start = Instant::now();
