@@ -2,7 +2,7 @@
 # Install what building and testing RustyBalancer needs on a fresh Debian machine:
 # cmake (Pingora's libz-ng-sys builds zlib-ng with it), curl, pebble (an offline ACME CA for
 # the tests), chromium (headless, for the status pages), prometheus (with promtool, for the
-# monitoring test), grpcio and h2 from PyPI (the HTTP/2 tests) and cargo-nextest if they are
+# monitoring test), openssl (the Swarm stack's secrets), grpcio and h2 from PyPI (the HTTP/2 tests) and cargo-nextest if they are
 # missing.
 set -euo pipefail
 
@@ -17,6 +17,8 @@ command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 # The monitoring test runs a real Prometheus and checks the shipped rules with promtool.
 command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
+# The Swarm stack's secrets (scripts/swarm-secrets.sh) and the TLS tests' certificates.
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 if ((${#need_apt[@]})); then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -94,6 +94,8 @@ pub struct Core {
     publisher: Publisher,
     metrics: Arc<Metrics>,
     desired_file: Option<std::path::PathBuf>,
+    /// Where else the desired state is kept (the swarm runtime's state service).
+    desired_keeper: Option<watch::Sender<Desired>>,
     saved: Desired,
     events_tx: mpsc::UnboundedSender<Event>,
     events_rx: Option<mpsc::UnboundedReceiver<Event>>,
@@ -136,6 +138,7 @@ impl Core {
             events_tx,
             events_rx: Some(events_rx),
             desired_file: None,
+            desired_keeper: None,
             saved: Desired::default(),
             started_at: Instant::now(),
             published: false,
@@ -146,6 +149,29 @@ impl Core {
     /// whose config has not changed since.
     pub fn with_saved_state(mut self, file: std::path::PathBuf) -> Core {
         let saved = Desired::load(&file);
+        self.restore(&saved);
+        self.saved = saved;
+        self.desired_file = Some(file);
+        self
+    }
+
+    /// Also keep the desired state through `keeper`, and start from `kept` when there is one:
+    /// kept in Swarm, it outlives the state dir of an agent that moved to another node.
+    pub fn with_kept_state(
+        mut self,
+        kept: Option<Desired>,
+        keeper: watch::Sender<Desired>,
+    ) -> Core {
+        if let Some(kept) = kept {
+            self.restore(&kept);
+            self.saved = kept;
+        }
+        self.desired_keeper = Some(keeper);
+        self
+    }
+
+    /// Start each service from `saved` where its config has not changed since.
+    fn restore(&mut self, saved: &Desired) {
         for (name, entry) in &saved.services {
             let Some(s) = self.services.get_mut(name) else {
                 continue;
@@ -164,20 +190,17 @@ impl Core {
                 );
             }
         }
-        self.saved = saved;
-        self.desired_file = Some(file);
-        self
     }
 
     fn save_desired(&mut self) {
-        let Some(file) = &self.desired_file else {
+        if self.desired_file.is_none() && self.desired_keeper.is_none() {
             return;
-        };
+        }
         let now = Desired {
             services: self
                 .services
                 .values()
-                .filter(|s| matches!(s.spec.runtime, RuntimeKind::Process | RuntimeKind::Docker))
+                .filter(|s| s.spec.runtime.starts_instances())
                 .filter_map(|s| {
                     let (replicas, run) = s.desired();
                     (replicas != s.spec.replicas || run != s.spec.run).then(|| {
@@ -195,9 +218,21 @@ impl Core {
                 .collect(),
         };
         if now != self.saved {
-            match now.save(file) {
-                Ok(()) => self.saved = now,
-                Err(e) => error!(file = %file.display(), "cannot save the desired state: {e}"),
+            if let Some(keeper) = &self.desired_keeper {
+                keeper.send_if_modified(|kept| {
+                    let changed = *kept != now;
+                    if changed {
+                        kept.clone_from(&now);
+                    }
+                    changed
+                });
+            }
+            match &self.desired_file {
+                Some(file) => match now.save(file) {
+                    Ok(()) => self.saved = now,
+                    Err(e) => error!(file = %file.display(), "cannot save the desired state: {e}"),
+                },
+                None => self.saved = now,
             }
         }
     }
@@ -845,13 +880,15 @@ fn merge_run(
 ) -> Result<RunSpec, ApiError> {
     let mut run = current.clone();
     match (spec.runtime, &req.command, &req.image) {
-        (RuntimeKind::Docker, Some(_), _) => return Err(ApiError::Invalid(
-            "command: a docker service runs its image; deploy a new image (args replace its CMD)"
-                .into(),
-        )),
+        (kind, Some(_), _) if kind.runs_images() => {
+            return Err(ApiError::Invalid(format!(
+                "command: a {} service runs its image; deploy a new image (args replace its CMD)",
+                kind.name()
+            )))
+        }
         (RuntimeKind::Process, _, Some(_)) => {
             return Err(ApiError::Invalid(
-                "image: only for docker services; deploy a command".into(),
+                "image: only for docker and swarm services; deploy a command".into(),
             ))
         }
         _ => {}

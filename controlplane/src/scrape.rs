@@ -6,6 +6,10 @@
 //! `rustybalancer_inflight_requests{service="…"}` (for autoscaling), and the backends any of them
 //! reports in `rustybalancer_backend_ejected` (for outliers). When none answers there is no
 //! sample at all (missing data is not a zero load, so it must not scale anything in).
+//!
+//! A data plane named `tasks.SERVICE:PORT` is Swarm's DNS name for every task of a service (the
+//! data planes' global service): it is resolved each round and every address is scraped as one
+//! data plane, so data planes on nodes that join or leave are followed without a config change.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -14,7 +18,7 @@ use rusty_shared::exposition::samples;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 /// One reading of the data planes: requests in flight per service (summed), and the backends
 /// any of them reports ejected. Sent to the core on its own channel.
@@ -87,6 +91,35 @@ async fn fetch(addr: &str, token: Option<&str>) -> Result<String, String> {
         .map_err(|_| "timed out".to_owned())?
 }
 
+/// The data planes to scrape this round: `tasks.` names expanded to every address they resolve
+/// to (sorted, so the order and the log are stable); others as written. A `tasks.` name that
+/// does not resolve stays as written, to fail (and be logged) like an unreachable data plane.
+async fn expand(planes: &[String]) -> Vec<String> {
+    let mut out = Vec::with_capacity(planes.len());
+    for plane in planes {
+        if !plane.starts_with("tasks.") {
+            out.push(plane.clone());
+            continue;
+        }
+        match tokio::net::lookup_host(plane.as_str()).await {
+            Ok(addrs) => {
+                let mut addrs: Vec<String> = addrs.map(|a| a.to_string()).collect();
+                addrs.sort();
+                addrs.dedup();
+                if addrs.is_empty() {
+                    out.push(plane.clone());
+                }
+                out.extend(addrs);
+            }
+            Err(e) => {
+                debug!(data_plane = %plane, "does not resolve: {e}");
+                out.push(plane.clone());
+            }
+        }
+    }
+    out
+}
+
 /// Scrape every data plane each `interval` and hand the summed load to the core, until shutdown.
 pub async fn run(
     planes: Vec<String>,
@@ -95,27 +128,44 @@ pub async fn run(
     samples: mpsc::Sender<Sample>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    // Data planes whose last scrape failed: a change either way is logged once.
+    // Data planes whose last scrape failed, and those whose last one answered: a change either
+    // way, and the first answer of each (one found through `tasks.`, say), is logged once.
     let mut failing: HashSet<String> = HashSet::new();
+    let mut answering: HashSet<String> = HashSet::new();
     // Each data plane's last ejected set, kept while it does not answer: a failed scrape must
     // not look like its ejections ended (and then began again).
     let mut last_ejected: HashMap<String, HashSet<(String, String)>> = HashMap::new();
     loop {
         let mut total: HashMap<String, f64> = HashMap::new();
         let mut answered = 0;
-        for plane in &planes {
+        let targets = expand(&planes).await;
+        // Data planes that left (a node gone from the swarm) take their ejections with them.
+        last_ejected.retain(|plane, _| targets.contains(plane));
+        failing.retain(|plane| targets.contains(plane));
+        answering.retain(|plane| {
+            let stays = targets.contains(plane);
+            if !stays {
+                info!(data_plane = %plane, "data plane gone from the names resolved");
+            }
+            stays
+        });
+        for plane in &targets {
             match fetch(plane, token.as_deref()).await {
                 Ok(text) => {
                     answered += 1;
                     if failing.remove(plane) {
                         warn!(data_plane = %plane, "metrics answer again");
+                    } else if !answering.contains(plane) {
+                        info!(data_plane = %plane, "metrics answer");
                     }
+                    answering.insert(plane.clone());
                     for (svc, v) in inflight_by_service(&text) {
                         *total.entry(svc).or_insert(0.0) += v;
                     }
                     last_ejected.insert(plane.clone(), ejected_backends(&text));
                 }
                 Err(e) => {
+                    answering.remove(plane);
                     if failing.insert(plane.clone()) {
                         warn!(data_plane = %plane, error = %e,
                             "cannot read the data plane's metrics; autoscaling uses the others");
@@ -128,7 +178,7 @@ pub async fn run(
             let sample = Sample {
                 inflight: total,
                 ejected: last_ejected.values().flatten().cloned().collect(),
-                complete: answered == planes.len(),
+                complete: answered == targets.len(),
             };
             if samples.send(sample).await.is_err() {
                 return;
@@ -144,6 +194,19 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_tasks_name_is_every_address_it_resolves_to_and_others_stay_as_written() {
+        // `tasks.localhost` is no Swarm name here, and resolves to nothing: it stays as written
+        // (to fail like an unreachable data plane) rather than vanish from `complete`.
+        let planes = vec![
+            "127.0.0.1:9100".to_owned(),
+            "localhost:9100".to_owned(),
+            "tasks.rustybalancer-no-such-service.invalid:9100".to_owned(),
+        ];
+        let got = expand(&planes).await;
+        assert_eq!(got, planes);
+    }
 
     #[test]
     fn inflight_is_read_per_service_and_other_series_are_ignored() {

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     pub agent: AgentSettings,
     pub docker: Option<DockerSettings>,
+    pub swarm: SwarmSettings,
     pub services: Vec<ServiceSpec>,
     /// Certificate files for the data planes, checked when the config was read.
     pub certificates: Vec<CertFile>,
@@ -46,6 +47,22 @@ pub struct DockerSettings {
     pub keep_on_exit: bool,
 }
 
+/// Names of what the swarm runtime creates (see `config::RawSwarm`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SwarmSettings {
+    pub prefix: String,
+    pub stack: Option<String>,
+}
+
+impl Default for SwarmSettings {
+    fn default() -> Self {
+        SwarmSettings {
+            prefix: "rb".to_owned(),
+            stack: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct AgentSettings {
     pub listen: SocketAddr,
@@ -74,6 +91,7 @@ pub enum RuntimeKind {
     Process,
     Static,
     Docker,
+    Swarm,
     Discovered,
 }
 
@@ -83,8 +101,22 @@ impl RuntimeKind {
             RuntimeKind::Process => "process",
             RuntimeKind::Static => "static",
             RuntimeKind::Docker => "docker",
+            RuntimeKind::Swarm => "swarm",
             RuntimeKind::Discovered => "discovered",
         }
+    }
+
+    /// Does the agent start and stop its instances (so it can scale, deploy and replace them)?
+    pub fn starts_instances(self) -> bool {
+        matches!(
+            self,
+            RuntimeKind::Process | RuntimeKind::Docker | RuntimeKind::Swarm
+        )
+    }
+
+    /// Does it run images (`image`, `port`, `network`)?
+    pub fn runs_images(self) -> bool {
+        matches!(self, RuntimeKind::Docker | RuntimeKind::Swarm)
     }
 }
 
@@ -93,7 +125,7 @@ impl RuntimeKind {
 pub struct RunSpec {
     /// `process`: the program. Empty for other runtimes.
     pub command: String,
-    /// `docker`: the image. Empty for other runtimes.
+    /// `docker`, `swarm`: the image. Empty for other runtimes.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub image: String,
     pub args: Vec<String>,
@@ -152,7 +184,7 @@ pub struct ServiceSpec {
     pub run: RunSpec,
     /// `static` only: the fixed backend addresses.
     pub addresses: Vec<SocketAddr>,
-    /// `docker` only: where containers listen and which network they join.
+    /// `docker`, `swarm`: where containers listen and which network they join.
     pub container: Option<ContainerPlacement>,
     pub replicas: u32,
     pub stop_grace: Duration,
@@ -187,6 +219,8 @@ pub fn max_weight(slow_start: bool) -> u32 {
 pub struct ContainerPlacement {
     pub port: u16,
     pub network: String,
+    /// `swarm`: placement constraints of its tasks (empty for `docker`).
+    pub constraints: Vec<String>,
 }
 
 /// Names one instance: `web-7` is instance 7 of service `web`.

@@ -22,9 +22,11 @@ use crate::publish::Publisher;
 use crate::runtime::docker::{self, DockerRuntime};
 use crate::runtime::fixed::StaticRuntime;
 use crate::runtime::process::ProcessRuntime;
+use crate::runtime::swarm::{SwarmPlacement, SwarmRuntime};
 use crate::runtime::{Runtime, RuntimeEvent};
 use crate::server::{self, Shared};
 use crate::spec::{Config, RuntimeKind};
+use crate::state::Desired;
 
 pub async fn run(config: Config) -> Result<()> {
     let agent = &config.agent;
@@ -57,8 +59,13 @@ pub async fn run(config: Config) -> Result<()> {
         )),
     );
     runtimes.insert(RuntimeKind::Static, Arc::new(StaticRuntime::new(statics)));
+    let runtime_tx_swarm = runtime_tx_docker.clone();
     if let Some(docker) = docker_runtime(&config, runtime_tx_docker).await? {
         runtimes.insert(RuntimeKind::Docker, docker);
+    }
+    let swarm = swarm_runtime(&config, runtime_tx_swarm).await?;
+    if let Some(swarm) = &swarm {
+        runtimes.insert(RuntimeKind::Swarm, swarm.clone());
     }
 
     let metrics = Arc::new(Metrics::default());
@@ -74,6 +81,15 @@ pub async fn run(config: Config) -> Result<()> {
         metrics.clone(),
     )
     .with_saved_state(agent.state_dir.join("desired.json"));
+    let core = match &swarm {
+        Some(swarm) => {
+            let kept = swarm.load_desired().await;
+            let (keeper, kept_rx) = watch::channel(kept.clone().unwrap_or_default());
+            tokio::spawn(keep_desired_in_swarm(swarm.clone(), kept_rx));
+            core.with_kept_state(kept, keeper)
+        }
+        None => core,
+    };
     let (commands_tx, commands_rx) = mpsc::channel(64);
     // Kept here for the whole run, so the core's sample channel stays open without a scraper.
     let (samples_tx, samples_rx) = mpsc::channel(4);
@@ -197,6 +213,61 @@ fn tls_acceptor(tls: &crate::spec::AgentTls) -> Result<tokio_rustls::TlsAcceptor
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(pair.key)));
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The swarm runtime, when a service runs on Swarm: the engine must be a manager and each
+/// service's network an overlay, or the start stops here saying which.
+async fn swarm_runtime(
+    config: &Config,
+    events: mpsc::UnboundedSender<RuntimeEvent>,
+) -> Result<Option<Arc<SwarmRuntime>>> {
+    let placements: HashMap<_, _> = config
+        .services
+        .iter()
+        .filter(|s| s.runtime == RuntimeKind::Swarm)
+        .filter_map(|s| {
+            s.container.clone().map(|container| {
+                (
+                    s.name.clone(),
+                    SwarmPlacement {
+                        container,
+                        stop_grace: s.stop_grace,
+                    },
+                )
+            })
+        })
+        .collect();
+    if placements.is_empty() {
+        return Ok(None);
+    }
+    let mut settings = config.swarm.clone();
+    // stack.yaml passes the stack's name, which the config file cannot know.
+    if let (None, Ok(stack)) = (&settings.stack, std::env::var("RUSTY_SWARM_STACK")) {
+        settings.stack = Some(stack).filter(|s| !s.is_empty());
+    }
+    let endpoint = docker::endpoint(config.docker.as_ref());
+    let engine = docker::connect(&endpoint).await?;
+    let runtime = SwarmRuntime::new(engine, endpoint.clone(), settings, events, placements).await?;
+    info!(%endpoint, prefix = %config.swarm.prefix, "Swarm manager connected");
+    runtime.watch();
+    Ok(Some(runtime))
+}
+
+/// Write each change of the desired state to Swarm, the latest one first; a failed write is
+/// tried again (the state dir still has it meanwhile).
+async fn keep_desired_in_swarm(swarm: Arc<SwarmRuntime>, mut kept: watch::Receiver<Desired>) {
+    while kept.changed().await.is_ok() {
+        loop {
+            let desired = kept.borrow_and_update().clone();
+            match swarm.save_desired(&desired).await {
+                Ok(()) => break,
+                Err(e) => {
+                    warn!("cannot keep the desired state in Swarm: {e}; trying again");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
 }
 
 /// The Docker runtime, when a service runs containers or discovery is on. An engine that does

@@ -816,6 +816,7 @@ pub fn proxy_to(a: &Echo, tag: &str, extra: &[&str]) -> (TempDir, Lb) {
 
 /// Reading answers off a raw client connection exactly as a client must frame them, for tests
 /// that compare answers byte for byte (the lane against the pipeline).
+pub mod engine;
 pub mod tls;
 
 pub mod wire {

@@ -9,6 +9,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+use rusty_e2e::engine::{docker, engine_answers, images_ready, run};
 use std::time::{Duration, Instant};
 
 use rusty_e2e::*;
@@ -17,38 +19,6 @@ const LIMIT: Duration = Duration::from_secs(60);
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn engine_answers() -> bool {
-    match Command::new("docker").arg("info").output() {
-        Ok(o) if o.status.success() => true,
-        Ok(o) => {
-            eprintln!(
-                "DOCKER TESTS SKIPPED: `docker info` failed: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            );
-            false
-        }
-        Err(e) => {
-            eprintln!("DOCKER TESTS SKIPPED: cannot run `docker`: {e}");
-            false
-        }
-    }
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn docker(args: &[&str]) -> String {
-    String::from_utf8_lossy(&run(Command::new("docker").args(args)).stdout).into_owned()
 }
 
 /// One Compose project with its own network, ports and state; `down` on drop.
@@ -298,25 +268,9 @@ fn the_compose_stack_deploys_scales_rolls_heals_adopts_discovers_and_cleans_up()
     if !engine_answers() {
         return;
     }
-    // `scripts/test.sh --quick` before any image was built; the full run always builds them.
-    if let Ok(why) = std::env::var("RUSTY_SKIP_DOCKER") {
-        eprintln!("DOCKER STACK TEST SKIPPED: {why}");
+    if !images_ready("DOCKER STACK TEST") {
         return;
     }
-    let images = Command::new("docker")
-        .args([
-            "image",
-            "inspect",
-            "rustybalancer:production",
-            "rustybalancer-demo:v1",
-            "rustybalancer-demo:v2",
-        ])
-        .output()
-        .expect("docker image inspect");
-    assert!(
-        images.status.success(),
-        "the images are missing: run scripts/images.sh (scripts/test.sh does when the engine answers)"
-    );
 
     // Up: the agent runs one app container; Compose runs one discovered `extra`.
     let stack = Stack::up();

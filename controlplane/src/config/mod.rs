@@ -32,6 +32,8 @@ pub struct RawConfig {
     pub agent: RawAgent,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub docker: Option<RawDocker>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swarm: Option<RawSwarm>,
     #[serde(default)]
     pub services: BTreeMap<String, RawService>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -105,6 +107,21 @@ pub struct RawDocker {
     pub keep_on_exit: bool,
 }
 
+/// How `runtime = "swarm"` services are named and kept in the engine's Swarm.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSwarm {
+    /// Prefix of the Swarm services the agent creates (`PREFIX-SERVICE-N`) and of its state
+    /// service `PREFIX-state`; two agents on one swarm need different prefixes. Default `rb`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// The stack the agent runs in (`docker stack deploy ... NAME`): its services carry the
+    /// stack's label, so `docker stack rm NAME` removes them with it. Default: the environment
+    /// variable `RUSTY_SWARM_STACK` (stack.yaml sets it), else none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stack: Option<String>,
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAgent {
@@ -127,6 +144,8 @@ pub struct RawAgent {
     #[serde(default = "default_instance_host")]
     pub instance_host: String,
     /// Admin listeners (`host:port`) of the data planes whose `/metrics` autoscaling reads.
+    /// `tasks.SERVICE:PORT` (Swarm's DNS name for every task of a service) stands for every
+    /// data plane of a global Swarm service, found again each scrape.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub data_planes: Vec<String>,
     /// Bearer token for those `/metrics`, when the data planes guard them (off loopback).
@@ -171,6 +190,8 @@ pub enum RuntimeName {
     Process,
     Static,
     Docker,
+    /// Each instance a Swarm service of one task, placed by Swarm across its nodes.
+    Swarm,
     /// No instances of its own: only containers found by label discovery.
     Discovered,
 }
@@ -192,15 +213,20 @@ pub struct RawService {
     pub args: Vec<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
-    /// `docker`: the image each instance runs (`args` replace its CMD when given).
+    /// `docker`, `swarm`: the image each instance runs (`args` replace its CMD when given).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
-    /// `docker`: the port the container listens on.
+    /// `docker`, `swarm`: the port the container listens on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
-    /// `docker`: the network containers join and are reached on.
+    /// `docker`, `swarm`: the network containers join and are reached on (`swarm`: an overlay
+    /// network the agent and the data planes are attached to).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<String>,
+    /// `swarm`: placement constraints of its tasks, as in `docker service create --constraint`
+    /// (`node.role==worker`, `node.labels.zone==a`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub constraints: Vec<String>,
     /// `static`: the fixed backend addresses (ip:port).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<String>,

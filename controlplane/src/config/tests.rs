@@ -256,6 +256,43 @@ fn docker_services_need_an_image_a_port_and_a_network() {
 }
 
 #[test]
+fn swarm_services_need_an_overlay_and_take_constraints_and_names() {
+    let e = errors("[services.app]\nruntime = \"swarm\"\nimage = \"a:1\"\nport = 80\n");
+    assert!(
+        e.contains("services.app.network: required with runtime = \"swarm\": the overlay network"),
+        "{e}"
+    );
+    let e = errors(
+        "[swarm]\nprefix = \"Bad_Prefix\"\n[services.app]\nruntime = \"swarm\"\nimage = \"a:1\"\nport = 80\nnetwork = \"ov\"\nconstraints = [\"node.role\"]\n",
+    );
+    for expected in [
+        "agent.toml: swarm.prefix: \"Bad_Prefix\": 1 to 32 lowercase letters",
+        "agent.toml: services.app.constraints[0]: \"node.role\": write ATTRIBUTE==VALUE",
+    ] {
+        assert!(e.contains(expected), "missing {expected:?} in:\n{e}");
+    }
+    let e = errors("[services.app]\ncommand = \"x\"\nconstraints = [\"node.role==worker\"]\n");
+    assert!(
+        e.contains("services.app.constraints: only for runtime = \"swarm\""),
+        "{e}"
+    );
+    let ok = load(
+        "[swarm]\nprefix = \"edge\"\nstack = \"prod\"\n[services.app]\nruntime = \"swarm\"\nimage = \"a:1\"\nport = 80\nnetwork = \"ov\"\nconstraints = [\"node.role==worker\"]\nreplicas = 3\n[services.app.autoscale]\nmin_replicas = 2\nmax_replicas = 5\ntarget_inflight = 10\n[agent]\ndata_planes = [\"tasks.lb:9100\"]\n",
+        None,
+    )
+    .unwrap();
+    let app = &ok.config.services[0];
+    assert_eq!(app.runtime, crate::spec::RuntimeKind::Swarm);
+    assert_eq!(app.run.image, "a:1");
+    let placement = app.container.as_ref().unwrap();
+    assert_eq!(placement.network, "ov");
+    assert_eq!(placement.constraints, ["node.role==worker"]);
+    assert_eq!(ok.config.swarm.prefix, "edge");
+    assert_eq!(ok.config.swarm.stack.as_deref(), Some("prod"));
+    assert!(app.autoscale.is_some());
+}
+
+#[test]
 fn a_discovered_service_runs_nothing() {
     let e = errors("[services.extra]\nruntime = \"discovered\"\ncommand = \"x\"\nreplicas = 2\n");
     assert!(

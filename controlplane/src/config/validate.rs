@@ -10,8 +10,8 @@ use rusty_shared::table::{Backend, Service, Table};
 use super::{CheckKind, KeyError, RawConfig, RawService, RuntimeName};
 use crate::spec::{
     max_weight, AcmeSettings, AgentSettings, Config, ContainerPlacement, DockerSettings,
-    HealthSpec, Probe, RolloutPolicy, RunSpec, RuntimeKind, ServiceSpec, MAX_REPLICAS,
-    SLOW_START_STEPS,
+    HealthSpec, Probe, RolloutPolicy, RunSpec, RuntimeKind, ServiceSpec, SwarmSettings,
+    MAX_REPLICAS, SLOW_START_STEPS,
 };
 
 struct Errors(Vec<KeyError>);
@@ -23,6 +23,33 @@ impl Errors {
             message: message.into(),
         });
     }
+}
+
+/// `[swarm]`: names that become parts of Swarm service names, so only lowercase letters, digits
+/// and dashes (Swarm's own rule for names is looser; a strict one keeps `PREFIX-SERVICE-N` valid).
+fn swarm_settings(raw: Option<&super::RawSwarm>, errs: &mut Errors) -> SwarmSettings {
+    let mut settings = SwarmSettings::default();
+    let Some(raw) = raw else {
+        return settings;
+    };
+    let valid = |v: &str| {
+        (1..=32).contains(&v.len())
+            && v.starts_with(|c: char| c.is_ascii_lowercase())
+            && v.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    };
+    for (field, value) in [("swarm.prefix", &raw.prefix), ("swarm.stack", &raw.stack)] {
+        if let Some(v) = value {
+            if !valid(v) {
+                errs.add(field, format!("{v:?}: 1 to 32 lowercase letters, digits and dashes, starting with a letter"));
+            }
+        }
+    }
+    if let Some(p) = &raw.prefix {
+        settings.prefix = p.clone();
+    }
+    settings.stack = raw.stack.clone();
+    settings
 }
 
 /// Check everything and return the domain config, or every problem found.
@@ -146,6 +173,7 @@ pub fn validate(raw: &RawConfig, base_dir: &Path) -> Result<Config, Vec<KeyError
             );
         }
     }
+    let swarm = swarm_settings(raw.swarm.as_ref(), &mut errs);
     match (listen, instance_host) {
         (Some(listen), Some(instance_host)) if errs.0.is_empty() => Ok(Config {
             agent: AgentSettings {
@@ -167,6 +195,7 @@ pub fn validate(raw: &RawConfig, base_dir: &Path) -> Result<Config, Vec<KeyError
                 discover: d.discover,
                 keep_on_exit: d.keep_on_exit,
             }),
+            swarm,
             services,
             certificates,
             acme,
@@ -511,41 +540,63 @@ fn service(name: &str, s: &RawService, base_dir: &Path, errs: &mut Errors) -> Op
     let mut image = String::new();
     let mut container = None;
     let replicas;
-    let docker_only = [
+    let container_only = [
         ("image", s.image.is_some()),
         ("port", s.port.is_some()),
         ("network", s.network.is_some()),
     ];
-    if s.runtime != RuntimeName::Docker {
-        for (field, set) in docker_only {
+    let runs_images = matches!(s.runtime, RuntimeName::Docker | RuntimeName::Swarm);
+    if !runs_images {
+        for (field, set) in container_only {
             if set {
-                errs.add(key(field), "only for runtime = \"docker\"");
+                errs.add(key(field), "only for runtime = \"docker\" or \"swarm\"");
             }
         }
     }
+    if s.runtime != RuntimeName::Swarm && !s.constraints.is_empty() {
+        errs.add(key("constraints"), "only for runtime = \"swarm\"");
+    }
     match s.runtime {
-        RuntimeName::Docker => {
+        RuntimeName::Docker | RuntimeName::Swarm => {
+            let runtime = if s.runtime == RuntimeName::Swarm {
+                "swarm"
+            } else {
+                "docker"
+            };
             if s.command.is_some() {
                 errs.add(
                     key("command"),
-                    "not for runtime = \"docker\": the image says what runs (args replace its CMD)",
+                    format!("not for runtime = \"{runtime}\": the image says what runs (args replace its CMD)"),
                 );
             }
             if !s.addresses.is_empty() {
                 errs.add(key("addresses"), "only for runtime = \"static\"");
             }
             match s.image.as_deref().map(str::trim) {
-                None | Some("") => errs.add(key("image"), "required with runtime = \"docker\": the image each instance runs, e.g. \"app:v1\""),
+                None | Some("") => errs.add(key("image"), format!("required with runtime = \"{runtime}\": the image each instance runs, e.g. \"app:v1\"")),
                 Some(i) => image = i.to_owned(),
+            }
+            for (i, c) in s.constraints.iter().enumerate() {
+                if !(c.contains("==") || c.contains("!=")) || c.len() > 256 {
+                    errs.add(
+                        format!("{}[{i}]", key("constraints")),
+                        format!("{c:?}: write ATTRIBUTE==VALUE or ATTRIBUTE!=VALUE, e.g. \"node.role==worker\""),
+                    );
+                }
             }
             match (s.port, s.network.as_deref()) {
                 (Some(0), _) => errs.add(key("port"), "must be 1..=65535"),
-                (None, _) => errs.add(key("port"), "required with runtime = \"docker\": the port the container listens on"),
-                (_, None | Some("")) => errs.add(key("network"), "required with runtime = \"docker\": the Docker network its containers join (the data plane must be able to reach it)"),
+                (None, _) => errs.add(key("port"), format!("required with runtime = \"{runtime}\": the port the container listens on")),
+                (_, None | Some("")) => errs.add(key("network"), if runtime == "swarm" {
+                    "required with runtime = \"swarm\": the overlay network its tasks join (the agent and the data planes must be attached to it)".to_owned()
+                } else {
+                    "required with runtime = \"docker\": the Docker network its containers join (the data plane must be able to reach it)".to_owned()
+                }),
                 (Some(port), Some(network)) => {
                     container = Some(ContainerPlacement {
                         port,
                         network: network.to_owned(),
+                        constraints: s.constraints.clone(),
                     })
                 }
             }
@@ -719,10 +770,13 @@ fn service(name: &str, s: &RawService, base_dir: &Path, errs: &mut Errors) -> Op
         None => None,
         Some(auto) => {
             let before = errs.0.len();
-            if !matches!(s.runtime, RuntimeName::Process | RuntimeName::Docker) {
+            if !matches!(
+                s.runtime,
+                RuntimeName::Process | RuntimeName::Docker | RuntimeName::Swarm
+            ) {
                 errs.add(
                     key("autoscale"),
-                    "only for runtime = \"process\" or \"docker\": the agent must start the instances",
+                    "only for runtime = \"process\", \"docker\" or \"swarm\": the agent must start the instances",
                 );
             }
             if auto.min_replicas == 0 || auto.min_replicas > auto.max_replicas {
@@ -771,7 +825,10 @@ fn service(name: &str, s: &RawService, base_dir: &Path, errs: &mut Errors) -> Op
         errs.add(key("ejection_window"), "must be at least 1s");
     }
     let outliers = (s.replace_after_ejections >= 2
-        && matches!(s.runtime, RuntimeName::Process | RuntimeName::Docker))
+        && matches!(
+            s.runtime,
+            RuntimeName::Process | RuntimeName::Docker | RuntimeName::Swarm
+        ))
     .then_some(crate::spec::OutlierSpec {
         ejections: s.replace_after_ejections,
         window: s.ejection_window.0,
@@ -822,6 +879,7 @@ fn service(name: &str, s: &RawService, base_dir: &Path, errs: &mut Errors) -> Op
             RuntimeName::Process => RuntimeKind::Process,
             RuntimeName::Static => RuntimeKind::Static,
             RuntimeName::Docker => RuntimeKind::Docker,
+            RuntimeName::Swarm => RuntimeKind::Swarm,
             RuntimeName::Discovered => RuntimeKind::Discovered,
         },
         run: RunSpec {

@@ -6,10 +6,12 @@
 //! - [`fixed`]: the `static` runtime, fixed addresses the agent only health-checks.
 //!
 //! - [`docker`]: containers through the Docker Engine API, plus discovery of labelled containers.
+//! - [`swarm`]: one Swarm service per instance, placed by Swarm across its nodes.
 
 pub mod docker;
 pub mod fixed;
 pub mod process;
+pub mod swarm;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
