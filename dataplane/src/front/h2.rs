@@ -5,7 +5,9 @@
 //! abandons before their answer (rapid reset), malformed streams, time to the preface and time
 //! with no stream open; a graceful shutdown sends GOAWAY. It reads no request itself.
 
+use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
@@ -115,10 +117,19 @@ pub async fn serve<A>(
     let max_in_flight = 2 * limits.max_streams as usize;
     let (mut accepted, mut refused, mut malformed) = (0usize, 0usize, 0usize);
     let mut drain = drain;
+    // One stream is served inside this task, polled beside the connection: for the common
+    // client with one request at a time that saves a task and two wake-ups per request (the
+    // stream's task waking this one to send, and back). Streams that arrive while it runs get
+    // tasks of their own.
+    let mut inline: Option<Pin<Box<dyn Future<Output = ()> + Send>>> = None;
     let closing = loop {
         let next = tokio::select! {
             biased;
             _ = drain.changed() => break None,
+            _ = async { inline.as_mut().expect("guarded").await }, if inline.is_some() => {
+                inline = None;
+                continue;
+            }
             next = tokio::time::timeout(limits.idle, server::HttpSession::from_h2_conn(&mut conn, digest.clone())) => next,
         };
         let session = match next {
@@ -133,8 +144,16 @@ pub async fn serve<A>(
                 }
                 continue;
             }
-            // The client closed, or broke the protocol (h2 sent GOAWAY itself).
-            Ok(Ok(None)) | Ok(Err(_)) => return,
+            // The client closed, or broke the protocol (h2 sent GOAWAY itself): the stream
+            // served here may still finish while the connection is driven to its end.
+            Ok(Ok(None)) | Ok(Err(_)) => {
+                if let Some(request) = inline.take() {
+                    let closed = std::future::poll_fn(|cx| conn.poll_closed(cx));
+                    let both = async { tokio::join!(request, closed) };
+                    let _ = tokio::time::timeout(CLOSE_GRACE, both).await;
+                }
+                return;
+            }
         };
         let mut session = session;
         if tally.in_flight.load(Relaxed) >= max_in_flight {
@@ -152,31 +171,23 @@ pub async fn serve<A>(
             break Some(H2Close::RapidReset);
         }
         tally.in_flight.fetch_add(1, Relaxed);
-        let (streams, tally, drain) = (streams.clone(), tally.clone(), drain.clone());
-        let peer_text = peer_text.clone();
-        tokio::spawn(async move {
-            let request = async {
-                let left = match &streams.lane {
-                    Some(lane) => {
-                        let client = (streams.peer, peer_text.as_deref());
-                        lane.serve_h2(session, client, streams.tls.as_deref()).await
-                    }
-                    None => Some(session),
-                };
-                if let Some(session) = left {
-                    streams
-                        .app
-                        .process_new_http(ServerSession::new_http2(session), &drain)
-                        .await;
-                }
-                connections::stream_abandoned()
-            };
-            if connections::with_stream(request).await {
-                tally.abandoned.fetch_add(1, Relaxed);
-            }
-            tally.in_flight.fetch_sub(1, Relaxed);
-        });
+        let request = serve_stream(
+            session,
+            streams.clone(),
+            tally.clone(),
+            drain.clone(),
+            peer_text.clone(),
+        );
+        if inline.is_none() {
+            inline = Some(Box::pin(request));
+        } else {
+            tokio::spawn(request);
+        }
     };
+    // A stream still served here goes on in a task of its own while the connection closes.
+    if let Some(request) = inline.take() {
+        tokio::spawn(request);
+    }
     // Draining, or closed for a reason: GOAWAY, then the streams in flight may finish.
     match closing {
         None => conn.graceful_shutdown(),
@@ -190,6 +201,39 @@ pub async fn serve<A>(
         }
     }
     let _ = tokio::time::timeout(CLOSE_GRACE, finish(&mut conn)).await;
+}
+
+/// One stream: the lane if it takes it, else the pipeline; counted as abandoned if the client
+/// reset it before its answer.
+async fn serve_stream<A>(
+    session: server::HttpSession,
+    streams: Arc<Streams<A>>,
+    tally: Arc<Tally>,
+    drain: ShutdownWatch,
+    peer_text: Option<Arc<str>>,
+) where
+    A: HttpServerApp + Send + Sync + 'static,
+{
+    let request = async {
+        let left = match &streams.lane {
+            Some(lane) => {
+                let client = (streams.peer, peer_text.as_deref());
+                lane.serve_h2(session, client, streams.tls.as_deref()).await
+            }
+            None => Some(session),
+        };
+        if let Some(session) = left {
+            streams
+                .app
+                .process_new_http(ServerSession::new_http2(session), &drain)
+                .await;
+        }
+        connections::stream_abandoned()
+    };
+    if connections::with_stream(request).await {
+        tally.abandoned.fetch_add(1, Relaxed);
+    }
+    tally.in_flight.fetch_sub(1, Relaxed);
 }
 
 /// Drive a connection that sent GOAWAY until it is closed; streams still arriving (sent before
