@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::acme::Acme;
 use crate::auth::Token;
@@ -22,7 +22,7 @@ use crate::publish::Publisher;
 use crate::runtime::docker::{self, DockerRuntime};
 use crate::runtime::fixed::StaticRuntime;
 use crate::runtime::process::ProcessRuntime;
-use crate::runtime::swarm::{SwarmPlacement, SwarmRuntime};
+use crate::runtime::swarm::{SaveError, SwarmPlacement, SwarmRuntime};
 use crate::runtime::{Runtime, RuntimeEvent};
 use crate::server::{self, Shared};
 use crate::spec::{Config, RuntimeKind};
@@ -83,7 +83,7 @@ pub async fn run(config: Config) -> Result<()> {
     .with_saved_state(agent.state_dir.join("desired.json"));
     let core = match &swarm {
         Some(swarm) => {
-            let kept = swarm.load_desired().await;
+            let kept = load_desired(swarm).await?;
             let (keeper, kept_rx) = watch::channel(kept.clone().unwrap_or_default());
             tokio::spawn(keep_desired_in_swarm(swarm.clone(), kept_rx));
             core.with_kept_state(kept, keeper)
@@ -253,6 +253,23 @@ async fn swarm_runtime(
     Ok(Some(runtime))
 }
 
+/// The desired state kept in Swarm, with a few tries: an engine that does not answer must not
+/// read as "nothing kept" (the agent would fall back to the config's scale and version).
+async fn load_desired(swarm: &SwarmRuntime) -> Result<Option<Desired>> {
+    let mut tries = 0;
+    loop {
+        match swarm.load_desired().await {
+            Ok(kept) => return Ok(kept),
+            Err(e) if tries < 10 => {
+                tries += 1;
+                warn!("the desired state kept in Swarm: {e}; trying again");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+            Err(e) => anyhow::bail!("the desired state kept in Swarm cannot be read: {e}"),
+        }
+    }
+}
+
 /// Write each change of the desired state to Swarm, the latest one first; a failed write is
 /// tried again (the state dir still has it meanwhile).
 async fn keep_desired_in_swarm(swarm: Arc<SwarmRuntime>, mut kept: watch::Receiver<Desired>) {
@@ -261,6 +278,10 @@ async fn keep_desired_in_swarm(swarm: Arc<SwarmRuntime>, mut kept: watch::Receiv
             let desired = kept.borrow_and_update().clone();
             match swarm.save_desired(&desired).await {
                 Ok(()) => break,
+                Err(e @ SaveError::TooLarge(_)) => {
+                    error!("cannot keep the desired state in Swarm: {e}; an agent started elsewhere will start from the config");
+                    break;
+                }
                 Err(e) => {
                     warn!("cannot keep the desired state in Swarm: {e}; trying again");
                     tokio::time::sleep(std::time::Duration::from_secs(1)).await;

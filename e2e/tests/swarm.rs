@@ -292,17 +292,39 @@ healthy_timeout = "60s"
     }
 
     /// The running container of a Swarm service's task on this node.
+    /// (Waits for one while the service's task starts.)
     fn container_of(&self, service: &str) -> String {
+        let start = Instant::now();
+        loop {
+            let out = docker(&[
+                "ps",
+                "-q",
+                "--filter",
+                &format!("label=com.docker.swarm.service.name={service}"),
+            ]);
+            if let Some(id) = out.split_whitespace().next() {
+                return id.to_owned();
+            }
+            assert!(
+                start.elapsed() < LIMIT,
+                "no running container of {service} within {LIMIT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The overlay address of the running task of a Swarm service on this node.
+    fn task_ip(&self, service: &str) -> String {
         docker(&[
-            "ps",
-            "-q",
-            "--filter",
-            &format!("label=com.docker.swarm.service.name={service}"),
+            "inspect",
+            "--format",
+            &format!(
+                "{{{{(index .NetworkSettings.Networks \"{}\").IPAddress}}}}",
+                self.network
+            ),
+            &self.container_of(service),
         ])
         .trim()
-        .lines()
-        .next()
-        .unwrap_or_else(|| panic!("no running container of {service}"))
         .to_owned()
     }
 
@@ -316,21 +338,13 @@ healthy_timeout = "60s"
             ("secret", vec!["secret", "ls", "-q", "--filter", &label]),
             ("config", vec!["config", "ls", "-q", "--filter", &label]),
         ] {
-            let out = Command::new("docker").args(&args).output();
-            if let Ok(o) = out {
-                for id in String::from_utf8_lossy(&o.stdout).split_whitespace() {
-                    left.push(format!("{kind} {id}"));
-                }
+            for id in docker(&args).split_whitespace() {
+                left.push(format!("{kind} {id}"));
             }
         }
         let agent = format!("label=rustybalancer.agent={}", self.name);
-        if let Ok(o) = Command::new("docker")
-            .args(["service", "ls", "-q", "--filter", &agent])
-            .output()
-        {
-            for id in String::from_utf8_lossy(&o.stdout).split_whitespace() {
-                left.push(format!("agent service {id}"));
-            }
+        for id in docker(&["service", "ls", "-q", "--filter", &agent]).split_whitespace() {
+            left.push(format!("agent service {id}"));
         }
         left.sort();
         left.dedup();
@@ -503,9 +517,38 @@ fn the_swarm_stack_scales_rolls_heals_moves_its_agent_and_cleans_up() {
     assert_eq!(
         before.iter().map(|b| &b.0).collect::<Vec<_>>(),
         after.iter().map(|b| &b.0).collect::<Vec<_>>(),
-        "the same instance, at its task's new address"
+        "the same instances"
     );
+    // The instance is in the table at the address of the task Swarm started in its place.
+    let new_ip = stack.task_ip(&victim);
+    let moved: Vec<_> = after.iter().filter(|b| !before.contains(b)).collect();
+    assert!(
+        after
+            .iter()
+            .any(|(_, addr)| addr == &format!("{new_ip}:8000")),
+        "the new task's address {new_ip} is in the table: {after:?}"
+    );
+    eprintln!("swarm: the killed task's instance moved: {moved:?}");
     assert_eq!(stack.app_services().len(), 3);
+
+    // An operator removes an instance's Swarm service: the agent creates it again.
+    let before_removal = stack.app_services();
+    let removed = before_removal[1].clone();
+    docker(&["service", "rm", &removed]);
+    wait_for("the removed service created again", || {
+        let now = stack.app_services();
+        now.len() == 3 && !now.contains(&removed)
+    });
+    let recreated = stack
+        .app_services()
+        .into_iter()
+        .find(|n| !before_removal.contains(n))
+        .expect("the new service");
+    let ip = stack.task_ip(&recreated);
+    wait_for("the recreated service's task in the table", || {
+        let table = stack.table_backends();
+        table.len() == 3 && table.iter().any(|(_, a)| a == &format!("{ip}:8000"))
+    });
 
     // Kill the agent's task under load: Swarm starts another, which finds its desired state
     // (3 instances of v2, not the config's 1 of v1) and the services in Swarm alone (no state

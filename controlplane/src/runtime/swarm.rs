@@ -19,6 +19,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,7 +35,7 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
-use tracing::{debug, info, warn};
+use tracing::{error, info, warn};
 
 use super::docker::{
     LABEL_GENERATION, LABEL_INSTANCE, LABEL_MANAGED, LABEL_SEQ, LABEL_SERVICE, LABEL_SPEC,
@@ -60,6 +61,10 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_ANSWER: usize = 32 << 20;
 /// Largest desired state kept in a label (the engine caps a whole spec at a few MB).
 const MAX_DESIRED: usize = 256 << 10;
+/// How long adoption waits, for all services together, for tasks that are starting.
+const ADOPT_WAIT: Duration = Duration::from_secs(20);
+/// Attempts at listing this agent's services before adopting none.
+const ADOPT_TRIES: u32 = 10;
 
 /// A task as `/tasks` gives it: only the fields this runtime reads (the engine adds fields
 /// between API versions, so unknown ones are ignored, unlike in our own configs).
@@ -138,12 +143,39 @@ impl SwarmTask {
     }
 }
 
+/// What a call to the engine's API came to, when it did not answer as asked.
+#[derive(Debug)]
+pub enum EngineError {
+    /// 404: the object asked about (a service, a task) does not exist (any more).
+    NotFound,
+    Failed(String),
+}
+
+impl std::fmt::Display for EngineError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EngineError::NotFound => f.write_str("not found"),
+            EngineError::Failed(e) => f.write_str(e),
+        }
+    }
+}
+
+fn is_not_found(e: &bollard::errors::Error) -> bool {
+    matches!(
+        e,
+        bollard::errors::Error::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
+}
+
 /// GET `path` on the engine and parse the JSON answer. HTTP/1.0 and `Connection: close`, so the
 /// answer ends with the connection (no chunked framing to undo).
 async fn engine_get<T: serde::de::DeserializeOwned>(
     endpoint: &str,
     path: &str,
-) -> Result<T, String> {
+) -> Result<T, EngineError> {
     async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         mut s: S,
         path: &str,
@@ -167,8 +199,8 @@ async fn engine_get<T: serde::de::DeserializeOwned>(
         let raw = if let Some(socket) = endpoint.strip_prefix("unix://") {
             let s = tokio::net::UnixStream::connect(socket)
                 .await
-                .map_err(|e| format!("connect {socket}: {e}"))?;
-            exchange(s, path).await?
+                .map_err(|e| EngineError::Failed(format!("connect {socket}: {e}")))?;
+            exchange(s, path).await.map_err(EngineError::Failed)?
         } else {
             let addr = endpoint
                 .trim_start_matches("tcp://")
@@ -176,27 +208,30 @@ async fn engine_get<T: serde::de::DeserializeOwned>(
                 .trim_end_matches('/');
             let s = tokio::net::TcpStream::connect(addr)
                 .await
-                .map_err(|e| format!("connect {addr}: {e}"))?;
-            exchange(s, path).await?
+                .map_err(|e| EngineError::Failed(format!("connect {addr}: {e}")))?;
+            exchange(s, path).await.map_err(EngineError::Failed)?
         };
         let at = raw
             .windows(4)
             .position(|w| w == b"\r\n\r\n")
-            .ok_or("no HTTP answer")?;
+            .ok_or_else(|| EngineError::Failed("no HTTP answer".to_owned()))?;
         let status = String::from_utf8_lossy(&raw[..at]);
         let status = status.lines().next().unwrap_or_default();
         let body = &raw[at + 4..];
-        if !status.contains(" 200 ") {
-            return Err(format!(
-                "{status}: {}",
-                String::from_utf8_lossy(&body[..body.len().min(300)]).trim()
-            ));
+        if status.contains(" 404 ") {
+            return Err(EngineError::NotFound);
         }
-        serde_json::from_slice(body).map_err(|e| format!("GET {path}: {e}"))
+        if !status.contains(" 200 ") {
+            return Err(EngineError::Failed(format!(
+                "GET {path}: {status}: {}",
+                String::from_utf8_lossy(&body[..body.len().min(300)]).trim()
+            )));
+        }
+        serde_json::from_slice(body).map_err(|e| EngineError::Failed(format!("GET {path}: {e}")))
     };
     tokio::time::timeout(Duration::from_secs(30), run)
         .await
-        .map_err(|_| format!("GET {path}: timed out"))?
+        .map_err(|_| EngineError::Failed(format!("GET {path}: timed out")))?
 }
 
 /// The query string of a `filters` parameter, percent-encoded.
@@ -234,12 +269,35 @@ struct Managed {
     service_id: String,
     network: String,
     port: u16,
+    /// What it runs, to create its service again if someone removes it.
+    spec: InstanceSpec,
     /// The task it serves on, while one runs.
     task: Option<String>,
     addr: SocketAddr,
     stopping: bool,
+    /// Its service is being created again.
+    recreating: bool,
     /// Tasks seen dead (a `die` event may come before `/tasks` says so).
     dead: HashSet<String>,
+}
+
+/// Why the desired state could not be kept in Swarm.
+#[derive(Debug)]
+pub enum SaveError {
+    /// It does not fit in a label: trying again cannot help.
+    TooLarge(usize),
+    Engine(String),
+}
+
+impl std::fmt::Display for SaveError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SaveError::TooLarge(n) => {
+                write!(f, "the desired state is {n} bytes, over {MAX_DESIRED}")
+            }
+            SaveError::Engine(e) => f.write_str(e),
+        }
+    }
 }
 
 pub struct SwarmRuntime {
@@ -250,6 +308,8 @@ pub struct SwarmRuntime {
     placements: HashMap<String, SwarmPlacement>,
     managed: Mutex<HashMap<InstanceRef, Managed>>,
     wake: Notify,
+    /// The last poll of `/tasks` failed: a change either way is logged once.
+    poll_failing: AtomicBool,
 }
 
 impl SwarmRuntime {
@@ -267,21 +327,27 @@ impl SwarmRuntime {
             )));
         }
         for (name, placement) in &placements {
+            let net = &placement.network;
             match docker
-                .inspect_network(&placement.network, None::<bollard::query_parameters::InspectNetworkOptions>)
+                .inspect_network(net, None::<bollard::query_parameters::InspectNetworkOptions>)
                 .await
             {
                 Ok(n) if n.scope.as_deref() == Some("swarm") => {}
-                Ok(_) => {
+                Ok(n) => {
                     return Err(RuntimeError::Docker(format!(
-                        "services.{name}.network: {:?} is not a Swarm network: create an overlay (docker network create -d overlay --attachable {})",
-                        placement.network, placement.network
+                        "services.{name}.network: {net:?} is a {} network of scope {}, not a Swarm overlay: name an overlay the agent and the data planes are attached to (docker network create -d overlay --attachable NAME)",
+                        n.driver.as_deref().unwrap_or("?"),
+                        n.scope.as_deref().unwrap_or("?"),
+                    )))
+                }
+                Err(e) if is_not_found(&e) => {
+                    return Err(RuntimeError::Docker(format!(
+                        "services.{name}.network: there is no network {net:?}: create it (docker network create -d overlay --attachable {net}) or name an existing overlay"
                     )))
                 }
                 Err(e) => {
                     return Err(RuntimeError::Docker(format!(
-                        "services.{name}.network: Swarm network {:?}: {e}; create it (docker network create -d overlay --attachable {}) or name an existing one",
-                        placement.network, placement.network
+                        "services.{name}.network: inspecting {net:?}: {e}"
                     )))
                 }
             }
@@ -294,6 +360,7 @@ impl SwarmRuntime {
             placements,
             managed: Mutex::new(HashMap::new()),
             wake: Notify::new(),
+            poll_failing: AtomicBool::new(false),
         }))
     }
 
@@ -301,8 +368,18 @@ impl SwarmRuntime {
         self.managed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// `PREFIX-SERVICE-N-XXXXX`: the suffix keeps a name from ever being taken twice (an
+    /// instance number reused after a failed adoption must not replace a live service).
     fn service_name(&self, instance: &InstanceRef) -> String {
-        format!("{}-{}", self.settings.prefix, instance)
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        format!(
+            "{}-{}-{:05x}",
+            self.settings.prefix,
+            instance,
+            nanos & 0xfffff
+        )
     }
 
     fn state_service(&self) -> String {
@@ -320,9 +397,8 @@ impl SwarmRuntime {
         labels
     }
 
-    /// The tasks of the services `ids` (all of them when `ids` is empty would be too many: the
-    /// caller always names some).
-    async fn tasks(&self, services: &[String]) -> Result<Vec<SwarmTask>, String> {
+    /// The tasks of the services `ids`.
+    async fn tasks(&self, services: &[String]) -> Result<Vec<SwarmTask>, EngineError> {
         if services.is_empty() {
             return Ok(Vec::new());
         }
@@ -330,12 +406,36 @@ impl SwarmRuntime {
         engine_get(&self.endpoint, &path).await
     }
 
+    /// The tasks of the services `ids`, and those of them that no longer exist: the engine
+    /// answers 404 to the whole question when one is gone, so then each is asked on its own.
+    async fn tasks_of(
+        &self,
+        ids: &[String],
+    ) -> Result<(Vec<SwarmTask>, HashSet<String>), EngineError> {
+        match self.tasks(ids).await {
+            Ok(tasks) => Ok((tasks, HashSet::new())),
+            Err(EngineError::NotFound) => {
+                let (mut tasks, mut gone) = (Vec::new(), HashSet::new());
+                for id in ids {
+                    match self.tasks(std::slice::from_ref(id)).await {
+                        Ok(t) => tasks.extend(t),
+                        Err(EngineError::NotFound) => {
+                            gone.insert(id.clone());
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok((tasks, gone))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Wait for the one task of `service_id` to run and have an address on `network`.
     async fn running_task(
         &self,
         service_id: &str,
         network: &str,
-        skip: &HashSet<String>,
     ) -> Result<(String, IpAddr), String> {
         let deadline = Instant::now() + START_TIMEOUT;
         let mut last = String::from("no task yet");
@@ -343,7 +443,7 @@ impl SwarmRuntime {
             match self.tasks(&[service_id.to_owned()]).await {
                 Ok(tasks) => {
                     for t in &tasks {
-                        if t.running() && !skip.contains(&t.id) {
+                        if t.running() {
                             if let Some(ip) = t.address_on(network) {
                                 return Ok((t.id.clone(), ip));
                             }
@@ -355,7 +455,7 @@ impl SwarmRuntime {
                         }
                     }
                 }
-                Err(e) => last = e,
+                Err(e) => last = e.to_string(),
             }
             if Instant::now() >= deadline {
                 return Err(format!("no running task within {START_TIMEOUT:?}: {last}"));
@@ -364,17 +464,12 @@ impl SwarmRuntime {
         }
     }
 
-    async fn remove_service(&self, name: &str) {
-        if let Err(e) = self.docker.delete_service(name).await {
-            if !matches!(
-                e,
-                bollard::errors::Error::DockerResponseServerError {
-                    status_code: 404,
-                    ..
-                }
-            ) {
-                warn!(service = name, "remove: {e}");
-            }
+    /// Remove a service; one that is already gone is no error.
+    async fn remove_service(&self, name: &str) -> Result<(), String> {
+        match self.docker.delete_service(name).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(format!("remove Swarm service {name}: {e}")),
         }
     }
 
@@ -455,8 +550,6 @@ impl SwarmRuntime {
             }),
             ..Default::default()
         };
-        // A service of that name left by a crash between create and record: replace it.
-        self.remove_service(&name).await;
         let created = self.docker.create_service(body, None).await.map_err(|e| {
             RuntimeError::Docker(format!(
                 "create Swarm service {name} from {}: {e}",
@@ -464,22 +557,23 @@ impl SwarmRuntime {
             ))
         })?;
         let service_id = created.id.unwrap_or_else(|| name.clone());
-        match self
-            .running_task(&service_id, &placement.network, &HashSet::new())
-            .await
-        {
+        match self.running_task(&service_id, &placement.network).await {
             Ok((task, ip)) => Ok(Managed {
                 service_name: name,
                 service_id,
                 network: placement.network.clone(),
                 port: placement.port,
+                spec: spec.clone(),
                 task: Some(task),
                 addr: SocketAddr::new(ip, placement.port),
                 stopping: false,
+                recreating: false,
                 dead: HashSet::new(),
             }),
             Err(e) => {
-                self.remove_service(&name).await;
+                if let Err(e) = self.remove_service(&name).await {
+                    warn!("{e}");
+                }
                 Err(RuntimeError::Docker(format!(
                     "Swarm service {name} ({}): {e}",
                     run.image
@@ -497,7 +591,7 @@ impl SwarmRuntime {
                     _ = tokio::time::sleep(POLL) => {}
                     _ = me.wake.notified() => {}
                 }
-                me.resync().await;
+                me.clone().resync().await;
             }
         });
         let me = self.clone();
@@ -569,18 +663,25 @@ impl SwarmRuntime {
     }
 
     /// Compare each instance's task with what the engine says now.
-    async fn resync(&self) {
+    async fn resync(self: Arc<Self>) {
         let ids: Vec<String> = self
             .lock()
             .values()
-            .filter(|m| !m.stopping)
+            .filter(|m| !m.stopping && !m.recreating)
             .map(|m| m.service_id.clone())
             .collect();
-        let tasks = match self.tasks(&ids).await {
-            Ok(t) => t,
+        let (tasks, gone) = match self.tasks_of(&ids).await {
+            Ok(answer) => {
+                if self.poll_failing.swap(false, Relaxed) {
+                    warn!("the engine answers /tasks again");
+                }
+                answer
+            }
             Err(e) => {
                 // Change nothing: an empty answer would read as "every task died".
-                debug!("listing tasks: {e}");
+                if !self.poll_failing.swap(true, Relaxed) {
+                    warn!("cannot list the Swarm tasks ({e}); instances keep their last state until it answers");
+                }
                 return;
             }
         };
@@ -589,9 +690,29 @@ impl SwarmRuntime {
             by_service.entry(t.service_id.as_str()).or_default().push(t);
         }
         let mut out = Vec::new();
+        let mut recreate = Vec::new();
         {
             let mut managed = self.lock();
-            for (instance, m) in managed.iter_mut().filter(|(_, m)| !m.stopping) {
+            // Only those asked about: one started or adopted meanwhile has no tasks here yet.
+            let asked = managed
+                .iter_mut()
+                .filter(|(_, m)| !m.stopping && !m.recreating && ids.contains(&m.service_id));
+            for (instance, m) in asked {
+                if gone.contains(&m.service_id) {
+                    m.recreating = true;
+                    if let Some(t) = m.task.take() {
+                        m.dead.insert(t);
+                    }
+                    out.push(RuntimeEvent::Exited {
+                        instance: instance.clone(),
+                        detail: format!(
+                            "its Swarm service {} was removed; creating it again",
+                            m.service_name
+                        ),
+                    });
+                    recreate.push(instance.clone());
+                    continue;
+                }
                 let mine = by_service.remove(m.service_id.as_str()).unwrap_or_default();
                 let live = mine
                     .iter()
@@ -608,13 +729,12 @@ impl SwarmRuntime {
                                     .status
                                     .container_status
                                     .as_ref()
-                                    .map_or(0, |c| c.exit_code);
-                                format!(
-                                    "task {} (exit code {code}) {}",
-                                    t.status.state, t.status.err
-                                )
-                                .trim()
-                                .to_owned()
+                                    .map_or(String::new(), |c| {
+                                        format!(" (exit code {})", c.exit_code)
+                                    });
+                                format!("task {}{code} {}", t.status.state, t.status.err)
+                                    .trim()
+                                    .to_owned()
                             },
                         );
                         if let Some(t) = m.task.take() {
@@ -656,45 +776,90 @@ impl SwarmRuntime {
             info!(?ev, "swarm task change");
             let _ = self.events.send(ev);
         }
+        for instance in recreate {
+            tokio::spawn(self.clone().recreate(instance));
+        }
     }
 
-    /// The desired state the last agent kept in the state service, if any.
-    pub async fn load_desired(&self) -> Option<Desired> {
-        let service = self
+    /// Someone removed an instance's service: create it again (the core still wants it) and
+    /// report where it runs now, trying again until it works or the core stops the instance.
+    async fn recreate(self: Arc<Self>, instance: InstanceRef) {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let spec = match self.lock().get(&instance) {
+                Some(m) if !m.stopping => m.spec.clone(),
+                _ => return,
+            };
+            match self.run(&spec).await {
+                Ok(new) => {
+                    let addr = new.addr;
+                    let mut managed = self.lock();
+                    match managed.get_mut(&instance) {
+                        Some(m) if !m.stopping => {
+                            info!(%instance, %addr, service = %new.service_name, "Swarm service created again");
+                            *m = new;
+                            let _ = self.events.send(RuntimeEvent::Moved { instance, addr });
+                        }
+                        // Stopped meanwhile: the new service must not outlive it.
+                        _ => {
+                            let (me, name) = (self.clone(), new.service_name);
+                            tokio::spawn(async move { me.remove_service(&name).await });
+                        }
+                    }
+                    return;
+                }
+                Err(e) => warn!(%instance, "creating its Swarm service again: {e}; trying again"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    /// The desired state the last agent kept in the state service: `None` when there is none
+    /// (or it does not parse, said in the log); an error when the engine does not answer, so
+    /// the caller does not mistake that for "nothing kept" and fall back to the config.
+    pub async fn load_desired(&self) -> Result<Option<Desired>, String> {
+        let service = match self
             .docker
             .inspect_service(&self.state_service(), None)
             .await
-            .ok()?;
-        let json = service.spec?.labels?.remove(LABEL_DESIRED)?;
+        {
+            Ok(s) => s,
+            Err(e) if is_not_found(&e) => return Ok(None),
+            Err(e) => return Err(format!("reading {}: {e}", self.state_service())),
+        };
+        let Some(json) = service
+            .spec
+            .and_then(|s| s.labels)
+            .and_then(|mut l| l.remove(LABEL_DESIRED))
+        else {
+            return Ok(None);
+        };
         match serde_json::from_str(&json) {
-            Ok(d) => Some(d),
+            Ok(d) => Ok(Some(d)),
             Err(e) => {
                 warn!(service = %self.state_service(), "the desired state kept in Swarm does not parse ({e}); using the config");
-                None
+                Ok(None)
             }
         }
     }
 
     /// Keep `desired` in the labels of the state service (created, with no task, on first use).
-    pub async fn save_desired(&self, desired: &Desired) -> Result<(), String> {
-        let json = serde_json::to_string(desired).map_err(|e| e.to_string())?;
+    pub async fn save_desired(&self, desired: &Desired) -> Result<(), SaveError> {
+        let json = serde_json::to_string(desired).map_err(|e| SaveError::Engine(e.to_string()))?;
         if json.len() > MAX_DESIRED {
-            return Err(format!(
-                "the desired state is {} bytes, over {MAX_DESIRED}",
-                json.len()
-            ));
+            return Err(SaveError::TooLarge(json.len()));
         }
         let name = self.state_service();
         let mut labels = self.base_labels();
         labels.insert(LABEL_DESIRED.to_owned(), json);
-        // Never run (zero replicas), so never pulled: any name does.
-        let image = "rustybalancer-state".to_owned();
-        let spec = |labels| ServiceSpec {
+        let spec = ServiceSpec {
             name: Some(name.clone()),
             labels: Some(labels),
             task_template: Some(TaskSpec {
                 container_spec: Some(TaskSpecContainerSpec {
-                    image: Some(image.clone()),
+                    // Never run (zero replicas), so never pulled: any name does.
+                    image: Some("rustybalancer-state".to_owned()),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -705,13 +870,16 @@ impl SwarmRuntime {
             }),
             ..Default::default()
         };
+        let failed = |what: &str, e: bollard::errors::Error| {
+            SaveError::Engine(format!("{what} {name}: {e}"))
+        };
         match self.docker.inspect_service(&name, None).await {
             Ok(current) => {
                 let version = current.version.and_then(|v| v.index).unwrap_or(0);
                 self.docker
                     .update_service(
                         &name,
-                        spec(labels),
+                        spec,
                         UpdateServiceOptions {
                             version: version as i32,
                             ..Default::default()
@@ -720,15 +888,46 @@ impl SwarmRuntime {
                     )
                     .await
                     .map(|_| ())
-                    .map_err(|e| format!("update {name}: {e}"))
+                    .map_err(|e| failed("update", e))
             }
-            Err(_) => self
+            Err(e) if is_not_found(&e) => self
                 .docker
-                .create_service(spec(labels), None)
+                .create_service(spec, None)
                 .await
                 .map(|_| ())
-                .map_err(|e| format!("create {name}: {e}")),
+                .map_err(|e| failed("create", e)),
+            Err(e) => Err(failed("inspect", e)),
         }
+    }
+
+    /// Services of this agent (its label), listed with a few tries: an agent that cannot list
+    /// them must not go on as if there were none.
+    async fn own_services(&self) -> Vec<bollard::models::Service> {
+        let mut f = HashMap::new();
+        f.insert(
+            "label".to_owned(),
+            vec![format!("{LABEL_AGENT}={}", self.settings.prefix)],
+        );
+        for attempt in 1..=ADOPT_TRIES {
+            match self
+                .docker
+                .list_services(Some(ListServicesOptions {
+                    filters: Some(f.clone()),
+                    ..Default::default()
+                }))
+                .await
+            {
+                Ok(s) => return s,
+                Err(e) if attempt < ADOPT_TRIES => {
+                    warn!("listing Swarm services for adoption: {e}; trying again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => error!(
+                    "listing Swarm services for adoption failed {ADOPT_TRIES} times ({e}): none adopted; services left by an earlier agent keep running beside the new ones"
+                ),
+            }
+        }
+        Vec::new()
     }
 }
 
@@ -745,32 +944,38 @@ impl Runtime for SwarmRuntime {
     }
 
     async fn stop(&self, instance: &InstanceRef, grace: Duration) -> Result<(), RuntimeError> {
-        let (name, id) = {
+        let (name, task) = {
             let mut managed = self.lock();
             let m = managed
                 .get_mut(instance)
                 .ok_or_else(|| RuntimeError::Unknown(instance.to_string()))?;
             m.stopping = true;
-            (m.service_name.clone(), m.service_id.clone())
+            (m.service_name.clone(), m.task.clone())
         };
-        self.remove_service(&name).await;
+        self.remove_service(&name)
+            .await
+            .map_err(RuntimeError::Docker)?;
         // Removing the service stops its task (SIGTERM, then SIGKILL after the task's grace):
-        // return once no task of it is left.
-        let deadline = Instant::now() + grace + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            match self.tasks(std::slice::from_ref(&id)).await {
-                Ok(tasks)
-                    if tasks.iter().all(|t| {
-                        matches!(
+        // return once the task has stopped or is gone.
+        if let Some(task) = task {
+            let deadline = Instant::now() + grace + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                match engine_get::<SwarmTask>(&self.endpoint, &format!("/tasks/{task}")).await {
+                    Ok(t)
+                        if matches!(
                             t.status.state.as_str(),
                             "shutdown" | "complete" | "failed" | "rejected" | "orphaned" | "remove"
-                        )
-                    }) =>
-                {
-                    break
+                        ) =>
+                    {
+                        break
+                    }
+                    Err(EngineError::NotFound) => break,
+                    Err(e) => {
+                        warn!(%instance, "following its task's stop: {e}");
+                        break;
+                    }
+                    Ok(_) => tokio::time::sleep(Duration::from_millis(200)).await,
                 }
-                Err(_) => break,
-                _ => tokio::time::sleep(Duration::from_millis(200)).await,
             }
         }
         self.lock().remove(instance);
@@ -789,28 +994,20 @@ impl Runtime for SwarmRuntime {
             .collect()
     }
 
+    /// Take over the services an earlier agent left: those whose task runs at once; those
+    /// whose task is starting (Swarm moving it) for up to [`ADOPT_WAIT`] all together; the
+    /// rest, and those no service of the config claims, are removed.
     async fn adopt(&self) -> Vec<Adopted> {
-        let mut f = HashMap::new();
-        f.insert(
-            "label".to_owned(),
-            vec![format!("{LABEL_AGENT}={}", self.settings.prefix)],
-        );
-        let services = match self
-            .docker
-            .list_services(Some(ListServicesOptions {
-                filters: Some(f),
-                ..Default::default()
-            }))
-            .await
-        {
-            Ok(s) => s,
-            Err(e) => {
-                warn!("listing Swarm services for adoption: {e}");
-                return Vec::new();
-            }
-        };
-        let mut adopted = Vec::new();
-        for s in services {
+        struct Candidate {
+            name: String,
+            id: String,
+            instance: InstanceRef,
+            run: RunSpec,
+            network: String,
+            port: u16,
+        }
+        let mut candidates: Vec<Candidate> = Vec::new();
+        for s in self.own_services().await {
             let (Some(id), Some(spec)) = (s.id, s.spec) else {
                 continue;
             };
@@ -824,46 +1021,87 @@ impl Runtime for SwarmRuntime {
             let run = labels
                 .get(LABEL_SPEC)
                 .and_then(|s| serde_json::from_str::<RunSpec>(s).ok());
-            let (Some(placement), Some(seq), Some(run)) = (self.placements.get(&service), seq, run)
-            else {
-                info!(service = %name, "no service of the config claims this Swarm service; removing it");
-                self.remove_service(&name).await;
-                continue;
-            };
-            let instance = InstanceRef {
-                service: service.clone(),
-                seq,
-            };
-            match self
-                .running_task(&id, &placement.network, &HashSet::new())
-                .await
-            {
-                Ok((task, ip)) => {
-                    let addr = SocketAddr::new(ip, placement.port);
-                    info!(%instance, %addr, "adopted a running Swarm service");
-                    self.lock().insert(
-                        instance.clone(),
-                        Managed {
-                            service_name: name,
-                            service_id: id,
+            let why = match (self.placements.get(&service), seq, run) {
+                (Some(placement), Some(seq), Some(run)) => {
+                    let instance = InstanceRef { service, seq };
+                    if candidates.iter().any(|c| c.instance == instance) {
+                        format!("a second service for instance {instance}")
+                    } else {
+                        candidates.push(Candidate {
+                            name,
+                            id,
+                            instance,
+                            run,
                             network: placement.network.clone(),
                             port: placement.port,
-                            task: Some(task),
-                            addr,
-                            stopping: false,
-                            dead: HashSet::new(),
-                        },
-                    );
-                    adopted.push(Adopted {
-                        instance,
-                        addr,
-                        run,
-                    });
+                        });
+                        continue;
+                    }
                 }
+                (None, _, _) => format!("no service {service:?} in the config"),
+                _ => format!("labels {LABEL_SEQ} or {LABEL_SPEC} unreadable"),
+            };
+            info!(service = %name, "removing this Swarm service: {why}");
+            if let Err(e) = self.remove_service(&name).await {
+                warn!("{e}");
+            }
+        }
+        let mut adopted = Vec::new();
+        let deadline = Instant::now() + ADOPT_WAIT;
+        while !candidates.is_empty() {
+            let ids: Vec<String> = candidates.iter().map(|c| c.id.clone()).collect();
+            let tasks = match self.tasks_of(&ids).await {
+                Ok((tasks, _)) => tasks,
                 Err(e) => {
-                    warn!(%instance, "cannot adopt ({e}); removing it");
-                    self.remove_service(&name).await;
+                    warn!("listing tasks for adoption: {e}");
+                    Vec::new()
                 }
+            };
+            candidates.retain(|c| {
+                let live = tasks
+                    .iter()
+                    .filter(|t| t.service_id == c.id && t.running())
+                    .find_map(|t| Some((t.id.clone(), t.address_on(&c.network)?)));
+                let Some((task, ip)) = live else {
+                    return true;
+                };
+                let addr = SocketAddr::new(ip, c.port);
+                info!(instance = %c.instance, %addr, "adopted a running Swarm service");
+                self.lock().insert(
+                    c.instance.clone(),
+                    Managed {
+                        service_name: c.name.clone(),
+                        service_id: c.id.clone(),
+                        network: c.network.clone(),
+                        port: c.port,
+                        spec: InstanceSpec {
+                            instance: c.instance.clone(),
+                            generation: 0,
+                            run: Arc::new(c.run.clone()),
+                        },
+                        task: Some(task),
+                        addr,
+                        stopping: false,
+                        recreating: false,
+                        dead: HashSet::new(),
+                    },
+                );
+                adopted.push(Adopted {
+                    instance: c.instance.clone(),
+                    addr,
+                    run: c.run.clone(),
+                });
+                false
+            });
+            if candidates.is_empty() || Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        for c in candidates {
+            warn!(instance = %c.instance, service = %c.name, "no running task within {ADOPT_WAIT:?}: removing it (the core starts a new instance)");
+            if let Err(e) = self.remove_service(&c.name).await {
+                warn!("{e}");
             }
         }
         adopted
