@@ -15,7 +15,13 @@ machine they share one clock, so per table version V:
   latency(V)        max over the data planes of installed(V, dp) - decided(V)
 
 The report gives p50, p99 and max of latency(V) for each N, and the agent's own share (took_us).
-The first versions of each round (the data planes' first tables) are left out.
+The first versions of each round (the data planes' first tables) are left out. It also gives
+the agent's CPU time per table sent (utime+stime over the round, from /proc) and its peak RSS
+(VmHWM, since its start).
+
+--bulk K adds a second static service of K addresses (127.0.x.y on the steady port, which
+listens on every loopback address; checked every 5 s) so every table is large: each flip then
+sends K+2 backends to every data plane.
 
 Every process it starts is stopped on exit. Run it through loadtest/fanout.sh, which builds the
 binaries in release.
@@ -121,6 +127,21 @@ class Flapper:
             sock.close()
 
 
+def cpu_seconds(pid):
+    """utime + stime of a process, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def percentile(values, q):
     s = sorted(values)
     return s[min(len(s) - 1, int(q * len(s)))]
@@ -134,13 +155,14 @@ def main():
     ap.add_argument("--tables", type=int, default=200, help="table versions per round")
     ap.add_argument("--period", type=float, default=0.05, help="seconds between flips")
     ap.add_argument("--out", help="write the markdown report here too")
+    ap.add_argument("--bulk", type=int, default=0, help="backends of a second, large static service")
     args = ap.parse_args()
 
     work = tempfile.mkdtemp(prefix="rusty-fanout-")
     print(f"work directory (configs, logs): {work}", file=sys.stderr)
     steady = socket.socket()
     steady.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    steady.bind(("127.0.0.1", STEADY_PORT))
+    steady.bind(("0.0.0.0" if args.bulk else "127.0.0.1", STEADY_PORT))
     steady.listen(64)
     threading.Thread(target=serve_until, args=(steady, float("inf")), daemon=True).start()
     with open(f"{work}/agent.toml", "w") as f:
@@ -161,10 +183,36 @@ timeout = "100ms"
 rise = 1
 fall = 1
 """)
+        if args.bulk:
+            bulk = ", ".join(f'"127.{1 + i // 62500}.{i // 250 % 250}.{i % 250 + 1}:{STEADY_PORT}"'
+                             for i in range(args.bulk))
+            f.write(f"""
+[services.bulk]
+runtime = "static"
+hosts = ["bulk.example"]
+addresses = [{bulk}]
+
+[services.bulk.health]
+kind = "tcp"
+interval = "5s"
+timeout = "1s"
+rise = 1
+fall = 3
+""")
     results = []
     try:
-        start("agent", [args.agent, "run", "--config", f"{work}/agent.toml", "--log-format", "json"], work)
+        agent = start("agent", [args.agent, "run", "--config", f"{work}/agent.toml", "--log-format", "json"], work)
         wait_for(f"{work}/agent.log", "table published")
+        if args.bulk:
+            # Every bulk address in: the first checks of thousands of addresses take a while.
+            end = time.time() + 120
+            while time.time() < end:
+                if any(f.get("backends", "").find(f"bulk={args.bulk}") >= 0
+                       for _, f in lines(f"{work}/agent.log", "table published")):
+                    break
+                time.sleep(0.5)
+            else:
+                raise SystemExit(f"the {args.bulk} bulk backends never all entered the table; see {work}")
         for n in [int(x) for x in args.planes.split(",") if x]:
             planes = []
             for i in range(n):
@@ -182,6 +230,7 @@ fall = 1
             for name, _ in planes:
                 wait_for(f"{work}/{name}.log", "table applied")
             first = max(f["version"] for _, f in lines(f"{work}/agent.log", "table published"))
+            cpu_before = cpu_seconds(agent.pid)
             flapper = Flapper(args.period)
             flapper.thread.start()
             end = time.time() + args.tables * args.period * 4 + 30
@@ -193,6 +242,8 @@ fall = 1
             flapper.stop.set()
             flapper.thread.join()
             time.sleep(1)  # the last tables reach every data plane
+            agent_cpu = cpu_seconds(agent.pid) - cpu_before
+            agent_hwm = peak_rss_mib(agent.pid)
             harness.stop_all_of(planes)
             procs[:] = [p for p in procs if p not in planes]
             published = [(t, f) for t, f in lines(f"{work}/agent.log", "table published")
@@ -227,6 +278,8 @@ fall = 1
                 "took_p99": percentile([took[v] for v in versions], 0.99),
                 "missing": missing,
                 "skipped": skipped,
+                "agent_cpu_ms": agent_cpu * 1e3 / max(1, sum(f["version"] > first for _, f in published)),
+                "agent_hwm": agent_hwm,
             }
             results.append(row)
             print(f"{n:>2} data planes: {row['tables']} tables, p50 {row['p50']:.2f} ms, p99 {row['p99']:.2f} ms, "
@@ -252,18 +305,25 @@ def render(args, results):
         "",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {os.cpu_count()} CPUs; "
         f"rusty-agent and rusty-lb at {rev}",
-        f"- one static service of 2 backends (a small table, ~0.5 KB); a flip every {args.period * 1000:.0f} ms, "
+        (f"- one static service of 2 backends (a small table, ~0.5 KB); a flip every {args.period * 1000:.0f} ms, "
+         if not args.bulk else
+         f"- a static service of 2 backends and one of {args.bulk:,} (`--bulk`); a flip every {args.period * 1000:.0f} ms, ")
+        +
         "each a new version; every data plane `--threads 1`, all on 127.0.0.1 and the same 2 cores as the agent",
         "- latency of a version: from the agent's decision (its `table published` log line minus `took_us`) to "
         "the last data plane's `table applied` line for it or a newer version; log timestamps, microseconds",
         "",
-        "| data planes | tables | p50 ms | p99 ms | max ms | agent's share p50 / p99 ms | versions skipped | never installed |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "- agent CPU: its utime+stime over the round / tables it published in the round; agent peak RSS: VmHWM at "
+        "the end of the round (since its start: rounds run in the order of the table)",
+        "",
+        "| data planes | tables | p50 ms | p99 ms | max ms | agent's share p50 / p99 ms | versions skipped | never installed | agent CPU ms/table | agent peak RSS MiB |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines_.append(
             f"| {r['planes']} | {r['tables']} | {r['p50']:.2f} | {r['p99']:.2f} | {r['max']:.2f} | "
-            f"{r['took_p50']:.2f} / {r['took_p99']:.2f} | {r['skipped']} | {r['missing']} |")
+            f"{r['took_p50']:.2f} / {r['took_p99']:.2f} | {r['skipped']} | {r['missing']} | "
+            f"{r['agent_cpu_ms']:.2f} | {r['agent_hwm']:.1f} |")
     return "\n".join(lines_) + "\n"
 
 
