@@ -7,19 +7,14 @@
 //! prints the same before the run so the skip is visible in CI. The stack is torn down (and
 //! anything the agent labelled removed) even when an assertion fails.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
-
-use rusty_e2e::engine::{docker, engine_answers, images_ready, run};
 use std::time::{Duration, Instant};
 
+use rusty_e2e::engine::{app_serving, docker, engine_answers, images_ready, repo, run, wait_for};
 use rusty_e2e::*;
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 /// One Compose project with its own network, ports and state; `down` on drop.
 struct Stack {
@@ -230,17 +225,6 @@ impl Drop for Stack {
     }
 }
 
-fn app_serving(st: &serde_json::Value, n: usize, generation: u64) -> bool {
-    st["services"].as_array().into_iter().flatten().any(|s| {
-        s["name"] == "app"
-            && s["instances"].as_array().is_some_and(|i| {
-                i.len() == n
-                    && i.iter()
-                        .all(|i| i["in_table"] == true && i["generation"] == generation)
-            })
-    })
-}
-
 fn extra_backends(stack: &Stack) -> usize {
     let r = stack.admin_get("/table");
     serde_json::from_str::<serde_json::Value>(&r.body)
@@ -255,14 +239,6 @@ fn extra_backends(stack: &Stack) -> usize {
         .unwrap_or(0)
 }
 
-fn wait_for(what: &str, check: impl Fn() -> bool) {
-    let start = Instant::now();
-    while !check() {
-        assert!(start.elapsed() < LIMIT, "{what}: not within {LIMIT:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn the_compose_stack_deploys_scales_rolls_heals_adopts_discovers_and_cleans_up() {
     if !engine_answers() {
@@ -275,11 +251,11 @@ fn the_compose_stack_deploys_scales_rolls_heals_adopts_discovers_and_cleans_up()
     // Up: the agent runs one app container; Compose runs one discovered `extra`.
     let stack = Stack::up();
     stack.wait("app serving on 1 container", |st| app_serving(st, 1, 1));
-    wait_for("the data plane on the agent's table", || {
+    wait_for("the data plane on the agent's table", LIMIT, || {
         stack.lb_get("localhost").status == 200
     });
     assert_eq!(stack.lb_get("localhost").body.trim(), "hello from demo-v1");
-    wait_for("the discovered container in the table", || {
+    wait_for("the discovered container in the table", LIMIT, || {
         extra_backends(&stack) == 1
     });
     assert_eq!(
@@ -296,7 +272,7 @@ fn the_compose_stack_deploys_scales_rolls_heals_adopts_discovers_and_cleans_up()
     let (ok, out) = stack.cli(&["scale", "app", "3"]);
     assert!(ok, "{out}");
     assert_eq!(stack.managed().len(), 3, "{:?}", stack.managed());
-    wait_for("three app backends in the data plane", || {
+    wait_for("three app backends in the data plane", LIMIT, || {
         let r = stack.admin_get("/table");
         r.body.matches("\"app-").count() == 3
     });
@@ -334,7 +310,7 @@ fn the_compose_stack_deploys_scales_rolls_heals_adopts_discovers_and_cleans_up()
         assert_eq!(stack.lb_get("localhost").body.trim(), "hello from demo-v2");
     }
     stack.wait("v1 containers removed", |st| app_serving(st, 3, 2));
-    wait_for("three containers after the drain", || {
+    wait_for("three containers after the drain", LIMIT, || {
         stack.managed().len() == 3
     });
 
@@ -393,9 +369,13 @@ fn the_compose_stack_deploys_scales_rolls_heals_adopts_discovers_and_cleans_up()
 
     // Discovery: Compose scales `extra`; the table follows both ways.
     stack.compose(&["up", "-d", "--scale", "extra=2", "extra"]);
-    wait_for("two discovered backends", || extra_backends(&stack) == 2);
+    wait_for("two discovered backends", LIMIT, || {
+        extra_backends(&stack) == 2
+    });
     stack.compose(&["up", "-d", "--scale", "extra=1", "extra"]);
-    wait_for("one discovered backend", || extra_backends(&stack) == 1);
+    wait_for("one discovered backend", LIMIT, || {
+        extra_backends(&stack) == 1
+    });
 
     // Down: nothing of the project is left.
     stack.compose(&["down", "-v", "-t", "20"]);

@@ -8,18 +8,14 @@
 //! Where `docker info` fails the test says so loudly on stderr and returns, as the Docker test
 //! does; the stack and the swarm are cleaned up even when an assertion fails.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use rusty_e2e::engine::{docker, engine_answers, images_ready, run};
+use rusty_e2e::engine::{app_serving, docker, engine_answers, images_ready, repo, run, wait_for};
 use rusty_e2e::*;
 
 const LIMIT: Duration = Duration::from_secs(90);
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 /// The engine in a swarm for the test; `leave` on drop only if this made it.
 struct Swarm {
@@ -384,26 +380,6 @@ impl Drop for Stack {
     }
 }
 
-fn app_serving(st: &serde_json::Value, n: usize, generation: u64) -> bool {
-    st["services"].as_array().into_iter().flatten().any(|s| {
-        s["name"] == "app"
-            && s["instances"].as_array().is_some_and(|i| {
-                i.len() == n
-                    && i.iter()
-                        .all(|i| i["in_table"] == true && i["generation"] == generation)
-            })
-    })
-}
-
-fn wait_for(what: &str, check: impl Fn() -> bool) -> Duration {
-    let start = Instant::now();
-    while !check() {
-        assert!(start.elapsed() < LIMIT, "{what}: not within {LIMIT:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    start.elapsed()
-}
-
 #[test]
 fn the_swarm_stack_scales_rolls_heals_moves_its_agent_and_cleans_up() {
     if !engine_answers() || !images_ready("SWARM STACK TEST") {
@@ -413,7 +389,7 @@ fn the_swarm_stack_scales_rolls_heals_moves_its_agent_and_cleans_up() {
     let deployed = Instant::now();
     let stack = Stack::deploy();
     stack.wait("app serving on 1 task", |st| app_serving(st, 1, 1));
-    wait_for("the data plane on the agent's table", || {
+    wait_for("the data plane on the agent's table", LIMIT, || {
         std::net::TcpStream::connect(("127.0.0.1", stack.lb_port)).is_ok()
             && get(stack.lb_port, "localhost", "/").status == 200
     });
@@ -441,7 +417,7 @@ fn the_swarm_stack_scales_rolls_heals_moves_its_agent_and_cleans_up() {
         started.elapsed().as_millis()
     );
     assert_eq!(stack.app_services().len(), 3, "{:?}", stack.app_services());
-    wait_for("three app backends in the data plane", || {
+    wait_for("three app backends in the data plane", LIMIT, || {
         stack.table_backends().len() == 3
     });
     let before = stack.served();
@@ -478,7 +454,7 @@ fn the_swarm_stack_scales_rolls_heals_moves_its_agent_and_cleans_up() {
         );
     }
     stack.wait("v1 services removed", |st| app_serving(st, 3, 2));
-    wait_for("three app services after the drain", || {
+    wait_for("three app services after the drain", LIMIT, || {
         stack.app_services().len() == 3
     });
 
@@ -490,7 +466,7 @@ fn the_swarm_stack_scales_rolls_heals_moves_its_agent_and_cleans_up() {
     std::thread::sleep(Duration::from_millis(300));
     let killed = Instant::now();
     docker(&["kill", &stack.container_of(&victim)]);
-    wait_for("the killed task out of the table", || {
+    wait_for("the killed task out of the table", LIMIT, || {
         stack.table_backends().len() == 2
     });
     let out_after = killed.elapsed();
@@ -500,7 +476,7 @@ fn the_swarm_stack_scales_rolls_heals_moves_its_agent_and_cleans_up() {
                 .as_array()
                 .is_some_and(|i| i.iter().any(|i| i["restarts"].as_u64() >= Some(1)))
     });
-    wait_for("three backends in the data plane again", || {
+    wait_for("three backends in the data plane again", LIMIT, || {
         stack.table_backends().len() == 3
     });
     let back = killed.elapsed();
@@ -535,7 +511,7 @@ fn the_swarm_stack_scales_rolls_heals_moves_its_agent_and_cleans_up() {
     let before_removal = stack.app_services();
     let removed = before_removal[1].clone();
     docker(&["service", "rm", &removed]);
-    wait_for("the removed service created again", || {
+    wait_for("the removed service created again", LIMIT, || {
         let now = stack.app_services();
         now.len() == 3 && !now.contains(&removed)
     });
@@ -545,7 +521,7 @@ fn the_swarm_stack_scales_rolls_heals_moves_its_agent_and_cleans_up() {
         .find(|n| !before_removal.contains(n))
         .expect("the new service");
     let ip = stack.task_ip(&recreated);
-    wait_for("the recreated service's task in the table", || {
+    wait_for("the recreated service's task in the table", LIMIT, || {
         let table = stack.table_backends();
         table.len() == 3 && table.iter().any(|(_, a)| a == &format!("{ip}:8000"))
     });
@@ -562,7 +538,7 @@ fn the_swarm_stack_scales_rolls_heals_moves_its_agent_and_cleans_up() {
     std::thread::sleep(Duration::from_millis(300));
     let killed = Instant::now();
     docker(&["kill", &old_agent]);
-    wait_for("a new agent task", || {
+    wait_for("a new agent task", LIMIT, || {
         Command::new("docker")
             .args([
                 "ps",
@@ -595,7 +571,7 @@ fn the_swarm_stack_scales_rolls_heals_moves_its_agent_and_cleans_up() {
         services_before,
         "adopted, not replaced"
     );
-    wait_for("the new agent's table in the data plane", || {
+    wait_for("the new agent's table in the data plane", LIMIT, || {
         stack.table_version() > version_before
     });
     assert_eq!(

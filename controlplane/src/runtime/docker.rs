@@ -81,7 +81,7 @@ pub async fn connect(endpoint: &str) -> Result<Docker, RuntimeError> {
     Ok(docker)
 }
 
-fn status_of(e: &DockerError) -> Option<u16> {
+pub(super) fn status_of(e: &DockerError) -> Option<u16> {
     match e {
         DockerError::DockerResponseServerError { status_code, .. } => Some(*status_code),
         _ => None,
@@ -123,6 +123,59 @@ async fn check_image(docker: &Docker, image: &str) -> Result<(), String> {
         )),
         Err(e) => Err(format!("inspecting image {image}: {e}")),
     }
+}
+
+/// What a container of one instance is given, the same in the docker and swarm runtimes.
+pub(super) struct Launch {
+    /// What lets a later agent adopt it: managed-by, service, instance, generation, image and
+    /// the run spec.
+    pub labels: HashMap<String, String>,
+    /// The run spec's environment, then `PORT`, `RUSTY_INSTANCE` and `RUSTY_SERVICE`.
+    pub env: Vec<String>,
+    /// The run spec's args, replacing the image's CMD; `None` keeps it.
+    pub args: Option<Vec<String>>,
+}
+
+/// The labels, environment and args of `spec`'s container listening on `port`, with
+/// `{port}`, `{instance}` and `{generation}` filled in.
+pub(super) fn launch(spec: &InstanceSpec, port: u16) -> Launch {
+    let (service, run) = (&spec.instance.service, &spec.run);
+    let id = spec.instance.to_string();
+    let fill = |s: &str| {
+        s.replace("{port}", &port.to_string())
+            .replace("{instance}", &id)
+            .replace("{generation}", &spec.generation.to_string())
+    };
+    let mut labels = HashMap::new();
+    labels.insert(LABEL_MANAGED.to_owned(), MANAGED_BY.to_owned());
+    labels.insert(LABEL_SERVICE.to_owned(), service.clone());
+    labels.insert(LABEL_INSTANCE.to_owned(), id.clone());
+    labels.insert(LABEL_SEQ.to_owned(), spec.instance.seq.to_string());
+    labels.insert(LABEL_GENERATION.to_owned(), spec.generation.to_string());
+    labels.insert(LABEL_VERSION.to_owned(), run.image.clone());
+    labels.insert(
+        LABEL_SPEC.to_owned(),
+        serde_json::to_string(run.as_ref()).unwrap_or_default(),
+    );
+    let mut env: Vec<String> = run
+        .env
+        .iter()
+        .map(|(k, v)| format!("{k}={}", fill(v)))
+        .collect();
+    env.push(format!("PORT={port}"));
+    env.push(format!("RUSTY_INSTANCE={id}"));
+    env.push(format!("RUSTY_SERVICE={service}"));
+    let args = (!run.args.is_empty()).then(|| run.args.iter().map(|a| fill(a)).collect());
+    Launch { labels, env, args }
+}
+
+/// Five hex digits of the clock's nanoseconds, so a name is not taken twice (an instance
+/// number reused after a failed adoption must not collide with a live container or service).
+pub(super) fn unique_suffix() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("{:05x}", nanos & 0xfffff)
 }
 
 struct Managed {
@@ -357,46 +410,19 @@ impl DockerRuntime {
             RuntimeError::Docker(format!("service {service} is not a docker service"))
         })?;
         let run = &spec.run;
-        let id = spec.instance.to_string();
-        let fill = |s: &str| {
-            s.replace("{port}", &placement.port.to_string())
-                .replace("{instance}", &id)
-                .replace("{generation}", &spec.generation.to_string())
-        };
-        let mut labels = HashMap::new();
-        labels.insert(LABEL_MANAGED.to_owned(), MANAGED_BY.to_owned());
-        labels.insert(LABEL_SERVICE.to_owned(), service.clone());
-        labels.insert(LABEL_INSTANCE.to_owned(), id.clone());
-        labels.insert(LABEL_SEQ.to_owned(), spec.instance.seq.to_string());
-        labels.insert(LABEL_GENERATION.to_owned(), spec.generation.to_string());
-        labels.insert(LABEL_VERSION.to_owned(), run.image.clone());
-        labels.insert(
-            LABEL_SPEC.to_owned(),
-            serde_json::to_string(run.as_ref()).unwrap_or_default(),
-        );
-        let mut env: Vec<String> = run
-            .env
-            .iter()
-            .map(|(k, v)| format!("{k}={}", fill(v)))
-            .collect();
-        env.push(format!("PORT={}", placement.port));
-        env.push(format!("RUSTY_INSTANCE={id}"));
-        env.push(format!("RUSTY_SERVICE={service}"));
+        let launch = launch(spec, placement.port);
         let body = ContainerCreateBody {
             image: Some(run.image.clone()),
-            cmd: (!run.args.is_empty()).then(|| run.args.iter().map(|a| fill(a)).collect()),
-            env: Some(env),
-            labels: Some(labels),
+            cmd: launch.args,
+            env: Some(launch.env),
+            labels: Some(launch.labels),
             host_config: Some(HostConfig {
                 network_mode: Some(placement.network.clone()),
                 ..Default::default()
             }),
             ..Default::default()
         };
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let name = format!("{id}-{:05x}", nanos & 0xfffff);
+        let name = format!("{}-{}", spec.instance, unique_suffix());
         let created = self
             .docker
             .create_container(
@@ -432,7 +458,10 @@ impl DockerRuntime {
             Ok(addr) => Ok((cid, addr)),
             Err(e) => {
                 self.remove(&cid).await;
-                Err(RuntimeError::Docker(format!("container {id}: {e}")))
+                Err(RuntimeError::Docker(format!(
+                    "container {}: {e}",
+                    spec.instance
+                )))
             }
         }
     }

@@ -38,8 +38,8 @@ use tokio::sync::{mpsc, Notify};
 use tracing::{error, info, warn};
 
 use super::docker::{
-    LABEL_GENERATION, LABEL_INSTANCE, LABEL_MANAGED, LABEL_SEQ, LABEL_SERVICE, LABEL_SPEC,
-    LABEL_VERSION, MANAGED_BY,
+    launch, status_of, unique_suffix, LABEL_MANAGED, LABEL_SEQ, LABEL_SERVICE, LABEL_SPEC,
+    MANAGED_BY,
 };
 use super::{Adopted, InstanceInfo, InstanceSpec, Runtime, RuntimeError, RuntimeEvent};
 use crate::spec::{ContainerPlacement, InstanceRef, RunSpec, SwarmSettings};
@@ -158,16 +158,6 @@ impl std::fmt::Display for EngineError {
             EngineError::Failed(e) => f.write_str(e),
         }
     }
-}
-
-fn is_not_found(e: &bollard::errors::Error) -> bool {
-    matches!(
-        e,
-        bollard::errors::Error::DockerResponseServerError {
-            status_code: 404,
-            ..
-        }
-    )
 }
 
 /// GET `path` on the engine and parse the JSON answer. HTTP/1.0 and `Connection: close`, so the
@@ -340,7 +330,7 @@ impl SwarmRuntime {
                         n.scope.as_deref().unwrap_or("?"),
                     )))
                 }
-                Err(e) if is_not_found(&e) => {
+                Err(e) if status_of(&e) == Some(404) => {
                     return Err(RuntimeError::Docker(format!(
                         "services.{name}.network: there is no network {net:?}: create it (docker network create -d overlay --attachable {net}) or name an existing overlay"
                     )))
@@ -368,18 +358,9 @@ impl SwarmRuntime {
         self.managed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// `PREFIX-SERVICE-N-XXXXX`: the suffix keeps a name from ever being taken twice (an
-    /// instance number reused after a failed adoption must not replace a live service).
+    /// `PREFIX-SERVICE-N-XXXXX` (see [`unique_suffix`]).
     fn service_name(&self, instance: &InstanceRef) -> String {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        format!(
-            "{}-{}-{:05x}",
-            self.settings.prefix,
-            instance,
-            nanos & 0xfffff
-        )
+        format!("{}-{}-{}", self.settings.prefix, instance, unique_suffix())
     }
 
     fn state_service(&self) -> String {
@@ -468,7 +449,7 @@ impl SwarmRuntime {
     async fn remove_service(&self, name: &str) -> Result<(), String> {
         match self.docker.delete_service(name).await {
             Ok(()) => Ok(()),
-            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) if status_of(&e) == Some(404) => Ok(()),
             Err(e) => Err(format!("remove Swarm service {name}: {e}")),
         }
     }
@@ -480,30 +461,9 @@ impl SwarmRuntime {
             RuntimeError::Docker(format!("service {service} is not a swarm service"))
         })?;
         let run = &spec.run;
-        let id = spec.instance.to_string();
-        let fill = |s: &str| {
-            s.replace("{port}", &placement.port.to_string())
-                .replace("{instance}", &id)
-                .replace("{generation}", &spec.generation.to_string())
-        };
-        let mut labels = self.base_labels();
-        labels.insert(LABEL_SERVICE.to_owned(), service.clone());
-        labels.insert(LABEL_INSTANCE.to_owned(), id.clone());
-        labels.insert(LABEL_SEQ.to_owned(), spec.instance.seq.to_string());
-        labels.insert(LABEL_GENERATION.to_owned(), spec.generation.to_string());
-        labels.insert(LABEL_VERSION.to_owned(), run.image.clone());
-        labels.insert(
-            LABEL_SPEC.to_owned(),
-            serde_json::to_string(run.as_ref()).unwrap_or_default(),
-        );
-        let mut env: Vec<String> = run
-            .env
-            .iter()
-            .map(|(k, v)| format!("{k}={}", fill(v)))
-            .collect();
-        env.push(format!("PORT={}", placement.port));
-        env.push(format!("RUSTY_INSTANCE={id}"));
-        env.push(format!("RUSTY_SERVICE={service}"));
+        let launch = launch(spec, placement.port);
+        let mut labels = launch.labels;
+        labels.extend(self.base_labels());
         let name = self.service_name(&spec.instance);
         let body = ServiceSpec {
             name: Some(name.clone()),
@@ -511,9 +471,8 @@ impl SwarmRuntime {
             task_template: Some(TaskSpec {
                 container_spec: Some(TaskSpecContainerSpec {
                     image: Some(run.image.clone()),
-                    args: (!run.args.is_empty())
-                        .then(|| run.args.iter().map(|a| fill(a)).collect()),
-                    env: Some(env),
+                    args: launch.args,
+                    env: Some(launch.env),
                     // Also what Swarm gives it when it stops the task itself (a drained node).
                     stop_grace_period: Some(placement.stop_grace.as_nanos() as i64),
                     // Only for the `die` events of this agent's tasks; not the docker runtime's
@@ -825,7 +784,7 @@ impl SwarmRuntime {
             .await
         {
             Ok(s) => s,
-            Err(e) if is_not_found(&e) => return Ok(None),
+            Err(e) if status_of(&e) == Some(404) => return Ok(None),
             Err(e) => return Err(format!("reading {}: {e}", self.state_service())),
         };
         let Some(json) = service
@@ -890,7 +849,7 @@ impl SwarmRuntime {
                     .map(|_| ())
                     .map_err(|e| failed("update", e))
             }
-            Err(e) if is_not_found(&e) => self
+            Err(e) if status_of(&e) == Some(404) => self
                 .docker
                 .create_service(spec, None)
                 .await
