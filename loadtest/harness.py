@@ -2,8 +2,9 @@
 """Side-by-side load test: direct, nginx, HAProxy, Caddy and rusty-lb in front of the same backends.
 
 Everything listens on 127.0.0.1. Three nginx backends (one nginx process, three ports) answer a
-~100-byte body on `/` and 64 KiB on `/big`. Each proxy gets the same number of workers/threads
-and keeps upstream connections alive. For every scenario (body x connections) the targets run
+~100-byte body on `/` (body `small`), 64 KiB on `/big` (`big`) and 1 MiB on `/huge` (`huge`, not
+run by default). Each proxy gets the same number of workers/threads and keeps upstream
+connections alive. For every scenario (body x connections) the targets run
 interleaved (A B C D A B C D ...) and the report gives medians with min-max, p50/p99 from wrk,
 the proxy's own CPU time per request (utime+stime from /proc, all its processes and threads),
 its peak RSS, errors, and ratios to direct and to nginx. A swap scenario rewrites rusty-lb's
@@ -122,10 +123,12 @@ def write(path, text):
 def start_backends(work):
     os.makedirs(f"{work}/www", exist_ok=True)
     write(f"{work}/www/big", "y" * 65536)
+    write(f"{work}/www/huge", "z" * (1 << 20))
     servers = "\n".join(
         f"""  server {{ listen 127.0.0.1:{p} reuseport backlog=4096; keepalive_requests 1000000;
     location = / {{ return 200 "{SMALL_BODY.strip()}\\n"; }}
-    location = /big {{ root {work}/www; }} }}"""
+    location = /big {{ root {work}/www; }}
+    location = /huge {{ root {work}/www; }} }}"""
         for p in BACKEND_PORTS
     )
     write(
@@ -590,7 +593,7 @@ def main():
                 started[t] = started[base]
         for t in targets:
             wait_port(PORTS[t])
-        paths = {"small": "/", "big": "/big"}
+        paths = {"small": "/", "big": "/big", "huge": "/huge"}
         for body in [b for b in args.bodies.split(",") if b]:
             for conns in [int(c) for c in args.conns.split(",") if c]:
                 for t in targets:  # warm every upstream pool first
@@ -686,7 +689,7 @@ def render(info, args, results, targets, swaps, base):
         "| body | conns | target | req/s | p50 ms | p99 ms | CPU µs/req | peak RSS MB | errors | ÷ direct | ÷ nginx |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    order = {"small": 0, "big": 1, "resumed": 2, "full": 3}
+    order = {"small": 0, "big": 1, "huge": 2, "resumed": 3, "full": 4}
     keys = sorted({(b, c) for (b, c, _) in results}, key=lambda k: (order.get(k[0], 4), k[0], k[1]))
     for body, conns in keys:
         direct = results.get((body, conns, "direct"))

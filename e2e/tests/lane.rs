@@ -2,8 +2,9 @@
 //! proxy pipeline, so these tests check what that must not change. Every response framing a
 //! backend may use reaches the client byte-exact on one kept-alive connection; a connection
 //! moves to the pipeline mid-stream without losing or reordering a request; pooled upstream
-//! connections that died while idle cost no failed request; and the lane and the pipeline
-//! (`--no-fast-lane`) forward the same request and give the same answers.
+//! connections that died while idle cost no failed request; bodies of megabytes arrive
+//! byte-exact, and one a backend cuts short closes the client's connection; and the lane and
+//! the pipeline (`--no-fast-lane`) forward the same request and give the same answers.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -66,6 +67,15 @@ fn serve_canned(conn: TcpStream) {
                 v.extend((0..20).map(|i| vec![b'a' + i as u8; 10_000]));
                 v
             }
+            (_, "/large") => {
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {LARGE}\r\n\r\n");
+                vec![head.into_bytes(), large_body(LARGE)]
+            }
+            // A backend that fails mid-body: a third of what it promised, then it closes.
+            (_, "/cut") => {
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {LARGE}\r\n\r\n");
+                vec![head.into_bytes(), large_body(LARGE / 3)]
+            }
             (_, "/until-close") => {
                 vec![
                     b"HTTP/1.1 200 OK\r\n\r\nstreamed ".to_vec(),
@@ -80,10 +90,18 @@ fn serve_canned(conn: TcpStream) {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        if path == "/until-close" {
+        if path == "/until-close" || path == "/cut" {
             return;
         }
     }
+}
+
+/// The length of `/large` (and what `/cut` promises): many pipes' and socket buffers' worth.
+const LARGE: usize = 3_000_000;
+
+/// Bytes no two nearby positions of which are alike, so a reordered or repeated piece shows.
+fn large_body(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 31 % 251) as u8).collect()
 }
 
 fn lb_for(addr: &str, tag: &str, extra: &[&str]) -> (TempDir, Lb) {
@@ -162,6 +180,40 @@ fn every_response_framing_reaches_the_client_intact_on_one_connection() {
     lb.wait_metric(&format!("{all}\"200\"}}"), 8.0, Duration::from_secs(5));
     assert_eq!(lb.metric(&format!("{all}\"304\"}}")), 1.0);
     assert_eq!(lb.metric("rustybalancer_fast_lane_requests_total"), 9.0);
+    assert_eq!(lb.metric("rustybalancer_fast_lane_handovers_total"), 0.0);
+}
+
+#[test]
+fn large_bodies_arrive_byte_exact_and_one_cut_short_closes_the_connection() {
+    let backend = canned_backend();
+    let (_dir, lb) = lb_for(&format!("127.0.0.1:{backend}"), "lane-large", &[]);
+    let (mut s, mut r) = connect(lb.port);
+    for _ in 0..2 {
+        write!(s, "GET /large HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+        let a = read_answer(&mut r, false);
+        assert_eq!(a.status, 200);
+        assert!(a.body == large_body(LARGE), "the body differs");
+    }
+    // Each body ended where its length said: the connection is in step.
+    write!(s, "GET /plain HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+    let a = read_answer(&mut r, false);
+    assert_eq!((a.status, a.body.as_slice()), (200, &b"ok"[..]));
+
+    // The backend closes a third of the way in: the client gets the head and what was sent,
+    // then its connection closes (it cannot mistake the answer for whole).
+    let (mut s, r) = connect(lb.port);
+    write!(s, "GET /cut HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+    let mut got = Vec::new();
+    let mut r = r.into_inner();
+    r.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    r.read_to_end(&mut got).unwrap();
+    assert!(got.starts_with(b"HTTP/1.1 200"));
+    let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert!(got[end..] == large_body(LARGE / 3)[..], "{} body bytes", got.len() - end);
+    // And the proxy serves on.
+    let (mut s, mut r) = connect(lb.port);
+    write!(s, "GET /plain HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+    assert_eq!(read_answer(&mut r, false).status, 200);
     assert_eq!(lb.metric("rustybalancer_fast_lane_handovers_total"), 0.0);
 }
 
