@@ -209,7 +209,11 @@ fn large_bodies_arrive_byte_exact_and_one_cut_short_closes_the_connection() {
     r.read_to_end(&mut got).unwrap();
     assert!(got.starts_with(b"HTTP/1.1 200"));
     let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-    assert!(got[end..] == large_body(LARGE / 3)[..], "{} body bytes", got.len() - end);
+    assert!(
+        got[end..] == large_body(LARGE / 3)[..],
+        "{} body bytes",
+        got.len() - end
+    );
     // And the proxy serves on.
     let (mut s, mut r) = connect(lb.port);
     write!(s, "GET /plain HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();

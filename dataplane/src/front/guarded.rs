@@ -16,20 +16,17 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::protocols::{Peek, Stream};
-use pingora::server::ShutdownWatch;
 use rusty_shared::RequestClass;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use super::DRAIN_IDLE;
 use crate::access_log::Entry;
 use crate::answers::Answer;
 use crate::connections::{self, Event};
 use crate::http1::request::{origin_form, Refused};
 use crate::http1::scan::{feed_marked, Bad, Phase};
 use crate::plane::Plane;
-
-type DrainWait = Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
+use crate::shutdown::IdleEntry;
 
 /// A client stream with a whole-head deadline and a graceful close when idle while draining.
 pub struct Guarded {
@@ -40,10 +37,9 @@ pub struct Guarded {
     deadline: Option<Instant>,
     /// Allocated the first time a head has to wait, then reset for later heads.
     timer: Option<Pin<Box<Sleep>>>,
-    /// Completes `DRAIN_IDLE` after a graceful shutdown began; made on the first idle wait.
-    drain: Option<DrainWait>,
-    drained: bool,
-    shutdown: ShutdownWatch,
+    /// Its place among the connections waiting between requests, made on the first such
+    /// wait: woken when idle connections close (`DRAIN_IDLE` into a graceful shutdown).
+    idle: Option<IdleEntry>,
     plane: Arc<Plane>,
     /// Bytes read and scanned already (by the fast lane, or rewritten here), returned before
     /// any new read.
@@ -62,7 +58,6 @@ impl Guarded {
         inner: Stream,
         header_timeout: Duration,
         plane: Arc<Plane>,
-        shutdown: ShutdownWatch,
         peer: Option<IpAddr>,
     ) -> Self {
         Guarded {
@@ -72,9 +67,7 @@ impl Guarded {
             header_timeout,
             deadline: Some(Instant::now() + header_timeout),
             timer: None,
-            drain: None,
-            drained: false,
-            shutdown,
+            idle: None,
             plane,
             unread: Vec::new(),
             held: None,
@@ -106,23 +99,15 @@ impl Guarded {
 
     /// A read is waiting between requests: has the drain window passed? Registers a wake-up.
     fn drain_expired(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.drained {
-            return true;
+        self.plane.shutdown.idle_wait(&mut self.idle, cx.waker())
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        if let Some(entry) = self.idle.take() {
+            self.plane.shutdown.forget(entry);
         }
-        let drain = self.drain.get_or_insert_with(|| {
-            let mut shutdown = self.shutdown.clone();
-            Box::pin(async move {
-                if shutdown.wait_for(|down| *down).await.is_ok() {
-                    tokio::time::sleep(DRAIN_IDLE).await;
-                } else {
-                    // The server is gone without a graceful shutdown; never close from here.
-                    std::future::pending::<()>().await;
-                }
-            })
-        });
-        // A finished future must not be polled again.
-        self.drained = drain.as_mut().poll(cx).is_ready();
-        self.drained
     }
 }
 

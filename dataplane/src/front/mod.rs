@@ -254,7 +254,9 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Front<A> {
         // Earlier, a client told to reconnect could land in the listen backlog just before it
         // closed, and get a reset instead of a refusal.
         self.plane.shutdown.begin();
-        tokio::time::sleep(DRAIN_IDLE * 2).await;
+        tokio::time::sleep(DRAIN_IDLE).await;
+        self.plane.shutdown.close_idle();
+        tokio::time::sleep(DRAIN_IDLE).await;
         self.inner.cleanup().await;
     }
 }
@@ -321,13 +323,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> Front<A> {
             let serve = h2::serve(streams, stream, self.limits.h2, drain, connections);
             return Box::pin(serve).await;
         }
-        let mut guarded = Guarded::new(
-            stream,
-            self.limits.header_timeout,
-            self.plane.clone(),
-            drain.clone(),
-            peer,
-        );
+        let mut guarded =
+            Guarded::new(stream, self.limits.header_timeout, self.plane.clone(), peer);
         if let Some(lane) = &self.lane {
             match lane.serve(&mut guarded, peer, tls.as_deref()).await {
                 Served::Done => return,
