@@ -43,12 +43,14 @@ pub struct Guarded {
     plane: Arc<Plane>,
     /// Bytes read and scanned already (by the fast lane, or rewritten here), returned before
     /// any new read.
-    unread: Vec<u8>,
-    /// An absolute-form head from its target on, held back until it is whole.
-    held: Option<Vec<u8>>,
+    unread: Aside,
+    /// An absolute-form head from its target on, held back until it is whole. Boxed as
+    /// [`Aside`] is: a pointer on connections that never have one.
+    #[allow(clippy::box_collection)]
+    held: Option<Box<Vec<u8>>>,
     /// Bytes read after an absolute-form head that the scan has not seen yet: scanned as if
     /// just read once the head before them is rewritten.
-    rescan: Vec<u8>,
+    rescan: Aside,
     /// The client's address, for the access log.
     peer: Option<IpAddr>,
 }
@@ -69,9 +71,9 @@ impl Guarded {
             timer: None,
             idle: None,
             plane,
-            unread: Vec::new(),
+            unread: Aside::default(),
             held: None,
-            rescan: Vec::new(),
+            rescan: Aside::default(),
         }
     }
 
@@ -79,8 +81,8 @@ impl Guarded {
     /// answer) is read again first.
     pub(super) fn hand_over(&mut self, mut read: Vec<u8>) {
         // Bytes still waiting here (the rest of a rewritten head's read) come after them.
-        read.extend_from_slice(&self.unread);
-        self.unread = read;
+        read.extend_from_slice(self.unread.bytes());
+        self.unread.set(read);
     }
 
     /// A read is waiting inside a head: is the deadline past? Registers a wake-up if not.
@@ -120,9 +122,7 @@ impl AsyncRead for Guarded {
         let this = &mut *self;
         loop {
             if !this.unread.is_empty() {
-                let n = this.unread.len().min(buf.remaining());
-                buf.put_slice(&this.unread[..n]);
-                this.unread.drain(..n);
+                this.unread.put_into(buf);
                 return Poll::Ready(Ok(()));
             }
             // The pipeline let a 101 through to an upgrade: the rest is another protocol.
@@ -135,9 +135,7 @@ impl AsyncRead for Guarded {
                 Pin::new(&mut this.inner).poll_read(cx, buf)
             } else {
                 // Bytes read before, not scanned yet: as if read now.
-                let n = this.rescan.len().min(buf.remaining());
-                buf.put_slice(&this.rescan[..n]);
-                this.rescan.drain(..n);
+                this.rescan.put_into(buf);
                 Poll::Ready(Ok(()))
             };
             match read {
@@ -198,7 +196,8 @@ impl Guarded {
             match fed.absolute {
                 Some((_, Some(end))) => {
                     let mut held = self.held.take().unwrap_or_default();
-                    self.rescan = [&held[start + end..], &self.rescan[..]].concat();
+                    self.rescan
+                        .set([&held[start + end..], self.rescan.bytes()].concat());
                     held.truncate(start + end);
                     self.release(&held)?;
                 }
@@ -217,7 +216,8 @@ impl Guarded {
         // What the scan stopped short of (after an absolute-form head) is scanned next.
         let scanned = before + fed.consumed;
         if scanned < buf.filled().len() {
-            self.rescan = [&buf.filled()[scanned..], &self.rescan[..]].concat();
+            self.rescan
+                .set([&buf.filled()[scanned..], self.rescan.bytes()].concat());
             buf.set_filled(scanned);
         }
         let Some((Some(target), end)) = fed.absolute else {
@@ -228,7 +228,7 @@ impl Guarded {
         buf.set_filled(at);
         match end {
             Some(_) => self.release(&rest)?,
-            None => self.held = Some(rest),
+            None => self.held = Some(Box::new(rest)),
         }
         Ok(at > before)
     }
@@ -261,7 +261,7 @@ impl Guarded {
     /// `head` is an absolute-form head from its target to its end: read next in origin form.
     fn release(&mut self, head: &[u8]) -> Result<(), (Event, Answer)> {
         let origin = origin_form(head).ok_or((Event::BadRequestLine, Answer::BadRequestLine))?;
-        self.unread.extend_from_slice(&origin);
+        self.unread.extend(&origin);
         Ok(())
     }
 
@@ -301,13 +301,50 @@ impl Guarded {
 
 pass_through_io!(Guarded);
 
+/// Bytes set aside for later reads. Almost every connection never has any, so while there are
+/// none this is one pointer, not a `Vec`'s three words (`loadtest/idle.py`).
+#[derive(Default)]
+#[allow(clippy::box_collection)] // the box is the point: one pointer while empty
+struct Aside(Option<Box<Vec<u8>>>);
+
+impl Aside {
+    fn bytes(&self) -> &[u8] {
+        self.0.as_deref().map_or(&[], Vec::as_slice)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.bytes().is_empty()
+    }
+
+    fn set(&mut self, bytes: Vec<u8>) {
+        self.0 = (!bytes.is_empty()).then(|| Box::new(bytes));
+    }
+
+    fn extend(&mut self, bytes: &[u8]) {
+        self.0.get_or_insert_default().extend_from_slice(bytes);
+    }
+
+    /// Move as many bytes from the front as `buf` takes; freed once all are gone.
+    fn put_into(&mut self, buf: &mut ReadBuf<'_>) {
+        if let Some(bytes) = self.0.as_mut() {
+            let n = bytes.len().min(buf.remaining());
+            buf.put_slice(&bytes[..n]);
+            bytes.drain(..n);
+            if bytes.is_empty() {
+                self.0 = None;
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl Peek for Guarded {
     async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
         // Pingora peeks for the HTTP/2 preface; bytes handed back by the lane come first.
-        if !self.unread.is_empty() {
-            let n = self.unread.len().min(buf.len());
-            buf[..n].copy_from_slice(&self.unread[..n]);
+        let unread = self.unread.bytes();
+        if !unread.is_empty() {
+            let n = unread.len().min(buf.len());
+            buf[..n].copy_from_slice(&unread[..n]);
             return Ok(n == buf.len());
         }
         self.inner.try_peek(buf).await

@@ -53,11 +53,9 @@ pub struct Lane {
     plane: Arc<Plane>,
 }
 
-/// Buffers of one client connection while it has a request in hand; given back to the
-/// thread's spares ([`spare`]) when it goes idle or ends.
+/// Buffers of one request in hand, owned by its (boxed) future and given back to the thread's
+/// spares ([`spare`]) when it ends. The client's own buffer lives with the connection.
 struct Buffers {
-    /// From the client: the current head and whatever was pipelined after it.
-    client: Vec<u8>,
     /// The head going upstream.
     request: Vec<u8>,
     /// From the backend.
@@ -68,19 +66,11 @@ struct Buffers {
     sent: u64,
 }
 
-impl Buffers {
-    /// Nothing in hand: hold no memory until the next request comes.
-    fn release(&mut self) {
-        spare::release(&mut self.client);
+impl Drop for Buffers {
+    fn drop(&mut self) {
         spare::release(&mut self.request);
         spare::release(&mut self.upstream);
         spare::release(&mut self.response);
-    }
-}
-
-impl Drop for Buffers {
-    fn drop(&mut self) {
-        self.release();
     }
 }
 
@@ -112,13 +102,9 @@ impl Lane {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let plane = &*self.plane;
-        let mut bufs = Buffers {
-            client: Vec::new(),
-            request: Vec::new(),
-            upstream: Vec::new(),
-            response: Vec::new(),
-            sent: 0,
-        };
+        // From the client: the current head and whatever was pipelined after it. Given back
+        // to the spares whenever it is empty, so an idle connection holds no buffer.
+        let mut read = Vec::new();
         let ip = peer;
         let mut first = true;
         // The client's address as `X-Forwarded-For` writes it, and whether it may speak for
@@ -136,53 +122,48 @@ impl Lane {
         };
         loop {
             // The next head: parsed from what is buffered, else read for.
-            let plain = loop {
+            let (plain, head) = loop {
                 // Empty lines before a request line are ignored (RFC 9112 §2.2); dropped here
                 // so a client that sends only those waits as an idle one.
-                let blank = bufs
-                    .client
+                let blank = read
                     .iter()
                     .take_while(|b| matches!(b, b'\r' | b'\n'))
                     .count();
                 if blank > 0 {
-                    bufs.client.drain(..blank);
+                    read.drain(..blank);
                 }
-                if !bufs.client.is_empty() {
-                    spare::ensure(&mut bufs.request, spare::Size::Head);
-                    match plain_request(
-                        &bufs.client,
-                        &plane.limits,
-                        &origin,
-                        &plane.ids,
-                        &mut bufs.request,
-                    ) {
-                        Ok(Some(plain)) => break plain,
-                        Ok(None) => {}
+                if !read.is_empty() {
+                    // The head going upstream; kept only if the request is whole.
+                    let mut head = spare::take(spare::Size::Head);
+                    match plain_request(&read, &plane.limits, &origin, &plane.ids, &mut head) {
+                        Ok(Some(plain)) => break (plain, head),
+                        Ok(None) => spare::give(head),
                         Err(head::NotPlain) => {
-                            return Served::HandOver(std::mem::take(&mut bufs.client))
+                            spare::give(head);
+                            return Served::HandOver(std::mem::take(&mut read));
                         }
                     }
                 }
-                let idle = bufs.client.is_empty() && !first;
-                if bufs.client.is_empty() {
-                    bufs.release();
+                let idle = read.is_empty() && !first;
+                if read.is_empty() {
+                    spare::release(&mut read);
                 }
-                let read = async {
-                    if bufs.client.capacity() == 0 {
-                        spare::read_idle(client, &mut bufs.client).await
+                let more = async {
+                    if read.capacity() == 0 {
+                        spare::read_idle(client, &mut read).await
                     } else {
-                        read_more(client, &mut bufs.client).await
+                        read_more(client, &mut read).await
                     }
                 };
                 let n = if idle {
                     // Between requests the keep-alive timeout applies; the head deadline and
                     // the drain are the stream's (`front::Guarded`).
-                    match fast_timeout(plane.keepalive, read).await {
+                    match fast_timeout(plane.keepalive, more).await {
                         Ok(r) => r,
                         Err(_) => return Served::Done,
                     }
                 } else {
-                    read.await
+                    more.await
                 };
                 match n {
                     Ok(n) if n > 0 => {}
@@ -191,53 +172,59 @@ impl Lane {
             };
             first = false;
             let len = plain.len;
-            // Routing, the exchange and the access log line in one boxed future: its state is
-            // allocated for the request only, so an idle connection's task holds little more
-            // than its read (`loadtest/idle.py`).
-            match Box::pin(self.request(client, plain, ip, tls, &mut bufs)).await {
-                None => return Served::HandOver(std::mem::take(&mut bufs.client)),
+            // Routing, the exchange, the access log line and the request's buffers in one
+            // boxed future: allocated for the request only, so an idle connection's task
+            // holds little more than its read (`loadtest/idle.py`).
+            match Box::pin(self.request(client, plain, ip, tls, &read, head)).await {
+                None => return Served::HandOver(std::mem::take(&mut read)),
                 Some(false) => {
                     let _ = client.shutdown().await;
                     return Served::Done;
                 }
                 Some(true) => {}
             }
-            if bufs.client.len() == len {
-                bufs.client.clear();
+            if read.len() == len {
+                read.clear();
             } else {
-                bufs.client.drain(..len);
+                read.drain(..len);
             }
         }
     }
 
-    /// One plain request whose head is in `bufs.client`: routed and proxied, or `None` when it
-    /// is the pipeline's to serve (nothing was sent then). `Some(keep)`: whether the client
-    /// connection can take another request.
+    /// One plain request whose head is in `read`, with `request` the head to send upstream:
+    /// routed and proxied, or `None` when it is the pipeline's to serve (nothing was sent
+    /// then). `Some(keep)`: whether the client connection can take another request.
     async fn request<S>(
         &self,
         client: &mut S,
         plain: head::Plain,
         ip: Option<IpAddr>,
         tls: Option<&TlsConn>,
-        bufs: &mut Buffers,
+        read: &[u8],
+        request: Vec<u8>,
     ) -> Option<bool>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
+        let mut bufs = Buffers {
+            request,
+            upstream: Vec::new(),
+            response: Vec::new(),
+            sent: 0,
+        };
+        let bufs = &mut bufs;
         let plane = &*self.plane;
-        let host = &bufs.client[plain.host.clone()];
+        let host = &read[plain.host.clone()];
         // A host the connection's certificate does not cover: the pipeline answers 421.
         if tls.is_some_and(|t| !t.covers(host)) {
             return None;
         }
         let snapshot = plane.store.current()?;
-        let route = snapshot
-            .router
-            .route(host, &bufs.client[plain.path.clone()]);
+        let route = snapshot.router.route(host, &read[plain.path.clone()]);
         let s = route?;
         // ACME challenges are answered by the pipeline.
         if !snapshot.table.acme_challenges.is_empty()
-            && bufs.client[plain.path.clone()].starts_with(ACME_CHALLENGE_PREFIX.as_bytes())
+            && read[plain.path.clone()].starts_with(ACME_CHALLENGE_PREFIX.as_bytes())
         {
             return None;
         }
@@ -253,7 +240,7 @@ impl Lane {
             .proxy(client, &mut routed, &plain, tls.is_some(), bufs)
             .await;
         if let Some(log) = &plane.access_log {
-            let c = &bufs.client;
+            let c = read;
             let svc = routed.service();
             log.log(&Entry {
                 client: ip,
