@@ -20,6 +20,8 @@ use rusty_shared::civil::Civil;
 use rusty_shared::RequestClass;
 use tracing::warn;
 
+use crate::http1::editor::ClientText;
+
 /// How often the writer takes the buffers.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
 /// A buffer this full wakes the writer early.
@@ -240,21 +242,9 @@ fn push_clock(out: &mut Vec<u8>, t: &Civil) {
     push_padded(out, u64::from(t.second), 2);
 }
 
-/// A client address as text (IPv4 by hand: the common case; IPv6 through `Display`).
+/// A client address as text.
 fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
-    match ip {
-        IpAddr::V4(v4) => {
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b'.');
-                }
-                push_u64(out, u64::from(octet));
-            }
-        }
-        IpAddr::V6(_) => {
-            let _ = write!(out, "{ip}");
-        }
-    }
+    out.extend_from_slice(ClientText::new(ip).as_bytes());
 }
 
 /// `s` inside a quoted field of the combined format, escaped as nginx does: `"`, `\`, control

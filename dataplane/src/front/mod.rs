@@ -10,6 +10,7 @@
 //! request path it calls directly is the lane; everything else it shares goes through the
 //! plane. Why each guard exists is in `docs/request-path.md`.
 
+use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
@@ -263,83 +264,90 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Front<A> {
 
 impl<A: HttpServerApp + Send + Sync + 'static> Front<A> {
     /// One client connection, from accept to close.
-    async fn serve_connection(self: Arc<Self>, mut stream: Stream) {
-        let connections = &self.plane.connections;
-        let (_open, count) = connections.open_one();
-        let certs = self.tls_of(&stream).cloned();
-        if count > self.limits.max_connections {
-            connections.count(Event::Refused);
-            // A TLS client could not read a plaintext 503: it is closed before any handshake
-            // work is spent on it.
-            // Boxed, as the rare path it is: its read buffer would otherwise be part of every
-            // connection's task.
-            if certs.is_none() {
-                Box::pin(refuse(&mut stream)).await;
-            }
-            return;
-        }
-        let peer = stream
-            .get_socket_digest()
-            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
-        let stream = if self.limits.rehome {
-            match rehome(stream) {
-                Ok(s) => s,
-                Err(_) => return,
-            }
-        } else {
-            stream
-        };
-        // The handshake's future is boxed: it is large and over once the connection is in.
-        let (stream, tls) = match certs {
-            Some(certs) => match Box::pin(self.handshake(&certs, stream)).await {
-                Ok((stream, conn)) => (stream, Some(conn)),
-                Err(()) => return,
-            },
-            None => (stream, None),
-        };
-        // Our drain signal, not Pingora's (see `shutdown`).
-        let drain = self.plane.shutdown.subscribe();
-        // HTTP/2 skips the lane and the HTTP/1 guards: its own loop bounds it.
-        let (stream, h2) = match &tls {
-            Some(_) => {
-                let h2 = stream.selected_alpn_proto() == Some(ALPN::H2);
-                (stream, h2)
-            }
-            None if self.limits.h2c => {
-                match Box::pin(h2c_preface(stream, self.limits.header_timeout)).await {
-                    Some(read) => read,
-                    None => return,
+    ///
+    /// An `async move` block rather than an `async fn`, whose state would hold the arguments
+    /// twice: this is every connection's task.
+    #[allow(clippy::manual_async_fn)] // see above: the state's size
+    fn serve_connection(self: Arc<Self>, mut stream: Stream) -> impl Future<Output = ()> + Send {
+        async move {
+            let connections = &self.plane.connections;
+            let (_open, count) = connections.open_one();
+            let certs = self.tls_of(&stream).cloned();
+            if count > self.limits.max_connections {
+                connections.count(Event::Refused);
+                // A TLS client could not read a plaintext 503: it is closed before any handshake
+                // work is spent on it.
+                // Boxed, as the rare path it is: its read buffer would otherwise be part of every
+                // connection's task.
+                if certs.is_none() {
+                    Box::pin(refuse(&mut stream)).await;
                 }
+                return;
             }
-            None => (stream, false),
-        };
-        if h2 {
-            let streams = h2::Streams {
-                app: self.inner.clone(),
-                lane: self.lane.clone(),
-                peer,
-                tls,
+            let peer = stream
+                .get_socket_digest()
+                .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+            let stream = if self.limits.rehome {
+                match rehome(stream) {
+                    Ok(s) => s,
+                    Err(_) => return,
+                }
+            } else {
+                stream
             };
-            let serve = h2::serve(streams, stream, self.limits.h2, drain, connections);
-            return Box::pin(serve).await;
-        }
-        let mut guarded =
-            Guarded::new(stream, self.limits.header_timeout, self.plane.clone(), peer);
-        if let Some(lane) = &self.lane {
-            match lane.serve(&mut guarded, peer, tls.as_deref()).await {
-                Served::Done => return,
-                // What the lane read and did not answer is read again by the pipeline.
-                Served::HandOver(read) => {
-                    connections.count(Event::LaneHandover);
-                    guarded.hand_over(read);
+            // The handshake's future is boxed: it is large and over once the connection is in.
+            let (stream, tls) = match certs {
+                Some(certs) => match Box::pin(self.handshake(&certs, stream)).await {
+                    Ok((stream, conn)) => (stream, Some(conn)),
+                    Err(()) => return,
+                },
+                None => (stream, None),
+            };
+            // Our drain signal, not Pingora's (see `shutdown`).
+            let drain = self.plane.shutdown.subscribe();
+            // HTTP/2 skips the lane and the HTTP/1 guards: its own loop bounds it.
+            let (stream, h2) = match &tls {
+                Some(_) => {
+                    let h2 = stream.selected_alpn_proto() == Some(ALPN::H2);
+                    (stream, h2)
+                }
+                None if self.limits.h2c => {
+                    match Box::pin(h2c_preface(stream, self.limits.header_timeout)).await {
+                        Some(read) => read,
+                        None => return,
+                    }
+                }
+                None => (stream, false),
+            };
+            if h2 {
+                let streams = h2::Streams {
+                    app: self.inner.clone(),
+                    lane: self.lane.clone(),
+                    peer,
+                    tls,
+                };
+                let serve = h2::serve(streams, stream, self.limits.h2, drain, connections);
+                return Box::pin(serve).await;
+            }
+            let mut guarded =
+                Guarded::new(stream, self.limits.header_timeout, self.plane.clone(), peer);
+            if let Some(lane) = &self.lane {
+                match lane.serve(&mut guarded, peer, tls.as_deref()).await {
+                    Served::Done => return,
+                    // What the lane read and did not answer is read again by the pipeline.
+                    Served::HandOver(read) => {
+                        connections.count(Event::LaneHandover);
+                        guarded.hand_over(read);
+                    }
                 }
             }
+            // Pingora's HTTP/1 app runs the keep-alive loop itself and returns `None` when the
+            // connection is done, so this wraps each connection exactly once, and the connection's
+            // switch of protocols lives as long as its task.
+            let pipeline =
+                connections::with_switch(self.inner.process_new(Box::new(guarded), &drain));
+            let _ = Box::pin(pipeline).await;
         }
-        // Pingora's HTTP/1 app runs the keep-alive loop itself and returns `None` when the
-        // connection is done, so this wraps each connection exactly once, and the connection's
-        // switch of protocols lives as long as its task.
-        let pipeline = connections::with_switch(self.inner.process_new(Box::new(guarded), &drain));
-        let _ = Box::pin(pipeline).await;
     }
 }
 

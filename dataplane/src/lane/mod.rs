@@ -9,6 +9,7 @@ mod h2;
 pub mod pool;
 pub mod spare;
 
+use std::future::Future;
 use std::io;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -23,7 +24,7 @@ use crate::attempt::{Failure, Routed};
 use crate::certs::TlsConn;
 use crate::clock;
 use crate::hostnames::ACME_CHALLENGE_PREFIX;
-use crate::http1::editor::{Origin, Proto};
+use crate::http1::editor::{ClientText, Origin, Proto};
 use crate::http1::head::{self, plain_request, Body, Response};
 use crate::http1::limits::MAX_INTERIM_RESPONSES;
 use crate::http1::scan::{Bad, ChunkScan};
@@ -92,101 +93,106 @@ impl Lane {
 
     /// Serve a client connection for as long as its requests are plain. `tls` is the
     /// connection's TLS facts when it came to the TLS listener.
-    pub async fn serve<S>(
-        &self,
-        client: &mut S,
-        peer: Option<IpAddr>,
-        tls: Option<&TlsConn>,
-    ) -> Served
+    ///
+    /// Written as an `async move` block rather than an `async fn`, whose state would hold
+    /// each argument twice; this future is part of every idle connection's task.
+    #[allow(clippy::manual_async_fn)] // see above: the state's size
+    pub fn serve<'a, S>(
+        &'a self,
+        client: &'a mut S,
+        ip: Option<IpAddr>,
+        tls: Option<&'a TlsConn>,
+    ) -> impl Future<Output = Served> + 'a
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let plane = &*self.plane;
-        // From the client: the current head and whatever was pipelined after it. Given back
-        // to the spares whenever it is empty, so an idle connection holds no buffer.
-        let mut read = Vec::new();
-        let ip = peer;
-        let mut first = true;
-        // The client's address as `X-Forwarded-For` writes it, and whether it may speak for
-        // others: both once per connection.
-        let trusted = plane.trusted.trusts(peer);
-        let peer = peer.map(|ip| ip.to_string());
-        let origin = Origin {
-            client: peer.as_deref().map(str::as_bytes),
-            trusted,
-            proto: if tls.is_some() {
-                Proto::Https
-            } else {
-                Proto::Http
-            },
-        };
-        loop {
-            // The next head: parsed from what is buffered, else read for.
-            let (plain, head) = loop {
-                // Empty lines before a request line are ignored (RFC 9112 §2.2); dropped here
-                // so a client that sends only those waits as an idle one.
-                let blank = read
-                    .iter()
-                    .take_while(|b| matches!(b, b'\r' | b'\n'))
-                    .count();
-                if blank > 0 {
-                    read.drain(..blank);
-                }
-                if !read.is_empty() {
-                    // The head going upstream; kept only if the request is whole.
-                    let mut head = spare::take(spare::Size::Head);
-                    match plain_request(&read, &plane.limits, &origin, &plane.ids, &mut head) {
-                        Ok(Some(plain)) => break (plain, head),
-                        Ok(None) => spare::give(head),
-                        Err(head::NotPlain) => {
-                            spare::give(head);
-                            return Served::HandOver(std::mem::take(&mut read));
+        async move {
+            let plane = &*self.plane;
+            // From the client: the current head and whatever was pipelined after it. Given back
+            // to the spares whenever it is empty, so an idle connection holds no buffer.
+            let mut read = Vec::new();
+            let mut first = true;
+            // Whether the client may speak for others, once per connection.
+            let trusted = plane.trusted.trusts(ip);
+            loop {
+                // The next head: parsed from what is buffered, else read for.
+                let (plain, head) = loop {
+                    // Empty lines before a request line are ignored (RFC 9112 §2.2); dropped here
+                    // so a client that sends only those waits as an idle one.
+                    let blank = read
+                        .iter()
+                        .take_while(|b| matches!(b, b'\r' | b'\n'))
+                        .count();
+                    if blank > 0 {
+                        read.drain(..blank);
+                    }
+                    if !read.is_empty() {
+                        // The client's address as `X-Forwarded-For` writes it.
+                        let text = ip.map(ClientText::new);
+                        let origin = Origin {
+                            client: text.as_ref().map(ClientText::as_bytes),
+                            trusted,
+                            proto: if tls.is_some() {
+                                Proto::Https
+                            } else {
+                                Proto::Http
+                            },
+                        };
+                        // The head going upstream; kept only if the request is whole.
+                        let mut head = spare::take(spare::Size::Head);
+                        match plain_request(&read, &plane.limits, &origin, &plane.ids, &mut head) {
+                            Ok(Some(plain)) => break (plain, head),
+                            Ok(None) => spare::give(head),
+                            Err(head::NotPlain) => {
+                                spare::give(head);
+                                return Served::HandOver(std::mem::take(&mut read));
+                            }
                         }
                     }
-                }
-                let idle = read.is_empty() && !first;
-                if read.is_empty() {
-                    spare::release(&mut read);
-                }
-                let more = async {
-                    if read.capacity() == 0 {
-                        spare::read_idle(client, &mut read).await
+                    let idle = read.is_empty() && !first;
+                    if read.is_empty() {
+                        spare::release(&mut read);
+                    }
+                    let more = async {
+                        if read.capacity() == 0 {
+                            spare::read_idle(client, &mut read).await
+                        } else {
+                            read_more(client, &mut read).await
+                        }
+                    };
+                    let n = if idle {
+                        // Between requests the keep-alive timeout applies; the head deadline and
+                        // the drain are the stream's (`front::Guarded`).
+                        match fast_timeout(plane.keepalive, more).await {
+                            Ok(r) => r,
+                            Err(_) => return Served::Done,
+                        }
                     } else {
-                        read_more(client, &mut read).await
+                        more.await
+                    };
+                    match n {
+                        Ok(n) if n > 0 => {}
+                        _ => return Served::Done,
                     }
                 };
-                let n = if idle {
-                    // Between requests the keep-alive timeout applies; the head deadline and
-                    // the drain are the stream's (`front::Guarded`).
-                    match fast_timeout(plane.keepalive, more).await {
-                        Ok(r) => r,
-                        Err(_) => return Served::Done,
+                first = false;
+                let len = plain.len;
+                // Routing, the exchange, the access log line and the request's buffers in one
+                // boxed future: allocated for the request only, so an idle connection's task
+                // holds little more than its read (`loadtest/idle.py`).
+                match Box::pin(self.request(client, plain, ip, tls, &read, head)).await {
+                    None => return Served::HandOver(std::mem::take(&mut read)),
+                    Some(false) => {
+                        let _ = client.shutdown().await;
+                        return Served::Done;
                     }
+                    Some(true) => {}
+                }
+                if read.len() == len {
+                    read.clear();
                 } else {
-                    more.await
-                };
-                match n {
-                    Ok(n) if n > 0 => {}
-                    _ => return Served::Done,
+                    read.drain(..len);
                 }
-            };
-            first = false;
-            let len = plain.len;
-            // Routing, the exchange, the access log line and the request's buffers in one
-            // boxed future: allocated for the request only, so an idle connection's task
-            // holds little more than its read (`loadtest/idle.py`).
-            match Box::pin(self.request(client, plain, ip, tls, &read, head)).await {
-                None => return Served::HandOver(std::mem::take(&mut read)),
-                Some(false) => {
-                    let _ = client.shutdown().await;
-                    return Served::Done;
-                }
-                Some(true) => {}
-            }
-            if read.len() == len {
-                read.clear();
-            } else {
-                read.drain(..len);
             }
         }
     }
