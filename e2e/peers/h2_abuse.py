@@ -13,6 +13,8 @@ CASE is one of:
   ping-flood          50,000 PING frames (and reading the ACKs), then one request
   zero-window         a window of 0 (SETTINGS_INITIAL_WINDOW_SIZE), one request, and no
                       WINDOW_UPDATE ever: its answer can never be sent
+  request-trailers    not hostile: a POST whose body ends with trailers (HEADERS with
+                      END_STREAM after the DATA), as HTTP/2 allows and gRPC clients do not use
 
 Prints one JSON object: the streams opened, the GOAWAY received (its error code), how long the
 connection lasted, and for a case with a request at the end the status it got.
@@ -53,6 +55,8 @@ class Conn:
         self.closed = False
         self.statuses = {}
         self.resets = {}
+        self.bodies = {}
+        self.ended = set()
         self.decoder = hpack.Decoder()
         self.encoder = hpack.Encoder()
         self.sock.sendall(PREFACE + frame(SETTINGS, 0, 0))
@@ -102,6 +106,10 @@ class Conn:
                 for name, value in self.decoder.decode(payload):
                     if name in (":status", b":status"):
                         self.statuses[stream] = int(value)
+            elif kind == DATA:
+                self.bodies[stream] = self.bodies.get(stream, b"") + payload
+            if kind in (HEADERS, DATA) and flags & END_STREAM:
+                self.ended.add(stream)
 
 
 def main():
@@ -157,6 +165,16 @@ def main():
         c.send(frame(SETTINGS, 0, 0, struct.pack(">HI", 0x4, 0)))
         c.send(frame(HEADERS, END_HEADERS | END_STREAM, 1, c.request_block()))
         opened = 1
+    elif case == "request-trailers":
+        block = c.encoder.encode(
+            [(":method", "POST"), (":scheme", "http"), (":authority", host), (":path", "/upload"),
+             ("content-type", "text/plain")]
+        )
+        c.send(frame(HEADERS, END_HEADERS, 1, block))
+        c.send(frame(DATA, 0, 1, b"hello, "))
+        c.send(frame(DATA, 0, 1, b"world"))
+        c.send(frame(HEADERS, END_HEADERS | END_STREAM, 1, c.encoder.encode([("x-checksum", "abc123")])))
+        opened = 1
     else:
         raise SystemExit(f"unknown case {case}")
     deadline = time.monotonic() + 10
@@ -166,6 +184,8 @@ def main():
             break
         if case == "zero-window" and (c.resets or c.goaway is not None):
             break
+        if case == "request-trailers" and (1 in c.ended or c.resets or c.goaway is not None):
+            break
     out.update(
         opened=opened,
         goaway=c.goaway,
@@ -173,6 +193,8 @@ def main():
         seconds=round(time.monotonic() - t0, 3),
         statuses=sorted(set(c.statuses.values())),
         resets=sorted(set(c.resets.values())),
+        answered=1 in c.ended,
+        body=c.bodies.get(1, b"").decode("latin-1"),
     )
     print(json.dumps(out))
 

@@ -847,3 +847,41 @@ fn hostile_http2_clients_are_bounded_and_a_fresh_connection_is_still_served() {
         );
     }
 }
+
+/// Request trailers (a body ended by a HEADERS frame) are allowed by HTTP/2 and not used by
+/// gRPC clients. Pingora 0.9.1 does not forward them (`docs/dataplane.md`): the request is
+/// still served, and the trailers are not in what the backend got.
+#[test]
+fn a_request_ended_by_trailers_is_served_with_its_body_and_without_them() {
+    let dir = TempDir::new("h2-request-trailers");
+    let record = dir.path("backend.rec");
+    let echo = Echo::start_with("t1", &["--record", record.to_str().unwrap()]);
+    let table = dir.path("table.json");
+    let t = serde_json::json!({"version": 1, "services": [
+        {"name": "web", "backends": [{"id": "t1", "addr": echo.addr()}]}]});
+    write_atomic(&table, &t.to_string());
+    let lb = Lb::start(&[
+        "--table".into(),
+        table.display().to_string(),
+        "--h2c".into(),
+    ]);
+    lb.wait_version(1, Duration::from_secs(10));
+
+    let r = abuse(lb.port, "web.test", "request-trailers");
+    assert_eq!(r["answered"], true, "{r}");
+    assert_eq!(r["statuses"], serde_json::json!([200]), "{r}");
+    assert!(r["body"].as_str().unwrap().contains("t1"), "{r}");
+    let got = std::fs::read_to_string(&record).unwrap();
+    let head = got
+        .lines()
+        .find(|l| l.contains("POST /upload"))
+        .expect("the POST came");
+    let head = head.to_ascii_lowercase();
+    assert!(
+        !head.contains("x-checksum"),
+        "a trailer went upstream: {head}"
+    );
+    // The body went on chunked (HTTP/1's framing for a length not known ahead), and the
+    // backend read it to its end before answering 200.
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+}
