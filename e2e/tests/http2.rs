@@ -357,19 +357,12 @@ fn a_grpc_timeout_is_the_calls_deadline_at_the_proxy() {
     let silent_addr = silent.local_addr().unwrap().to_string();
     let dir = TempDir::new("grpc-deadline");
     let echo = Echo::start("e1");
-    let table = dir.path("table.json");
-    let t = serde_json::json!({"version": 1, "services": [
+    let services = serde_json::json!([
         {"name": "grpc", "hosts": ["grpc.test"], "upstream_protocol": "h2c",
          "connect_timeout_ms": 10000, "read_timeout_ms": 10000,
          "backends": [{"id": "mute", "addr": silent_addr}]},
-        {"name": "web", "backends": [{"id": "e1", "addr": echo.addr()}]}]});
-    write_atomic(&table, &t.to_string());
-    let lb = Lb::start(&[
-        "--table".into(),
-        table.display().to_string(),
-        "--h2c".into(),
-    ]);
-    lb.wait_version(1, Duration::from_secs(10));
+        {"name": "web", "backends": [{"id": "e1", "addr": echo.addr()}]}]);
+    let lb = h2c_lb(&dir, services, &[]);
     let started = Instant::now();
     let out = Command::new("curl")
         .args(["-sS", "-i", "--max-time", "10", "--http2-prior-knowledge"])
@@ -694,6 +687,23 @@ fn the_http2_lane_answers_as_the_pipeline_does_and_takes_plain_streams_only() {
     assert_eq!(lane_count(&pipeline), 0.0);
 }
 
+/// A data plane on a table of `services` (version 1, written in `dir`) that takes h2c on its
+/// plain listener, with `extra` flags.
+fn h2c_lb(dir: &TempDir, services: Value, extra: &[&str]) -> Lb {
+    let table = dir.path("table.json");
+    let t = serde_json::json!({"version": 1, "services": services});
+    write_atomic(&table, &t.to_string());
+    let mut args = vec![
+        "--table".to_owned(),
+        table.display().to_string(),
+        "--h2c".to_owned(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let lb = Lb::start(&args);
+    lb.wait_version(1, Duration::from_secs(10));
+    lb
+}
+
 /// One hostile client against the h2c listener; its JSON report.
 fn abuse(port: u16, host: &str, case: &str) -> Value {
     let out = Command::new("python3")
@@ -731,19 +741,10 @@ fn hostile_http2_clients_are_bounded_and_a_fresh_connection_is_still_served() {
         ],
     );
     let echo = Echo::start("e1");
-    let table = dir.path("table.json");
-    let t = serde_json::json!({"version": 1, "services": [
+    let services = serde_json::json!([
         {"name": "slow", "hosts": ["slow.test"], "backends": [{"id": "s1", "addr": slow.addr()}]},
-        {"name": "web", "backends": [{"id": "e1", "addr": echo.addr()}]}]});
-    write_atomic(&table, &t.to_string());
-    let lb = Lb::start(&[
-        "--table".into(),
-        table.display().to_string(),
-        "--h2c".into(),
-        "--send-timeout".into(),
-        "2".into(),
-    ]);
-    lb.wait_version(1, Duration::from_secs(10));
+        {"name": "web", "backends": [{"id": "e1", "addr": echo.addr()}]}]);
+    let lb = h2c_lb(&dir, services, &["--send-timeout", "2"]);
     let fresh = || {
         let url = format!("http://127.0.0.1:{}/after", lb.port);
         let (version, code, _) =
@@ -852,20 +853,13 @@ fn hostile_http2_clients_are_bounded_and_a_fresh_connection_is_still_served() {
 /// gRPC clients. Pingora 0.9.1 does not forward them (`docs/dataplane.md`): the request is
 /// still served, and the trailers are not in what the backend got.
 #[test]
-fn a_request_ended_by_trailers_is_served_with_its_body_and_without_them() {
+fn a_request_ended_by_trailers_is_served_and_they_stay_behind() {
     let dir = TempDir::new("h2-request-trailers");
     let record = dir.path("backend.rec");
     let echo = Echo::start_with("t1", &["--record", record.to_str().unwrap()]);
-    let table = dir.path("table.json");
-    let t = serde_json::json!({"version": 1, "services": [
-        {"name": "web", "backends": [{"id": "t1", "addr": echo.addr()}]}]});
-    write_atomic(&table, &t.to_string());
-    let lb = Lb::start(&[
-        "--table".into(),
-        table.display().to_string(),
-        "--h2c".into(),
-    ]);
-    lb.wait_version(1, Duration::from_secs(10));
+    let services =
+        serde_json::json!([{"name": "web", "backends": [{"id": "t1", "addr": echo.addr()}]}]);
+    let lb = h2c_lb(&dir, services, &[]);
 
     let r = abuse(lb.port, "web.test", "request-trailers");
     assert_eq!(r["answered"], true, "{r}");
