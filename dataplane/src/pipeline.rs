@@ -29,7 +29,7 @@ use crate::clock;
 use crate::connections;
 use crate::hostnames::{https_location, ACME_CHALLENGE_PREFIX};
 use crate::http1;
-use crate::http1::editor::{self, HeaderOut, Line, Origin, Proto};
+use crate::http1::editor::{self, ClientText, HeaderOut, Line, Origin};
 use crate::http1::head;
 use crate::http1::limits::MAX_INTERIM_RESPONSES;
 use crate::http1::request;
@@ -348,12 +348,8 @@ impl ProxyHttp for Pipeline {
         let routed = ctx.routed.as_ref().ok_or_else(not_routed)?;
         let ip = client_ip(session);
         let trusted = self.plane.trusted.trusts(ip);
-        let client = ip.map(|ip| ip.to_string());
-        let origin = Origin {
-            client: client.as_deref().map(str::as_bytes),
-            trusted,
-            proto: if ctx.https { Proto::Https } else { Proto::Http },
-        };
+        let text = ip.map(ClientText::new);
+        let origin = Origin::new(text.as_ref(), trusted, ctx.https);
         // HTTP/1.0 clients may send no Host; the request goes upstream as HTTP/1.1, which
         // needs one. (An HTTP/2 request's `:authority` is its host.)
         let host = (!upstream.headers.contains_key(http::header::HOST)

@@ -111,7 +111,6 @@ pub async fn serve<A>(
     let tally = Arc::new(Tally::default());
     // Shared by the connection's stream tasks: one reference count per stream.
     let streams = Arc::new(streams);
-    let peer_text: Option<Arc<str>> = streams.peer.map(|ip| ip.to_string().into());
     // In the pipeline at once: twice the streams the client may open, since a stream the client
     // resets is closed for h2 at once while its request may still be on its way.
     let max_in_flight = 2 * limits.max_streams as usize;
@@ -171,13 +170,7 @@ pub async fn serve<A>(
             break Some(H2Close::RapidReset);
         }
         tally.in_flight.fetch_add(1, Relaxed);
-        let request = serve_stream(
-            session,
-            streams.clone(),
-            tally.clone(),
-            drain.clone(),
-            peer_text.clone(),
-        );
+        let request = serve_stream(session, streams.clone(), tally.clone(), drain.clone());
         if inline.is_none() {
             inline = Some(Box::pin(request));
         } else {
@@ -210,15 +203,14 @@ async fn serve_stream<A>(
     streams: Arc<Streams<A>>,
     tally: Arc<Tally>,
     drain: ShutdownWatch,
-    peer_text: Option<Arc<str>>,
 ) where
     A: HttpServerApp + Send + Sync + 'static,
 {
     let request = async {
         let left = match &streams.lane {
             Some(lane) => {
-                let client = (streams.peer, peer_text.as_deref());
-                lane.serve_h2(session, client, streams.tls.as_deref()).await
+                lane.serve_h2(session, streams.peer, streams.tls.as_deref())
+                    .await
             }
             None => Some(session),
         };

@@ -187,9 +187,21 @@ pub struct Origin<'a> {
     pub proto: Proto,
 }
 
+impl<'a> Origin<'a> {
+    /// The origin every request path gives the editor: the client's address as text (if it
+    /// has one), whether it is a trusted proxy, and whether it came over TLS.
+    pub fn new(client: Option<&'a ClientText>, trusted: bool, https: bool) -> Origin<'a> {
+        Origin {
+            client: client.map(ClientText::as_bytes),
+            trusted,
+            proto: if https { Proto::Https } else { Proto::Http },
+        }
+    }
+}
+
 /// A client's address as text, on the stack: IPv4 written by hand (the common case), IPv6
-/// through `Display`. The lane makes it for each request rather than keep a `String` in
-/// every idle connection; the access log writes addresses with it.
+/// through `Display`. Made per request by every request path (no allocation; an idle
+/// connection keeps no text), and by the access log.
 #[derive(Clone, Copy)]
 pub struct ClientText {
     buf: [u8; 45],

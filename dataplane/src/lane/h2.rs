@@ -20,7 +20,7 @@ use crate::certs::TlsConn;
 use crate::clock;
 use crate::connections;
 use crate::hostnames::ACME_CHALLENGE_PREFIX;
-use crate::http1::editor::{self, HeaderOut, Line, Origin, Proto};
+use crate::http1::editor::{self, ClientText, HeaderOut, Line, Origin};
 use crate::http1::head::{self, H2Head};
 use crate::http1::limits::MAX_INTERIM_RESPONSES;
 use crate::http1::scan::Bad;
@@ -99,17 +99,15 @@ impl Cut {
 
 impl Lane {
     /// Serve an HTTP/2 stream if it is plain; otherwise give it back as it came, for the
-    /// pipeline. `client` (the address, and as `X-Forwarded-For` writes it) and `tls` are its
-    /// connection's.
+    /// pipeline. `peer` (the client's address) and `tls` are its connection's.
     pub async fn serve_h2(
         &self,
         mut stream: Stream,
-        client: (Option<IpAddr>, Option<&str>),
+        peer: Option<IpAddr>,
         tls: Option<&TlsConn>,
     ) -> Option<Stream> {
-        let peer = client.0;
         let start = Instant::now();
-        let Some(plan) = self.plan(&stream, client, tls, start) else {
+        let Some(plan) = self.plan(&stream, peer, tls, start) else {
             return Some(stream);
         };
         let plane = &*self.plane;
@@ -199,7 +197,7 @@ impl Lane {
     fn plan(
         &self,
         stream: &Stream,
-        (peer, client): (Option<IpAddr>, Option<&str>),
+        peer: Option<IpAddr>,
         tls: Option<&TlsConn>,
         start: Instant,
     ) -> Option<Plan> {
@@ -265,15 +263,8 @@ impl Lane {
                 }
             }
         }
-        let origin = Origin {
-            client: client.map(str::as_bytes),
-            trusted,
-            proto: if tls.is_some() {
-                Proto::Https
-            } else {
-                Proto::Http
-            },
-        };
+        let text = peer.map(ClientText::new);
+        let origin = Origin::new(text.as_ref(), trusted, tls.is_some());
         let logged = plane.access_log.is_some();
         let mut out = UpstreamHead {
             out: &mut upstream_head,

@@ -24,7 +24,7 @@ use crate::attempt::{Failure, Routed};
 use crate::certs::TlsConn;
 use crate::clock;
 use crate::hostnames::ACME_CHALLENGE_PREFIX;
-use crate::http1::editor::{ClientText, Origin, Proto};
+use crate::http1::editor::{ClientText, Origin};
 use crate::http1::head::{self, plain_request, Body, Response};
 use crate::http1::limits::MAX_INTERIM_RESPONSES;
 use crate::http1::scan::{Bad, ChunkScan};
@@ -129,15 +129,7 @@ impl Lane {
                     if !read.is_empty() {
                         // The client's address as `X-Forwarded-For` writes it.
                         let text = ip.map(ClientText::new);
-                        let origin = Origin {
-                            client: text.as_ref().map(ClientText::as_bytes),
-                            trusted,
-                            proto: if tls.is_some() {
-                                Proto::Https
-                            } else {
-                                Proto::Http
-                            },
-                        };
+                        let origin = Origin::new(text.as_ref(), trusted, tls.is_some());
                         // The head going upstream; kept only if the request is whole.
                         let mut head = spare::take(spare::Size::Head);
                         match plain_request(&read, &plane.limits, &origin, &plane.ids, &mut head) {
@@ -239,20 +231,18 @@ impl Lane {
         }
         let start = Instant::now();
         let mut routed = Routed::new(snapshot, s, start);
-        spare::ensure(&mut bufs.upstream, spare::Size::Upstream);
-        spare::ensure(&mut bufs.response, spare::Size::Head);
-        bufs.sent = 0;
+        bufs.upstream = spare::take(spare::Size::Upstream);
+        bufs.response = spare::take(spare::Size::Head);
         let (status, keep) = self
             .proxy(client, &mut routed, &plain, tls.is_some(), bufs)
             .await;
         if let Some(log) = &plane.access_log {
-            let c = read;
             let svc = routed.service();
             log.log(&Entry {
                 client: ip,
                 method: if plain.head { b"HEAD" } else { b"GET" },
-                host: &c[plain.host.clone()],
-                target: &c[plain.target.clone()],
+                host: &read[plain.host.clone()],
+                target: &read[plain.target.clone()],
                 version: "HTTP/1.1",
                 status,
                 bytes: bufs.sent,
@@ -264,8 +254,8 @@ impl Lane {
                 service: &svc.name,
                 attempts: routed.tried().len(),
                 class: svc.class,
-                user_agent: &c[plain.user_agent.clone()],
-                referer: &c[plain.referer.clone()],
+                user_agent: &read[plain.user_agent.clone()],
+                referer: &read[plain.referer.clone()],
                 https: tls.is_some(),
             });
         }

@@ -94,13 +94,6 @@ pub fn release(buf: &mut Vec<u8>) {
     }
 }
 
-/// Make sure `buf` has room: a spare one of `size` if it has none.
-pub fn ensure(buf: &mut Vec<u8>, size: Size) {
-    if buf.capacity() == 0 {
-        *buf = take(size);
-    }
-}
-
 /// Read once from an idle connection into `buf` (empty, without capacity): a spare buffer is
 /// lent for each poll and given back at once when there is nothing to read, so the wait
 /// itself holds no memory. Returns the bytes read, then in `buf`.
