@@ -10,7 +10,7 @@ the proxy's own CPU time per request (utime+stime from /proc, all its processes 
 its peak RSS, errors, and ratios to direct and to nginx. A swap scenario rewrites rusty-lb's
 table and sends SIGHUP at 10, 100 and 1,000 per second under load.
 
-The targets `nginx-tls` and `rusty-lb-tls` are the same nginx and rusty-lb processes reached on
+The targets `nginx-tls`, `rusty-lb-tls` and `rusty-lb-alt-tls` are the nginx, rusty-lb and rusty-lb-alt processes reached on
 their TLS listeners (one ECDSA P-256 certificate, or RSA 2048 with --cert rsa; session tickets
 and a session cache on both); their ratios are to `nginx-tls`. wrk negotiates TLS 1.2 and
 resumes its sessions, so the `resumed` scenario (--handshakes: `Connection: close` on every
@@ -65,9 +65,10 @@ PORTS = {
     # The TLS listeners of the nginx and rusty-lb processes above.
     "nginx-tls": 18091,
     "rusty-lb-tls": 18093,
+    "rusty-lb-alt-tls": 18095,
 }
 # A TLS target is the TLS listener of this target's process.
-TLS_OF = {"nginx-tls": "nginx", "rusty-lb-tls": "rusty-lb"}
+TLS_OF = {"nginx-tls": "nginx", "rusty-lb-tls": "rusty-lb", "rusty-lb-alt-tls": "rusty-lb-alt"}
 # Set when a TLS target runs: the certificate directory the proxies serve.
 CERTS = []
 ALT_ARGS = []
@@ -273,8 +274,8 @@ def tables_applied(proc_name):
 def start_rusty(work, workers, binary, name="rusty-lb"):
     write(f"{work}/table.json", table(1))
     extra = {"rusty-lb-pipeline": ["--no-fast-lane"], "rusty-lb-alt": ALT_ARGS}.get(name, [])
-    if CERTS and name == "rusty-lb":
-        extra = ["--tls-listen", f"127.0.0.1:{PORTS['rusty-lb-tls']}", "--certs", CERTS[0]]
+    if CERTS and f"{name}-tls" in PORTS:
+        extra = [*extra, "--tls-listen", f"127.0.0.1:{PORTS[name + '-tls']}", "--certs", CERTS[0]]
     return start(
         name,
         [
@@ -344,7 +345,7 @@ def make_certs(work, kind):
 
 
 def url(port, path):
-    scheme = "https" if port in (PORTS["nginx-tls"], PORTS["rusty-lb-tls"]) else "http"
+    scheme = "https" if port in (PORTS[t] for t in TLS_OF) else "http"
     return f"{scheme}://127.0.0.1:{port}{path}"
 
 
@@ -583,6 +584,7 @@ def main():
             "rusty-lb-alt": lambda: start_rusty(work, args.workers, args.alt_binary or args.binary, "rusty-lb-alt"),
             "nginx-tls": lambda: None,
             "rusty-lb-tls": lambda: None,
+            "rusty-lb-alt-tls": lambda: None,
         }
         unknown = [t for t in targets if t not in starters]
         if unknown:

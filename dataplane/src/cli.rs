@@ -77,7 +77,8 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
 
-    /// Worker threads of the proxy (default: one per CPU).
+    /// Worker threads of the proxy (default: one per CPU); without `--work-stealing` one more
+    /// thread accepts connections.
     #[arg(long)]
     pub threads: Option<usize>,
 

@@ -311,6 +311,8 @@ impl ProxyHttp for Pipeline {
         match pick {
             Some(i) => {
                 let mut peer = Box::new(routed.service().backends[i as usize].peer.clone());
+                // Beside what the table put there (the CA's pool, HTTP/2's).
+                peer.group_key ^= thread_pool_key();
                 if let Some(deadline) = ctx.deadline {
                     // A gRPC call's deadline bounds each attempt's connect and each read.
                     let left = deadline.saturating_duration_since(Instant::now());
@@ -894,4 +896,27 @@ async fn respond(session: &mut Session, answer: Answer, close: bool, ctx: &mut C
     session
         .write_response_body(Some(answer.body_bytes()), true)
         .await
+}
+
+/// This thread's part of Pingora's upstream connection pools (mixed into the peer's
+/// `group_key`): an idle upstream connection is taken again only by a request on the thread
+/// that gave it back, where its idle watcher runs too (the front's own threads). Taken across
+/// threads, Pingora lost the race for it about once in a hundred reuses (`failed to acquire
+/// reusable stream`, then a new connection); HTTP/2 upstream connections are driven on the
+/// thread that uses them.
+fn thread_pool_key() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    thread_local! {
+        // Spread over all 64 bits (splitmix64's finalizer), so that no two threads' keys
+        // mixed into the table's keys meet.
+        static KEY: u64 = {
+            let mut z = NEXT
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        };
+    }
+    KEY.with(|k| *k)
 }

@@ -150,10 +150,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         _ => None,
     };
 
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let conf = ServerConf {
-        threads: args
-            .threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        threads,
         work_stealing: args.work_stealing,
         grace_period_seconds: Some(args.grace_period),
         graceful_shutdown_timeout_seconds: Some(1),
@@ -211,7 +212,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         FrontLimits {
             max_connections: args.max_connections,
             header_timeout: Duration::from_secs(args.header_timeout),
-            rehome: !args.work_stealing,
+            workers: if args.work_stealing { 0 } else { threads },
             tls_handshake_timeout: Duration::from_secs(args.tls_handshake_timeout.max(1)),
             h2: H2Limits {
                 max_streams: args.h2_max_streams,
@@ -236,6 +237,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // One service for both listeners: one set of worker threads, as nginx's workers serve
     // every listen socket.
     let mut proxy = Service::new("proxy".to_owned(), front_app);
+    if !args.work_stealing {
+        // The front serves connections on threads of its own: Pingora's only accept.
+        proxy.threads = Some(1);
+    }
     for addr in listen.iter().chain(args.tls_listen.iter()) {
         // No L4 buffers on accepted sockets: Pingora's default puts a 64 KiB read buffer in
         // front of each one, which the lane (its own buffers, lent only while a request is in

@@ -368,3 +368,60 @@ fn empty_lines_after_a_request_do_not_keep_an_idle_connection_open() {
         "closed after {waited:?}, keep-alive timeout 1 s"
     );
 }
+
+/// The pipeline's pooled upstream connections are taken again on the thread that gave them
+/// back: concurrent keep-alive clients over two threads need about one upstream connection
+/// each, none dialled because a pooled one was lost to a race between threads, and no ERROR
+/// line for it (Pingora's `failed to acquire reusable stream`, once per hundred reuses or so
+/// before).
+#[test]
+fn the_pipelines_pooled_connections_are_reused_without_a_race() {
+    let a = Echo::start_with("a", &["--number-connections"]);
+    let (_dir, lb) = proxy_to(&a, "pipeline-pool", &["--no-fast-lane"]);
+    const CLIENTS: usize = 8;
+    const REQUESTS: usize = 400;
+    let port = lb.port;
+    let workers: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut c = Client::new(port);
+                let mut highest = 0u64;
+                for i in 0..REQUESTS {
+                    // Bodies as well: the requests the lane leaves to the pipeline anyway.
+                    let r = if i % 2 == 0 {
+                        c.get("a", "/")
+                    } else {
+                        c.request(
+                            "POST /form HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello",
+                        )
+                    }
+                    .expect("answered");
+                    assert_eq!(r.status, 200);
+                    let n: u64 = r
+                        .header("x-echo-connection")
+                        .expect("rusty-echo numbers its connections")
+                        .parse()
+                        .expect("a number");
+                    highest = highest.max(n);
+                }
+                highest
+            })
+        })
+        .collect();
+    let dialled = workers
+        .into_iter()
+        .map(|w| w.join().expect("client thread"))
+        .max()
+        .expect("clients");
+    let log = lb.proc.stderr_text();
+    assert!(
+        !log.contains("failed to acquire reusable stream"),
+        "a pooled connection was lost to a race:\n{log}"
+    );
+    // At most one per client in flight at once, on whichever thread serves it; a few more
+    // would be noise, dozens the race.
+    assert!(
+        dialled <= 2 * CLIENTS as u64,
+        "{dialled} upstream connections for {CLIENTS} clients"
+    );
+}

@@ -649,7 +649,13 @@ fn https_backends_are_verified_against_the_configured_ca_and_name() {
         lb.proc.signal("HUP");
         lb.wait_version(version, Duration::from_secs(10));
         let r = lb.get("backend.test", "/x");
-        assert_eq!(r.status, status, "{extra}: {}", r.body);
+        assert_eq!(
+            r.status,
+            status,
+            "{extra}: {}\n{}",
+            r.body,
+            lb.proc.stderr_text()
+        );
         if status == 503 {
             let failed = format!(
                 "rustybalancer_upstream_errors_total{{service=\"web\",backend=\"b{version}\",kind=\"tls_handshake\"}}"

@@ -46,6 +46,10 @@ struct Args {
     /// Answer `/case/NAME` requests as case NAME of this file scripts them.
     #[arg(long, value_name = "FILE")]
     script: Option<std::path::PathBuf>,
+    /// Say in `x-echo-connection` which connection (1 for the first accepted, …) each answer
+    /// went out on: how a proxy reuses its upstream connections, for tests to check.
+    #[arg(long)]
+    number_connections: bool,
 }
 
 /// What each connection needs besides its stream.
@@ -60,6 +64,8 @@ struct Conf {
     echo_headers: bool,
     record: Option<std::path::PathBuf>,
     script: script::Script,
+    /// Connections accepted so far, when `--number-connections` is set.
+    accepted: Option<std::sync::atomic::AtomicU64>,
 }
 
 /// Largest request head we read; more gets a 431.
@@ -96,6 +102,9 @@ async fn main() {
         echo_headers: args.echo_headers,
         record: args.record,
         script,
+        accepted: args
+            .number_connections
+            .then(|| std::sync::atomic::AtomicU64::new(0)),
     });
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
@@ -150,7 +159,12 @@ async fn serve(mut stream: TcpStream, conf: Arc<Conf>) {
         echo_headers,
         record,
         script,
+        accepted,
     } = &*conf;
+    let number = accepted.as_ref().map_or(String::new(), |a| {
+        let n = a.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        format!("x-echo-connection: {n}\r\n")
+    });
     let mut buf = Vec::with_capacity(4096);
     let body = format!("hello from {id}\n");
     loop {
@@ -231,7 +245,7 @@ async fn serve(mut stream: TcpStream, conf: Arc<Conf>) {
             (None, false) => body.as_str(),
         };
         let response = format!(
-            "HTTP/1.1 200 OK\r\nx-backend-id: {id}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{}\r\n{text}",
+            "HTTP/1.1 200 OK\r\nx-backend-id: {id}\r\n{number}content-type: text/plain\r\ncontent-length: {}\r\n{}\r\n{text}",
             text.len(),
             if keep_alive { "" } else { "connection: close\r\n" },
         );

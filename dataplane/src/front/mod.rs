@@ -122,6 +122,7 @@ mod guarded;
 pub mod h2;
 mod replay;
 pub mod tls;
+mod workers;
 pub use guarded::Guarded;
 pub use h2::H2Limits;
 
@@ -131,6 +132,7 @@ use crate::connections::{self, Event};
 use crate::lane::{Lane, Served};
 use crate::plane::Plane;
 use accepted::Accepted;
+use workers::Workers;
 
 /// How long a connection idle between requests stays open once a graceful shutdown began.
 pub const DRAIN_IDLE: Duration = Duration::from_millis(500);
@@ -146,9 +148,10 @@ pub struct FrontLimits {
     pub max_connections: usize,
     /// Longest time a whole request head may take to arrive.
     pub header_timeout: Duration,
-    /// Register each accepted socket with the runtime that serves it ([`rehome`]): needed when
-    /// the proxy runs one runtime per thread.
-    pub rehome: bool,
+    /// Threads of our own that serve the connections ([`workers`]), each accepted socket
+    /// registered with the one that serves it ([`rehome`]); 0: served on the thread Pingora
+    /// gave it, as with `--work-stealing`.
+    pub workers: usize,
     /// Longest time a TLS handshake may take, from accept.
     pub tls_handshake_timeout: Duration,
     /// HTTP/2 connections: ALPN `h2` on the TLS listener, and the h2c preface on plain
@@ -175,6 +178,7 @@ pub struct Front<A> {
     plane: Arc<Plane>,
     lane: Option<Lane>,
     tls: Option<TlsListener>,
+    workers: Option<Workers>,
 }
 
 impl<A> Front<A> {
@@ -185,6 +189,7 @@ impl<A> Front<A> {
             plane,
             lane: None,
             tls: None,
+            workers: (limits.workers > 0).then(|| Workers::new(limits.workers)),
         }
     }
 
@@ -233,17 +238,28 @@ impl<A> Front<A> {
 
 #[async_trait]
 impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Front<A> {
-    /// Each connection is served by a task of its own on this thread's runtime, and the task
-    /// Pingora's listener spawned for it ends at once: Pingora's task is sized for its own
-    /// handshake and timeout (about 9 KiB, heaptrack), and would hold that for the life of
-    /// every keep-alive connection. Ours holds what an idle connection needs (see
-    /// `loadtest/idle.py`). Our cleanup and drain do not depend on Pingora's task.
+    /// Each connection is served by a task of its own on one of our threads (on this thread's
+    /// runtime with `--work-stealing`), and the task Pingora's listener spawned for it ends at
+    /// once: Pingora's task is sized for its own handshake and timeout (about 9 KiB,
+    /// heaptrack), and would hold that for the life of every keep-alive connection. Ours holds
+    /// what an idle connection needs (see `loadtest/idle.py`). Our cleanup and drain do not
+    /// depend on Pingora's task.
     async fn process_new(
         self: &Arc<Self>,
         stream: Stream,
         _pingora_shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        tokio::spawn(self.clone().serve_connection(stream));
+        let connection = self.clone().serve_connection(stream);
+        match &self.workers {
+            Some(workers) => {
+                if let Err(e) = workers.spawn(connection) {
+                    tracing::error!(error = %e, "cannot start the threads that serve connections");
+                }
+            }
+            None => {
+                tokio::spawn(connection);
+            }
+        }
         None
     }
 
@@ -287,7 +303,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> Front<A> {
             let peer = stream
                 .get_socket_digest()
                 .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
-            let stream = if self.limits.rehome {
+            let stream = if self.workers.is_some() {
                 match rehome(stream) {
                     Ok(s) => s,
                     Err(_) => return,
@@ -381,9 +397,8 @@ async fn h2c_preface(mut stream: Stream, timeout: Duration) -> Option<(Stream, b
 
 /// Move an accepted socket's registration to the runtime this task runs on.
 ///
-/// With one runtime per thread, Pingora's listener accepts on one runtime and hands the
-/// connection to another picked at random, while the socket stays registered with the
-/// accepting runtime's reactor: each readiness event then crossed threads, an `eventfd` write
+/// Pingora's listener accepts on one runtime and the front hands the connection to one of its
+/// own, while the socket stays registered with the accepting runtime's reactor: each readiness event then crossed threads, an `eventfd` write
 /// and a wake-up of the serving thread for about every other request (`strace -f -k`, see
 /// loadtest/TUNING.md). A duplicate of the socket registered here, and the original dropped
 /// (deregistering it there), keeps all of the connection's I/O on one thread, as in nginx.
