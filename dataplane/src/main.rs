@@ -12,7 +12,10 @@ fn main() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match args.log_format {
-        rusty_lb::cli::LogFormat::Text => logs.init(),
+        // Colours only for a person at a terminal, not in files or the engine's logs.
+        rusty_lb::cli::LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
         rusty_lb::cli::LogFormat::Json => logs.json().init(),
     }
     if let Err(e) = rusty_lb::server::run(args) {

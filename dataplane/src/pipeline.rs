@@ -544,6 +544,18 @@ impl ProxyHttp for Pipeline {
         e
     }
 
+    /// A client that left or broke its side mid-request is the edge's weather, not the
+    /// proxy's error: it is counted (499, 400) and in the access log, and Pingora's ERROR line
+    /// for it is a debug one here, so clients cannot fill the log at will (nginx logs these at
+    /// `info`). Failures of backends and of the proxy itself stay errors.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, error: &Error) -> bool {
+        let downstream = *error.esource() == ErrorSource::Downstream;
+        if downstream {
+            tracing::debug!(%error, "client side of a request failed");
+        }
+        downstream
+    }
+
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         let answer = ctx.answer.take().or_else(|| {
             if let ErrorType::HTTPStatus(code) = e.etype() {

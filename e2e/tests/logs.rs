@@ -281,3 +281,46 @@ fn both_programs_log_json_lines_when_asked() {
         "{messages:?}"
     );
 }
+
+/// Clients that leave in the middle of their request are in the access log, not the error
+/// log: Pingora's pipeline logged an ERROR line for each, which any client could repeat at
+/// will. A backend that refuses connections still gets its ERROR line.
+#[test]
+fn clients_that_leave_mid_request_are_logged_as_requests_not_as_errors() {
+    let a = Echo::start("a");
+    let dir = TempDir::new("left-mid-request");
+    let log = dir.path("access.log");
+    let mut flags = vec!["--no-fast-lane"];
+    flags.extend(log_flags(&dir, "json"));
+    let (_table, lb) = proxy_to(&a, "left-mid-request-table", &flags);
+    const LEFT: usize = 10;
+    for _ in 0..LEFT {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", lb.port)).expect("connect");
+        // The head and part of the body, then gone.
+        s.write_all(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nonly ten b")
+            .expect("send");
+    }
+    let lines = read_lines(&log, LEFT);
+    for line in &lines {
+        let entry = json(line);
+        assert_eq!(entry["method"], "POST", "{line}");
+        assert!(entry["status"].as_u64().is_some_and(|s| s >= 400), "{line}");
+    }
+    let text = lb.proc.stderr_text();
+    assert!(
+        !text.contains("ERROR"),
+        "clients that left made ERROR lines:\n{text}"
+    );
+    // What stays an error: a backend that is gone.
+    drop(a);
+    assert!(lb.get("a", "/").status >= 500);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !lb.proc.stderr_text().contains("ERROR") {
+        assert!(
+            Instant::now() < deadline,
+            "no ERROR line for a refused connect"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
