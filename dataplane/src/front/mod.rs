@@ -398,13 +398,13 @@ async fn h2c_preface(mut stream: Stream, timeout: Duration) -> Option<(Stream, b
 /// Move an accepted socket's registration to the runtime this task runs on.
 ///
 /// Pingora's listener accepts on one runtime and the front hands the connection to one of its
-/// own, while the socket stays registered with the accepting runtime's reactor: each readiness event then crossed threads, an `eventfd` write
-/// and a wake-up of the serving thread for about every other request (`strace -f -k`, see
-/// loadtest/TUNING.md). A duplicate of the socket registered here, and the original dropped
-/// (deregistering it there), keeps all of the connection's I/O on one thread, as in nginx.
-/// Costs a few system calls per connection, none per request. The socket comes back as an
-/// [`Accepted`], lighter than Pingora's stream. Sockets that are not TCP are returned as they
-/// are.
+/// own, while the socket stays registered with the accepting runtime's reactor: each readiness
+/// event then crossed threads, an `eventfd` write and a wake-up of the serving thread for about
+/// every other request (`strace -f -k`, see loadtest/TUNING.md). A duplicate of the socket
+/// registered here, and the original dropped (deregistering it there), keeps all of the
+/// connection's I/O on one thread, as in nginx. Costs a few system calls per connection, none
+/// per request. The socket comes back as an [`Accepted`], lighter than Pingora's stream.
+/// Sockets that are not TCP are returned as they are.
 fn rehome(stream: Stream) -> io::Result<Stream> {
     use std::os::fd::BorrowedFd;
     let fd = stream.id();
