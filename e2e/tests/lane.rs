@@ -425,3 +425,26 @@ fn the_pipelines_pooled_connections_are_reused_without_a_race() {
         "{dialled} upstream connections for {CLIENTS} clients"
     );
 }
+
+/// `--work-stealing` (one runtime whose threads steal tasks, Pingora's own threads serving the
+/// connections) serves both paths too, over kept-alive connections.
+#[test]
+fn with_work_stealing_both_paths_serve_kept_alive_connections() {
+    let a = Echo::start("a");
+    let (_dir, lb) = proxy_to(&a, "work-stealing", &["--work-stealing"]);
+    let mut clients: Vec<Client> = (0..4).map(|_| Client::new(lb.port)).collect();
+    // GETs first: a connection that sent a body stays with the pipeline.
+    for _ in 0..25 {
+        for c in clients.iter_mut() {
+            assert_eq!(c.get("a", "/").expect("lane").status, 200);
+        }
+    }
+    for _ in 0..25 {
+        for c in clients.iter_mut() {
+            let post = "POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi";
+            assert_eq!(c.request(post).expect("pipeline").status, 200);
+        }
+    }
+    let lane = lb.metric("rustybalancer_fast_lane_requests_total");
+    assert!(lane >= 100.0, "{lane} requests on the lane");
+}
