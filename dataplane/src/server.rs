@@ -23,7 +23,7 @@ use crate::access_log::{self, AccessLog};
 use crate::admin::Admin;
 use crate::certs::Certs;
 use crate::cli::Args;
-use crate::front::{Front, FrontLimits, H2Limits, TlsListener};
+use crate::front::{Front, FrontLimits, H2Limits, TlsListener, Workers};
 use crate::http1::trust::TrustedProxies;
 use crate::http1::Limits;
 use crate::lane::Lane;
@@ -212,7 +212,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         FrontLimits {
             max_connections: args.max_connections,
             header_timeout: Duration::from_secs(args.header_timeout),
-            workers: if args.work_stealing { 0 } else { threads },
             tls_handshake_timeout: Duration::from_secs(args.tls_handshake_timeout.max(1)),
             h2: H2Limits {
                 max_streams: args.h2_max_streams,
@@ -227,6 +226,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     if !args.no_fast_lane {
         front_app = front_app.with_lane(Lane::new(plane.clone()));
+    }
+    if !args.work_stealing {
+        let workers = Workers::start(threads).context("cannot start the proxy's threads")?;
+        front_app = front_app.with_workers(workers);
     }
     if let (Some(certs), Some(addr)) = (certs, args.tls_listen) {
         front_app = front_app.with_tls(TlsListener {

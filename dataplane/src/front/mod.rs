@@ -132,7 +132,7 @@ use crate::connections::{self, Event};
 use crate::lane::{Lane, Served};
 use crate::plane::Plane;
 use accepted::Accepted;
-use workers::Workers;
+pub use workers::Workers;
 
 /// How long a connection idle between requests stays open once a graceful shutdown began.
 pub const DRAIN_IDLE: Duration = Duration::from_millis(500);
@@ -148,10 +148,6 @@ pub struct FrontLimits {
     pub max_connections: usize,
     /// Longest time a whole request head may take to arrive.
     pub header_timeout: Duration,
-    /// Threads of our own that serve the connections ([`workers`]), each accepted socket
-    /// registered with the one that serves it ([`rehome`]); 0: served on the thread Pingora
-    /// gave it, as with `--work-stealing`.
-    pub workers: usize,
     /// Longest time a TLS handshake may take, from accept.
     pub tls_handshake_timeout: Duration,
     /// HTTP/2 connections: ALPN `h2` on the TLS listener, and the h2c preface on plain
@@ -189,7 +185,7 @@ impl<A> Front<A> {
             plane,
             lane: None,
             tls: None,
-            workers: (limits.workers > 0).then(|| Workers::new(limits.workers)),
+            workers: None,
         }
     }
 
@@ -229,6 +225,13 @@ impl<A> Front<A> {
         }
     }
 
+    /// Serve connections on these threads, each accepted socket registered with the one that
+    /// serves it ([`rehome`]); without them, on the thread Pingora gave it (`--work-stealing`).
+    pub fn with_workers(mut self, workers: Workers) -> Self {
+        self.workers = Some(workers);
+        self
+    }
+
     /// Serve plain requests on `lane`; the wrapped application gets the rest.
     pub fn with_lane(mut self, lane: Lane) -> Self {
         self.lane = Some(lane);
@@ -251,14 +254,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Front<A> {
     ) -> Option<Stream> {
         let connection = self.clone().serve_connection(stream);
         match &self.workers {
-            Some(workers) => {
-                if let Err(e) = workers.spawn(connection) {
-                    tracing::error!(error = %e, "cannot start the threads that serve connections");
-                }
-            }
-            None => {
-                tokio::spawn(connection);
-            }
+            Some(workers) => workers.spawn(connection),
+            None => drop(tokio::spawn(connection)),
         }
         None
     }

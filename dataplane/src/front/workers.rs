@@ -1,5 +1,6 @@
 //! The threads that serve client connections: one single-threaded Tokio runtime each, started
-//! by us rather than by Pingora, and given accepted connections in turn by the front.
+//! by us at start-up rather than by Pingora, and given accepted connections in turn by the
+//! front.
 //!
 //! Why not Pingora's own threads: code in Pingora that runs on them spawns its helpers on a
 //! random one of them (`pingora_runtime::current_handle` under its one-runtime-per-thread
@@ -12,58 +13,43 @@
 use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::sync::OnceLock;
 
 use tokio::runtime::{Builder, Handle};
 
-/// `threads` runtimes, started at the first connection (after any fork of the process).
+/// The threads, one runtime each, and the one the next connection goes to.
 pub struct Workers {
-    threads: usize,
-    handles: OnceLock<Box<[Handle]>>,
+    handles: Box<[Handle]>,
     next: AtomicUsize,
 }
 
 impl Workers {
-    pub fn new(threads: usize) -> Workers {
-        Workers {
-            threads: threads.max(1),
-            handles: OnceLock::new(),
+    /// Start `threads` threads (at least one), each running its runtime until the process ends
+    /// with Pingora's shutdown.
+    pub fn start(threads: usize) -> io::Result<Workers> {
+        let handles = (0..threads.max(1))
+            .map(|i| {
+                let runtime = Builder::new_current_thread().enable_all().build()?;
+                let handle = runtime.handle().clone();
+                std::thread::Builder::new()
+                    .name(format!("rusty-lb-{i}"))
+                    .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
+                Ok(handle)
+            })
+            .collect::<io::Result<_>>()?;
+        Ok(Workers {
+            handles,
             next: AtomicUsize::new(0),
-        }
+        })
     }
 
-    /// Serve `connection` on the next thread in turn. Threads are started on the first call;
-    /// an error is one of them failing to start (the connection is then dropped).
-    pub fn spawn<F>(&self, connection: F) -> io::Result<()>
+    /// Serve `connection` on the next thread in turn.
+    pub fn spawn<F>(&self, connection: F)
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let handles = match self.handles.get() {
-            Some(handles) => handles,
-            None => {
-                let started = start(self.threads)?;
-                // Two first connections at once: the loser's threads idle, unused.
-                self.handles.get_or_init(|| started)
-            }
-        };
-        let i = self.next.fetch_add(1, Relaxed) % handles.len();
-        handles[i].spawn(connection);
-        Ok(())
+        let i = self.next.fetch_add(1, Relaxed) % self.handles.len();
+        self.handles[i].spawn(connection);
     }
-}
-
-fn start(threads: usize) -> io::Result<Box<[Handle]>> {
-    (0..threads)
-        .map(|i| {
-            let runtime = Builder::new_current_thread().enable_all().build()?;
-            let handle = runtime.handle().clone();
-            std::thread::Builder::new()
-                .name(format!("rusty-lb-{i}"))
-                // The process ends with Pingora's shutdown; so do these threads.
-                .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
-            Ok(handle)
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -73,20 +59,18 @@ mod tests {
 
     #[test]
     fn connections_go_to_the_threads_in_turn_and_helpers_stay_on_their_thread() {
-        let workers = Workers::new(2);
+        let workers = Workers::start(2).expect("threads start");
         let (tx, rx) = mpsc::channel();
         for i in 0..4 {
             let tx = tx.clone();
-            workers
-                .spawn(async move {
-                    let here = std::thread::current().id();
-                    // Where Pingora spawns a pooled upstream connection's idle watcher.
-                    let helper = pingora_runtime::current_handle()
-                        .spawn(async { std::thread::current().id() });
-                    let there = helper.await.expect("helper ran");
-                    tx.send((i, here, there)).expect("test listens");
-                })
-                .expect("threads start");
+            workers.spawn(async move {
+                let here = std::thread::current().id();
+                // Where Pingora spawns a pooled upstream connection's idle watcher.
+                let helper =
+                    pingora_runtime::current_handle().spawn(async { std::thread::current().id() });
+                let there = helper.await.expect("helper ran");
+                tx.send((i, here, there)).expect("test listens");
+            });
         }
         let mut seen: Vec<_> = (0..4).map(|_| rx.recv().expect("served")).collect();
         seen.sort_by_key(|s| s.0);
